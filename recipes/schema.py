@@ -1,0 +1,20 @@
+"""The shape of a recipe: one typed section per component, each component reading only its own slice.
+
+Components own their config dataclasses; this file only composes them. To add a section, import the
+component's config class and add one field here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from anyloom.training.optim import OptimConfig
+from anyloom.training.run import RunConfig
+from anyloom.training.train_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)  # where the run directory goes, seed, device
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the LM's optimizer and lr schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the LM training loop

@@ -1,0 +1,159 @@
+"""Foundation: namespace, typed recipes (bases, overrides, types, typos, missing values), run dirs, seeding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+from anyloom.recipes import available, load_recipe
+from anyloom.recipes.schema import Recipe
+from anyloom.training.metrics import MetricsLogger, read_metrics
+from anyloom.training.optim import OptimConfig, lr_factor
+from anyloom.training.run import RunDir
+from anyloom.training.seed import seed_everything
+from anyloom.training.weights import load_weights, save_weights
+
+from anyloom import REPO_ROOT
+from anyloom.config import ConfigError, build, fingerprint
+
+
+def test_namespace_does_not_shadow_hf_tokenizers():
+    # From the repo root, '' (cwd) is first on sys.path: our tokenizers/ must not hide Hugging Face's.
+    code = "import transformers, tokenizers, anyloom.tokenizers; print(tokenizers.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "site-packages" in out.stdout and str(REPO_ROOT / "tokenizers") not in out.stdout
+
+
+def test_components_import_as_anyloom_namespace():
+    import anyloom.recipes
+    import anyloom.training.run
+
+    assert anyloom.recipes.__file__.startswith(str(REPO_ROOT / "recipes"))
+    assert anyloom.training.run.__file__.startswith(str(REPO_ROOT / "training"))
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_recipe_inheritance_and_overrides(tmp_recipes):
+    write(tmp_recipes / "a.yaml", "run: {seed: 3}\noptim: {lr: 0.01, warmup_steps: 7}\ntrain: {steps: 50}\n")
+    b = write(tmp_recipes / "b.yaml", "base: a.yaml\noptim: {lr: 0.02}\n")
+    r = load_recipe(b, ["train.steps=9", "optim.betas=[0.8, 0.9]", "optim.schedule=wsd"])
+    assert isinstance(r, Recipe)
+    assert r.optim.lr == 0.02 and r.optim.warmup_steps == 7  # child over base, section merged
+    assert r.run.seed == 3 and r.run.name == "b"  # name defaults to the recipe file's stem
+    assert r.train.steps == 9 and r.optim.betas == (0.8, 0.9) and r.optim.schedule == "wsd"
+
+
+def test_unknown_key_names_it_and_suggests(tmp_recipes):
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*optim\.lr'"):
+        load_recipe("world", ["optim.lrr=1"])
+    write(tmp_recipes / "typo.yaml", "train: {stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"train\.stpes.*train\.steps"):
+        load_recipe(tmp_recipes / "typo.yaml")
+    with pytest.raises(ConfigError, match=r"unknown key 'optm'.*'optim'"):
+        load_recipe("world", ["optm.lr=1"])
+
+
+def test_wrong_types_fail_with_key():
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer"):
+        load_recipe("world", ["train.steps=abc"])
+    with pytest.raises(ConfigError, match=r"optim\.schedule: 'cosin' is not one of.*did you mean 'cosine'"):
+        load_recipe("world", ["optim.schedule=cosin"])
+    with pytest.raises(ConfigError, match=r"train: batch_size 10 is not divisible by grad_accum 3"):
+        load_recipe("world", ["train.batch_size=10", "train.grad_accum=3"])
+    assert load_recipe("world", ["optim.lr=1"]).optim.lr == 1.0  # int where float expected is fine
+
+
+def test_missing_required_value():
+    @dataclass(frozen=True)
+    class Needs:
+        path: str
+        mode: Literal["a", "b"] = "a"
+
+    with pytest.raises(ConfigError, match=r"missing required value 'data\.path'"):
+        build(Needs, {}, prefix="data")
+    assert build(Needs, {"path": "x"}).path == "x"
+
+
+def test_base_cycle_and_unknown_recipe(tmp_recipes):
+    write(tmp_recipes / "x.yaml", "base: y.yaml\n")
+    write(tmp_recipes / "y.yaml", "base: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_recipes / "x.yaml")
+    with pytest.raises(ConfigError, match="no recipe named 'wrld'.*did you mean 'world'"):
+        load_recipe("wrld")
+    assert "world" in available()
+
+
+def test_run_dir_layout_and_metrics(tmp_path):
+    recipe = load_recipe("world", [f"run.out_dir={tmp_path}", "run.name=t"])
+    run = RunDir.from_config(recipe.run)
+    run.write_recipe(recipe)
+    for sub in ("checkpoints", "samples", "tb"):
+        assert (tmp_path / "t" / sub).is_dir()
+    assert run.read_recipe()["optim"]["lr"] == recipe.optim.lr
+    logger = MetricsLogger(run)
+    logger.log(1, loss=torch.tensor(2.5), lr=1e-3)
+    logger.log(2, loss=float("nan"))
+    logger.close()
+    records = read_metrics(run.path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["loss"] == 2.5 and records[1]["loss"] == "nan"
+    assert any(p.name.startswith("events.out.tfevents") for p in run.tensorboard.iterdir())
+    assert run.stage("image_tokenizer").checkpoints.is_dir()
+
+
+def test_seed_everything_is_deterministic():
+    def draw():
+        g = seed_everything(123)
+        return torch.randn(4).tolist(), np.random.rand(2).tolist(), torch.randn(2, generator=g).tolist()
+
+    assert draw() == draw()
+    seed_everything(124)
+    assert torch.randn(4).tolist() != draw()[0]
+
+
+def test_weights_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    save_weights(tmp_path / "w", model.state_dict(), {"dim": 3}, vocab={"size": 7}, metadata={"step": 5})
+    saved = load_weights(tmp_path / "w")
+    assert saved.config == {"dim": 3} and saved.vocab == {"size": 7} and saved.metadata == {"step": "5"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved.state_dict[k], v)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_weights(tmp_path)
+
+
+def test_lr_schedules():
+    cos = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cos) == pytest.approx(0.1) and lr_factor(9, 100, cos) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cos) == pytest.approx(0.1)
+    wsd = OptimConfig(warmup_steps=10, schedule="wsd", min_lr_ratio=0.0, decay_fraction=0.2)
+    assert lr_factor(50, 100, wsd) == 1.0 and lr_factor(90, 100, wsd) == pytest.approx(0.5)
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a, b = load_recipe("world"), load_recipe("world", ["optim.lr=0.5"])
+    assert fingerprint(a) == fingerprint(load_recipe("world")) and fingerprint(a) != fingerprint(b)
+
+
+def test_train_script_rejects_typo_naming_key():
+    env = dict(os.environ, PYTHONPATH="")
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "optim.lrr=1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode != 0
+    assert "optim.lrr" in out.stderr and "optim.lr'" in out.stderr
+    json.dumps(out.stderr)

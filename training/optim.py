@@ -1,0 +1,76 @@
+"""AdamW with no-decay parameter groups and learning-rate schedules (warmup + cosine / WSD / constant)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only; norms, biases and embeddings are exempt
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine and wsd)
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: 2-D weights of linear layers decay; embeddings, norms and biases do not."""
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=False
+    )
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier on ``cfg.lr`` at ``step`` (0-based) of ``total_steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    # wsd: warmup, stable at the peak, then a linear decay over the last decay_fraction of training
+    decay_steps = max(1, int(round(total_steps * cfg.decay_fraction)))
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    t = min(1.0, (step - decay_start) / decay_steps)
+    return 1.0 + (floor - 1.0) * t
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,24 @@
+"""The LM training loop's own slice of a recipe: how long, how big a batch, how often to log and save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per optimizer step, summed over ranks and accumulation
+    seq_len: int = 512
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10
+    ckpt_every: int = 200  # 0: only at the end
+    keep_last: int = 2  # complete checkpoints kept on disk
+    sample_every: int = 0  # 0: no periodic samples
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
