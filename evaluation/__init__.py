@@ -1,0 +1,1 @@
+"""Evaluation: metrics, judges applied to runs, benchmark and comparison harnesses."""
