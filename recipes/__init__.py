@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from anyloom.recipes.schema import Recipe
 
 from anyloom.config import ConfigError, build, deep_merge, parse_override, set_dotted
+from anyloom.recipes.schema import Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent
 

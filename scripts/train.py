@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from anyloom.config import ConfigError
 from anyloom.recipes import load_recipe
 from anyloom.training.run import RunDir
-
-from anyloom.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,6 +12,9 @@ from typing import Literal
 import numpy as np
 import pytest
 import torch
+
+from anyloom import REPO_ROOT
+from anyloom.config import ConfigError, build, fingerprint
 from anyloom.recipes import available, load_recipe
 from anyloom.recipes.schema import Recipe
 from anyloom.training.metrics import MetricsLogger, read_metrics
@@ -19,9 +22,6 @@ from anyloom.training.optim import OptimConfig, lr_factor
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
 from anyloom.training.weights import load_weights, save_weights
-
-from anyloom import REPO_ROOT
-from anyloom.config import ConfigError, build, fingerprint
 
 
 def test_namespace_does_not_shadow_hf_tokenizers():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from anyloom.training.distributed import is_main
 from anyloom.training.run import RunDir
 

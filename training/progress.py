@@ -6,8 +6,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from anyloom.training.distributed import is_main
 from tqdm.auto import tqdm
+
+from anyloom.training.distributed import is_main
 
 
 def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", **kw: Any) -> tqdm:

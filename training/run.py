@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from anyloom.training.distributed import is_main
 
 from anyloom.config import to_dict
+from anyloom.training.distributed import is_main
 
 
 @dataclass(frozen=True)
