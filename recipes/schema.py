@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from anyloom.training.optim import OptimConfig
+from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
 from anyloom.training.train_config import TrainConfig
+from anyloom.transformer.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -18,3 +20,5 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)  # where the run directory goes, seed, device
     optim: OptimConfig = field(default_factory=OptimConfig)  # the LM's optimizer and lr schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the LM training loop
+    model: ModelConfig = field(default_factory=ModelConfig)  # the LM's architecture and kernels
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
