@@ -1,0 +1,1 @@
+"""Sequences: the unified vocabulary, interleaved token streams, token shards, task mixtures and packing."""

@@ -1,0 +1,253 @@
+"""Packing loader: documents -> fixed-length rows with document ids, per-document positions and a loss mask.
+
+Documents (token streams from a source, e.g. a task mixture) are shuffled per epoch, concatenated into one
+global stream, and cut into rows of ``seq_len`` tokens; a document that does not fit continues at the start of
+the next row (no padding is ever spent). Row ``k`` holds stream[k*T : (k+1)*T] as inputs and the token after
+each as its target, so the last column's target is the first token of the next row.
+
+Per position of a row (B batch rows, T = seq_len):
+
+- ``doc_ids``: index of the document piece within the row (0, 1, ...), for document-masked attention;
+- ``positions``: index within that piece, restarting at 0 at every document start and at column 0 (a document
+  continued from the previous row restarts too, so positions are always < seq_len);
+- ``loss_mask``: the target is trained (the source's loss mask of the target token) and belongs to the same
+  document (the last token of a document has no target: the next document's <bos> is not predictable);
+- ``modality``: modality id of the TARGET token (0 text, 1 image, 2 audio, 3 special).
+
+Sharding: global batch ``g`` is rows [g*B*W, (g+1)*B*W) of the global stream; rank ``r`` takes rows
+[g*B*W + r*B, g*B*W + (r+1)*B). Every rank assembles the same global stream (it is cheap) and copies only its
+rows, so ranks are disjoint and their union is exactly the single-rank stream with batch size B*W.
+
+Determinism and resume: the document order and every random choice a source makes come from
+``(seed, epoch)`` only. The loader's whole state is (epoch, document cursor, offset into that document), so
+``state_dict``/``load_state_dict`` restore exactly the next batch (the state is the same on every rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from anyloom.sequences.interleave import TokenStream
+
+
+@runtime_checkable
+class StreamSource(Protocol):
+    """Documents by index. ``stream`` must be a pure function of its arguments (that is what makes resume exact)."""
+
+    draws_per_document: int  # how many uniform [0, 1) numbers ``stream`` consumes (template choice, dropout, ...)
+
+    def __len__(self) -> int: ...
+
+    def stream(self, index: int, draws: np.ndarray) -> TokenStream:
+        """Document ``index`` as a token stream; ``draws`` is (draws_per_document,) float64 uniforms."""
+        ...
+
+
+class ListSource:
+    """A fixed list of token streams (tests, evaluation sets, already-assembled documents)."""
+
+    draws_per_document = 0
+
+    def __init__(self, streams: Sequence[TokenStream]):
+        self.streams = list(streams)
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def stream(self, index: int, draws: np.ndarray) -> TokenStream:
+        return self.streams[index]
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) int64 input ids
+    targets: torch.Tensor  # (B, T) int64 next-token ids (meaningless where loss_mask is False)
+    loss_mask: torch.Tensor  # (B, T) bool: train on this target
+    doc_ids: torch.Tensor  # (B, T) int32 document index within the row
+    positions: torch.Tensor  # (B, T) int64 position within the document, restarting at 0 per document
+    modality: torch.Tensor  # (B, T) int8 modality of the target token: 0 text, 1 image, 2 audio, 3 special
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self.__dict__.items()})
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+class PackedLoader:
+    """Iterate to get :class:`Batch` es of ``batch_size`` rows of ``seq_len`` tokens for this rank.
+
+    ``infinite=True`` (training: a fixed number of steps) runs epoch after epoch with a fresh order each;
+    ``infinite=False`` stops after one pass, dropping the last incomplete global batch.
+    """
+
+    def __init__(
+        self,
+        source: StreamSource,
+        seq_len: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        infinite: bool = True,
+    ):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        if len(source) == 0:
+            raise ValueError("the document source is empty: nothing to pack")
+        self.source = source
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.infinite = infinite
+        self._epoch = 0
+        self._cursor = 0  # index into this epoch's order of the document holding the next row's first token
+        self._offset = 0  # tokens of that document already consumed
+        self._step = 0  # global batches produced
+        self._order_epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
+        self._draws = np.zeros((0, 0))
+        self._cached: tuple[tuple[int, int], TokenStream] | None = None  # the straddling document, reused
+
+    # ---- the document order ---------------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> None:
+        if self._order_epoch == epoch:
+            return
+        n = len(self.source)
+        rng = np.random.default_rng([self.seed, epoch])
+        self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+        # every random decision of the epoch in one draw: a Generator per document would cost ~100 us each
+        self._draws = rng.random((n, int(self.source.draws_per_document)))
+        self._order_epoch = epoch
+
+    def _document(self, epoch: int, cursor: int) -> TokenStream:
+        key = (epoch, cursor)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        self._plan(epoch)
+        index = int(self._order[cursor])
+        return self.source.stream(index, self._draws[index])
+
+    # ---- batches --------------------------------------------------------------------------------------------
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        B, T, W = self.batch_size, self.seq_len, self.world_size
+        need = B * W * T + 1  # one extra token: the target of the last column
+        ids, mods, losses, starts = [], [], [], []
+        have = 0
+        epoch, cursor, offset = self._epoch, self._cursor, self._offset
+        n_docs = len(self.source)
+        last: tuple[int, int, int, int] | None = None  # (epoch, cursor, offset, start-in-buffer) of the last doc
+        while have < need:
+            if cursor >= n_docs:
+                if not self.infinite:
+                    raise StopIteration  # one pass only: the incomplete last global batch is dropped
+                epoch, cursor, offset = epoch + 1, 0, 0
+                continue
+            doc = self._document(epoch, cursor)
+            n = len(doc)
+            if offset >= n:
+                cursor, offset = cursor + 1, 0
+                continue
+            flags = np.zeros(n - offset, dtype=bool)
+            flags[0] = offset == 0
+            ids.append(doc.ids[offset:])
+            mods.append(doc.modality[offset:])
+            losses.append(doc.loss_mask[offset:])
+            starts.append(flags)
+            last = (epoch, cursor, offset, have)
+            self._cached = ((epoch, cursor), doc)
+            have += n - offset
+            cursor, offset = cursor + 1, 0
+        assert last is not None
+        # the next batch starts B*W*T tokens on, inside the last document gathered
+        l_epoch, l_cursor, l_offset, l_start = last
+        self._epoch, self._cursor, self._offset = l_epoch, l_cursor, l_offset + (need - 1 - l_start)
+        self._step += 1
+
+        s0 = self.rank * B * T
+        span = slice(s0, s0 + B * T + 1)
+        buf_ids = np.concatenate(ids)[span]
+        buf_start = np.concatenate(starts)[span]
+        tokens = buf_ids[:-1].reshape(B, T)
+        targets = buf_ids[1:].reshape(B, T)
+        target_starts = buf_start[1:].reshape(B, T)  # the target opens a new document: nothing to predict
+        loss_mask = np.concatenate(losses)[span][1:].reshape(B, T) & ~target_starts
+        modality = np.concatenate(mods)[span][1:].reshape(B, T)
+        new_doc = buf_start[:-1].reshape(B, T).copy()
+        new_doc[:, 0] = True  # every row starts a document piece
+        doc_ids = np.cumsum(new_doc, axis=1, dtype=np.int32) - 1
+        col = np.arange(T, dtype=np.int64)
+        piece_start = np.maximum.accumulate(np.where(new_doc, col, 0), axis=1)
+        return Batch(
+            tokens=torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
+            targets=torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)),
+            loss_mask=torch.from_numpy(np.ascontiguousarray(loss_mask)),
+            doc_ids=torch.from_numpy(doc_ids),
+            positions=torch.from_numpy(col[None, :] - piece_start),
+            modality=torch.from_numpy(np.ascontiguousarray(modality, dtype=np.int8)),
+        )
+
+    # ---- resume ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints; identical on every rank. Save it with the training checkpoint."""
+        return {
+            "epoch": self._epoch,
+            "cursor": self._cursor,
+            "offset": self._offset,
+            "step": self._step,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.batch_size * self.world_size,
+            "num_documents": len(self.source),
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken. Refuses a state from a differently configured loader."""
+        expected = self.state_dict()
+        for key in ("seed", "seq_len", "global_batch_size", "num_documents", "shuffle"):
+            if key not in state:
+                raise KeyError(f"loader state has no '{key}' (not a PackedLoader.state_dict())")
+            if state[key] != expected[key]:
+                raise ValueError(
+                    f"loader state mismatch: '{key}' was {state[key]!r} when saved, is {expected[key]!r} now; "
+                    "resuming would not continue the same stream"
+                )
+        for key in ("epoch", "cursor", "offset", "step"):
+            if not isinstance(state.get(key), int) or state[key] < 0:
+                raise ValueError(f"loader state: '{key}' must be an integer >= 0, got {state.get(key)!r}")
+        self._epoch, self._cursor, self._offset, self._step = (
+            state["epoch"],
+            state["cursor"],
+            state["offset"],
+            state["step"],
+        )
+        self._cached = None
+
+    @property
+    def step(self) -> int:
+        """Global batches produced so far (including those before a resume)."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+
+__all__ = ["Batch", "PackedLoader", "StreamSource", "ListSource"]
