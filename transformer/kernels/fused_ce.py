@@ -20,11 +20,20 @@ Backends (same API, same results):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the chunked PyTorch path still works
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 Backend = Literal["auto", "triton", "torch", "naive"]
 
@@ -53,10 +62,12 @@ def linear_lse(
         lse, tgt, amax = _ChunkedLinearLse.apply(h, w, targets, chunk_size)
         return LseOutput(lse, tgt, amax)
     if backend == "triton":
-        from anyloom.transformer.kernels.fused_ce_triton import triton_linear_lse
-
-        lse, tgt, amax = triton_linear_lse(h, w, targets)
-        return LseOutput(lse, tgt, amax)
+        if triton is None:
+            raise ImportError("the triton fused-CE backend needs the triton package; use backend 'torch'")
+        if h.device.type != "cuda" and not INTERPRET:
+            raise RuntimeError("Triton kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1 set before import")
+        lse, tgt, amax = _lse_fwd(h.contiguous(), w.contiguous(), targets.to(torch.int32).contiguous())
+        return LseOutput(lse, tgt, amax.long())
     raise ValueError(f"unknown fused CE backend {backend!r}; expected auto, triton, torch or naive")
 
 
@@ -110,3 +121,132 @@ class _ChunkedLinearLse(torch.autograd.Function):
             dh += (dlogits @ wc).float()
             dw[c0 : c0 + c] = (dlogits.t() @ h).float()
         return dh.to(h.dtype), dw.to(w.dtype), None, None
+
+
+def _blocks() -> tuple[int, int, int, int]:
+    """(BM tokens, BV vocabulary, BK model dim, num_warps): one config (autotune fails in the interpreter)."""
+    return (16, 32, 32, 1) if INTERPRET else (64, 128, 64, 8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _logit_tile(H, W, rows, cols, r_ok, c_ok, D, s_h, s_w, BM: tl.constexpr, BV: tl.constexpr,
+                    BK: tl.constexpr, F32: tl.constexpr):
+        acc = tl.zeros([BM, BV], tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < D
+            h = tl.load(H + rows[:, None] * s_h + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + cols[:, None] * s_w + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if F32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += tl.dot(h, tl.trans(w))
+        return acc  # (BM, BV) fp32 logits of this tile
+
+    @triton.jit
+    def _fwd_kernel(H, W, TGT, LSE, TLOGIT, AMAX, N, V, D, s_h, s_w,
+                    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        r_ok = rows < N
+        tgt = tl.load(TGT + rows, mask=r_ok, other=-1)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        s = tl.zeros([BM], tl.float32)
+        amax = tl.zeros([BM], tl.int32)
+        t_logit = tl.zeros([BM], tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            c_ok = cols < V
+            logits = _logit_tile(H, W, rows, cols, r_ok, c_ok, D, s_h, s_w, BM, BV, BK, F32)
+            logits = tl.where(c_ok[None, :], logits, float("-inf"))
+            cmax = tl.max(logits, axis=1)
+            carg = tl.argmax(logits, axis=1, tie_break_left=True)
+            m_new = tl.maximum(m, cmax)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+            amax = tl.where(cmax > m, carg + v0, amax)  # strict: ties keep the earlier index
+            m = m_new
+            t_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
+        tl.store(LSE + rows, m + tl.log(s), mask=r_ok)
+        tl.store(TLOGIT + rows, t_logit, mask=r_ok)
+        tl.store(AMAX + rows, amax, mask=r_ok)
+
+    @triton.jit
+    def _bwd_kernel(H, W, TGT, LSE, G_LSE, G_TGT, DH, DW, N, V, D, s_h, s_w,
+                    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BV + tl.arange(0, BV)
+        r_ok = rows < N
+        c_ok = cols < V
+        logits = _logit_tile(H, W, rows, cols, r_ok, c_ok, D, s_h, s_w, BM, BV, BK, F32)
+        lse = tl.load(LSE + rows, mask=r_ok, other=0.0)
+        g_lse = tl.load(G_LSE + rows, mask=r_ok, other=0.0)
+        g_tgt = tl.load(G_TGT + rows, mask=r_ok, other=0.0)
+        tgt = tl.load(TGT + rows, mask=r_ok, other=-1)
+        onehot = cols[None, :] == tgt[:, None]
+        dl = tl.exp(logits - lse[:, None]) * g_lse[:, None] + tl.where(onehot, g_tgt[:, None], 0.0)
+        dl = tl.where(r_ok[:, None] & c_ok[None, :], dl, 0.0)  # (BM, BV) d loss / d logits
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < D
+            h = tl.load(H + rows[:, None] * s_h + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + cols[:, None] * s_w + ks[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if F32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            dh = tl.dot(dl.to(w.dtype), w)  # (BM, BK)
+            dw = tl.dot(tl.trans(dl.to(h.dtype)), h)  # (BV, BK)
+            tl.atomic_add(DH + rows[:, None] * D + ks[None, :], dh, mask=r_ok[:, None] & k_ok[None, :])
+            tl.atomic_add(DW + cols[:, None] * D + ks[None, :], dw, mask=c_ok[:, None] & k_ok[None, :])
+
+    @torch.library.triton_op("anyloom::linear_lse_fwd", mutates_args=())
+    def _lse_fwd(h: Tensor, w: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, d = h.shape
+        v = w.shape[0]
+        bm, bv, bk, warps = _blocks()
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        t_logit = torch.empty(n, dtype=torch.float32, device=h.device)
+        amax = torch.empty(n, dtype=torch.int32, device=h.device)
+        torch.library.wrap_triton(_fwd_kernel)[(triton.cdiv(n, bm),)](
+            h, w, targets, lse, t_logit, amax, n, v, d, h.stride(0), w.stride(0),
+            BM=bm, BV=bv, BK=bk, F32=INTERPRET or h.dtype == torch.float32, num_warps=warps,
+        )
+        return lse, t_logit, amax
+
+    @_lse_fwd.register_fake
+    def _(h, w, targets):
+        n = h.shape[0]
+        f = h.new_empty(n, dtype=torch.float32)
+        return f, torch.empty_like(f), h.new_empty(n, dtype=torch.int32)
+
+    @torch.library.triton_op("anyloom::linear_lse_bwd", mutates_args=())
+    def _lse_bwd(h: Tensor, w: Tensor, targets: Tensor, lse: Tensor, g_lse: Tensor, g_tgt: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        n, d = h.shape
+        v = w.shape[0]
+        bm, bv, bk, warps = _blocks()
+        dh = torch.zeros((n, d), dtype=torch.float32, device=h.device)  # fp32: atomics accumulate here
+        dw = torch.zeros((v, d), dtype=torch.float32, device=h.device)
+        torch.library.wrap_triton(_bwd_kernel)[(triton.cdiv(n, bm), triton.cdiv(v, bv))](
+            h, w, targets, lse, g_lse, g_tgt, dh, dw, n, v, d, h.stride(0), w.stride(0),
+            BM=bm, BV=bv, BK=bk, F32=INTERPRET or h.dtype == torch.float32, num_warps=warps,
+        )
+        return dh.to(h.dtype), dw.to(w.dtype)
+
+    @_lse_bwd.register_fake
+    def _(h, w, targets, lse, g_lse, g_tgt):
+        return torch.empty_like(h), torch.empty_like(w)
+
+    def _setup_context(ctx, inputs, output):
+        h, w, targets = inputs
+        ctx.save_for_backward(h, w, targets, output[0])
+        ctx.mark_non_differentiable(output[2])
+
+    def _backward(ctx, g_lse, g_tgt, _g_amax):
+        h, w, targets, lse = ctx.saved_tensors
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.float().contiguous()
+        g_tgt = torch.zeros_like(lse) if g_tgt is None else g_tgt.float().contiguous()
+        dh, dw = _lse_bwd(h, w, targets, lse, g_lse, g_tgt)
+        return dh, dw, None
+
+    _lse_fwd.register_autograd(_backward, setup_context=_setup_context)

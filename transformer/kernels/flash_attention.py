@@ -1,0 +1,320 @@
+"""Flash attention in Triton with document masking, GQA and block skipping; forward and backward.
+
+Axis legend: B batch, Hq query heads, Hk key/value heads (G = Hq // Hk queries share one key head), Tq / Tk
+query / key lengths, D head dim; BM / BN query / key block sizes.
+
+The mask is the rule of ``anyloom.transformer.attention``: query i (at key index ``q_start + i``) sees key j iff
+j <= q_start + i and q_doc[i] == k_doc[j]. Two kinds of blocks are never touched: key blocks after the query
+block (causality bounds the loop) and key blocks whose [min, max] document-id range cannot meet the query
+block's range (checked per block from a (B, n_blocks) table of doc-id minima and maxima), so a batch of packed
+short documents costs about the sum of their squares, not the square of the row.
+
+Forward (per query block): online softmax over key blocks, keeps the row log-sum-exp for the backward.
+Backward: delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over the query blocks (and over
+the G query heads of its key head, so GQA needs no atomics); one kernel per query block accumulates dQ.
+
+Registered as torch custom ops ``anyloom::flash_attn_fwd`` / ``anyloom::flash_attn_bwd`` (``triton_op`` +
+``wrap_triton``) with fake implementations and autograd. ``flash_attention_reference`` is the PyTorch
+fallback with the same API. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (then every tensor is read
+as fp32: the interpreter's bf16 arithmetic is wrong in triton 3.9).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch reference still works; flash_attention raises a clear error
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def flash_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, q_doc: Tensor, k_doc: Tensor, q_start: int = 0
+) -> Tensor:
+    """Same API as :func:`flash_attention`, in PyTorch (dense mask + SDPA)."""
+    from anyloom.transformer.attention import build_mask
+
+    mask = build_mask(q_doc, k_doc, q_start)[:, None]  # (B, 1, Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _block_doc_range(doc: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """(B, n_blocks) minimum and maximum doc id of each block of ``block`` tokens (padding ignored)."""
+    b, t = doc.shape
+    n = -(-t // block)
+    pad = n * block - t
+    big = torch.iinfo(torch.int32).max
+    lo = F.pad(doc, (0, pad), value=big).view(b, n, block).amin(-1)  # (B, n)
+    hi = F.pad(doc, (0, pad), value=-big).view(b, n, block).amax(-1)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def _blocks(d: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BD, num_warps): one config (multi-config autotune fails in the interpreter)."""
+    bd = max(16, triton.next_power_of_2(d))
+    if INTERPRET:
+        return 16, 16, bd, 1
+    return 64, 64, bd, 4 if bd <= 64 else 8
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, OUT, LSE, QDOC, KDOC, KBMIN, KBMAX,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_ob, s_oh, s_ot,
+        Hq, G, Tq, Tk, q_start, n_kb, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, F32: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // G
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        m_ok = offs_m < Tq
+        d_ok = offs_d < D
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+        qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
+        qmin = tl.min(tl.where(m_ok, qdoc, 2147483647), axis=0)
+        qmax = tl.max(tl.where(m_ok, qdoc, -2147483647), axis=0)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Tq), Tk)  # causal: keys [0, hi)
+        for kb in range(0, tl.cdiv(hi, BN)):
+            kmin = tl.load(KBMIN + b * n_kb + kb)
+            kmax = tl.load(KBMAX + b * n_kb + kb)
+            if (kmax >= qmin) & (kmin <= qmax):  # the doc ranges overlap: the block may hold visible keys
+                offs_k = kb * BN + offs_n
+                k_ok = offs_k < Tk
+                kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
+                k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                if F32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+                s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN)
+                ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+                ok = ok & k_ok[None, :] & m_ok[:, None]
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+                p = tl.exp(s - m_use[:, None])
+                alpha = tl.exp(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+        l_use = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_use[:, None]
+        tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + bh * Tq + offs_m, m_i + tl.log(l_use), mask=m_ok)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC, QBMIN, QBMAX,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+        Hq, Hk, G, Tq, Tk, q_start, n_qb, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, F32: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        bhk = tl.program_id(1)
+        b = bhk // Hk
+        hk = bhk % Hk
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_m0 = tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        k_ok = offs_n < Tk
+        d_ok = offs_d < D
+        kv_off = b * s_kb + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        kdoc = tl.load(KDOC + b * Tk + offs_n, mask=k_ok, other=0)
+        kmin = tl.min(tl.where(k_ok, kdoc, 2147483647), axis=0)
+        kmax = tl.max(tl.where(k_ok, kdoc, -2147483647), axis=0)
+        dk = tl.zeros([BN, BD], tl.float32)
+        dv = tl.zeros([BN, BD], tl.float32)
+        lo = tl.maximum(pid_n * BN - q_start, 0) // BM  # causal: earlier queries never see this block
+        for g in range(0, G):
+            h = hk * G + g
+            for mb in range(lo, tl.cdiv(Tq, BM)):
+                qmin = tl.load(QBMIN + b * n_qb + mb)
+                qmax = tl.load(QBMAX + b * n_qb + mb)
+                if (kmax >= qmin) & (kmin <= qmax):
+                    offs_m = mb * BM + offs_m0
+                    m_ok = offs_m < Tq
+                    q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
+                    q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                    do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                    if F32:
+                        q = q.to(tl.float32)
+                        do = do.to(tl.float32)
+                    qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
+                    lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+                    delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+                    s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN)
+                    ok = (offs_n[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+                    ok = ok & k_ok[None, :] & m_ok[:, None]
+                    p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                    dp = tl.dot(do, tl.trans(v))
+                    ds = p * (dp - delta[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC, KBMIN, KBMAX,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+        Hq, G, Tq, Tk, q_start, n_kb, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, F32: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // G
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        m_ok = offs_m < Tq
+        d_ok = offs_d < D
+        q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
+        qmin = tl.min(tl.where(m_ok, qdoc, 2147483647), axis=0)
+        qmax = tl.max(tl.where(m_ok, qdoc, -2147483647), axis=0)
+        lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BM, BD], tl.float32)
+        hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Tq), Tk)
+        for kb in range(0, tl.cdiv(hi, BN)):
+            kmin = tl.load(KBMIN + b * n_kb + kb)
+            kmax = tl.load(KBMAX + b * n_kb + kb)
+            if (kmax >= qmin) & (kmin <= qmax):
+                offs_k = kb * BN + offs_n
+                k_ok = offs_k < Tk
+                kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
+                k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                if F32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+                s = tl.dot(q, tl.trans(k)) * scale
+                ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+                ok = ok & k_ok[None, :] & m_ok[:, None]
+                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+    @torch.library.triton_op("anyloom::flash_attn_fwd", mutates_args=())
+    def _flash_fwd(
+        q: Tensor, k: Tensor, v: Tensor, q_doc: Tensor, k_doc: Tensor, q_start: int
+    ) -> tuple[Tensor, Tensor]:
+        b, hq, tq, d = q.shape
+        hk, tk = k.shape[1], k.shape[2]
+        bm, bn, bd, warps = _blocks(d)
+        o = torch.empty_like(q)
+        lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
+        kbmin, kbmax = _block_doc_range(k_doc, bn)
+        grid = (triton.cdiv(tq, bm), b * hq)
+        torch.library.wrap_triton(_fwd_kernel)[grid](
+            q, k, v, o, lse, q_doc, k_doc, kbmin, kbmax,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            hq, hq // hk, tq, tk, q_start, kbmin.shape[1], 1.0 / math.sqrt(d),
+            D=d, BM=bm, BN=bn, BD=bd, F32=INTERPRET or q.dtype == torch.float32, num_warps=warps,
+        )
+        return o, lse
+
+    @_flash_fwd.register_fake
+    def _(q, k, v, q_doc, k_doc, q_start):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.triton_op("anyloom::flash_attn_bwd", mutates_args=())
+    def _flash_bwd(
+        do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, q_doc: Tensor, k_doc: Tensor,
+        q_start: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        b, hq, tq, d = q.shape
+        hk, tk = k.shape[1], k.shape[2]
+        bm, bn, bd, warps = _blocks(d)
+        delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, Hq, Tq)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        qbmin, qbmax = _block_doc_range(q_doc, bm)
+        kbmin, kbmax = _block_doc_range(k_doc, bn)
+        f32 = INTERPRET or q.dtype == torch.float32
+        scale = 1.0 / math.sqrt(d)
+        torch.library.wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(tk, bn), b * hk)](
+            q, k, v, do, lse, delta, dk, dv, q_doc, k_doc, qbmin, qbmax,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            hq, hk, hq // hk, tq, tk, q_start, qbmin.shape[1], scale,
+            D=d, BM=bm, BN=bn, BD=bd, F32=f32, num_warps=warps,
+        )
+        torch.library.wrap_triton(_bwd_dq_kernel)[(triton.cdiv(tq, bm), b * hq)](
+            q, k, v, do, lse, delta, dq, q_doc, k_doc, kbmin, kbmax,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            hq, hq // hk, tq, tk, q_start, kbmin.shape[1], scale,
+            D=d, BM=bm, BN=bn, BD=bd, F32=f32, num_warps=warps,
+        )
+        return dq, dk, dv
+
+    @_flash_bwd.register_fake
+    def _(do, q, k, v, o, lse, q_doc, k_doc, q_start):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, q_doc, k_doc, q_start = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, q_doc, k_doc)
+        ctx.q_start = q_start
+
+    def _backward(ctx, do, _dlse):
+        q, k, v, o, lse, q_doc, k_doc = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(do.contiguous(), q, k, v, o, lse, q_doc, k_doc, ctx.q_start)
+        return dq, dk, dv, None, None, None
+
+    _flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, q_doc: Tensor, k_doc: Tensor, q_start: int = 0) -> Tensor:
+    """Document-masked causal attention. q (B, Hq, Tq, D); k, v (B, Hk, Tk, D); q_doc (B, Tq), k_doc (B, Tk) ints.
+
+    Query i sits at key index ``q_start + i`` (KV-cache decoding). Returns (B, Hq, Tq, D) in q's dtype.
+    """
+    if triton is None:
+        raise ImportError("the triton attention backend needs the triton package; use backend 'sdpa'")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1 set before import")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head dim {q.shape[-1]} > 256 is not supported by the triton attention kernel")
+    o, _ = _flash_fwd(q.contiguous(), k.contiguous(), v.contiguous(), q_doc.to(torch.int32).contiguous(),
+                      k_doc.to(torch.int32).contiguous(), int(q_start))
+    return o
