@@ -1,0 +1,20 @@
+"""The recipe's ``sequences`` section: span layout, task mixture and pre-tokenization settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from anyloom.sequences.mixture import MixtureConfig
+from anyloom.sequences.pretokenize import PretokenizeConfig
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    image_row_end: bool = False  # a <row_end> token after each row of image codes (Emu3 / Lumina-mGPT)
+    audio_pattern: Literal["flat", "delay"] = "flat"  # audio span layout: frame-major, or MusicGen's delay pattern
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)  # task templates and condition dropout
+    pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)  # shard size, encode batch size
+
+
+__all__ = ["SequenceConfig"]

@@ -1,0 +1,187 @@
+"""Task mixtures: weighted document templates assembled at load time from the same pre-tokenized items.
+
+An item (a world scene: caption, image, speech) holds tokenized segments; a template picks which of them
+form the document, in which order, and which carry loss:
+
+    t2i  text -> image     i2t  image -> text     t2a  text -> speech    a2t  speech -> text
+    i2a  image -> speech   a2i  speech -> image   interleaved: the item's segments in their own order, all trained
+
+A conditional template trains only its target span (with its markers and the final <eos>). For templates
+whose target is an image or audio, condition dropout (probability ``cfg_dropout``) removes the condition,
+leaving ``<bos> target <eos>``: the unconditional model that classifier-free guidance subtracts (the
+generator's unconditional prompt is therefore just ``<bos>``).
+
+Each document's template and dropout come from the two uniform draws the packing loader hands over
+(``draws_per_document = 2``), so a mixture is deterministic and resumable through the loader's state.
+Items that no enabled template applies to (e.g. no audio while only t2a is enabled) are left out and counted
+in ``skipped_items``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokenStream, TokSegment, encode_document
+from anyloom.sequences.shards import KIND_AUDIO, KIND_IMAGE, KIND_TEXT
+from anyloom.sequences.vocab import Vocabulary
+
+Kind = Literal["text", "image", "audio"]
+_KIND_INDEX = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO}
+_SEG_KIND = {TextIds: KIND_TEXT, ImageIds: KIND_IMAGE, AudioIds: KIND_AUDIO}
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    condition: tuple[Kind, ...]  # segments before the target, not trained (empty: interleaved)
+    target: Kind | None  # the trained segment; None: every segment of the item, in order, trained
+    guidance: bool  # condition dropout applies (the target is generated with classifier-free guidance)
+
+    @property
+    def needs(self) -> tuple[int, ...]:
+        """Kind indices an item must have for this template."""
+        kinds = self.condition + ((self.target,) if self.target else ())
+        return tuple(sorted({_KIND_INDEX[k] for k in kinds}))
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template("t2i", ("text",), "image", guidance=True),
+        Template("i2t", ("image",), "text", guidance=False),
+        Template("t2a", ("text",), "audio", guidance=True),
+        Template("a2t", ("audio",), "text", guidance=False),
+        Template("i2a", ("image",), "audio", guidance=True),
+        Template("a2i", ("audio",), "image", guidance=True),
+        Template("interleaved", (), None, guidance=False),
+    )
+}
+
+
+def _default_tasks() -> dict[str, float]:
+    return {"t2i": 1.0, "i2t": 1.0, "t2a": 1.0, "a2t": 1.0, "i2a": 0.25, "a2i": 0.25, "interleaved": 0.5}
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    tasks: dict[str, float] = field(default_factory=_default_tasks)  # template -> relative weight (0 disables)
+    cfg_dropout: float = 0.1  # probability of dropping the condition of an image/audio-target document
+
+    def __post_init__(self) -> None:
+        for name, weight in self.tasks.items():
+            if name not in TEMPLATES:
+                near = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; known: {', '.join(TEMPLATES)}"
+                raise ValueError(f"tasks: unknown template '{name}'{hint}")
+            if not weight >= 0:
+                raise ValueError(f"tasks.{name}: weight must be >= 0, got {weight}")
+        if not sum(self.tasks.values()) > 0:
+            raise ValueError("tasks: at least one template needs a positive weight")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+
+
+class ItemSource(Protocol):
+    """Pre-tokenized items: :class:`anyloom.sequences.shards.TokenShards` or :class:`ItemList`."""
+
+    def __len__(self) -> int: ...
+
+    def item(self, index: int) -> list[TokSegment]: ...
+
+    def kinds(self) -> np.ndarray: ...
+
+
+class ItemList:
+    """Items held in memory (tests, small evaluation sets)."""
+
+    def __init__(self, items: Sequence[Sequence[TokSegment]]):
+        self.items = [list(segs) for segs in items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item(self, index: int) -> list[TokSegment]:
+        return self.items[index]
+
+    def kinds(self) -> np.ndarray:
+        out = np.zeros((len(self.items), 3), dtype=np.int64)
+        for i, segs in enumerate(self.items):
+            for seg in segs:
+                out[i, _SEG_KIND[type(seg)]] += 1
+        return out
+
+
+def build_document(
+    segments: Sequence[TokSegment], template: Template, vocab: Vocabulary, *, drop_condition: bool = False
+) -> TokenStream:
+    """One item's document for ``template`` (the first segment of each needed kind is used)."""
+    if template.target is None:
+        return encode_document(segments, vocab)
+    first: dict[int, TokSegment] = {}
+    for seg in segments:
+        first.setdefault(_SEG_KIND[type(seg)], seg)
+    missing = [k for k in template.needs if k not in first]
+    if missing:
+        raise ValueError(f"template {template.name} needs a {('text', 'image', 'audio')[missing[0]]} segment")
+    condition = [] if drop_condition else [first[_KIND_INDEX[k]] for k in template.condition]
+    target = first[_KIND_INDEX[template.target]]
+    return encode_document([*condition, target], vocab, loss=[False] * len(condition) + [True])
+
+
+class TaskMixture:
+    """A :class:`~anyloom.sequences.packing.StreamSource` of task documents over pre-tokenized items."""
+
+    draws_per_document = 2  # template choice, condition dropout
+
+    def __init__(self, items: ItemSource, vocab: Vocabulary, config: MixtureConfig | None = None):
+        self.items = items
+        self.vocab = vocab
+        self.config = config or MixtureConfig()
+        self.templates = [TEMPLATES[n] for n, w in self.config.tasks.items() if w > 0]
+        weights = np.array([self.config.tasks[t.name] for t in self.templates], dtype=np.float64)
+        has = items.kinds() > 0  # (items, 3)
+        applicable = np.stack([has[:, list(t.needs)].all(axis=1) for t in self.templates], axis=1)  # (items, tasks)
+        # one cumulative-weight row per distinct pattern of applicable templates (at most 2^3 patterns of kinds)
+        patterns, self._pattern_of = np.unique(applicable, axis=0, return_inverse=True)
+        self._pattern_of = self._pattern_of.reshape(-1)
+        masked = patterns * weights[None, :]
+        totals = masked.sum(axis=1, keepdims=True)
+        self._cum = np.cumsum(masked / np.where(totals > 0, totals, 1.0), axis=1)  # (patterns, tasks)
+        usable = totals[self._pattern_of, 0] > 0
+        self._index = np.flatnonzero(usable)  # mixture index -> item index
+        self.skipped_items = int((~usable).sum())
+        if self._index.size == 0:
+            enabled = ", ".join(t.name for t in self.templates)
+            raise ValueError(f"no item has the segments any enabled template ({enabled}) needs")
+
+    def __len__(self) -> int:
+        return int(self._index.shape[0])
+
+    def choose(self, index: int, draws: np.ndarray) -> tuple[Template, bool]:
+        """The template and whether the condition is dropped, for mixture document ``index``."""
+        item = self._index[index]
+        cum = self._cum[self._pattern_of[item]]
+        k = min(int(np.searchsorted(cum, draws[0], side="right")), len(self.templates) - 1)
+        while cum[k] == (cum[k - 1] if k else 0.0):  # never land on a zero-weight (inapplicable) template
+            k -= 1
+        template = self.templates[k]
+        return template, bool(template.guidance and draws[1] < self.config.cfg_dropout)
+
+    def stream(self, index: int, draws: np.ndarray) -> TokenStream:
+        template, dropped = self.choose(index, draws)
+        return build_document(self.items.item(int(self._index[index])), template, self.vocab, drop_condition=dropped)
+
+    def document(self, index: int, task: str, *, drop_condition: bool = False) -> TokenStream:
+        """Mixture document ``index`` under a fixed template (evaluation, debugging)."""
+        if task not in TEMPLATES:
+            raise KeyError(f"unknown template {task!r}; known: {', '.join(TEMPLATES)}")
+        segs = self.items.item(int(self._index[index]))
+        return build_document(segs, TEMPLATES[task], self.vocab, drop_condition=drop_condition)
+
+
+__all__ = ["MixtureConfig", "Template", "TEMPLATES", "TaskMixture", "ItemList", "ItemSource", "build_document"]
