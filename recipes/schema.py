@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from anyloom.sequences.config import SequenceConfig
+from anyloom.tokenizers.text import TextTokenizerConfig
 from anyloom.training.optim import OptimConfig
 from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
@@ -22,3 +24,5 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)  # the LM training loop
     model: ModelConfig = field(default_factory=ModelConfig)  # the LM's architecture and kernels
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
+    text_tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)  # BPE size, extra corpus
+    sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
