@@ -1,0 +1,161 @@
+"""The world image tokenizer: contract, round trips, input checks, metrics, and a short training run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anyloom.evaluation.image_metrics import codebook_stats, psnr, ssim
+from anyloom.tokenizers.base import ImageCodes, ImageTokenizer
+from anyloom.tokenizers.image_quantizers import QuantizerConfig
+from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
+
+
+def tiny(kind: str = "vq", **kw) -> ImageVQConfig:
+    q = {
+        "vq": QuantizerConfig(kind="vq", codebook_size=32, codebook_dim=4, kmeans_init=False),
+        "fsq": QuantizerConfig(kind="fsq", fsq_levels=(5, 4, 3)),
+        "lfq": QuantizerConfig(kind="lfq", codebook_size=64),
+    }[kind]
+    base = dict(image_size=(16, 16), channels=(8, 16), dec_blocks=(1, 1), latent_dim=8, norm_groups=4, quantizer=q)
+    base.update(kw)
+    return ImageVQConfig(**base)
+
+
+def images(n: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("kind", ["vq", "fsq", "lfq"])
+def test_contract_and_code_round_trip(kind):
+    torch.manual_seed(0)
+    model = ImageVQTokenizer(tiny(kind)).eval()
+    assert isinstance(model, ImageTokenizer)
+    assert model.grid == (8, 8) and model.tokens_per_image == 64 and model.image_size == (16, 16)
+    assert model.codebook_size == {"vq": 32, "fsq": 60, "lfq": 64}[kind]
+    x = images()
+    out = model.encode(x)
+    assert isinstance(out, ImageCodes)
+    assert out.codes.shape == (4, 8, 8) and out.codes.dtype == torch.int64
+    assert 0 <= int(out.codes.min()) and int(out.codes.max()) < model.codebook_size
+    # decode(codes) must rebuild exactly what the training forward pass feeds the decoder
+    with torch.no_grad():
+        fwd = model(x)
+    assert torch.equal(fwd.codes, out.codes)
+    dec = model.decode(out.codes)
+    assert dec.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(dec, fwd.recon.clamp(-1, 1), atol=1e-5, rtol=0)
+    assert dec.abs().max() <= 1.0
+
+
+def test_downsample_factor_and_patch():
+    cfg = tiny(patch=2, channels=(8, 16, 16), dec_blocks=(1, 1, 1), image_size=(32, 32))
+    assert cfg.downsample == 8 and cfg.grid == (4, 4)
+    model = ImageVQTokenizer(cfg).eval()
+    assert model.encode(images(2, 32)).codes.shape == (2, 4, 4)
+    assert model.decode(torch.zeros(2, 4, 4, dtype=torch.long)).shape == (2, 3, 32, 32)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = ImageVQTokenizer(tiny("vq", attention=True))
+    model.train()
+    model(images(8))  # one training pass moves the EMA codebook buffers away from their init
+    model.eval()
+    model.save(tmp_path / "tok")
+    loaded = ImageVQTokenizer.load(tmp_path / "tok")
+    x = images(3, seed=1)
+    assert torch.equal(model.encode(x).codes, loaded.encode(x).codes)
+    codes = model.encode(x).codes
+    assert torch.equal(model.decode(codes), loaded.decode(codes))
+    assert json.loads((tmp_path / "tok" / "config.json").read_text())["kind"] == "image_vq"
+
+
+def test_load_rejects_foreign_folder(tmp_path):
+    from anyloom.training.weights import save_weights
+
+    save_weights(tmp_path / "x", {"w": torch.zeros(1)}, {"kind": "audio_codec"})
+    with pytest.raises(ValueError, match="expected 'image_vq'"):
+        ImageVQTokenizer.load(tmp_path / "x")
+
+
+def test_input_checks_and_resize():
+    model = ImageVQTokenizer(tiny()).eval()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model.encode(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        model.encode(torch.full((1, 3, 16, 16), 200.0))
+    with pytest.raises(TypeError, match="encode_uint8"):
+        model.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"codes must be \(B, 8, 8\)"):
+        model.decode(torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
+        model.decode(torch.full((1, 8, 8), 32, dtype=torch.long))
+    big = images(2, 32)
+    resized = torch.nn.functional.interpolate(big, size=(16, 16), mode="bilinear", antialias=True)
+    assert torch.equal(model.encode(big).codes, model.encode(resized).codes)
+
+
+def test_uint8_and_pil_conversions():
+    model = ImageVQTokenizer(tiny()).eval()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    x = uint8_to_float(rgb)
+    assert x.shape == (1, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    assert np.array_equal(float_to_uint8(x)[0], rgb)  # exact round trip of uint8 pixels
+    gray = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    assert torch.equal(uint8_to_float(gray), uint8_to_float(np.repeat(gray[..., None], 3, -1)))
+    rgba = np.concatenate([rgb, np.zeros((16, 16, 1), np.uint8)], -1)  # fully transparent -> white
+    assert torch.equal(uint8_to_float(rgba), torch.ones(1, 3, 16, 16))
+    with pytest.raises(TypeError, match="uint8"):
+        uint8_to_float(rgb.astype(np.float32))
+    # palette and grayscale PIL images give the same codes as their RGB conversion
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    as_rgb = np.asarray(pal.convert("RGB"))
+    assert torch.equal(model.encode_pil(pal).codes, model.encode_uint8(as_rgb).codes)
+    gray_im = Image.fromarray(gray, mode="L").resize((32, 32))
+    codes = model.encode_pil([gray_im, Image.fromarray(rgb)]).codes
+    assert codes.shape == (2, 8, 8)
+    with pytest.raises(TypeError, match="PIL image"):
+        model.encode_pil([rgb])
+
+
+def test_psnr_golden():
+    a = np.zeros((2, 8, 8, 3), np.uint8)
+    b = a.copy()
+    b[0] += 51  # every pixel off by 0.2 -> MSE 0.04 -> 13.979 dB
+    b[1, 0, 0, 0] = 255  # one of 192 values off by 1.0 -> MSE 1/192
+    p = psnr(a, b)
+    np.testing.assert_allclose(p, [10 * np.log10(1 / 0.04), 10 * np.log10(192)], rtol=1e-9)
+    assert np.isinf(psnr(a, a)).all()
+
+
+def test_ssim_golden():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_allclose(ssim(x, x), 1.0, rtol=1e-12)
+    # constant images: variances vanish, SSIM reduces to the luminance term (2ab + c1) / (a^2 + b^2 + c1)
+    a, b = 0.2, 0.6
+    ca = np.full((1, 16, 16, 3), round(a * 255), np.uint8)
+    cb = np.full((1, 16, 16, 3), round(b * 255), np.uint8)
+    a, b = round(a * 255) / 255, round(b * 255) / 255
+    expected = (2 * a * b + 1e-4) / (a * a + b * b + 1e-4)
+    np.testing.assert_allclose(ssim(ca, cb), expected, rtol=1e-9)
+    noisy = np.clip(x.astype(int) + rng.integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
+    s = ssim(x, noisy)
+    assert (s < 0.99).all() and (s > 0).all()
+    np.testing.assert_allclose(s, ssim(noisy, x), rtol=1e-12)  # symmetric
+
+
+def test_codebook_stats_golden():
+    s = codebook_stats(torch.tensor([[0, 1], [2, 3]]), 8)
+    assert s.usage == 0.5 and s.used == 4
+    assert abs(s.perplexity - 4.0) < 1e-9  # uniform over 4 codes
+    s = codebook_stats(torch.tensor([5, 5, 5, 5]), 8)
+    assert s.usage == 1 / 8 and abs(s.perplexity - 1.0) < 1e-12
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        codebook_stats(torch.tensor([8]), 8)
