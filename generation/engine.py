@@ -1,0 +1,217 @@
+"""The decoding engine: a static preallocated KV cache and small compile-able steps (gpt-fast style).
+
+- :func:`prefill` runs the (left-padded) prompts through the model once, filling cache slots [0, T);
+- :func:`decode_one_token` feeds one token per row at slot ``cache_pos`` and returns the next logits;
+- :func:`decode_n_tokens` is the loop: guidance -> grammar mask -> per-modality sampling -> stop conditions ->
+  streaming callback -> next step.
+- :func:`generate` puts them together for a batch of prompts of different lengths.
+
+Batched prompts of different lengths are LEFT-padded (the model's KV-cache contract): pad slots carry doc id -1
+and real tokens doc id 0 with positions from 0, so no real token ever attends to a pad, and every row's next
+token lands in the same cache slot. Rows stop independently (eos, or the end of the span with
+``stop_after_span``); finished rows write ``pad`` until every row is done or the budget runs out.
+
+``prefill`` and ``decode_one_token`` are plain functions of tensors (no Python state), so
+``torch.compile(decode_one_token, dynamic=True)`` applies (``compile=True``); on CPU with tiny models eager is
+as fast, which is why it is off by default (docs/BENCHMARKS.md, ## Generation).
+
+Axis legend: B rows (2B with classifier-free guidance: conditional rows first), T prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from anyloom.generation.cfg import GuidanceConfig, guide
+from anyloom.generation.constraints import GrammarState, StreamGrammar
+from anyloom.generation.sampling import ModalitySampling, params_for_modality, sample
+from anyloom.transformer.kv_cache import KVCache
+from anyloom.transformer.model import Transformer
+
+PAD_DOC = -1  # doc id of left-padding slots: real tokens (doc 0) never attend to them
+
+
+@dataclass
+class PaddedPrompts:
+    tokens: torch.Tensor  # (B, T) int64, left-padded with the vocabulary's pad id
+    valid: torch.Tensor  # (B, T) bool, True on real tokens
+    doc_ids: torch.Tensor  # (B, T) int64, PAD_DOC on padding, 0 on real tokens
+    positions: torch.Tensor  # (B, T) int64, 0.. per row from its first real token (0 on padding)
+    lengths: torch.Tensor  # (B,) real prompt lengths
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> PaddedPrompts:
+    """Left-pad prompts of different lengths into one batch (see the module docstring)."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least bos")
+    T = max(lengths)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[i, T - len(p) :] = True
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    positions = (torch.arange(T)[None, :] - (T - lengths_t)[:, None]).clamp(min=0)  # (B, T)
+    doc_ids = torch.where(valid, 0, PAD_DOC)
+    return PaddedPrompts(tokens.to(device), valid.to(device), doc_ids.to(device), positions.to(device),
+                         lengths_t.to(device))
+
+
+def new_cache(model: Transformer, batch: int, max_len: int) -> KVCache:
+    """A static cache sized for ``batch`` rows of ``max_len`` slots, on the model's device and dtype."""
+    cfg = model.cfg
+    p = model.tok_embeddings.weight
+    return KVCache(batch, max_len, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype=p.dtype, device=p.device)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor,
+            kv_cache: KVCache) -> torch.Tensor:
+    """Prompts (B, T) into cache slots [0, T) -> logits of the next token (B, V) fp32."""
+    hidden = model(tokens, doc_ids, positions, kv_cache=kv_cache, cache_pos=0)  # (B, T, D)
+    return model.logits(hidden[:, -1:]).squeeze(1).float()
+
+
+def decode_one_token(model: Transformer, token: torch.Tensor, kv_cache: KVCache, cache_pos: int) -> torch.Tensor:
+    """One token per row (B, 1) at slot ``cache_pos`` (doc id and position continue the cache) -> (B, V) fp32."""
+    hidden = model(token, kv_cache=kv_cache, cache_pos=cache_pos)  # (B, 1, D)
+    return model.logits(hidden).squeeze(1).float()
+
+
+@dataclass
+class StepEvent:
+    """What the streaming callback receives after every step (conditional rows only)."""
+
+    step: int  # 0-based index of the generated token
+    tokens: torch.Tensor  # (B,) the ids just written (pad for rows that were already done)
+    modality: torch.Tensor  # (B,) TEXT / IMAGE / AUDIO of those ids (as decided by the grammar)
+    done: torch.Tensor  # (B,) rows finished after this step
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # (B, N) generated ids, pad after a row finished
+    finished: torch.Tensor  # (B,) bool: the row stopped by itself (eos / end of span), not by the budget
+    state: GrammarState  # the grammar state after the last step
+
+
+@torch.no_grad()
+def decode_n_tokens(
+    model: Transformer,
+    kv_cache: KVCache,
+    logits: torch.Tensor,
+    cache_pos: int,
+    state: GrammarState,
+    grammar: StreamGrammar,
+    n: int,
+    sampling: ModalitySampling,
+    generator: torch.Generator | None = None,
+    guidance: GuidanceConfig | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    step_fn: Callable[[Transformer, torch.Tensor, KVCache, int], torch.Tensor] = decode_one_token,
+) -> Decoded:
+    """Sample up to ``n`` tokens per row starting from ``logits`` (B, V) (or (2B, V) with guidance).
+
+    The grammar gets the remaining budget, so every row's stream is complete (spans closed) within ``n``.
+    """
+    device = logits.device
+    table = sampling.as_tensors(device)
+    guided = guidance is not None and guidance.active
+    scales = guidance.scales(device) if guided else None
+    B = state.mode.shape[0]
+    pad = grammar.vocab.pad
+    out = torch.full((B, n), pad, dtype=torch.long, device=device)
+    written = 0
+    for i in range(n):
+        modality = state.modality()
+        step_logits = guide(logits, modality, scales) if guided else logits  # (B, V)
+        allowed = grammar.mask(state, remaining=n - i)  # (B, V)
+        step_logits = step_logits.masked_fill(~allowed, float("-inf"))
+        token = sample(step_logits, params_for_modality(table, modality), generator)  # (B,)
+        was_done = state.done
+        token = torch.where(was_done, pad, token)
+        state = grammar.advance(state, token, active=~was_done)
+        out[:, i] = token
+        written = i + 1
+        if on_step is not None:
+            on_step(StepEvent(i, token, modality, state.done))
+        if bool(state.done.all()) or i == n - 1:
+            break
+        feed = torch.cat([token, token]) if guided else token  # both twins follow the same stream
+        logits = step_fn(model, feed[:, None], kv_cache, cache_pos)
+        cache_pos += 1
+    return Decoded(out[:, :written], state.done.clone(), state)
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # per row: the generated ids (no prompt, no trailing pad)
+    finished: list[bool]  # per row: stopped by itself (eos / end of span) rather than by the budget
+    prompt_lengths: list[int]
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    grammar: StreamGrammar,
+    max_new_tokens: int,
+    sampling: ModalitySampling | None = None,
+    generator: torch.Generator | None = None,
+    guidance: GuidanceConfig | None = None,
+    uncond_prompts: Sequence[Sequence[int]] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    compile: bool = False,
+) -> GenerationOutput:
+    """Continue each prompt (token ids, starting with bos) under ``grammar``; see the module docstring.
+
+    With ``guidance`` active, ``uncond_prompts`` (one per prompt: the same request with the condition dropped)
+    run as the second half of the batch.
+    """
+    sampling = sampling if sampling is not None else ModalitySampling()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model.tok_embeddings.weight.device
+    guided = guidance is not None and guidance.active
+    B = len(prompts)
+    rows = list(prompts)
+    if guided:
+        if uncond_prompts is None or len(uncond_prompts) != B:
+            raise ValueError("classifier-free guidance needs one unconditional prompt per prompt (uncond_prompts)")
+        rows += list(uncond_prompts)
+    batch = left_pad(rows, grammar.vocab.pad, device)
+    T = batch.tokens.shape[1]
+    if T + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_seq_len {model.cfg.max_seq_len}")
+    bad = (batch.tokens < 0) | (batch.tokens >= model.cfg.vocab_size)
+    if bool(bad.any()):
+        r, t = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"prompt row {r % B} holds id {int(batch.tokens[r, t])} outside the model's vocabulary "
+                         f"[0, {model.cfg.vocab_size})")
+    state = grammar.state_after_prompts(batch.tokens[:B], batch.valid[:B])
+    if bool(state.done.any()):
+        r = int(state.done.nonzero()[0, 0])
+        raise ValueError(f"prompt {r} already ends the stream (eos); nothing to generate")
+    need = grammar.tokens_to_close(state)
+    if int(need.max()) > max_new_tokens:
+        r = int(need.argmax())
+        raise ValueError(f"prompt {r} leaves a span open that needs {int(need[r])} more tokens to close, but "
+                         f"max_new_tokens is {max_new_tokens}")
+    kv = new_cache(model, batch.tokens.shape[0], T + max_new_tokens)
+    logits = prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv)
+    step_fn = torch.compile(decode_one_token, dynamic=True) if compile else decode_one_token
+    decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
+                              guidance if guided else None, on_step, step_fn)
+    sequences = []
+    for r in range(B):
+        ids = decoded.tokens[r].tolist()
+        while ids and ids[-1] == grammar.vocab.pad:
+            ids.pop()
+        sequences.append(ids)
+    return GenerationOutput(sequences, decoded.finished.tolist(), batch.lengths[:B].tolist())

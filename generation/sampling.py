@@ -1,0 +1,117 @@
+"""Next-token sampling: temperature, top-k, top-p and greedy, chosen per row, with an explicit generator.
+
+Every row of a batch may be in a different modality (one row writes a caption while another is inside an
+image span), so the sampling parameters are per-row tensors picked by the row's modality
+(:func:`params_for_modality`); all the work is vectorised over the batch.
+
+Axis legend: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Modality ids used by the constraint state machine and here; they index ModalitySampling.as_tensors rows.
+TEXT, IMAGE, AUDIO = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How one modality is sampled. ``temperature == 0`` is greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens; 0 disables
+    top_p: float = 1.0  # nucleus: the smallest set whose probability reaches top_p; 1.0 disables
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@dataclass(frozen=True)
+class ModalitySampling:
+    """One SamplingConfig per modality: the row's current modality decides which applies."""
+
+    text: SamplingConfig = SamplingConfig()
+    image: SamplingConfig = SamplingConfig()
+    audio: SamplingConfig = SamplingConfig()
+
+    @classmethod
+    def uniform(cls, cfg: SamplingConfig) -> ModalitySampling:
+        return cls(cfg, cfg, cfg)
+
+    def as_tensors(self, device: torch.device) -> SamplingTable:
+        rows = (self.text, self.image, self.audio)  # indexed by TEXT, IMAGE, AUDIO
+        return SamplingTable(
+            temperature=torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device),
+            top_k=torch.tensor([r.top_k for r in rows], dtype=torch.long, device=device),
+            top_p=torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device),
+        )
+
+
+@dataclass
+class SamplingTable:
+    """ModalitySampling as (3,) tensors so that per-row parameters are one gather."""
+
+    temperature: torch.Tensor  # (3,)
+    top_k: torch.Tensor  # (3,)
+    top_p: torch.Tensor  # (3,)
+
+
+@dataclass
+class RowParams:
+    temperature: torch.Tensor  # (B,) float, 0 = greedy
+    top_k: torch.Tensor  # (B,) long, 0 = off
+    top_p: torch.Tensor  # (B,) float, 1 = off
+
+
+def params_for_modality(table: SamplingTable, modality: torch.Tensor) -> RowParams:
+    """Per-row parameters for rows whose next token is in ``modality`` (B,) (TEXT / IMAGE / AUDIO)."""
+    return RowParams(table.temperature[modality], table.top_k[modality], table.top_p[modality])
+
+
+def filter_logits(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
+    """Temperature-scale, then keep the top-k and the top-p nucleus per row; removed entries become -inf."""
+    greedy = params.temperature <= 0
+    temperature = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
+    logits = logits.float() / temperature[:, None]
+    use_k = params.top_k > 0
+    use_p = params.top_p < 1
+    if not bool((use_k | use_p).any()):
+        return logits
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    rank = torch.arange(vocab, device=logits.device)[None, :]  # (1, V)
+    k = torch.where(use_k, params.top_k.clamp(max=vocab), torch.full_like(params.top_k, vocab))
+    remove = rank >= k[:, None]
+    # nucleus on the top-k survivors: drop a token when the mass strictly before it already reaches top_p
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= (mass_before >= params.top_p[:, None]) & use_p[:, None] & (rank > 0)
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: RowParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) (already constrained: disallowed ids at -inf) -> next ids (B,) int64.
+
+    Greedy rows (temperature 0) take the argmax of the raw logits; the others draw from the filtered
+    distribution with ``generator`` (same generator state -> same draw).
+    """
+    greedy = params.temperature <= 0
+    argmax = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return argmax
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)  # (B, V)
+    # greedy rows draw too (so the generator advances identically whatever the mix), then are overwritten
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(greedy, argmax, drawn)

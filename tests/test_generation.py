@@ -1,0 +1,239 @@
+"""Generation core: cached decode == full forward, constrained streams always parse, CFG, seeds, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anyloom.generation.cfg import GuidanceConfig
+from anyloom.generation.constraints import GrammarConfig, GrammarError, StreamGrammar
+from anyloom.generation.engine import decode_one_token, generate, left_pad, new_cache, prefill
+from anyloom.generation.sampling import (
+    GREEDY,
+    ModalitySampling,
+    RowParams,
+    SamplingConfig,
+    filter_logits,
+    sample,
+)
+from anyloom.sequences.vocab import Vocabulary
+from anyloom.transformer.model import ModelConfig, Transformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Decoding tiny models is latency-bound: one intra-op thread avoids thread hand-off per tiny op, which on a
+    busy 2-core machine made these tests 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                      attention="sdpa")
+    model = Transformer(cfg).eval()
+    # larger-than-init weights so logits are far from uniform (sampling differences become visible)
+    with torch.no_grad():
+        model.output.weight.mul_(20)
+    return model
+
+
+def vocab(pattern: str = "flat", row_end: bool = False) -> Vocabulary:
+    return Vocabulary.build(24, 16, 8, 3, (2, 3), image_row_end=row_end, audio_pattern=pattern)
+
+
+# ---- cached decoding == full forward ----------------------------------------------------------------------------
+
+
+def test_cached_decode_matches_full_forward_with_ragged_batch():
+    v = vocab()
+    model = tiny_model(v.size)
+    g = torch.Generator().manual_seed(1)
+    lengths, total = [3, 9, 6], 16  # prompt lengths differ; each row then decodes to 16 tokens in all
+    seqs = [torch.randint(0, v.size, (total,), generator=g) for _ in lengths]
+    prompts = [s[:n].tolist() for s, n in zip(seqs, lengths)]
+    batch = left_pad(prompts, v.pad)
+    T = batch.tokens.shape[1]
+    steps = total - min(lengths)
+    kv = new_cache(model, len(prompts), T + steps)
+    cached = [prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv)]  # logits after each prompt
+    # teacher forcing: row r is fed its own continuation; rows past their sequence are fed pad (ignored below)
+    for i in range(steps):
+        nxt = torch.tensor([s[n + i].item() if n + i < total else v.pad for s, n in zip(seqs, lengths)])
+        cached.append(decode_one_token(model, nxt[:, None], kv, T + i))
+    for r, (s, n) in enumerate(zip(seqs, lengths)):
+        full = model.logits(model(s[None])).squeeze(0)  # (total, V): unpadded, no cache
+        for i in range(total - n + 1):
+            if n - 1 + i >= total:
+                break
+            torch.testing.assert_close(cached[i][r], full[n - 1 + i].float(), atol=1e-4, rtol=1e-4)
+
+
+# ---- constrained decoding: every stream parses ---------------------------------------------------------------
+
+
+def check_stream(ids: list[int], v: Vocabulary, max_frames: int) -> dict:
+    """An independent reader of the grammar (not the one under test): counts spans, asserts their contents."""
+    counts = {"image": 0, "audio": 0, "eos": 0}
+    i, h, w, Q = 0, *v.image_grid, v.audio_num_codebooks
+    while i < len(ids):
+        t = ids[i]
+        if v.is_text(t):
+            i += 1
+        elif t == v.eos:
+            assert i == len(ids) - 1, "tokens after eos"
+            counts["eos"] += 1
+            i += 1
+        elif t == v.boi:
+            body = []
+            i += 1
+            while ids[i] != v.eoi:
+                body.append(ids[i])
+                i += 1
+            i += 1
+            expected = []
+            for _ in range(h):
+                expected += ["img"] * w + (["row"] if v.image_row_end else [])
+            got = ["img" if v.is_image(x) else "row" if x == v.row_end else v.describe(x) for x in body]
+            assert got == expected
+            counts["image"] += 1
+        elif t == v.boa:
+            body = []
+            i += 1
+            while ids[i] != v.eoa:
+                body.append(ids[i])
+                i += 1
+            i += 1
+            assert len(body) % Q == 0 and body, f"audio span of {len(body)} tokens is not whole steps of {Q}"
+            steps = len(body) // Q
+            frames = steps - (Q - 1) if v.audio_pattern == "delay" else steps
+            assert 1 <= frames <= max_frames
+            for k, x in enumerate(body):
+                s, q = divmod(k, Q)
+                f = s - q if v.audio_pattern == "delay" else s
+                if 0 <= f < frames:
+                    assert v.is_audio(x) and v.audio_level(x) == q, f"slot {k}: {v.describe(x)} not level {q}"
+                else:
+                    assert x == v.audio_pad, f"slot {k}: {v.describe(x)} should be audio_pad"
+            counts["audio"] += 1
+        else:
+            raise AssertionError(f"unexpected {v.describe(t)} at {i}")
+    return counts
+
+
+@pytest.mark.parametrize("pattern,row_end", [("flat", False), ("flat", True), ("delay", False), ("delay", True)])
+def test_constrained_streams_always_parse(pattern, row_end):
+    v = vocab(pattern, row_end)
+    model = tiny_model(v.size)
+    # random weights rarely choose to open spans: bias the output towards the specials so every branch runs
+    with torch.no_grad():
+        model.output.weight[v.special_offset :].mul_(0)
+        model.output.weight[v.boi].copy_(model.norm.weight * 0.5)
+        model.output.weight[v.boa].copy_(model.norm.weight * 0.5)
+        model.output.weight[v.audio_pad].copy_(model.norm.weight * 0.2)
+    g = StreamGrammar(v, GrammarConfig(max_audio_frames=5))
+    gen = torch.Generator().manual_seed(0)
+    hot = ModalitySampling.uniform(SamplingConfig(temperature=3.0))
+    totals = {"image": 0, "audio": 0, "eos": 0}
+    prompts = [[v.bos], [v.bos, 3, 4], [v.bos, 5, v.boi], [v.bos, v.boa], [v.bos, 1, v.boi, *[v.image_offset] * 2]]
+    state = g.state_after_prompts(*(lambda b: (b.tokens, b.valid))(left_pad(prompts, v.pad)))
+    shortest = int(g.tokens_to_close(state).max())
+    with pytest.raises(ValueError, match="needs .* more tokens to close"):
+        generate(model, prompts, g, shortest - 1)
+    for budget in (shortest, 23, 60):  # small budgets force early ends; all streams must still be complete
+        out = generate(model, prompts * 4, g, budget, hot, gen)
+        for prompt, seq in zip(prompts * 4, out.sequences):
+            assert len(seq) <= budget
+            counts = check_stream(prompt[1:] + seq, v, 5)
+            for k in totals:
+                totals[k] += counts[k]
+    assert totals["image"] > 5 and totals["audio"] > 5 and totals["eos"] > 5, totals
+
+
+def test_stop_after_span_and_disallowed_openers():
+    v = vocab("delay")
+    model = tiny_model(v.size)
+    g = StreamGrammar(v, GrammarConfig(allow_image=False, allow_audio=False, stop_after_span=True, max_audio_frames=4))
+    out = generate(model, [[v.bos, 2, v.boi], [v.bos, v.boa], [v.bos, 7]], g, 40,
+                   ModalitySampling.uniform(SamplingConfig(1.5)), torch.Generator().manual_seed(3))
+    img, aud, txt = out.sequences
+    assert img[-1] == v.eoi and len(img) == v.image_span_length + 1
+    assert aud[-1] == v.eoa and check_stream([v.boa] + aud, v, 4)["audio"] == 1
+    assert all(v.is_text(t) for t in txt[:-1]) and (txt[-1] == v.eos or len(txt) == 40)
+    assert out.finished[:2] == [True, True]
+
+
+def test_bad_prompts_are_refused_with_the_position():
+    v = vocab()
+    g = StreamGrammar(v)
+    model = tiny_model(v.size)
+    with pytest.raises(GrammarError, match="row 1.*token 2 of the prompt.*audio"):
+        generate(model, [[v.bos], [v.bos, v.boi, v.audio_token(0, 0)]], g, 4)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(model, [[v.bos, v.size + 3]], g, 4)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_output_and_top_k_1_is_greedy():
+    v = vocab()
+    model = tiny_model(v.size)
+    g = StreamGrammar(v)
+    prompts = [[v.bos, 1, 2], [v.bos, v.boi], [v.bos, v.boa, v.audio_token(3, 0)]]
+    warm = ModalitySampling.uniform(SamplingConfig(temperature=1.0))
+    run = lambda s, seed: generate(model, prompts, g, 30, s, torch.Generator().manual_seed(seed)).sequences
+    assert run(warm, 5) == run(warm, 5)
+    assert run(warm, 5) != run(warm, 6)  # the seed matters (a test that could not fail would prove nothing)
+    greedy = run(ModalitySampling.uniform(GREEDY), 0)
+    assert run(ModalitySampling.uniform(SamplingConfig(temperature=1.0, top_k=1)), 11) == greedy
+    assert run(ModalitySampling.uniform(SamplingConfig(temperature=0.7, top_p=1e-6)), 12) == greedy
+
+
+def test_filter_logits_top_k_top_p_values():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    params = RowParams(torch.tensor([1.0, 1.0]), torch.tensor([0, 2]), torch.tensor([0.75, 1.0]))
+    kept = torch.isfinite(filter_logits(logits, params))
+    # row 0: nucleus 0.75 keeps 0.5 and 0.3 (0.5 alone is short of it); row 1: top-2 keeps 0.4 and 0.3
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    draws = torch.stack([sample(logits, params, torch.Generator().manual_seed(i)) for i in range(200)])
+    assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
+
+
+def test_per_modality_sampling_applies_to_the_rows_modality():
+    v = vocab()
+    model = tiny_model(v.size)
+    g = StreamGrammar(v, GrammarConfig(stop_after_span=True))
+    mixed = ModalitySampling(text=SamplingConfig(temperature=5.0), image=GREEDY, audio=SamplingConfig(5.0))
+    greedy = ModalitySampling.uniform(GREEDY)
+    img = lambda s, seed: generate(model, [[v.bos, v.boi]], g, 10, s, torch.Generator().manual_seed(seed)).sequences
+    assert img(mixed, 1) == img(mixed, 2) == img(greedy, 0)  # image rows use image sampling: greedy here
+
+
+# ---- classifier-free guidance -------------------------------------------------------------------------------
+
+
+def test_cfg_scale_one_equals_no_cfg_and_other_scales_change_images():
+    v = vocab()
+    model = tiny_model(v.size)
+    g = StreamGrammar(v, GrammarConfig(stop_after_span=True))
+    cond = [[v.bos, 3, 5, 7, v.boi], [v.bos, 2, v.boa]]
+    uncond = [[v.bos, v.boi], [v.bos, v.boa]]
+    s = ModalitySampling.uniform(SamplingConfig(temperature=1.0))
+    plain = generate(model, cond, g, 12, s, torch.Generator().manual_seed(4)).sequences
+    one = generate(model, cond, g, 12, s, torch.Generator().manual_seed(4), GuidanceConfig(1.0, 1.0), uncond)
+    assert one.sequences == plain
+    # guidance actually mixes in the unconditional rows: at scale 0 the result is the unconditional stream
+    zero = generate(model, cond[:1], g, 12, ModalitySampling.uniform(GREEDY), None,
+                    GuidanceConfig(image_scale=0.0), uncond[:1]).sequences
+    uncond_alone = generate(model, uncond[:1], g, 12, ModalitySampling.uniform(GREEDY)).sequences
+    assert zero == uncond_alone
+    strong = generate(model, cond[:1], g, 12, ModalitySampling.uniform(GREEDY), None,
+                      GuidanceConfig(image_scale=3.0), uncond[:1]).sequences
+    greedy_plain = generate(model, cond[:1], g, 12, ModalitySampling.uniform(GREEDY)).sequences
+    assert strong != greedy_plain
+    with pytest.raises(ValueError, match="unconditional prompt"):
+        generate(model, cond, g, 4, s, None, GuidanceConfig(2.0, 1.0), None)
