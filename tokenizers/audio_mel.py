@@ -43,7 +43,7 @@ class MelFeatureConfig:
     n_mels: int = 80
     f_min: float = 0.0
     f_max: float = 8000.0
-    log_floor: float = 1e-2  # mel magnitudes below this (~80 dB under a loud vowel) are one value: silence, int16 dither
+    log_floor: float = 1e-2  # mel magnitudes below this (~80 dB under a loud vowel) read as silence (and int16 dither)
     inverse_iters: int = 30  # mel -> linear: multiplicative NNLS (KL) updates after the pseudo-inverse
 
     def __post_init__(self) -> None:

@@ -1,0 +1,158 @@
+"""Import pretrained audio codecs from Hugging Face-format folders (``config.json`` + ``*.safetensors``).
+
+Nothing is downloaded: point these at a folder you already have (``save_pretrained`` output, or a hub
+snapshot). Weights are read with safetensors only; the config is plain JSON.
+
+- EnCodec (``model_type: "encodec"``, mono, no chunking: the 24 kHz family) -> :class:`WaveCodec` with the
+  euclidean quantizer. The 48 kHz stereo model (chunked, volume-normalised) is refused with a clear error.
+- DAC (``model_type: "dac"``) -> :class:`anyloom.tokenizers.audio_dac.DacCodec`.
+
+Parity with the transformers implementations (identical codes, decoded audio within 1e-4) is tested on tiny
+random models in tests/test_audio_importers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from anyloom.tokenizers.audio_codec import SeanetConfig, WaveCodec, WaveCodecConfig
+
+
+def read_hf_folder(folder: str | Path, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, state dict) of a Hugging Face-format folder; checks ``model_type``."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face-format model folder)")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != model_type:
+        raise ValueError(f"{config_file}: model_type is {config.get('model_type')!r}, expected {model_type!r}")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: unsafe)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    # older checkpoints store weight norm as weight_g / weight_v; current torch uses parametrizations
+    renamed = {}
+    for k, v in state.items():
+        k = re.sub(r"\.weight_g$", ".parametrizations.weight.original0", k)
+        k = re.sub(r"\.weight_v$", ".parametrizations.weight.original1", k)
+        renamed[k] = v
+    return config, renamed
+
+
+def _take(state: dict[str, torch.Tensor], src: str, dst: str, out: dict[str, torch.Tensor]) -> None:
+    """Move every tensor under ``src.`` to ``dst.``."""
+    keys = [k for k in state if k.startswith(src + ".")]
+    if not keys:
+        raise KeyError(f"the checkpoint has no weights under {src!r}")
+    for k in keys:
+        out[dst + k[len(src):]] = state.pop(k)
+
+
+# -- EnCodec -----------------------------------------------------------------------------------------------------
+def encodec_config(hf: dict[str, Any], bandwidth: float | None = None) -> WaveCodecConfig:
+    """Our codec config for an EnCodec ``config.json``; ``bandwidth`` (kbps) picks the number of codebooks."""
+    if hf.get("audio_channels", 1) != 1:
+        raise ValueError("EnCodec import: only mono models are supported (audio_channels must be 1)")
+    if hf.get("normalize", False) or hf.get("chunk_length_s") is not None:
+        raise ValueError("EnCodec import: chunked / volume-normalised models (the 48 kHz family) are not supported")
+    ratios = tuple(hf.get("upsampling_ratios", (8, 5, 4, 2)))
+    sample_rate = int(hf.get("sampling_rate", 24000))
+    frame_rate = math.ceil(sample_rate / math.prod(ratios))
+    codebook_size = int(hf.get("codebook_size", 1024))
+    bits = int(math.log2(codebook_size))
+    bandwidths = list(hf.get("target_bandwidths", [1.5, 3.0, 6.0, 12.0, 24.0]))
+    total = int(1000 * bandwidths[-1] // (frame_rate * bits))
+    if bandwidth is None:
+        n_q = total
+    else:
+        if bandwidth not in bandwidths:
+            raise ValueError(f"EnCodec import: bandwidth {bandwidth} is not one of the model's {bandwidths}")
+        n_q = int(max(1, math.floor(bandwidth * 1000 / (frame_rate * bits))))
+    hidden = int(hf.get("hidden_size", 128))
+    if hf.get("codebook_dim") not in (None, hidden):
+        raise ValueError("EnCodec import: codebook_dim != hidden_size is not supported")
+    seanet = SeanetConfig(
+        channels=1, num_filters=int(hf.get("num_filters", 32)), ratios=ratios,
+        num_residual_layers=int(hf.get("num_residual_layers", 1)),
+        residual_kernel_size=int(hf.get("residual_kernel_size", 3)),
+        dilation_growth_rate=int(hf.get("dilation_growth_rate", 2)), kernel_size=int(hf.get("kernel_size", 7)),
+        last_kernel_size=int(hf.get("last_kernel_size", 7)), compress=int(hf.get("compress", 2)),
+        lstm_layers=int(hf.get("num_lstm_layers", 2)), causal=bool(hf.get("use_causal_conv", True)),
+        pad_mode=hf.get("pad_mode", "reflect"), norm=hf.get("norm_type", "weight_norm"),
+        trim_right_ratio=float(hf.get("trim_right_ratio", 1.0)),
+        conv_shortcut=bool(hf.get("use_conv_shortcut", True)), hidden_size=hidden,
+    )
+    return WaveCodecConfig(sample_rate=sample_rate, seanet=seanet, quantizer="euclidean", num_codebooks=n_q,
+                           codebook_size=codebook_size, quantizer_dropout=False)
+
+
+def encodec_state_dict(state: dict[str, torch.Tensor], cfg: WaveCodecConfig) -> dict[str, torch.Tensor]:
+    """EnCodec's module indices (``encoder.layers.<i>``, activations counted) -> our named modules."""
+    s = cfg.seanet
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+
+    def conv(src: str, dst: str) -> None:  # EncodecConv1d / ConvTranspose1d: .conv and (group norm) .norm
+        _take(state, src + ".conv", dst + ".conv", out)
+        if s.norm == "time_group_norm":
+            _take(state, src + ".norm", dst + ".norm", out)
+
+    def unit(src: str, dst: str) -> None:  # block = [ELU, conv, ELU, conv]
+        conv(f"{src}.block.1", f"{dst}.conv1")
+        conv(f"{src}.block.3", f"{dst}.conv2")
+        if s.conv_shortcut:
+            conv(f"{src}.shortcut", f"{dst}.shortcut")
+
+    i = 0
+    conv(f"encoder.layers.{i}", "encoder.first")
+    i += 1
+    for r in range(len(s.ratios)):
+        for j in range(s.num_residual_layers):
+            unit(f"encoder.layers.{i}", f"encoder.stages.{r}.units.{j}")
+            i += 1
+        conv(f"encoder.layers.{i + 1}", f"encoder.stages.{r}.down")  # i is the ELU
+        i += 2
+    _take(state, f"encoder.layers.{i}.lstm", "encoder.lstm.lstm", out)
+    conv(f"encoder.layers.{i + 2}", "encoder.last")
+
+    conv("decoder.layers.0", "decoder.first")
+    _take(state, "decoder.layers.1.lstm", "decoder.lstm.lstm", out)
+    i = 2
+    for r in range(len(s.ratios)):
+        conv(f"decoder.layers.{i + 1}", f"decoder.stages.{r}.up")  # i is the ELU
+        i += 2
+        for j in range(s.num_residual_layers):
+            unit(f"decoder.layers.{i}", f"decoder.stages.{r}.units.{j}")
+            i += 1
+    conv(f"decoder.layers.{i + 1}", "decoder.last")
+
+    embeds = [state.pop(f"quantizer.layers.{q}.codebook.embed") for q in range(cfg.num_codebooks)]
+    out["quantizer.embed"] = torch.stack(embeds)  # (Q, K, D)
+    # EMA statistics of training and the unused higher-bandwidth levels are not needed for inference
+    leftover = [k for k in state if not re.match(r"quantizer\.layers\.\d+\.codebook\.", k)]
+    if leftover:
+        raise KeyError(f"EnCodec import: unexpected weights {leftover[:5]} ({len(leftover)} in all)")
+    return out
+
+
+def import_encodec(folder: str | Path, bandwidth: float | None = None) -> WaveCodec:
+    """A Hugging Face EnCodec folder -> :class:`WaveCodec` (eval mode, fp32). ``bandwidth`` in kbps
+    (one of the model's ``target_bandwidths``; default: the highest, i.e. every codebook)."""
+    hf, state = read_hf_folder(folder, "encodec")
+    cfg = encodec_config(hf, bandwidth)
+    model = WaveCodec(cfg)
+    model.load_state_dict(encodec_state_dict(state, cfg))
+    return model.eval()
+
+
+__all__ = ["read_hf_folder", "encodec_config", "encodec_state_dict", "import_encodec"]
