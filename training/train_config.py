@@ -15,10 +15,18 @@ class TrainConfig:
     ckpt_every: int = 200  # 0: only at the end
     keep_last: int = 2  # complete checkpoints kept on disk
     sample_every: int = 0  # 0: no periodic samples
+    async_checkpoint: bool = False  # write checkpoints in the background (training continues meanwhile)
+    max_bad_steps: int = 5  # abort after this many non-finite (skipped) steps in a row
+    spike_factor: float = 2.0  # log a spike when loss > spike_factor x its mean over the last spike_window steps
+    spike_window: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "max_bad_steps",
+                    "spike_window")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.ckpt_every < 0 or self.sample_every < 0:
+            raise ValueError("ckpt_every and sample_every must be >= 0 (0 disables)")

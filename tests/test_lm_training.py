@@ -1,0 +1,135 @@
+"""LM training loop in one process: resume after Ctrl-C equals an uninterrupted run (bit for bit), a NaN step
+is skipped, a save killed half-way is ignored on resume, export round-trips, activation checkpointing keeps
+gradients. The tiny model, documents and loader factory are in ``tests/lm_worker.py``."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_worker import VOCAB, run_training, tiny_model
+
+from anyloom.config import build
+from anyloom.scripts.export import export
+from anyloom.training import faults
+from anyloom.training.checkpoint import complete_checkpoints, is_complete, step_dir
+from anyloom.training.metrics import read_metrics
+from anyloom.training.parallel import apply_activation_checkpointing
+from anyloom.training.stability import StabilityGuard, TrainingDiverged
+from anyloom.training.weights import load_weights
+from anyloom.transformer.model import ModelConfig, Transformer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_resume_after_sigint_is_bit_identical(tmp_path):
+    full = run_training(str(tmp_path / "full"), steps=10, batch=4)
+
+    def ctrl_c_during_step_5(model, step, run):  # the sample hook runs at the end of each step
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = run_training(str(tmp_path / "split"), steps=10, batch=4, sample_fn=ctrl_c_during_step_5)
+    assert first.interrupted and first.step == 5
+    assert first.checkpoint == step_dir(tmp_path / "split" / "checkpoints", 5) and is_complete(first.checkpoint)
+    second = run_training(str(tmp_path / "split"), steps=10, batch=4)
+    assert second.resumed_from == 5 and second.step == 10 and not second.interrupted
+    assert sorted(second.losses) == list(range(6, 11))
+    # bit-identical losses, data order included (the loader state is part of the checkpoint)
+    assert {**first.losses, **second.losses} == full.losses
+    assert full.losses[10] < full.losses[1] - 0.5  # it does learn the "+1" documents
+    logged = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "split") if "lr" in r}
+    assert logged == full.losses
+
+    # export both final checkpoints: identical weights, loadable into the model, config and vocab carried
+    a = load_weights(export(full.checkpoint, tmp_path / "export_full"))
+    b = load_weights(export(second.checkpoint, tmp_path / "export_split"))
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    cfg = build(ModelConfig, a.config)
+    assert cfg == tiny_model() and a.vocab == {"size": VOCAB}
+    model = Transformer(cfg)
+    model.load_state_dict(a.state_dict, strict=True)
+
+
+def test_nan_step_is_skipped_and_training_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.NAN_STEPS, "3")
+    snapshots = {}
+
+    def snapshot(model, step, run):
+        snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    res = run_training(str(tmp_path / "run"), steps=6, batch=4, sample_fn=snapshot)
+    assert res.step == 6 and res.skipped_steps == [3]
+    assert math.isnan(res.losses[3]) and all(math.isfinite(res.losses[s]) for s in (1, 2, 4, 5, 6))
+    same = [torch.equal(snapshots[2][k], snapshots[3][k]) for k in snapshots[2]]
+    assert all(same)  # the NaN step changed no weight ...
+    assert all(torch.isfinite(v).all() for v in snapshots[6].values())
+    assert not torch.equal(snapshots[3]["output.weight"], snapshots[4]["output.weight"])  # ... the next one did
+    skipped = [r for r in read_metrics(tmp_path / "run") if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [3] and skipped[0]["loss"] == "nan"
+
+
+def test_consecutive_nan_steps_abort(tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.NAN_STEPS, "2,3")
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row"):
+        run_training(str(tmp_path / "run"), steps=5, batch=2, max_bad_steps=2)
+
+
+def test_stability_guard_spikes_and_resets():
+    guard = StabilityGuard(max_bad_steps=2, spike_factor=2.0, spike_window=3)
+    assert [guard.check(s, 1.0, 1.0).spike for s in range(3)] == [False] * 3
+    assert guard.check(3, 2.5, 1.0).spike  # 2.5 > 2 x mean(1, 1, 1)
+    assert not guard.check(4, 1.0, 1.0).spike
+    assert guard.check(5, 1.0, float("inf")).skip  # non-finite grad norm
+    assert not guard.check(6, 1.0, 1.0).skip  # a finite step resets the count ...
+    guard.check(7, float("nan"), 1.0)
+    with pytest.raises(TrainingDiverged):  # ... so only now are two in a row reached
+        guard.check(8, float("nan"), 1.0)
+
+
+def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, faults.KILL_SAVE_STEP: "6", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "tests/lm_worker.py", "--dir", str(run), "--steps", "8", "--ckpt-every", "3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpts = run / "checkpoints"
+    assert is_complete(step_dir(ckpts, 3))
+    partial = step_dir(ckpts, 6)
+    assert partial.is_dir() and not is_complete(partial) and any(partial.glob("*.distcp"))
+    killed = {r["step"]: r["loss"] for r in read_metrics(run) if "lr" in r}
+    assert sorted(killed) == list(range(1, 7))
+
+    res = run_training(str(run), steps=8, batch=4, ckpt_every=3)
+    assert res.resumed_from == 3 and res.step == 8
+    assert {s: res.losses[s] for s in (4, 5, 6)} == {s: killed[s] for s in (4, 5, 6)}
+    # the crashed save was rewritten at step 6; keep_last=2 pruned step 3
+    assert [c.step for c in complete_checkpoints(ckpts)] == [6, 8]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000006", "step_00000008"]
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_keeps_gradients_and_names(mode):
+    torch.manual_seed(0)
+    ref = Transformer(tiny_model())
+    ac = Transformer(tiny_model())
+    ac.load_state_dict(ref.state_dict())
+    apply_activation_checkpointing(ac, mode)
+    assert ac.state_dict().keys() == ref.state_dict().keys()  # plain names: checkpoints do not depend on AC
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    grads = []
+    for m in (ref, ac):
+        out = m.loss(m(tokens), torch.roll(tokens, -1, 1), torch.ones(2, 16, dtype=torch.bool))
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    names = {n.replace("._checkpoint_wrapped_module", "") for n in grads[1]}
+    assert names == set(grads[0])
+    for n, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][n.replace("._checkpoint_wrapped_module", "")], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,330 @@
+"""The LM training loop: one function, ``train_lm``, reading top to bottom like nanoGPT's.
+
+    for each step:  micro-batches -> forward -> loss -> backward (grad sync on the last) -> clip
+                    -> stability check -> optimizer step (or skip) -> zero_grad -> lr step -> log -> checkpoint
+
+It runs the same code in one process and under torchrun (FSDP2, see ``training/parallel.py``); the caller
+(``scripts/train.py``) gives it the recipe slices, a run directory and a loader factory. Resuming is automatic:
+the latest complete checkpoint in ``run.checkpoints`` is restored before the first step. SIGINT (Ctrl-C) and
+SIGTERM (SLURM preemption) finish the current step, save a checkpoint and return ``interrupted=True``.
+
+Loss normalisation: every micro-batch's mean loss is weighted by its share of the step's target tokens,
+counted over all micro-batches and ranks. The gradient is then that of the mean over the global batch's
+target tokens, whatever the split into ranks and accumulation steps (which is what makes 1 rank and N ranks
+with the same global batch agree).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from anyloom.config import to_dict
+from anyloom.training import faults
+from anyloom.training.checkpoint import Checkpointer
+from anyloom.training.metrics import MetricsLogger
+from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler
+from anyloom.training.parallel import (
+    DistEnv,
+    ParallelConfig,
+    all_reduce_sum,
+    autocast_context,
+    build_parallel_model,
+    close_distributed,
+    init_distributed,
+    set_gradient_sync,
+)
+from anyloom.training.progress import progress
+from anyloom.training.run import RunDir
+from anyloom.training.seed import seed_everything
+from anyloom.training.stability import StabilityGuard
+from anyloom.training.train_config import TrainConfig
+from anyloom.transformer.model import ModelConfig, Transformer
+
+MODALITIES = ("text", "image", "audio")  # Batch.modality codes 0, 1, 2 (3 = special tokens, not reported)
+
+# Dense bf16 peak FLOP/s for MFU, by a substring of torch.cuda.get_device_name(); unknown GPUs get no MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+class BatchLike(Protocol):
+    tokens: torch.Tensor  # (B, T) int64 inputs
+    targets: torch.Tensor  # (B, T) next-token ids
+    loss_mask: torch.Tensor  # (B, T) bool: which targets count
+    doc_ids: torch.Tensor  # (B, T) packed-document ids
+    positions: torch.Tensor  # (B, T) positions restarting in every document
+    modality: torch.Tensor  # (B, T) int8 modality of the target (0 text, 1 image, 2 audio, 3 special)
+
+
+class LoaderLike(Protocol):
+    """``sequences.packing.PackedLoader``: iterable of batches; its state restores exactly the next batch."""
+
+    def __iter__(self) -> Iterator[BatchLike]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# sample_fn(model, step, run): periodic samples (PNG/WAV/TXT into run.samples). Called on EVERY rank, since a
+# sharded model's forward needs all ranks; only rank 0 should write files.
+SampleFn = Callable[[nn.Module, int, RunDir], None]
+
+
+@dataclass
+class LMTrainResult:
+    step: int  # optimizer steps done in total (including those before a resume)
+    resumed_from: int  # the checkpoint step this process started from (0: fresh start)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> global mean loss, steps run here
+    skipped_steps: list[int] = field(default_factory=list)  # non-finite steps whose update was skipped
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM (after saving a checkpoint)
+    checkpoint: Path | None = None  # the last checkpoint written
+    tokens_per_s: float = 0.0  # global tokens per second over the steps run here
+
+
+def micro_batch_size(train_cfg: TrainConfig, world_size: int) -> int:
+    """Rows per rank per micro-batch that the loader factory must produce."""
+    per_rank, rem = divmod(train_cfg.batch_size, world_size * train_cfg.grad_accum)
+    if rem or per_rank == 0:
+        raise ValueError(
+            f"train.batch_size={train_cfg.batch_size} must be a positive multiple of world_size ({world_size}) x "
+            f"train.grad_accum ({train_cfg.grad_accum})"
+        )
+    return per_rank
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM -> stop after this step; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _batches(loader: LoaderLike) -> Iterator[BatchLike]:
+    """Endless stream of batches: a loader that ends an epoch is iterated again."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the data loader produced no batch at all: no training data for this rank?")
+
+
+def _check_batch(batch: BatchLike, rows: int, seq_len: int, step: int) -> None:
+    shape = tuple(batch.tokens.shape)
+    if shape != (rows, seq_len):
+        raise ValueError(
+            f"step {step}: the loader gave tokens of shape {shape}, expected (micro_batch_size, train.seq_len) = "
+            f"({rows}, {seq_len}); build the loader with micro_batch_size(train_cfg, world_size) rows"
+        )
+
+
+def _mfu(tokens_per_s: float, n_params: int, env: DistEnv) -> float | None:
+    """Model FLOPs utilisation, 6N FLOPs per token (attention not counted), over all ranks' peak."""
+    if env.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(env.device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return None if peak is None else 6 * n_params * tokens_per_s / (peak * env.world_size)
+
+
+def _grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip to ``max_norm`` (0: no clipping) and return the global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding this rank's partial norm
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train_lm(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    parallel_cfg: ParallelConfig,
+    run: RunDir,
+    make_loader: Callable[[int, int], LoaderLike],
+    vocab_json: dict[str, Any] | None,
+    seed: int,
+    *,
+    device: str = "auto",
+    sample_fn: SampleFn | None = None,
+) -> LMTrainResult:
+    """Train (or resume training) the LM; see the module docstring. Every rank calls this."""
+    env = init_distributed(device)
+    try:
+        with _StopFlag() as stop:
+            return _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed,
+                          env, sample_fn, stop)
+    finally:
+        close_distributed(env)
+
+
+def _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed, env, sample_fn,  # noqa: ANN001
+           stop: _StopFlag) -> LMTrainResult:
+    rows = micro_batch_size(train_cfg, env.world_size)
+    seed_everything(seed)
+    model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg.steps, optim_cfg)
+    loader = make_loader(env.rank, env.world_size)
+    ckpt = Checkpointer(run.checkpoints, train_cfg.keep_last, train_cfg.async_checkpoint)
+    config = {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg), "train": to_dict(train_cfg),
+              "parallel": to_dict(parallel_cfg), "seed": seed}
+    resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                          expect_model_config=config["model"])
+    start = resumed.step if resumed else 0
+    result = LMTrainResult(step=start, resumed_from=start)
+    metrics = MetricsLogger(run)
+    if resumed and env.is_main:
+        print(f"resumed from {resumed.path} (step {start})")
+    guard = StabilityGuard(train_cfg.max_bad_steps, train_cfg.spike_factor, train_cfg.spike_window)
+    amp = autocast_context(parallel_cfg, env, model)
+
+    def save(step: int) -> None:
+        result.checkpoint = ckpt.save(step, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                      config=config, vocab=vocab_json)
+
+    batches = _batches(loader)
+    # interval sums, all-reduced at log time: [loss*n, z*n, n, then (loss, correct, count) per modality]
+    interval = torch.zeros(3 + 3 * len(MODALITIES), dtype=torch.float64)
+    interval_tokens, interval_t0, total_tokens, total_time = 0, time.perf_counter(), 0, 0.0
+    bar = progress(total=train_cfg.steps, initial=start, desc="train lm")
+    model.train()
+    step = start
+    try:
+        while step < train_cfg.steps:
+            step += 1
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(train_cfg.grad_accum)]
+            for mb in micro:
+                _check_batch(mb, rows, train_cfg.seq_len, step)
+            # the step's target-token count over every micro-batch and rank (see module docstring)
+            n_global = float(all_reduce_sum(torch.tensor([float(mb.loss_mask.sum()) for mb in micro]).sum()))
+            if n_global == 0:
+                raise ValueError(f"step {step}: the global batch has no target tokens (loss_mask is all False)")
+            step_sums = torch.zeros_like(interval)
+            for i, mb in enumerate(micro):
+                mb = {k: getattr(mb, k).to(env.device, non_blocking=True)
+                      for k in ("tokens", "targets", "loss_mask", "doc_ids", "positions", "modality")}
+                set_gradient_sync(model, i == len(micro) - 1)
+                with amp:
+                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+                    out = model.loss(hidden, mb["targets"], mb["loss_mask"])
+                n_local = float(mb["loss_mask"].sum())
+                # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
+                loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
+                loss.backward()
+                _accumulate(step_sums, out, mb, n_local, loss.detach() * n_global / env.world_size)
+            grad_norm = _grad_norm(model, optim_cfg.grad_clip)
+            # one collective for the step's loss and for "did any rank get SIGINT/SIGTERM" (all stop together)
+            shared = all_reduce_sum(torch.tensor([float(step_sums[0]), float(stop.set)], dtype=torch.float64))
+            step_loss, stop_votes = float(shared[0]) / n_global, float(shared[1])
+            verdict = guard.check(step, step_loss, grad_norm)
+            if verdict.skip:
+                result.skipped_steps.append(step)
+                metrics.log(step, skipped=1, loss=step_loss, grad_norm=grad_norm, reason=verdict.reason)
+                if env.is_main:
+                    print(f"warning: {verdict.reason}; update skipped")
+            else:
+                optimizer.step()
+                interval += step_sums
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+
+            dt = time.perf_counter() - t0
+            step_tokens = train_cfg.batch_size * train_cfg.seq_len
+            interval_tokens += step_tokens
+            total_tokens += step_tokens
+            total_time += dt
+            result.step = step
+            result.losses[step] = step_loss
+            if verdict.spike:
+                metrics.log(step, loss_spike=step_loss, reason=verdict.reason)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                totals = all_reduce_sum(interval.clone())
+                elapsed = time.perf_counter() - interval_t0
+                tps = interval_tokens / max(elapsed, 1e-9)
+                record = _metrics(totals)
+                record.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tps)
+                mfu = _mfu(tps, n_params, env)
+                if mfu is not None:
+                    record["mfu"] = mfu
+                metrics.log(step, **record)
+                interval.zero_()
+                interval_tokens, interval_t0 = 0, time.perf_counter()
+            if sample_fn is not None and train_cfg.sample_every and step % train_cfg.sample_every == 0:
+                model.eval()
+                sample_fn(model, step, run)
+                model.train()
+            if stop_votes > 0:
+                result.interrupted = True
+                save(step)
+                if env.is_main:
+                    print(f"interrupted at step {step}: checkpoint saved to {result.checkpoint}; run again to resume")
+                break
+            if train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0 and step < train_cfg.steps:
+                save(step)
+        else:
+            if step > start:
+                save(step)
+        ckpt.wait()
+    finally:
+        bar.close()
+        metrics.close()
+    result.checkpoint = ckpt.last_saved.path if ckpt.last_saved else result.checkpoint
+    result.tokens_per_s = total_tokens / total_time if total_time > 0 else 0.0
+    return result
+
+
+def _accumulate(sums: torch.Tensor, out: Any, mb: dict[str, torch.Tensor], n_local: float,
+                weighted_loss: torch.Tensor) -> None:
+    """Add one micro-batch's loss sums (token-weighted) and per-modality loss/accuracy sums to ``sums``."""
+    sums[0] += float(weighted_loss)  # = out.loss * n_local (NaN when injected)
+    sums[1] += float(out.z_loss.detach()) * n_local
+    sums[2] += n_local
+    mask = mb["loss_mask"].bool()
+    for m in range(len(MODALITIES)):
+        sel = mask & (mb["modality"] == m)
+        sums[3 + 3 * m] += float(out.token_loss.detach()[sel].double().sum())
+        sums[4 + 3 * m] += float(out.correct[sel].sum())
+        sums[5 + 3 * m] += float(sel.sum())
+
+
+def _metrics(totals: torch.Tensor) -> dict[str, float]:
+    n = float(totals[2])
+    record = {"loss": float(totals[0]) / n if n else math.nan, "z_loss": float(totals[1]) / n if n else math.nan}
+    for m, name in enumerate(MODALITIES):
+        count = float(totals[5 + 3 * m])
+        if count:
+            record[f"loss_{name}"] = float(totals[3 + 3 * m]) / count
+            record[f"acc_{name}"] = float(totals[4 + 3 * m]) / count
+    return record
