@@ -1,0 +1,304 @@
+"""Training loop of the diffusion image decoder (``anyloom.decoders.diffusion``) on a frozen image tokenizer.
+
+Reads top to bottom: images from manifests -> each image's VQ reconstruction, computed once up front
+(the tokenizer is frozen, so this is the "tokenize offline" step) -> DDPM loss, backward, clip, step, log;
+periodic checkpoints (safetensors, resumable: model, optimizer, step and the data/noise RNG) and sample
+PNG grids (original | VQ decoder | diffusion decoder) with held-out PSNR of both decoders.
+
+Entry: :func:`train_diffusion_decoder` (manifests) or :func:`train_diffusion_decoder_on_images` (arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
+from anyloom.tokenizers.base import ImageTokenizer
+from anyloom.training.device import pick_device
+from anyloom.training.metrics import MetricsLogger
+from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
+from anyloom.training.progress import progress
+from anyloom.training.run import RunDir
+from anyloom.training.seed import seed_everything
+
+
+@dataclass(frozen=True)
+class DiffusionDecoderStageConfig:
+    model: DiffusionDecoderConfig = field(default_factory=DiffusionDecoderConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, schedule="cosine")
+    )
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32
+    log_every: int = 10
+    ckpt_every: int = 100  # 0: only the final weights
+    keep_last: int = 2  # complete checkpoints kept on disk
+    sample_every: int = 200  # 0: samples only at the end
+    sample_images: int = 8  # rows in each sample grid (from the validation set)
+    val_images: int = 64  # held-out images for the PSNR logged with samples
+    max_train_images: int = 0  # 0: every image of the training manifest
+    encode_batch_size: int = 256  # images per tokenizer call when precomputing reconstructions
+    image_tokenizer: str = ""  # folder of the frozen image tokenizer's weights (read by the entry point)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "sample_images", "val_images", "encode_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("ckpt_every", "sample_every", "max_train_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class ImageSet:
+    pixels: np.ndarray  # (N, H, W, 3) uint8
+    skipped: int  # documents without an image segment
+
+
+def load_manifest_images(path: str | Path, image_size: tuple[int, int], limit: int = 0) -> ImageSet:
+    """Every image segment of a manifest, checked against ``image_size``; text/audio-only documents are
+    skipped and counted. ``limit`` > 0 keeps the first ``limit`` images."""
+    from anyloom.data.document import ImageSegment
+    from anyloom.data.manifest import read_manifest
+
+    documents = read_manifest(path).documents
+    images, skipped = [], 0
+    for doc in documents:
+        segs = [s for s in doc.segments if isinstance(s, ImageSegment)]
+        if not segs:
+            skipped += 1
+            continue
+        for seg in segs:
+            px = np.asarray(seg.pixels)
+            if px.dtype != np.uint8 or px.ndim != 3 or px.shape[2] != 3:
+                raise ValueError(
+                    f"{path}: {seg.path or doc.id}: expected (H, W, 3) uint8 pixels, got {px.shape} {px.dtype}"
+                )
+            if tuple(px.shape[:2]) != tuple(image_size):
+                raise ValueError(
+                    f"{path}: {seg.path or doc.id}: image is {px.shape[0]}x{px.shape[1]}, the tokenizer and "
+                    f"decoder expect {image_size[0]}x{image_size[1]} (H x W)"
+                )
+            images.append(px)
+            if limit and len(images) >= limit:
+                break
+        if limit and len(images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"{path}: no image segments ({skipped} documents without images)")
+    return ImageSet(pixels=np.stack(images), skipped=skipped)
+
+
+def to_float(pixels: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return rearrange(torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0, "n h w c -> n c h w")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(x, "n c h w -> n h w c").numpy()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (N, 3, H, W) images in [-1, 1], measured on 8-bit pixels (peak 255)."""
+    mse = ((to_float(to_uint8(a)) - to_float(to_uint8(b))) * 127.5).square().flatten(1).mean(1)  # (N,)
+    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
+    """The frozen tokenizer's reconstruction decode(encode(x)) of (N, 3, H, W) images, in batches."""
+    out = []
+    for i in progress(range(0, len(images), batch_size), desc=desc):
+        codes = tokenizer.encode(images[i : i + batch_size]).codes
+        out.append(tokenizer.decode(codes).float().cpu())
+    return torch.cat(out)
+
+
+def _grid(rows: list[np.ndarray]) -> Image.Image:
+    """Rows of (H, W, 3) uint8 columns -> one image, 2-pixel gaps."""
+    h, w = rows[0][0].shape[:2]
+    cols = len(rows[0])
+    canvas = Image.new("RGB", (cols * (w + 2), len(rows) * (h + 2)), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, px in enumerate(row):
+            canvas.paste(Image.fromarray(px), (c * (w + 2), r * (h + 2)))
+    return canvas
+
+
+# -- checkpoints: model weights (save_weights layout) + optimizer tensors + a JSON of counters ------------
+
+
+def _save_checkpoint(
+    folder: Path, model: DiffusionDecoder, opt: torch.optim.Optimizer, step: int, rng: torch.Generator
+) -> None:
+    tmp = folder.with_name("tmp_" + folder.name)  # not matched by step_*
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    sd = opt.state_dict()
+    tensors = {"rng": rng.get_state()}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            tensors[f"state.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous().clone()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": sd["param_groups"]}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # a folder named step_* is always complete
+
+
+def _latest_checkpoint(run: RunDir) -> Path | None:
+    done = sorted(p for p in run.checkpoints.glob("step_*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def _load_checkpoint(folder: Path, model: DiffusionDecoder, opt: torch.optim.Optimizer, rng: torch.Generator) -> int:
+    saved = DiffusionDecoder.load(folder)
+    if saved.cfg != model.cfg:
+        raise ValueError(f"{folder}: checkpoint config {saved.cfg} differs from the recipe's {model.cfg}")
+    model.load_state_dict(saved.state_dict())
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    rng.set_state(tensors.pop("rng"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+
+
+def train_diffusion_decoder_on_images(
+    cfg: DiffusionDecoderStageConfig,
+    image_tokenizer: ImageTokenizer,
+    train_pixels: np.ndarray,
+    val_pixels: np.ndarray,
+    run: RunDir,
+) -> Path:
+    """Train on (N, H, W, 3) uint8 arrays; resumes from the run's latest checkpoint. Returns the folder of
+    the final weights (``run/decoder``: model.safetensors + config.json, load with DiffusionDecoder.load)."""
+    mcfg = cfg.model
+    if tuple(image_tokenizer.image_size) != tuple(mcfg.image_size):
+        raise ValueError(
+            f"diffusion_decoder.model.image_size {tuple(mcfg.image_size)} != the tokenizer's image_size "
+            f"{tuple(image_tokenizer.image_size)}"
+        )
+    seed_everything(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps and noise: saved with checkpoints
+    device = pick_device(cfg.device)
+
+    images = to_float(train_pixels)  # (N, 3, H, W)
+    val = to_float(val_pixels[: cfg.val_images])
+    cond = reconstruct(image_tokenizer, images, cfg.encode_batch_size, "VQ reconstructions (train)")
+    val_cond = reconstruct(image_tokenizer, val, cfg.encode_batch_size, "VQ reconstructions (val)")
+
+    model = DiffusionDecoder(mcfg).to(device)
+    model.residual_std.fill_(float((images - cond).std().clamp_min(1e-3)))
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.steps, cfg.optim)
+    start = 0
+    latest = _latest_checkpoint(run)
+    if latest is not None:
+        start = _load_checkpoint(latest, model, opt, rng)
+        # put the schedule at step `start` exactly as an uninterrupted run has it (LambdaLR: base * factor)
+        sched.last_epoch = start
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_factor(start, cfg.steps, cfg.optim)
+    logger = MetricsLogger(run)
+    n = len(images)
+    bs = min(cfg.batch_size, n)
+
+    model.train()
+    for step in progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="diffusion decoder"):
+        idx = torch.randint(0, n, (bs,), generator=rng)
+        x, c = images[idx].to(device), cond[idx].to(device)
+        out = model.loss(x, c, generator=rng)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logger.log(done, loss=out.loss.item(), grad_norm=float(grad_norm), lr=sched.get_last_lr()[0])
+        if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            _save_checkpoint(run.checkpoints / f"step_{done:07d}", model, opt, done, rng)
+            for old in sorted(run.checkpoints.glob("step_*"))[: -cfg.keep_last]:
+                shutil.rmtree(old)
+        if (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps:
+            model.eval()
+            write_samples(model, val, val_cond, run, done, logger, cfg.sample_images)
+            model.train()
+    logger.close()
+    final = model.save(run.path / "decoder")
+    return final
+
+
+@torch.no_grad()
+def write_samples(
+    model: DiffusionDecoder,
+    val: torch.Tensor,
+    val_cond: torch.Tensor,
+    run: RunDir,
+    step: int,
+    logger: MetricsLogger,
+    rows: int,
+) -> dict[str, float]:
+    """Held-out PSNR of the VQ decoder and the diffusion decoder, and a PNG grid original | VQ | diffusion."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)  # the same noise at every sample step: curves compare like with like
+    sampled = torch.cat([model.sample(c.to(device), generator=gen).cpu() for c in val_cond.split(64)])
+    scores = {
+        "val_psnr_vq": float(psnr(val_cond, val).mean()),
+        "val_psnr_diffusion": float(psnr(sampled, val).mean()),
+    }
+    logger.log(step, **scores)
+    k = min(rows, len(val))
+    grid = _grid([[to_uint8(t[i : i + 1])[0] for t in (val, val_cond, sampled)] for i in range(k)])
+    grid.save(run.samples / f"diffusion_step_{step:07d}.png")
+    logger.image("samples/original_vq_diffusion", step, np.asarray(grid))
+    return scores
+
+
+def train_diffusion_decoder(
+    cfg: DiffusionDecoderStageConfig,
+    image_tokenizer: ImageTokenizer,
+    train_manifest: str | Path,
+    val_manifest: str | Path,
+    run: RunDir,
+) -> Path:
+    """Train on the images of two JSONL manifests (see :func:`train_diffusion_decoder_on_images`)."""
+    size = tuple(cfg.model.image_size)
+    train = load_manifest_images(train_manifest, size, cfg.max_train_images)
+    val = load_manifest_images(val_manifest, size, cfg.val_images)
+    if train.skipped or val.skipped:
+        print(f"diffusion decoder: skipped {train.skipped} train / {val.skipped} val documents without images")
+    return train_diffusion_decoder_on_images(cfg, image_tokenizer, train.pixels, val.pixels, run)
+
+
+__all__ = [
+    "DiffusionDecoderStageConfig",
+    "ImageSet",
+    "load_manifest_images",
+    "psnr",
+    "train_diffusion_decoder",
+    "train_diffusion_decoder_on_images",
+    "write_samples",
+]
