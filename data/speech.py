@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from scipy.signal import resample_poly
+from scipy.signal import firwin, resample_poly
 
 SAMPLE_RATE = 16000  # every waveform the world writes
 ESPEAK_RATE = 22050  # what espeak-ng produces
@@ -120,9 +121,15 @@ def normalize_level(wave: np.ndarray) -> np.ndarray:
     return (wave * gain).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
+def _resample_filter() -> np.ndarray:
+    """resample_poly's own default low-pass for 320/441 (Kaiser, beta 5), designed once instead of per call."""
+    return firwin(2 * 10 * 441 + 1, 1.0 / 441, window=("kaiser", 5.0))
+
+
 def postprocess(wave: np.ndarray) -> np.ndarray:
     """espeak-ng output (22,050 Hz) -> float32 at SAMPLE_RATE, level-normalised."""
-    wave = resample_poly(wave, 320, 441).astype(np.float32)  # 22,050 -> 16,000 Hz
+    wave = resample_poly(wave, 320, 441, window=_resample_filter()).astype(np.float32)  # 22,050 -> 16,000 Hz
     return normalize_level(wave)
 
 

@@ -13,7 +13,9 @@ complete, so an existing folder is a finished world and re-running with the same
 
 from __future__ import annotations
 
+import io
 import json
+import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -131,8 +133,12 @@ def _paths(d: Path, counts: dict[str, int]) -> WorldPaths:
     return WorldPaths(dir=d, counts=counts, **{s: d / f"{s}.jsonl" for s in SPLITS})
 
 
-def build_world(cfg: WorldConfig) -> WorldPaths:
-    """Generate the world into ``<cfg.root>/<fingerprint>/`` (a no-op when it is already there)."""
+def build_world(cfg: WorldConfig, workers: int | None = None) -> WorldPaths:
+    """Generate the world into ``<cfg.root>/<fingerprint>/`` (a no-op when it is already there).
+
+    ``workers`` processes (default: up to 2, one per core) render blocks of items; the bytes do not
+    depend on it.
+    """
     root = Path(cfg.root)
     final = root / world_fingerprint(cfg)
     if (final / COMPLETE_MARKER).is_file():
@@ -145,7 +151,7 @@ def build_world(cfg: WorldConfig) -> WorldPaths:
     if cfg.with_speech:
         (tmp / "audio").mkdir()
     try:
-        counts = _generate(cfg, tmp)
+        counts = _generate(cfg, tmp, workers if workers is not None else min(2, os.cpu_count() or 1))
         config = to_dict(cfg)
         config.pop("root")  # the folder's bytes must not depend on where the cache lives
         info = {"fingerprint": final.name, "generator_version": GENERATOR_VERSION, "config": config,
@@ -163,45 +169,77 @@ def build_world(cfg: WorldConfig) -> WorldPaths:
     return _paths(final, counts)
 
 
-def _generate(cfg: WorldConfig, out: Path) -> dict[str, int]:
+def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
+    blocks = [(split, start, min(start + SPEECH_BLOCK, cfg.split_size(split)))
+              for split in SPLITS for start in range(0, cfg.split_size(split), SPEECH_BLOCK)]
+    lines: dict[str, list[str]] = {s: [] for s in SPLITS}
+    bar = progress(total=sum(cfg.split_size(s) for s in SPLITS), desc="world", unit="item")
+    jobs = [(cfg, split, start, stop, str(out)) for split, start, stop in blocks]
+    if workers > 1 and len(blocks) > 1:
+        # spawn, not fork: the parent may hold threads (torch) and espeak-ng state that must not be copied.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            for (split, start, stop), block in zip(blocks, pool.imap(_block_job, jobs)):
+                lines[split].extend(block)
+                bar.update(stop - start)
+    else:
+        for (split, start, stop), job in zip(blocks, jobs):
+            lines[split].extend(_block_job(job))
+            bar.update(stop - start)
+    bar.close()
+    for split in SPLITS:
+        (out / f"{split}.jsonl").write_text("".join(lines[split]), encoding="utf-8")
+    return {s: cfg.split_size(s) for s in SPLITS}
+
+
+def _block_job(job: tuple[WorldConfig, str, int, int, str]) -> list[str]:
+    cfg, split, start, stop, out = job
+    return generate_block(cfg, split, start, stop, Path(out))
+
+
+def generate_block(cfg: WorldConfig, split: str, start: int, stop: int, out: Path) -> list[str]:
+    """Write items [start, stop) of ``split`` under ``out``; returns their manifest lines.
+
+    Every item draws from its own generator seeded by (seed, split, index); espeak-ng is reloaded at the
+    block's start, so the block's bytes do not depend on which process made it or what it made before.
+    """
+    if start % SPEECH_BLOCK:
+        raise ValueError(f"blocks start at multiples of {SPEECH_BLOCK}, got {start}")
+    split_index = SPLITS.index(split)
     espeak = None
     if cfg.with_speech:
         from anyloom.data.speech import SAMPLE_RATE, Voice, get_espeak, postprocess
 
         espeak = get_espeak()
-    counts = {}
-    bar = progress(total=sum(cfg.split_size(s) for s in SPLITS), desc="world", unit="item")
-    for split_index, split in enumerate(SPLITS):
-        n = cfg.split_size(split)
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as manifest:
-            for i in range(n):
-                rng = np.random.default_rng([cfg.seed, split_index, i])
-                caption = sample_caption(cfg, split, rng)
-                scene = render_scene(rng, caption, cfg.image_size, cfg.supersample)
-                item_id = f"{split}-{i:06d}"
-                image_rel = f"images/{item_id}.png"
-                Image.fromarray(scene.pixels).save(out / image_rel)
-                segments: list[dict[str, str]] = [{"text": caption.text}, {"image": image_rel}]
-                meta = {"count": caption.count, "color": caption.color, "shape": caption.shape,
-                        "boxes": [list(b) for b in scene.boxes]}
-                if espeak is not None:
-                    voice = Voice(
-                        name=cfg.voices[int(rng.integers(len(cfg.voices)))],
-                        rate=cfg.rates[int(rng.integers(len(cfg.rates)))],
-                        pitch=cfg.pitches[int(rng.integers(len(cfg.pitches)))],
-                    )
-                    if i % SPEECH_BLOCK == 0:
-                        espeak.reset()
-                    raw = espeak.synthesize(caption.text, voice, seed=int(rng.integers(2**31)))
-                    audio_rel = f"audio/{item_id}.wav"
-                    sf.write(out / audio_rel, postprocess(raw), SAMPLE_RATE, subtype="PCM_16")
-                    segments.append({"audio": audio_rel})
-                    meta.update(voice=voice.name, rate=voice.rate, pitch=voice.pitch)
-                manifest.write(json.dumps({"id": item_id, "segments": segments, "meta": meta}) + "\n")
-                bar.update(1)
-        counts[split] = n
-    bar.close()
-    return counts
+        espeak.reset()
+    lines = []
+    for i in range(start, stop):
+        rng = np.random.default_rng([cfg.seed, split_index, i])
+        caption = sample_caption(cfg, split, rng)
+        scene = render_scene(rng, caption, cfg.image_size, cfg.supersample)
+        item_id = f"{split}-{i:06d}"
+        image_rel = f"images/{item_id}.png"
+        Image.fromarray(scene.pixels).save(out / image_rel)
+        segments: list[dict[str, str]] = [{"text": caption.text}, {"image": image_rel}]
+        meta = {"count": caption.count, "color": caption.color, "shape": caption.shape,
+                "boxes": [list(b) for b in scene.boxes]}
+        if espeak is not None:
+            voice = Voice(
+                name=cfg.voices[int(rng.integers(len(cfg.voices)))],
+                rate=cfg.rates[int(rng.integers(len(cfg.rates)))],
+                pitch=cfg.pitches[int(rng.integers(len(cfg.pitches)))],
+            )
+            raw = espeak.synthesize(caption.text, voice, seed=int(rng.integers(2**31)))
+            audio_rel = f"audio/{item_id}.wav"
+            buf = io.BytesIO()  # encode in memory: soundfile's flush to disk per file costs more than the synthesis
+            sf.write(buf, postprocess(raw), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            (out / audio_rel).write_bytes(buf.getvalue())
+            segments.append({"audio": audio_rel})
+            meta.update(voice=voice.name, rate=voice.rate, pitch=voice.pitch)
+        lines.append(json.dumps({"id": item_id, "segments": segments, "meta": meta}) + "\n")
+    return lines
 
 
-__all__ = ["WorldConfig", "WorldPaths", "build_world", "world_fingerprint", "sample_caption", "SPLITS"]
+__all__ = [
+    "WorldConfig", "WorldPaths", "build_world", "generate_block", "world_fingerprint", "sample_caption", "SPLITS",
+]
