@@ -19,10 +19,12 @@ from anyloom.config import ConfigError, build
 from anyloom.decoders.audio import decode_audio_codes, write_wav
 from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
 from anyloom.decoders.images import DiffusionImageDecoder, decode_image_codes
+from anyloom.evaluation.image_metrics import psnr
 from anyloom.tokenizers.base import AudioCodes, AudioTokenizer, ImageCodes, ImageTokenizer
 from anyloom.training.diffusion_decoder import (
     DiffusionDecoderStageConfig,
-    psnr,
+    compare_decoders,
+    to_uint8,
     train_diffusion_decoder_on_images,
 )
 from anyloom.training.metrics import read_metrics
@@ -271,7 +273,7 @@ def test_training_loop_outputs_and_resume_equals_uninterrupted(tmp_path):
     scored = [r for r in records if "val_psnr_vq" in r]
     assert len(scored) == 1 and scored[0]["step"] == 4
     cond = tok.decode(tok.encode(torch.from_numpy(val).permute(0, 3, 1, 2).float() / 127.5 - 1).codes)
-    exact_vq = float(psnr(cond, torch.from_numpy(val).permute(0, 3, 1, 2).float() / 127.5 - 1).mean())
+    exact_vq = float(psnr(val, to_uint8(cond)).mean())
     assert scored[0]["val_psnr_vq"] == pytest.approx(exact_vq, rel=1e-6)
     grid = Image.open(run_a.samples / "diffusion_step_0000004.png")
     assert grid.size == (3 * 18, 2 * 18)
@@ -293,6 +295,11 @@ def test_training_loop_outputs_and_resume_equals_uninterrupted(tmp_path):
     first, second = decoder(tok, codes), decoder(tok, codes)
     assert len(first) == 2 and first[0].size == (16, 16)
     assert all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(first, second))
+
+    cmp = compare_decoders(tok, DiffusionDecoder.load(final_a), val, steps=2, batch_size=1)
+    assert cmp.images == 2 and cmp.ddim_steps == 2
+    assert cmp.vq.psnr == pytest.approx(exact_vq, rel=1e-9)
+    assert 0 <= cmp.diffusion.judge_agreement <= 1 and cmp.diffusion.seconds_per_image > cmp.vq.seconds_per_image
 
 
 def test_training_refuses_a_tokenizer_of_another_size(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
+from anyloom.evaluation.image_metrics import judge_agreement, psnr
 from anyloom.tokenizers.base import ImageTokenizer
 from anyloom.training.device import pick_device
 from anyloom.training.metrics import MetricsLogger
@@ -112,12 +114,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return rearrange(x, "n c h w -> n h w c").numpy()
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of (N, 3, H, W) images in [-1, 1], measured on 8-bit pixels (peak 255)."""
-    mse = ((to_float(to_uint8(a)) - to_float(to_uint8(b))) * 127.5).square().flatten(1).mean(1)  # (N,)
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
 
 
 @torch.no_grad()
@@ -265,9 +261,10 @@ def write_samples(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)  # the same noise at every sample step: curves compare like with like
     sampled = torch.cat([model.sample(c.to(device), generator=gen).cpu() for c in val_cond.split(64)])
+    originals = to_uint8(val)
     scores = {
-        "val_psnr_vq": float(psnr(val_cond, val).mean()),
-        "val_psnr_diffusion": float(psnr(sampled, val).mean()),
+        "val_psnr_vq": float(psnr(originals, to_uint8(val_cond)).mean()),
+        "val_psnr_diffusion": float(psnr(originals, to_uint8(sampled)).mean()),
     }
     logger.log(step, **scores)
     k = min(rows, len(val))
@@ -293,12 +290,123 @@ def train_diffusion_decoder(
     return train_diffusion_decoder_on_images(cfg, image_tokenizer, train.pixels, val.pixels, run)
 
 
+@dataclass
+class DecoderScores:
+    psnr: float  # dB, mean over images (evaluation.image_metrics.psnr on 8-bit pixels)
+    judge_agreement: float  # fraction where the world judge reads the same caption as from the original
+    seconds_per_image: float  # decoding only (codes -> pixels), this machine, batch ``batch_size``
+
+
+@dataclass
+class DecoderComparison:
+    images: int
+    ddim_steps: int
+    vq: DecoderScores
+    diffusion: DecoderScores
+
+
+@torch.no_grad()
+def compare_decoders(
+    tokenizer: ImageTokenizer,
+    model: DiffusionDecoder,
+    pixels: np.ndarray,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> DecoderComparison:
+    """Encode (N, H, W, 3) uint8 originals once, decode the codes with the VQ decoder and with the diffusion
+    decoder (``steps`` DDIM steps, seeded), and score both against the originals."""
+    x = to_float(pixels)
+    codes = torch.cat([tokenizer.encode(x[i : i + batch_size]).codes for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    vq_out, diff_out, t_vq, t_diff = [], [], 0.0, 0.0
+    for i in progress(range(0, len(codes), batch_size), desc=f"decode (DDIM {steps})"):
+        t0 = time.perf_counter()
+        cond = tokenizer.decode(codes[i : i + batch_size]).float()
+        t1 = time.perf_counter()
+        sampled = model.sample(cond.to(device), steps=steps, generator=gen).cpu()
+        t2 = time.perf_counter()
+        # the diffusion decoder's time includes the VQ decode it is conditioned on
+        t_vq, t_diff = t_vq + (t1 - t0), t_diff + (t2 - t0)
+        vq_out.append(to_uint8(cond))
+        diff_out.append(to_uint8(sampled))
+    n = len(pixels)
+
+    def scores(recons: np.ndarray, seconds: float) -> DecoderScores:
+        return DecoderScores(
+            psnr=float(np.mean(psnr(pixels, recons))),
+            judge_agreement=judge_agreement(pixels, recons).agreement,
+            seconds_per_image=seconds / n,
+        )
+
+    return DecoderComparison(
+        images=n,
+        ddim_steps=steps,
+        vq=scores(np.concatenate(vq_out), t_vq),
+        diffusion=scores(np.concatenate(diff_out), t_diff),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the world, train the recipe's diffusion decoder on a trained image tokenizer, and compare it with
+    the plain VQ decoder on a split (PSNR, judge agreement, seconds per image)."""
+    import argparse
+
+    from anyloom.config import to_dict
+    from anyloom.data.world import WorldConfig, build_world
+    from anyloom.recipes import load_recipe
+    from anyloom.tokenizers.image_vq import ImageVQTokenizer
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--recipe", default="diffusion_decoder")
+    p.add_argument(
+        "--tokenizer", default="", help="image tokenizer folder (default: diffusion_decoder.image_tokenizer)"
+    )
+    p.add_argument("--eval-split", default="test", choices=["val", "test", "compositional", "none"])
+    p.add_argument("--eval-items", type=int, default=500)
+    p.add_argument(
+        "--eval-steps", type=int, nargs="+", default=None, help="DDIM steps to compare (default: the model's)"
+    )
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg = recipe.diffusion_decoder
+    folder = args.tokenizer or cfg.image_tokenizer
+    if not folder:
+        raise SystemExit("no image tokenizer: pass --tokenizer <folder> or set diffusion_decoder.image_tokenizer")
+    if not Path(folder).is_dir():
+        raise SystemExit(f"image tokenizer folder {folder!r} does not exist (train one: make train RECIPE=...)")
+    tokenizer = ImageVQTokenizer.load(folder).eval()
+    world = build_world(getattr(recipe, "world", None) or WorldConfig())
+    run = RunDir.from_config(recipe.run)
+    run.write_recipe(recipe)
+    weights = train_diffusion_decoder(cfg, tokenizer, world.train, world.val, run)
+    if args.eval_split != "none":
+        model = DiffusionDecoder.load(weights, device=pick_device(cfg.device))
+        pixels = load_manifest_images(world.split(args.eval_split), tuple(cfg.model.image_size), args.eval_items)
+        results = {}
+        for steps in args.eval_steps or [model.cfg.inference_steps]:
+            cmp = compare_decoders(tokenizer, model, pixels.pixels, steps, seed=cfg.seed)
+            results[f"diffusion_decoder.{args.eval_split}.ddim{steps}"] = to_dict(cmp)
+        run.write_json(f"eval_{args.eval_split}.json", {**results, "config": to_dict(cfg), "tokenizer": str(folder)})
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 __all__ = [
     "DiffusionDecoderStageConfig",
     "ImageSet",
     "load_manifest_images",
-    "psnr",
+    "compare_decoders",
+    "DecoderComparison",
+    "DecoderScores",
     "train_diffusion_decoder",
     "train_diffusion_decoder_on_images",
     "write_samples",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
