@@ -59,10 +59,12 @@ class WorldConfig:
         ("yellow", "square"),
     )
     with_speech: bool = True
-    # espeak-ng voices, rates (words/min) and pitches (0-100); each item draws one of each.
-    voices: tuple[str, ...] = ("en-us", "en-us+m3", "en-us+f2", "en-us+f4")
-    rates: tuple[int, ...] = (145, 165, 185)
-    pitches: tuple[int, ...] = (35, 50, 65)
+    # espeak-ng voices, rates (words/min) and pitches (0-100); each item draws one of each. Chosen so the
+    # speech judge reads the ground truth back (docs/BENCHMARKS.md "The world": WER per voice); plain
+    # en-us, m3, m4 and m7, and pitches above ~60, read back worse (5-20% WER).
+    voices: tuple[str, ...] = ("en-us+f2", "en-us+f5", "en-us+m2", "en-us+m1")
+    rates: tuple[int, ...] = (140, 155, 170)
+    pitches: tuple[int, ...] = (40, 48, 56)
     root: str = "data_cache/world"  # not part of the fingerprint: moving the cache does not change the world
 
     def __post_init__(self) -> None:

@@ -1,0 +1,292 @@
+"""Reading user data: JSONL manifests and webdataset tar shards into ``Document``s, validated item by item.
+
+JSONL: one document per line, ``{"id"?: str, "segments": [{"text": str} | {"image": path} | {"audio": path}],
+"meta"?: {...}}``; paths are relative to the manifest (absolute paths work too). Blank lines are ignored.
+
+Webdataset shards (``.tar``): members are grouped into samples by key, the file name up to its first dot,
+as webdataset does (``000123.json``, ``000123.png``, ``000123.wav``). A sample with a ``json`` member
+holds the document, whose image/audio values name members of the same sample by their extension
+(``{"segments": [{"text": "a red circle"}, {"image": "png"}, {"audio": "wav"}]}``). A sample without one
+is read in the fixed order text (``txt``), image (``png``/``jpg``/``jpeg``), audio (``wav``/``flac``).
+
+Every problem names its place (``manifest.jsonl:12`` or ``shard.tar:000123``) and what was expected.
+``strict=True`` raises ``ManifestError`` at the first one; ``strict=False`` skips the document, records a
+``Skip`` and goes on. Repairs that lose nothing are made silently: grayscale / RGBA / palette images
+become RGB (transparency over white), other sample rates are resampled, stereo is averaged to mono.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from math import gcd
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, UnidentifiedImageError
+from scipy.signal import resample_poly
+
+from anyloom.data.document import AudioSegment, Document, ImageSegment, Segment, TextSegment
+
+SEGMENT_KEYS = ("text", "image", "audio")
+DOCUMENT_KEYS = ("id", "segments", "meta")
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+AUDIO_EXTS = ("wav", "flac")
+
+
+class ManifestError(ValueError):
+    """A document that cannot be read; the message starts with ``file:line`` (or ``shard.tar:key``)."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: str  # "manifest.jsonl:12" or "shard.tar:000123"
+    reason: str
+
+
+@dataclass
+class ManifestResult:
+    documents: list[Document]
+    skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        text = f"{len(self.documents)} documents read, {len(self.skipped)} skipped"
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for s in self.skipped:
+                kind = s.reason.split(":")[0]
+                reasons[kind] = reasons.get(kind, 0) + 1
+            text += " (" + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())) + ")"
+        return text
+
+
+class _Bad(Exception):
+    """An item-level problem; turned into ManifestError or Skip with the item's location."""
+
+
+def read_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
+                  sample_rate: int = 16000) -> ManifestResult:
+    """Every document of a JSONL manifest or webdataset shard (see the module docstring)."""
+    skipped: list[Skip] = []
+    docs = list(iter_manifest(path, strict=strict, image_size=image_size, sample_rate=sample_rate, skipped=skipped))
+    return ManifestResult(documents=docs, skipped=skipped)
+
+
+def iter_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
+                  sample_rate: int = 16000, skipped: list[Skip] | None = None) -> Iterator[Document]:
+    """Lazily yield documents; in lenient mode skips are appended to ``skipped`` (when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest file")
+    reader = _iter_tar if path.name.endswith((".tar", ".tar.gz", ".tgz")) else _iter_jsonl
+    for source, item in reader(path, image_size, sample_rate):
+        if isinstance(item, Document):
+            yield item
+        elif strict:
+            raise ManifestError(f"{source}: {item}")
+        elif skipped is not None:
+            skipped.append(Skip(source=source, reason=item))
+
+
+def _iter_jsonl(path: Path, image_size: tuple[int, int] | None, sample_rate: int) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8", errors="strict") as f:
+        lineno = 0
+        while True:
+            lineno += 1
+            source = f"{path}:{lineno}"
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                yield source, f"not UTF-8 text ({e.reason} at byte {e.start})"
+                return  # the rest of the file cannot be located reliably
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield source, f"malformed JSON: {e.msg} at column {e.colno}"
+                continue
+            try:
+                files = _FileSource(path.parent)
+                yield source, _document(obj, files, image_size, sample_rate, default_id=source)
+            except _Bad as e:
+                yield source, str(e)
+
+
+class _FileSource:
+    """Segment values are paths relative to the manifest's folder."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def open(self, ref: str, kind: str) -> tuple[bytes, str]:
+        p = Path(ref)
+        p = p if p.is_absolute() else self.base / p
+        if not p.is_file():
+            raise _Bad(f"missing file: {kind} {ref!r} (looked for {p})")
+        try:
+            return p.read_bytes(), str(p)
+        except OSError as e:
+            raise _Bad(f"unreadable file: {kind} {ref!r}: {e.strerror}") from e
+
+
+class _MemberSource:
+    """Segment values name members of the same webdataset sample by extension."""
+
+    def __init__(self, members: dict[str, bytes], where: str) -> None:
+        self.members = members
+        self.where = where
+
+    def open(self, ref: str, kind: str) -> tuple[bytes, str]:
+        if ref not in self.members:
+            have = ", ".join(sorted(self.members)) or "nothing"
+            raise _Bad(f"missing file: {kind} member {ref!r} not in the sample (it has {have})")
+        return self.members[ref], f"{self.where}.{ref}"
+
+
+def _iter_tar(path: Path, image_size: tuple[int, int] | None, sample_rate: int) -> Iterator[tuple[str, Any]]:
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise ManifestError(f"{path}: not a readable tar shard ({e})") from e
+    samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)
+                folder, base = (name[0] + "/", name[1]) if len(name) == 2 else ("", name[0])
+                if base.startswith(".") or "." not in base:
+                    continue  # webdataset ignores hidden members and members without an extension
+                key, ext = base.split(".", 1)
+                key = folder + key
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                samples[key][ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ManifestError(f"{path}: corrupt tar shard after {len(order)} samples ({e})") from e
+    for key in order:
+        source = f"{path}:{key}"
+        members = samples[key]
+        try:
+            if "json" in members:
+                try:
+                    obj = json.loads(members["json"].decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise _Bad(f"malformed JSON in member {key}.json: {e}") from e
+            else:
+                obj = {"segments": _implicit_segments(members)}
+            yield source, _document(obj, _MemberSource(members, f"{path}:{key}"), image_size, sample_rate,
+                                    default_id=key)
+        except _Bad as e:
+            yield source, str(e)
+
+
+def _implicit_segments(members: dict[str, bytes]) -> list[dict[str, str]]:
+    segments: list[dict[str, str]] = []
+    if "txt" in members:
+        try:
+            segments.append({"text": members["txt"].decode("utf-8")})
+        except UnicodeDecodeError as e:
+            raise _Bad(f"text member is not UTF-8: {e}") from e
+    segments += [{"image": ext} for ext in IMAGE_EXTS if ext in members][:1]
+    segments += [{"audio": ext} for ext in AUDIO_EXTS if ext in members][:1]
+    if not segments:
+        raise _Bad(f"sample has no json, txt, image or audio member (members: {', '.join(sorted(members))})")
+    return segments
+
+
+def _document(obj: Any, files: _FileSource | _MemberSource, image_size: tuple[int, int] | None,
+              sample_rate: int, default_id: str) -> Document:
+    if not isinstance(obj, dict):
+        raise _Bad(f"expected a JSON object with 'segments', got {type(obj).__name__}")
+    unknown = [k for k in obj if k not in DOCUMENT_KEYS]
+    if unknown:
+        raise _Bad(f"unknown key {unknown[0]!r} (a document has {', '.join(DOCUMENT_KEYS)})")
+    segs = obj.get("segments")
+    if not isinstance(segs, list) or not segs:
+        raise _Bad("'segments' must be a non-empty list")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _Bad(f"'meta' must be an object, got {type(meta).__name__}")
+    doc_id = obj.get("id", default_id)
+    if not isinstance(doc_id, str) or not doc_id:
+        raise _Bad(f"'id' must be a non-empty string, got {doc_id!r}")
+    segments: list[Segment] = []
+    for j, seg in enumerate(segs):
+        where = f"segment {j}"
+        if not isinstance(seg, dict) or len(seg) != 1:
+            raise _Bad(f"{where}: expected an object with exactly one of {SEGMENT_KEYS}, got {seg!r}")
+        (kind, value), = seg.items()
+        if kind not in SEGMENT_KEYS:
+            raise _Bad(f"unknown key {kind!r} in {where} (expected one of {', '.join(SEGMENT_KEYS)})")
+        if not isinstance(value, str):
+            raise _Bad(f"{where}: {kind} must be a string, got {type(value).__name__}")
+        if kind == "text":
+            if not value.strip():
+                raise _Bad(f"empty text in {where}")
+            segments.append(TextSegment(text=value))
+        elif kind == "image":
+            data, name = files.open(value, "image")
+            segments.append(ImageSegment(pixels=_decode_image(data, name, image_size), path=name))
+        else:
+            data, name = files.open(value, "audio")
+            wave = _decode_audio(data, name, sample_rate)
+            segments.append(AudioSegment(wave=wave, sample_rate=sample_rate, path=name))
+    return Document(segments=segments, id=doc_id, meta=meta)
+
+
+def _decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im2 = Image.alpha_composite(flat, rgba).convert("RGB")  # transparency over white
+            elif im.mode.startswith("I;16") or im.mode == "I":
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                im2 = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+            else:
+                im2 = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise _Bad(f"corrupt image: {name}: {e}") from e
+    if image_size is not None:
+        h, w = image_size
+        if im2.size != (w, h):
+            im2 = im2.resize((w, h), Image.Resampling.BICUBIC)
+    pixels = np.asarray(im2, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.size == 0:
+        raise _Bad(f"corrupt image: {name}: decoded to shape {pixels.shape}")
+    return pixels
+
+
+def _decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
+    try:
+        wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise _Bad(f"corrupt audio: {name}: {e}") from e
+    if wave.shape[0] == 0:
+        raise _Bad(f"empty audio: {name} has no samples")
+    if not np.isfinite(wave).all():
+        raise _Bad(f"corrupt audio: {name} contains NaN or infinite samples")
+    mono = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]  # downmix stereo
+    if rate != sample_rate:
+        g = gcd(int(rate), int(sample_rate))
+        mono = resample_poly(mono, sample_rate // g, int(rate) // g)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+__all__ = ["ManifestError", "ManifestResult", "Skip", "read_manifest", "iter_manifest", "SEGMENT_KEYS"]
