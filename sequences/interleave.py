@@ -23,6 +23,7 @@ Axis legend: h/w image code grid, Q audio levels (codebooks), F audio frames, S 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,7 +41,7 @@ def _as_int_array(x: object, ndim: int, what: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != ndim:
         raise ValueError(f"{what}: expected {ndim} dimension(s), got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"{what}: expected integer codes, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
 
@@ -104,7 +105,8 @@ class TokenStream:
 
 
 def _check_range(codes: np.ndarray, size: int, what: str) -> None:
-    if codes.size and (codes.min() < 0 or codes.max() >= size):
+    # int64 viewed as uint64: negatives become huge, so one max() checks both ends
+    if codes.size and int(codes.view(np.uint64).max()) >= size:
         bad = codes[(codes < 0) | (codes >= size)].reshape(-1)[0]
         raise ValueError(f"{what}: code {int(bad)} outside [0, {size})")
 
@@ -128,10 +130,13 @@ def encode_image(seg: ImageIds, vocab: Vocabulary) -> np.ndarray:
     return np.concatenate([[vocab.boi], body.reshape(-1), [vocab.eoi]]).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=16)
 def audio_level_offsets(vocab: Vocabulary) -> np.ndarray:
-    """(Q, 1) id offset of each level's range."""
+    """(Q, 1) id offset of each level's range (cached: the vocabulary is frozen; do not modify the result)."""
     q = np.arange(vocab.audio_num_codebooks, dtype=np.int64)[:, None]
-    return vocab.audio_offset + q * vocab.audio_codebook_size
+    offsets = vocab.audio_offset + q * vocab.audio_codebook_size
+    offsets.flags.writeable = False
+    return offsets
 
 
 def encode_audio(seg: AudioIds, vocab: Vocabulary) -> np.ndarray:
@@ -183,21 +188,28 @@ def encode_document(
         loss = [True] * len(segments)
     if len(loss) != len(segments):
         raise ValueError(f"loss has {len(loss)} entries for {len(segments)} segments")
-    pieces: list[np.ndarray] = []
-    flags: list[np.ndarray] = []
-    if bos:
-        pieces.append(np.array([vocab.bos], dtype=np.int64))
-        flags.append(np.zeros(1, dtype=bool))
-    for seg, trained in zip(segments, loss):
-        ids = encode_segment(seg, vocab)
-        pieces.append(ids)
-        flags.append(np.full(ids.shape[0], bool(trained)))
+    return assemble_stream([encode_segment(seg, vocab) for seg in segments], loss, vocab, bos=bos, eos=eos)
+
+
+def assemble_stream(
+    spans: Sequence[np.ndarray], loss: Sequence[bool], vocab: Vocabulary, *, bos: bool = True, eos: bool = True
+) -> TokenStream:
+    """Already-encoded spans (``encode_segment`` outputs) -> one stream, with the loss rules of ``encode_document``."""
+    pieces: list[np.ndarray] = [np.array([vocab.bos], dtype=np.int64)] if bos else []
+    flags: list[bool] = [False] if bos else []
+    pieces.extend(spans)
+    flags.extend(bool(t) for t in loss)
     if eos:
         pieces.append(np.array([vocab.eos], dtype=np.int64))
-        flags.append(np.array([bool(loss[-1]) if len(loss) else False]))
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    loss_mask = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
-    return TokenStream(ids=ids, modality=vocab.modality(ids).astype(np.int8), loss_mask=loss_mask)
+        flags.append(bool(loss[-1]) if len(loss) else False)
+    if not pieces:
+        return TokenStream(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, bool))
+    ids = np.concatenate(pieces, dtype=np.int64)
+    loss_mask = np.repeat(np.array(flags, dtype=bool), [p.shape[0] for p in pieces])
+    # the ranges are contiguous and in modality order, so one search yields the modality id of every token
+    bounds = np.array([vocab.image_offset, vocab.audio_offset, vocab.special_offset])
+    modality = np.searchsorted(bounds, ids, side="right").astype(np.int8)
+    return TokenStream(ids=ids, modality=modality, loss_mask=loss_mask)
 
 
 # ---- span layout rules (for constrained decoding) -----------------------------------------------------------
@@ -454,6 +466,7 @@ __all__ = [
     "StreamError",
     "ParsedStream",
     "encode_document",
+    "assemble_stream",
     "encode_segment",
     "parse_stream",
     "parse_segments",

@@ -19,6 +19,7 @@ in ``skipped_items``.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,19 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokenStream, TokSegment, encode_document
+from anyloom.sequences.interleave import (
+    AudioIds,
+    ImageIds,
+    TextIds,
+    TokenStream,
+    TokSegment,
+    assemble_stream,
+    encode_document,
+    encode_segment,
+)
 from anyloom.sequences.shards import KIND_AUDIO, KIND_IMAGE, KIND_TEXT
 from anyloom.sequences.vocab import Vocabulary
+from anyloom.training.progress import progress
 
 Kind = Literal["text", "image", "audio"]
 _KIND_INDEX = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO}
@@ -134,7 +145,14 @@ def build_document(
 
 
 class TaskMixture:
-    """A :class:`~anyloom.sequences.packing.StreamSource` of task documents over pre-tokenized items."""
+    """A :class:`~anyloom.sequences.packing.StreamSource` of task documents over pre-tokenized items.
+
+    At construction every segment of every usable item is encoded once into the unified vocabulary and kept
+    in one int32 array (4 bytes per token; about 10 MB for the world), so producing a document is a few
+    slices and one concatenation: per-document encoding from the shards would cap the loader below 1M
+    tokens/s on one CPU core. For corpora whose token count does not fit in RAM, split the items into several
+    mixtures (e.g. per shard range) -- the shards themselves stay memory-mapped.
+    """
 
     draws_per_document = 2  # template choice, condition dropout
 
@@ -147,41 +165,87 @@ class TaskMixture:
         has = items.kinds() > 0  # (items, 3)
         applicable = np.stack([has[:, list(t.needs)].all(axis=1) for t in self.templates], axis=1)  # (items, tasks)
         # one cumulative-weight row per distinct pattern of applicable templates (at most 2^3 patterns of kinds)
-        patterns, self._pattern_of = np.unique(applicable, axis=0, return_inverse=True)
-        self._pattern_of = self._pattern_of.reshape(-1)
+        patterns, pattern_of = np.unique(applicable, axis=0, return_inverse=True)
+        pattern_of = pattern_of.reshape(-1)
         masked = patterns * weights[None, :]
         totals = masked.sum(axis=1, keepdims=True)
-        self._cum = np.cumsum(masked / np.where(totals > 0, totals, 1.0), axis=1)  # (patterns, tasks)
-        usable = totals[self._pattern_of, 0] > 0
-        self._index = np.flatnonzero(usable)  # mixture index -> item index
+        cum = np.cumsum(masked / np.where(totals > 0, totals, 1.0), axis=1)  # (patterns, tasks)
+        usable = totals[pattern_of, 0] > 0
+        index = np.flatnonzero(usable)  # mixture index -> item index
         self.skipped_items = int((~usable).sum())
-        if self._index.size == 0:
+        if index.size == 0:
             enabled = ", ".join(t.name for t in self.templates)
             raise ValueError(f"no item has the segments any enabled template ({enabled}) needs")
+        # Python lists: choose() and stream() run once per document, where numpy scalar indexing costs more
+        self._cum_rows: list[list[float]] = cum.tolist()
+        self._pattern: list[int] = pattern_of[index].tolist()
+        self._item: list[int] = index.tolist()
+        self._encode_spans()
+
+    def _encode_spans(self) -> None:
+        spans: list[np.ndarray] = []
+        self._segs: list[list[int]] = []  # per mixture document: its segments' span numbers, in order
+        self._first: list[tuple[int, int, int]] = []  # per mixture document: first span of each kind, or -1
+        for item in progress(self._item, desc="encode spans", unit="item"):
+            numbers, first = [], [-1, -1, -1]
+            for seg in self.items.item(item):
+                kind = _SEG_KIND[type(seg)]
+                if first[kind] < 0:
+                    first[kind] = len(spans)
+                numbers.append(len(spans))
+                spans.append(encode_segment(seg, self.vocab))
+            self._segs.append(numbers)
+            self._first.append((first[0], first[1], first[2]))
+        self._bounds: list[int] = np.cumsum([0] + [s.shape[0] for s in spans]).tolist()
+        self._spans = np.concatenate(spans).astype(np.int32)  # ids < 2^31: int32 halves the cache
 
     def __len__(self) -> int:
-        return int(self._index.shape[0])
+        return len(self._item)
+
+    @property
+    def cached_tokens(self) -> int:
+        return int(self._spans.shape[0])
 
     def choose(self, index: int, draws: np.ndarray) -> tuple[Template, bool]:
         """The template and whether the condition is dropped, for mixture document ``index``."""
-        item = self._index[index]
-        cum = self._cum[self._pattern_of[item]]
-        k = min(int(np.searchsorted(cum, draws[0], side="right")), len(self.templates) - 1)
-        while cum[k] == (cum[k - 1] if k else 0.0):  # never land on a zero-weight (inapplicable) template
+        cum = self._cum_rows[self._pattern[index]]
+        u, v = float(draws[0]), float(draws[1])
+        k = min(bisect.bisect_right(cum, u), len(cum) - 1)
+        while cum[k] == (cum[k - 1] if k else 0.0):  # rounding at the top end: skip zero-weight templates
             k -= 1
         template = self.templates[k]
-        return template, bool(template.guidance and draws[1] < self.config.cfg_dropout)
+        return template, template.guidance and v < self.config.cfg_dropout
 
     def stream(self, index: int, draws: np.ndarray) -> TokenStream:
         template, dropped = self.choose(index, draws)
-        return build_document(self.items.item(int(self._index[index])), template, self.vocab, drop_condition=dropped)
+        return self._assemble(index, template, dropped)
+
+    def _assemble(self, index: int, template: Template, dropped: bool) -> TokenStream:
+        if template.target is None:
+            numbers = self._segs[index]
+            loss = [True] * len(numbers)
+        else:
+            first = self._first[index]
+            cond = [] if dropped else [first[_KIND_INDEX[k]] for k in template.condition]
+            numbers = [*cond, first[_KIND_INDEX[template.target]]]
+            loss = [False] * len(cond) + [True]
+        b = self._bounds
+        return assemble_stream([self._spans[b[n] : b[n + 1]] for n in numbers], loss, self.vocab)
 
     def document(self, index: int, task: str, *, drop_condition: bool = False) -> TokenStream:
         """Mixture document ``index`` under a fixed template (evaluation, debugging)."""
         if task not in TEMPLATES:
             raise KeyError(f"unknown template {task!r}; known: {', '.join(TEMPLATES)}")
-        segs = self.items.item(int(self._index[index]))
-        return build_document(segs, TEMPLATES[task], self.vocab, drop_condition=drop_condition)
+        template = TEMPLATES[task]
+        first = self._first[index]
+        missing = [k for k in template.needs if first[k] < 0]
+        if missing:
+            raise ValueError(f"item {self._item[index]} has no {('text', 'image', 'audio')[missing[0]]} for {task}")
+        return self._assemble(index, template, drop_condition)
+
+    def item_index(self, index: int) -> int:
+        """The item (in the item source) behind mixture document ``index``."""
+        return self._item[index]
 
 
 __all__ = ["MixtureConfig", "Template", "TEMPLATES", "TaskMixture", "ItemList", "ItemSource", "build_document"]

@@ -19,6 +19,7 @@ the final name. ``index.json`` at the top lists the shards; it is written once a
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -112,6 +113,13 @@ class _Shard:
     segments: np.ndarray  # (S, 5) int64
     items: np.ndarray  # (I+1,) int64
     ids: list[str]
+    codes_view: np.ndarray | None = None  # plain ndarray over the same mapping (memmap slicing is ~5x slower)
+    rows: list[list[int]] | None = None  # segments as Python ints: item() runs per document in the loader
+
+    def __post_init__(self) -> None:
+        self.codes_view = self.codes.view(np.ndarray)
+        self.rows = self.segments.tolist()
+        self.item_starts = self.items.tolist()
 
 
 class TokenShards:
@@ -151,6 +159,7 @@ class TokenShards:
             self._shards.append(shard)
             counts.append(entry["items"])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first global item per shard
+        self._start_list = self._starts.tolist()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -158,8 +167,8 @@ class TokenShards:
     def _locate(self, index: int) -> tuple[_Shard, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range [0, {len(self)})")
-        s = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self._shards[s], index - int(self._starts[s])
+        s = bisect.bisect_right(self._start_list, index) - 1
+        return self._shards[s], index - self._start_list[s]
 
     def item_id(self, index: int) -> str:
         shard, local = self._locate(index)
@@ -168,8 +177,8 @@ class TokenShards:
     def item(self, index: int) -> list[TokSegment]:
         shard, local = self._locate(index)
         out: list[TokSegment] = []
-        for kind, start, d0, d1, _ in shard.segments[shard.items[local] : shard.items[local + 1]]:
-            codes = np.asarray(shard.codes[start : start + d0 * d1], dtype=np.int64)
+        for kind, start, d0, d1, _ in shard.rows[shard.item_starts[local] : shard.item_starts[local + 1]]:
+            codes = shard.codes_view[start : start + d0 * d1].astype(np.int64)
             if kind == KIND_TEXT:
                 out.append(TextIds(codes))
             elif kind == KIND_IMAGE:

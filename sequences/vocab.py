@@ -20,6 +20,7 @@ Modality ids (per token, used by the loader and losses): 0 text, 1 image, 2 audi
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -117,20 +118,20 @@ class Vocabulary:
             audio_pattern=audio_pattern,
         )
 
-    # ---- ranges -------------------------------------------------------------------------------------------
-    @property
+    # ---- ranges (cached: the dataclass is frozen, and the loader asks once per span) --------------------------
+    @functools.cached_property
     def image_offset(self) -> int:
         return self.text_size
 
-    @property
+    @functools.cached_property
     def audio_offset(self) -> int:
         return self.image_offset + self.image_codebook_size
 
-    @property
+    @functools.cached_property
     def special_offset(self) -> int:
         return self.audio_offset + self.audio_codebook_size * self.audio_num_codebooks
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """Total number of ids: what the LM's embedding and output layer see."""
         return self.special_offset + len(SPECIAL_TOKENS)
@@ -161,10 +162,14 @@ class Vocabulary:
         return 0, self.text_size
 
     # ---- special tokens -------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _special_ids(self) -> dict[str, int]:
+        return {name: self.special_offset + i for i, name in enumerate(SPECIAL_NAMES)}
+
     def special(self, name: str) -> int:
         try:
-            return self.special_offset + SPECIAL_NAMES.index(name)
-        except ValueError:
+            return self._special_ids[name]
+        except KeyError:
             raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_NAMES)}") from None
 
     @property

@@ -246,3 +246,21 @@ def test_end_to_end_shards_mixture_loader(tmp_path):
             inner += 1
     assert inner > 0
     assert json.loads((tmp_path / "tok" / "index.json").read_text())["num_items"] == 12
+
+
+def test_mixture_stream_equals_reference_build():
+    rng = np.random.default_rng(3)
+    items = ItemList([_item(rng, audio=i % 3 > 0) for i in range(30)])
+    mix = TaskMixture(items, VOCAB, MixtureConfig(cfg_dropout=0.5))
+    draws = np.random.default_rng(4).random((len(mix), 2))
+    seen = set()
+    for i in range(len(mix)):
+        template, dropped = mix.choose(i, draws[i])
+        seen.add((template.name, dropped))
+        got = mix.stream(i, draws[i])
+        ref = build_document(items.item(mix.item_index(i)), template, VOCAB, drop_condition=dropped)
+        assert np.array_equal(got.ids, ref.ids) and np.array_equal(got.loss_mask, ref.loss_mask)
+        assert np.array_equal(got.modality, ref.modality) and got.ids.dtype == np.int64
+    assert len(seen) >= 6
+    doc = mix.document(0, "i2t")
+    assert parse_stream(doc.ids, VOCAB).segments == [items.item(0)[1], items.item(0)[0]]
