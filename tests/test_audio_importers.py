@@ -82,3 +82,53 @@ def test_encodec_refuses_what_it_cannot_run(tmp_path):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "config.json").write_text('{"model_type": "dac"}')
         import_encodec(tmp_path / "other")
+
+
+def _tiny_dac(tmp_path, weight_norm: bool):
+    from transformers import DacConfig, DacModel
+
+    torch.manual_seed(0)
+    cfg = DacConfig(encoder_hidden_size=4, downsampling_ratios=[2, 4], decoder_hidden_size=16,
+                    upsampling_ratios=[4, 2], hidden_size=12, n_codebooks=3, codebook_size=16, codebook_dim=4,
+                    sampling_rate=16000)
+    ref = DacModel(cfg).eval()
+    with torch.no_grad():  # transformers' init (std 0.02, zero biases) gives one code everywhere: re-draw all
+        g = torch.Generator().manual_seed(3)
+        for name, p in ref.named_parameters():
+            if name.endswith("alpha"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.2 - 0.1)
+            else:  # conv weights (He-style scale) and codebooks
+                fan_in = p[0].numel() if p.ndim == 3 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+    if weight_norm:
+        ref.apply_weight_norm()
+    ref.save_pretrained(tmp_path / "dac")
+    return ref
+
+
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_dac_parity(tmp_path, weight_norm):
+    from anyloom.tokenizers.audio_dac import DacCodec
+    from anyloom.tokenizers.audio_importers import import_dac
+
+    ref = _tiny_dac(tmp_path, weight_norm)
+    ours = import_dac(tmp_path / "dac")
+    assert isinstance(ours, AudioTokenizer)
+    assert ours.num_codebooks == 3 and ours.frame_rate == 2000.0
+    wave = _wave(2, 400, seed=1)  # whole frames (hop 8)
+    with torch.no_grad():
+        out = ref.encode(wave[:, None])
+        ref_audio = ref.decode(audio_codes=out.audio_codes).audio_values
+    codes = ours.encode(wave, 16000).codes
+    assert torch.equal(codes, out.audio_codes)
+    audio = ours.decode(codes)
+    assert audio.shape == ref_audio.shape and (audio - ref_audio).abs().max() <= 1e-4
+    assert len(set(codes[:, 0].flatten().tolist())) > 1  # the check is not trivially satisfied
+    # fewer levels: the prefix of the codes, like transformers' n_quantizers
+    two = import_dac(tmp_path / "dac", num_codebooks=2)
+    with torch.no_grad():
+        ref_two = ref.encode(wave[:, None], n_quantizers=2).audio_codes
+    assert torch.equal(two.encode(wave, 16000).codes, ref_two)
+    assert torch.equal(DacCodec.load(ours.save(tmp_path / "ours")).encode(wave, 16000).codes, codes)

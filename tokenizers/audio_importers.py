@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from anyloom.tokenizers.audio_codec import SeanetConfig, WaveCodec, WaveCodecConfig
+from anyloom.tokenizers.audio_dac import DacCodec, DacCodecConfig
 
 
 def read_hf_folder(folder: str | Path, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -155,4 +156,57 @@ def import_encodec(folder: str | Path, bandwidth: float | None = None) -> WaveCo
     return model.eval()
 
 
-__all__ = ["read_hf_folder", "encodec_config", "encodec_state_dict", "import_encodec"]
+# -- DAC ----------------------------------------------------------------------------------------------------------
+def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``<m>.parametrizations.weight.original0/1`` (g, v) -> ``<m>.weight = g * v / |v|`` (norm over all
+    dims but the first, torch's default ``dim=0``)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".parametrizations.weight.original1"):
+            continue
+        if k.endswith(".parametrizations.weight.original0"):
+            prefix = k[: -len(".parametrizations.weight.original0")]
+            direction = state[prefix + ".parametrizations.weight.original1"]
+            norm = direction.flatten(1).norm(dim=1).view(-1, *([1] * (direction.ndim - 1)))
+            out[prefix + ".weight"] = v * direction / norm
+        else:
+            out[k] = v
+    return out
+
+
+def dac_config(hf: dict[str, Any], num_codebooks: int | None = None) -> DacCodecConfig:
+    down = tuple(hf.get("downsampling_ratios", (2, 4, 8, 8)))
+    up = tuple(hf.get("upsampling_ratios", (8, 8, 4, 2)))
+    if math.prod(down) != math.prod(up):
+        raise ValueError(f"DAC import: downsampling {down} and upsampling {up} ratios have different products")
+    total = int(hf.get("n_codebooks", 9))
+    n_q = total if num_codebooks is None else num_codebooks
+    if not 1 <= n_q <= total:
+        raise ValueError(f"DAC import: num_codebooks must be 1..{total}, got {n_q}")
+    return DacCodecConfig(
+        sample_rate=int(hf.get("sampling_rate", 16000)), encoder_hidden_size=int(hf.get("encoder_hidden_size", 64)),
+        downsampling_ratios=down, decoder_hidden_size=int(hf.get("decoder_hidden_size", 1536)),
+        upsampling_ratios=up, hidden_size=int(hf.get("hidden_size", 1024)), num_codebooks=n_q,
+        codebook_size=int(hf.get("codebook_size", 1024)), codebook_dim=int(hf.get("codebook_dim", 8)),
+    )
+
+
+def import_dac(folder: str | Path, num_codebooks: int | None = None) -> DacCodec:
+    """A Hugging Face DAC folder -> :class:`DacCodec` (eval mode, fp32); the first ``num_codebooks`` levels
+    (default: all)."""
+    hf, state = read_hf_folder(folder, "dac")
+    cfg = dac_config(hf, num_codebooks)
+    state = fold_weight_norm(state)
+    level = re.compile(r"quantizer\.quantizers\.(\d+)\.")
+    unused = [k for k in state if (m := level.match(k)) and int(m[1]) >= cfg.num_codebooks]
+    for k in unused:
+        del state[k]
+    model = DacCodec(cfg)
+    model.load_state_dict(state)  # strict: a missing or unexpected key is an error naming it
+    return model.eval()
+
+
+__all__ = [
+    "read_hf_folder", "encodec_config", "encodec_state_dict", "import_encodec", "fold_weight_norm", "dac_config",
+    "import_dac",
+]
