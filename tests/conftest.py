@@ -14,3 +14,16 @@ def tmp_recipes(tmp_path):
     d = tmp_path / "recipes"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny world (tens of items per split, with speech), generated once per test session.
+
+    Returns ``anyloom.data.world.WorldPaths``: ``.dir``, manifests ``.train .val .test .compositional``.
+    """
+    from anyloom.data.world import WorldConfig, build_world
+
+    cfg = WorldConfig(n_train=48, n_val=16, n_test=16, n_compositional=16,
+                      root=str(tmp_path_factory.mktemp("world")))
+    return build_world(cfg, workers=1)
