@@ -22,12 +22,13 @@ from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunDir
 from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.model import ModelConfig
+from anyloom.transformer.sizes import model_config
 
 VOCAB = 96
 
 
 def tiny_model() -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)
+    return model_config("debug", vocab_size=VOCAB)
 
 
 def documents(n: int = 64, seed: int = 7) -> ListSource:
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ckpt-every", type=int, default=0)
-    p.add_argument("--ac", default="none")
+    p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
     p.add_argument("--result", help="write the result (rank 0) as JSON here")
     a = p.parse_args()
     torch.set_num_threads(1)

@@ -96,23 +96,23 @@ def test_stability_guard_spikes_and_resets():
 
 def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, faults.KILL_SAVE_STEP: "6", "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "tests/lm_worker.py", "--dir", str(run), "--steps", "8", "--ckpt-every", "3"]
+    env = {**os.environ, faults.KILL_SAVE_STEP: "4", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "tests/lm_worker.py", "--dir", str(run), "--steps", "5", "--ckpt-every", "2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = run / "checkpoints"
-    assert is_complete(step_dir(ckpts, 3))
-    partial = step_dir(ckpts, 6)
+    assert is_complete(step_dir(ckpts, 2))
+    partial = step_dir(ckpts, 4)
     assert partial.is_dir() and not is_complete(partial) and any(partial.glob("*.distcp"))
     killed = {r["step"]: r["loss"] for r in read_metrics(run) if "lr" in r}
-    assert sorted(killed) == list(range(1, 7))
+    assert sorted(killed) == list(range(1, 5))
 
-    res = run_training(str(run), steps=8, batch=4, ckpt_every=3)
-    assert res.resumed_from == 3 and res.step == 8
-    assert {s: res.losses[s] for s in (4, 5, 6)} == {s: killed[s] for s in (4, 5, 6)}
-    # the crashed save was rewritten at step 6; keep_last=2 pruned step 3
-    assert [c.step for c in complete_checkpoints(ckpts)] == [6, 8]
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000006", "step_00000008"]
+    res = run_training(str(run), steps=5, batch=4, ckpt_every=2)
+    assert res.resumed_from == 2 and res.step == 5
+    assert {s: res.losses[s] for s in (3, 4)} == {s: killed[s] for s in (3, 4)}
+    # the crashed save was rewritten at step 4; keep_last=2 pruned step 2
+    assert [c.step for c in complete_checkpoints(ckpts)] == [4, 5]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000005"]
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
