@@ -1,0 +1,140 @@
+"""The world generator: determinism, split hold-out, manifest format, captions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from anyloom.config import ConfigError, build
+from anyloom.data.captions import COLORS, NUMBER_WORDS, SHAPES, Caption, caption_jsgf, caption_vocabulary, parse_caption
+from anyloom.data.world import SPLITS, WorldConfig, build_world
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tree_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_and_rerun_is_noop(tiny_world, tmp_path):
+    info = json.loads((tiny_world.dir / "world.json").read_text())
+    cfg = build(WorldConfig, {**info["config"], "root": str(tmp_path)})
+    again = build_world(cfg, workers=1)
+    assert again.dir.name == tiny_world.dir.name  # same config, same fingerprint
+    assert _tree_bytes(again.dir) == _tree_bytes(tiny_world.dir)
+    stamp = (again.dir / "world.json").stat().st_mtime_ns
+    assert build_world(cfg, workers=1).dir == again.dir  # complete: nothing is regenerated
+    assert (again.dir / "world.json").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left behind
+
+
+def test_other_seed_other_world(tmp_path):
+    a = build_world(WorldConfig(seed=1, n_train=8, n_val=0, n_test=0, n_compositional=0, with_speech=False,
+                                root=str(tmp_path)), workers=1)
+    b = build_world(WorldConfig(seed=2, n_train=8, n_val=0, n_test=0, n_compositional=0, with_speech=False,
+                                root=str(tmp_path)), workers=1)
+    assert a.dir != b.dir
+    assert a.train.read_bytes() != b.train.read_bytes()
+    assert not (a.dir / "audio").exists()
+    assert all(len(doc["segments"]) == 2 for doc in _lines(a.train))
+
+
+def test_compositional_pairs_never_in_train_or_val(tiny_world):
+    cfg = WorldConfig()
+    held = {tuple(p) for p in cfg.holdout}
+    pairs = {s: {(d["meta"]["color"], d["meta"]["shape"]) for d in _lines(tiny_world.split(s))} for s in SPLITS}
+    for split in ("train", "val", "test"):
+        assert not pairs[split] & held, split
+    assert pairs["compositional"] and pairs["compositional"] <= held
+    ids = [d["id"] for s in SPLITS for d in _lines(tiny_world.split(s))]
+    assert len(ids) == len(set(ids)) == sum(tiny_world.counts.values())
+
+
+def test_manifest_items_match_their_files(tiny_world):
+    for doc in _lines(tiny_world.train)[:12] + _lines(tiny_world.compositional)[:4]:
+        text, image, audio = doc["segments"]
+        caption = parse_caption(text["text"])
+        meta = doc["meta"]
+        assert (caption.count, caption.color, caption.shape) == (meta["count"], meta["color"], meta["shape"])
+        assert caption.text == text["text"]
+        assert len(meta["boxes"]) == meta["count"]
+        assert not Path(image["image"]).is_absolute()
+        with Image.open(tiny_world.dir / image["image"]) as im:
+            assert im.mode == "RGB" and im.size == (32, 32)
+        info = sf.info(tiny_world.dir / audio["audio"])
+        assert (info.samplerate, info.channels, info.subtype, info.format) == (16000, 1, "PCM_16", "WAV")
+        wave, _ = sf.read(tiny_world.dir / audio["audio"], dtype="float32")
+        assert 0.4 < len(wave) / 16000 < 4.0
+        assert 0.3 < np.abs(wave).max() <= 1.0  # level-normalised, not clipped silent
+        assert meta["voice"] in WorldConfig().voices
+
+
+def test_64px_option_renders_64px(tmp_path):
+    w = build_world(WorldConfig(image_size=64, n_train=3, n_val=0, n_test=0, n_compositional=2, with_speech=False,
+                                root=str(tmp_path)), workers=1)
+    doc = _lines(w.compositional)[0]
+    with Image.open(w.dir / doc["segments"][1]["image"]) as im:
+        assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"holdout": [["red", "hexagon"]]}, "holdout"),
+        ({"colors": ["red", "mauve"]}, "colors"),
+        ({"image_size": 48}, "image_size"),
+        ({"n_train": -1}, "n_train"),
+        ({"n_tran": 5}, "n_train"),  # typo: the nearest valid key is named
+    ],
+)
+def test_bad_world_config_is_refused(override, key):
+    with pytest.raises(ConfigError, match=key):
+        build(WorldConfig, override)
+
+
+def test_every_caption_round_trips():
+    captions = [Caption(n, c, s) for n in range(1, 5) for c in COLORS for s in SHAPES]
+    assert len({c.text for c in captions}) == len(captions)
+    for c in captions:
+        assert parse_caption(c.text) == c
+        assert parse_caption("  " + c.text.upper() + " ") == c
+    assert Caption(3, "yellow", "triangle").text == "three yellow triangles"
+    assert Caption(1, "red", "circle").text == "one red circle"
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "3 words"),
+        ("two red", "3 words"),
+        ("two red circles please", "3 words"),
+        ("five red circles", "count word"),
+        ("2 red circles", "count word"),
+        ("two mauve circles", "colour"),
+        ("two red hexagons", "shape"),
+        ("two red circle", "plural"),
+        ("one red circles", "singular"),
+        ("red two circles", "count word"),
+    ],
+)
+def test_parser_rejects_non_captions(text, why):
+    with pytest.raises(ValueError, match=why):
+        parse_caption(text)
+
+
+def test_vocabulary_and_grammar_cover_the_language():
+    vocab = caption_vocabulary()
+    assert len(vocab) == len(NUMBER_WORDS) + len(COLORS) + 2 * len(SHAPES)
+    grammar = caption_jsgf()
+    import re
+
+    assert set(re.findall(r"\b[a-z]+\b", grammar.split("\n", 2)[2])) - {"public", "caption", "color", "singular",
+                                                                        "plural", "many"} == set(vocab)
+    assert grammar.startswith("#JSGF V1.0;")
