@@ -158,14 +158,15 @@ class StreamGrammar:
         z = torch.zeros(batch, dtype=torch.long, device=self.device)
         return GrammarState(mode=z.clone(), offset=z.clone(), frames=z - 1)
 
-    def mask(self, state: GrammarState, remaining: int | None = None) -> torch.Tensor:
-        """Allowed next ids (B, V) bool. ``remaining``: tokens the engine may still write, this one included."""
+    def mask(self, state: GrammarState, remaining: int | None = None, frame_limit: bool = True) -> torch.Tensor:
+        """Allowed next ids (B, V) bool. ``remaining``: tokens the engine may still write, this one included;
+        ``frame_limit=False`` lifts ``max_audio_frames`` (prompts may hold longer audio than we generate)."""
         budget = remaining if remaining is not None else 1 << 30
         cls = torch.zeros_like(state.mode)  # done rows -> class 0 (pad)
         img = state.mode == IMAGE
         cls = torch.where(img, self.c_image + state.offset.clamp(max=self.span), cls)
         if self.has_audio:
-            cls = torch.where(state.mode == AUDIO, self._audio_class(state, budget), cls)
+            cls = torch.where(state.mode == AUDIO, self._audio_class(state, budget, frame_limit), cls)
         allowed = self.table[cls]  # (B, V)
         text_row = self._text_row(budget)
         return torch.where((state.mode == TEXT)[:, None], text_row[None, :], allowed)
@@ -182,11 +183,11 @@ class StreamGrammar:
             m |= self.boa_row
         return m
 
-    def _audio_class(self, state: GrammarState, budget: int) -> torch.Tensor:
+    def _audio_class(self, state: GrammarState, budget: int, frame_limit: bool) -> torch.Tensor:
         Q, k = self.Q, state.offset
         step, q = k // Q, k % Q
         level_cls = self.c_level + q
-        at_limit = step >= self.config.max_audio_frames
+        at_limit = (step >= self.config.max_audio_frames) & frame_limit
         if not self.delay:
             # at a frame boundary: continuing costs a frame plus eoa
             must_end = at_limit | torch.tensor(budget < Q + 1, device=k.device)
@@ -257,7 +258,7 @@ class StreamGrammar:
             text_ok = text_ok | self.boi_row
         if self.has_audio:
             text_ok = text_ok | self.boa_row
-        allowed = torch.where((state.mode == TEXT)[:, None], text_ok[None, :], self.mask(state))
+        allowed = torch.where((state.mode == TEXT)[:, None], text_ok[None, :], self.mask(state, frame_limit=False))
         ok = allowed.gather(1, tokens.clamp(0, self.vocab.size - 1)[:, None]).squeeze(1)
         ok &= (tokens >= 0) & (tokens < self.vocab.size)
         bad = active & ~ok

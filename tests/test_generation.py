@@ -16,6 +16,7 @@ from anyloom.generation.sampling import (
     filter_logits,
     sample,
 )
+from anyloom.sequences.interleave import parse_stream
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.transformer.model import ModelConfig, Transformer
 
@@ -148,6 +149,7 @@ def test_constrained_streams_always_parse(pattern, row_end):
         for prompt, seq in zip(prompts * 4, out.sequences):
             assert len(seq) <= budget
             counts = check_stream(prompt[1:] + seq, v, 5)
+            parse_stream(prompt + seq, v, strict=True)  # the sequences module's own reader agrees
             for k in totals:
                 totals[k] += counts[k]
     assert totals["image"] > 5 and totals["audio"] > 5 and totals["eos"] > 5, totals

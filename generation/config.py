@@ -1,0 +1,41 @@
+"""The generation slice of a recipe (``generation:``): per-modality sampling defaults, guidance, lengths, seed.
+
+The defaults are starting points, not tuned values: text greedy (captions and transcripts are judged exactly),
+images and speech sampled with a nucleus, classifier-free guidance on for image and audio spans (the task mixture
+trains the unconditional model through condition dropout). Any of them can be overridden per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from anyloom.generation.cfg import GuidanceConfig
+from anyloom.generation.sampling import ModalitySampling, SamplingConfig
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    text: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    image: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.9))
+    audio: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.8, top_p=0.9))
+    image_cfg_scale: float = 2.0  # 1 = no guidance
+    audio_cfg_scale: float = 1.5
+    max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
+    max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
+    seed: int = 0
+    compile: bool = False  # torch.compile the decode step (pays off on GPU; not for tiny CPU models)
+
+    def __post_init__(self) -> None:
+        if self.max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
+        if self.max_audio_seconds <= 0:
+            raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
+        GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales
+
+    @property
+    def sampling(self) -> ModalitySampling:
+        return ModalitySampling(text=self.text, image=self.image, audio=self.audio)
+
+    @property
+    def guidance(self) -> GuidanceConfig:
+        return GuidanceConfig(image_scale=self.image_cfg_scale, audio_scale=self.audio_cfg_scale)

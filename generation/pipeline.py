@@ -1,0 +1,434 @@
+"""The research API: load a trained run, turn segments into a prompt, generate, get typed outputs back.
+
+    import anyloom.generation.pipeline as gp
+    pipe = gp.load("runs/world")
+    out = pipe.generate("two red circles", to="image")          # GeneratedImage(image=PIL.Image, codes)
+    out = pipe.generate([out.image], to="text")                   # GeneratedText(text, ids)
+    out = pipe.generate("one blue star", to="audio", seed=3)      # GeneratedAudio(wave, sample_rate, codes)
+    pipe.model, pipe.vocab, pipe.text_tokenizer, pipe.image_tokenizer, pipe.audio_tokenizer  # for experiments
+
+What ``load`` accepts (the first match wins):
+
+- a run directory ``runs/<name>/`` holding ``export/`` (``model.safetensors`` + ``config.json`` + ``vocab.json``,
+  written by ``scripts/export.py``) and the tokenizers of its stages;
+- an export folder itself (those three files).
+
+Each tokenizer is looked up, in order, in ``<export>/<stage>/``, ``<run>/stages/<stage>/export/`` and
+``<run>/stages/<stage>/`` with stage = ``text_tokenizer`` / ``image_tokenizer`` / ``audio_tokenizer``; a folder
+counts when it holds the tokenizer's files (``text.model``; ``config.json`` + ``model.safetensors`` whose
+``kind`` names a known image or audio tokenizer). A modality the vocabulary does not have needs no tokenizer.
+Explicit folders can be passed instead (``load(path, image_tokenizer="...")``).
+
+Prompts are built like the training templates (``anyloom.sequences.mixture``): ``<bos>``, the condition
+segments, then the target's opening marker (``<boi>`` / ``<boa>``) for images and audio; the unconditional twin
+for classifier-free guidance is ``<bos>`` + that marker (condition dropout trains exactly that).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anyloom.config import ConfigError, build
+from anyloom.data.document import AudioSegment, ImageSegment, TextSegment
+from anyloom.generation.cfg import GuidanceConfig
+from anyloom.generation.config import GenerationConfig
+from anyloom.generation.constraints import GrammarConfig, StreamGrammar
+from anyloom.generation.engine import StepEvent, generate
+from anyloom.generation.sampling import SamplingConfig
+from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
+from anyloom.sequences.vocab import Vocabulary
+from anyloom.training.device import pick_device
+from anyloom.training.weights import load_weights
+from anyloom.transformer.model import ModelConfig, Transformer
+
+Target = Literal["text", "image", "audio"]
+TARGETS: tuple[str, ...] = ("text", "image", "audio")
+STAGES = {"text": "text_tokenizer", "image": "image_tokenizer", "audio": "audio_tokenizer"}
+EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
+
+# config.json "kind" -> (module, class) of tokenizers that satisfy the contracts in tokenizers/base.py
+IMAGE_KINDS = {"image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer")}
+AUDIO_KINDS = {
+    "anyloom.mel_rvq": ("anyloom.tokenizers.audio_mel", "MelTokenizer"),
+    "anyloom.seanet_codec": ("anyloom.tokenizers.audio_codec", "WaveCodec"),
+}
+
+
+class PipelineError(ValueError):
+    """A run or export folder that cannot be loaded, or a prompt that cannot be encoded; names what is wrong."""
+
+
+@dataclass
+class GeneratedText:
+    text: str
+    ids: list[int]  # text-tokenizer ids (no special tokens)
+    finished: bool  # ended with eos (False: stopped at max_text_tokens)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    codes: torch.Tensor  # (h, w) image-tokenizer codes
+
+
+@dataclass
+class GeneratedAudio:
+    wave: np.ndarray  # (T,) float32 mono in [-1, 1]
+    sample_rate: int
+    codes: torch.Tensor  # (Q, F) audio-tokenizer codes
+
+
+Generated = GeneratedText | GeneratedImage | GeneratedAudio
+SegmentLike = str | Image.Image | TextSegment | ImageSegment | AudioSegment | dict
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+
+
+def _is_export(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in EXPORT_FILES)
+
+
+def find_export(path: Path) -> Path:
+    """The LM export folder of a run directory (``<run>/export``) or the folder itself."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run directory or an export folder)")
+    for candidate in (path, path / "export"):
+        if _is_export(candidate):
+            return candidate
+    missing = [f for f in EXPORT_FILES if not (path / "export" / f).exists()]
+    raise PipelineError(
+        f"{path}: neither an export folder ({', '.join(EXPORT_FILES)}) nor a run directory with one in export/ "
+        f"(missing there: {', '.join(missing)}); run `python scripts/export.py --run {path}` after training"
+    )
+
+
+def _tokenizer_candidates(export: Path, stage: str) -> list[Path]:
+    run = export.parent if export.name == "export" else export
+    return [export / stage, run / "stages" / stage / "export", run / "stages" / stage]
+
+
+def _holds_tokenizer(folder: Path, modality: str) -> bool:
+    if modality == "text":
+        return (folder / "text.model").is_file()
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _load_class(kinds: dict[str, tuple[str, str]], folder: Path) -> Any:
+    import importlib
+
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("kind")
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{folder / 'config.json'}: not valid JSON ({e})") from e
+    if kind not in kinds:
+        raise PipelineError(f"{folder / 'config.json'}: tokenizer kind {kind!r} is unknown; known: {sorted(kinds)}")
+    module, name = kinds[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_tokenizer(modality: str, folder: str | Path, device: torch.device | str = "cpu") -> Any:
+    """Load one exported tokenizer folder (text: TextTokenizer; image/audio: by the ``kind`` in config.json)."""
+    folder = Path(folder)
+    if not _holds_tokenizer(folder, modality):
+        raise PipelineError(f"{folder}: not an exported {modality} tokenizer folder")
+    if modality == "text":
+        from anyloom.tokenizers.text import TextTokenizer
+
+        return TextTokenizer.load(folder)
+    cls = _load_class(IMAGE_KINDS if modality == "image" else AUDIO_KINDS, folder)
+    return cls.load(folder, device=device)
+
+
+def _check_tokenizer(modality: str, tok: Any, vocab: Vocabulary, where: Path) -> None:
+    if modality == "text":
+        got, want = {"vocab_size": tok.vocab_size}, {"vocab_size": vocab.text_size}
+    elif modality == "image":
+        got = {"codebook_size": int(tok.codebook_size), "grid": tuple(tok.grid)}
+        want = {"codebook_size": vocab.image_codebook_size, "grid": vocab.image_grid}
+    else:
+        got = {"codebook_size": int(tok.codebook_size), "num_codebooks": int(tok.num_codebooks)}
+        want = {"codebook_size": vocab.audio_codebook_size, "num_codebooks": vocab.audio_num_codebooks}
+    for key in got:
+        if got[key] != want[key]:
+            raise PipelineError(f"{where}: the {modality} tokenizer has {key}={got[key]} but the model's vocabulary "
+                                f"expects {want[key]}; the folder belongs to another run")
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    config: GenerationConfig | None = None,
+    text_tokenizer: str | Path | None = None,
+    image_tokenizer: str | Path | None = None,
+    audio_tokenizer: str | Path | None = None,
+) -> Pipeline:
+    """A :class:`Pipeline` from a run directory or an export folder (module docstring: what is looked up where).
+
+    ``config`` defaults to the run's recipe ``generation:`` section when ``<run>/recipe.yaml`` has one.
+    """
+    path = Path(path)
+    export = find_export(path)
+    dev = pick_device(device)
+    saved = load_weights(export, device="cpu")
+    if saved.vocab is None:
+        raise PipelineError(f"{export}: no vocab.json; the model's id space is unknown")
+    vocab = Vocabulary.from_dict(saved.vocab, source=str(export / "vocab.json"))
+    try:
+        model_cfg = build(ModelConfig, saved.config, prefix=str(export / "config.json"))
+    except ConfigError as e:
+        raise PipelineError(str(e)) from e
+    if model_cfg.vocab_size < vocab.size:
+        raise PipelineError(f"{export}: the model's vocab_size {model_cfg.vocab_size} is smaller than the "
+                            f"vocabulary ({vocab.size} ids)")
+    model = Transformer(model_cfg)
+    missing, unexpected = model.load_state_dict(saved.state_dict, strict=False)
+    if missing or unexpected:
+        raise PipelineError(f"{export / 'model.safetensors'}: weights do not match config.json: missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}")
+    model = model.to(dev).eval()
+
+    explicit = {"text": text_tokenizer, "image": image_tokenizer, "audio": audio_tokenizer}
+    needed = {"text": True, "image": vocab.image_codebook_size > 0, "audio": vocab.audio_codebook_size > 0}
+    tokenizers: dict[str, Any] = {}
+    for modality, stage in STAGES.items():
+        if explicit[modality] is not None:
+            folder = Path(explicit[modality])
+        else:
+            found = [c for c in _tokenizer_candidates(export, stage) if _holds_tokenizer(c, modality)]
+            if not found:
+                if needed[modality]:
+                    tried = ", ".join(str(c) for c in _tokenizer_candidates(export, stage))
+                    raise PipelineError(f"no {modality} tokenizer for {path}: looked in {tried}")
+                tokenizers[modality] = None
+                continue
+            folder = found[0]
+        tok = load_tokenizer(modality, folder, dev)
+        _check_tokenizer(modality, tok, vocab, folder)
+        tokenizers[modality] = tok
+    if config is None:
+        config = _recipe_generation_config(export)
+    return Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config)
+
+
+def _recipe_generation_config(export: Path) -> GenerationConfig:
+    import yaml
+
+    run = export.parent if export.name == "export" else export
+    recipe = run / "recipe.yaml"
+    if recipe.is_file():
+        section = (yaml.safe_load(recipe.read_text()) or {}).get("generation")
+        if section:
+            return build(GenerationConfig, section, prefix=f"{recipe}: generation")
+    return GenerationConfig()
+
+
+# ---- the pipeline -----------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """A model, its vocabulary and its tokenizers; ``generate`` turns segments into a typed output."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        vocab: Vocabulary,
+        text_tokenizer: Any,
+        image_tokenizer: Any | None,
+        audio_tokenizer: Any | None,
+        config: GenerationConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.vocab = vocab
+        self.text_tokenizer = text_tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.audio_tokenizer = audio_tokenizer
+        self.config = config or GenerationConfig()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def tokenize_segment(self, segment: SegmentLike) -> TokSegment:
+        """One user segment -> its tokenizer's codes: str / TextSegment, PIL image / ImageSegment (H, W, 3)
+        uint8, AudioSegment (wave, sample_rate), or a manifest-style dict ``{"text"|"image"|"audio": ...}``
+        (image and audio values are file paths)."""
+        if isinstance(segment, dict):
+            segment = _segment_from_dict(segment)
+        if isinstance(segment, str):
+            segment = TextSegment(segment)
+        if isinstance(segment, TextSegment):
+            if not segment.text.strip():
+                raise PipelineError("empty text segment")
+            return TextIds(np.asarray(self.text_tokenizer.encode(segment.text), dtype=np.int64))
+        if isinstance(segment, Image.Image):
+            segment = ImageSegment(np.asarray(segment.convert("RGB")))
+        if isinstance(segment, ImageSegment):
+            tok = self._need("image")
+            pixels = _resize(segment.pixels, tuple(tok.image_size), segment.path)
+            x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)  # (1, 3, H, W)
+            with torch.no_grad():
+                codes = tok.encode(x.to(self.device)).codes[0]  # (h, w)
+            return ImageIds(codes.cpu().numpy())
+        if isinstance(segment, AudioSegment):
+            tok = self._need("audio")
+            wave = torch.from_numpy(np.asarray(segment.wave, dtype=np.float32))[None]  # (1, T)
+            with torch.no_grad():
+                codes = tok.encode(wave.to(self.device), segment.sample_rate).codes[0]  # (Q, F)
+            return AudioIds(codes.cpu().numpy())
+        raise PipelineError(f"cannot use {type(segment).__name__} as a prompt segment (expected text, a PIL image, "
+                            "an ImageSegment / AudioSegment, or a {'text'|'image'|'audio': ...} dict)")
+
+    def prompt_ids(self, segments: SegmentLike | Sequence[SegmentLike], to: Target) -> list[int]:
+        """``<bos>`` + the segments' spans (+ ``<boi>`` / ``<boa>`` when the target is an image / audio)."""
+        if isinstance(segments, (str, dict, Image.Image, TextSegment, ImageSegment, AudioSegment)):
+            segments = [segments]
+        toks = [self.tokenize_segment(s) for s in segments]
+        ids = encode_document(toks, self.vocab, bos=True, eos=False).ids.tolist()
+        return ids + self._opener(to)
+
+    def _opener(self, to: Target) -> list[int]:
+        if to not in TARGETS:
+            raise PipelineError(f"to={to!r}: expected one of {', '.join(TARGETS)}")
+        if to != "text":
+            self._need(to)
+        return {"text": [], "image": [self.vocab.boi], "audio": [self.vocab.boa]}[to]
+
+    def _need(self, modality: str) -> Any:
+        tok = self.image_tokenizer if modality == "image" else self.audio_tokenizer
+        if tok is None:
+            raise PipelineError(f"this model has no {modality} tokenizer (its vocabulary has no {modality} codes)")
+        return tok
+
+    # ---- generation --------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        segments: SegmentLike | Sequence[SegmentLike],
+        to: Target = "image",
+        **options: Any,
+    ) -> Generated:
+        """One prompt -> GeneratedImage / GeneratedAudio / GeneratedText. Options: see :meth:`generate_batch`."""
+        return self.generate_batch([segments], to, **options)[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[SegmentLike | Sequence[SegmentLike]],
+        to: Target = "image",
+        *,
+        seed: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float | None = None,
+        max_text_tokens: int | None = None,
+        max_audio_seconds: float | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> list[Generated]:
+        """Generate the ``to`` modality for every prompt, as one left-padded batch.
+
+        ``temperature`` / ``top_k`` / ``top_p`` / ``cfg_scale`` override the config for the target modality;
+        ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with.
+        """
+        cfg = self.config
+        ids = [self.prompt_ids(p, to) for p in prompts]
+        target_cfg: SamplingConfig = getattr(cfg, to)
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        cfg = replace(cfg, **{to: replace(target_cfg, **overrides)})
+        if max_text_tokens is not None:
+            cfg = replace(cfg, max_text_tokens=max_text_tokens)
+        if max_audio_seconds is not None:
+            cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
+        guidance: GuidanceConfig | None = None
+        if to == "image":
+            guidance = GuidanceConfig(image_scale=cfg.image_cfg_scale if cfg_scale is None else cfg_scale)
+        elif to == "audio":
+            guidance = GuidanceConfig(audio_scale=cfg.audio_cfg_scale if cfg_scale is None else cfg_scale)
+        max_frames = 1
+        if to == "audio":
+            max_frames = max(1, int(round(cfg.max_audio_seconds * float(self.audio_tokenizer.frame_rate))))
+        grammar = StreamGrammar(
+            self.vocab,
+            GrammarConfig(allow_image=False, allow_audio=False, stop_after_span=to != "text",
+                          max_audio_frames=max_frames),
+            device=self.device,
+        )
+        budget = {"text": cfg.max_text_tokens, "image": grammar.image_span_cost - 1,
+                  "audio": grammar.audio_span_cost(max_frames) - 1}[to]
+        uncond = [[self.vocab.bos, *self._opener(to)] for _ in ids] if guidance and guidance.active else None
+        out = generate(
+            self.model, ids, grammar, budget, cfg.sampling,
+            torch.Generator(device=self.device).manual_seed(cfg.seed if seed is None else seed),
+            guidance, uncond, on_step, compile=cfg.compile,
+        )
+        return [self._decode(seq, to, finished) for seq, finished in zip(out.sequences, out.finished)]
+
+    def _decode(self, generated: list[int], to: Target, finished: bool) -> Generated:
+        v = self.vocab
+        if to == "text":
+            text_ids = [t for t in generated if t < v.text_size]
+            return GeneratedText(self.text_tokenizer.decode(text_ids), text_ids, finished)
+        opener = self._opener(to)
+        segments = parse_stream(opener + generated, v, strict=True).segments
+        if len(segments) != 1:
+            raise PipelineError(f"generated stream parsed into {len(segments)} segments, expected one {to} span")
+        seg = segments[0]
+        if to == "image":
+            from anyloom.decoders.images import decode_image_codes
+
+            codes = torch.as_tensor(seg.codes, dtype=torch.long)  # (h, w)
+            image = decode_image_codes(self.image_tokenizer, codes[None].to(self.device))[0]
+            return GeneratedImage(image, codes)
+        from anyloom.decoders.audio import decode_audio_codes
+
+        codes = torch.as_tensor(seg.codes, dtype=torch.long)  # (Q, F)
+        waves, sample_rate = decode_audio_codes(self.audio_tokenizer, codes[None].to(self.device))
+        return GeneratedAudio(waves[0], sample_rate, codes)
+
+
+def _segment_from_dict(d: dict) -> TextSegment | ImageSegment | AudioSegment:
+    if len(d) != 1 or next(iter(d)) not in TARGETS:
+        raise PipelineError(f"a segment dict needs exactly one key of text / image / audio, got {sorted(d)}")
+    (key, value), = d.items()
+    if not isinstance(value, str):
+        raise PipelineError(f"segment {key!r}: expected a string (text or a file path), got {value!r}")
+    if key == "text":
+        return TextSegment(value)
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key} file {path} does not exist")
+    if key == "image":
+        try:
+            with Image.open(path) as im:
+                return ImageSegment(np.asarray(im.convert("RGB")), path=str(path))
+        except OSError as e:
+            raise PipelineError(f"{path}: not a readable image ({e})") from e
+    import soundfile as sf
+
+    try:
+        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except RuntimeError as e:
+        raise PipelineError(f"{path}: not a readable audio file ({e})") from e
+    if wave.shape[0] == 0:
+        raise PipelineError(f"{path}: the audio file is empty")
+    return AudioSegment(wave.mean(axis=1), int(sr), path=str(path))  # stereo -> mono
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int], source: str | None) -> np.ndarray:
+    pixels = np.array(pixels)  # a writable copy (torch.from_numpy refuses read-only PIL buffers)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise PipelineError(f"{source or 'image'}: expected (H, W, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}")
+    if tuple(pixels.shape[:2]) == tuple(size):
+        return pixels
+    im = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.array(im)

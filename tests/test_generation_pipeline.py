@@ -1,0 +1,204 @@
+"""The research API, scripts/generate.py and examples/ on a tiny run built from real (untrained) components.
+
+The run has the layout ``load`` documents: a sentencepiece text tokenizer trained on captions, an ImageVQTokenizer
+and a MelTokenizer with tiny configs (random weights: outputs are noise, but every shape, id range and file
+format is the real one), and a random-weight LM export. Untrained weights cannot test quality; that is what
+``make eval`` on a trained run measures.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from anyloom import REPO_ROOT
+from anyloom.data.document import AudioSegment
+from anyloom.generation.config import GenerationConfig
+from anyloom.generation.pipeline import GeneratedAudio, GeneratedImage, GeneratedText, PipelineError, load
+from anyloom.sequences.vocab import Vocabulary
+from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelTokenizer, MelTokenizerConfig
+from anyloom.tokenizers.image_quantizers import QuantizerConfig
+from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer
+from anyloom.tokenizers.text import TextTokenizer
+from anyloom.training.weights import save_weights
+from anyloom.transformer.model import ModelConfig, Transformer
+
+CAPTIONS = [f"{n} {c} {s}" for n in ("one", "two", "three") for c in ("red", "blue") for s in ("circles", "stars")]
+
+
+def build_tiny_run(root: Path, audio_pattern: str = "delay") -> Path:
+    """runs/<tiny>/ with stages/{text,image,audio}_tokenizer/export and export/ (the LM)."""
+    torch.manual_seed(0)
+    stages = root / "stages"
+    text = TextTokenizer.train(CAPTIONS * 20, vocab_size=300)
+    text.save(stages / "text_tokenizer" / "export")
+    qcfg = QuantizerConfig(codebook_size=32, kmeans_init=False, dead_code_threshold=0.0)
+    image = ImageVQTokenizer(ImageVQConfig(image_size=(16, 16), channels=(8, 8, 16), dec_blocks=(1, 1, 1), latent_dim=8,
+                                           norm_groups=4, quantizer=qcfg)).eval()
+    image.save(stages / "image_tokenizer" / "export")
+    feats = MelFeatureConfig(n_fft=256, win_length=256, hop_length=160, n_mels=16)
+    audio = MelTokenizer(MelTokenizerConfig(features=feats, channels=16, res_blocks=1, code_dim=8, num_codebooks=2,
+                                            codebook_size=16, kmeans_init=False, griffin_lim_iters=2)).eval()
+    audio.save(stages / "audio_tokenizer" / "export")
+    vocab = Vocabulary.from_tokenizers(text, image, audio, audio_pattern=audio_pattern)
+    cfg = ModelConfig(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=1024)
+    model = Transformer(cfg)
+    save_weights(root / "export", model.state_dict(), cfg, vocab.to_dict())
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # latency-bound tiny decoding; see test_generation.py
+    yield build_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    return load(tiny_run, device="cpu", config=GenerationConfig(max_audio_seconds=0.3))
+
+
+def test_load_reaches_every_part(pipe, tiny_run):
+    assert pipe.vocab.size == pipe.model.cfg.vocab_size
+    assert pipe.text_tokenizer.vocab_size == pipe.vocab.text_size
+    assert tuple(pipe.image_tokenizer.grid) == pipe.vocab.image_grid == (4, 4)
+    assert pipe.audio_tokenizer.num_codebooks == 2
+    again = load(tiny_run / "export", device="cpu")  # the export folder alone finds the run's stages too
+    assert torch.equal(again.model.output.weight, pipe.model.output.weight)
+
+
+def test_every_direction_gives_typed_outputs(pipe):
+    img = pipe.generate("two red circles", to="image", seed=1)
+    assert isinstance(img, GeneratedImage) and img.image.size == (16, 16) and img.codes.shape == (4, 4)
+    assert int(img.codes.max()) < 32
+    speech = pipe.generate("one blue star", to="audio", seed=1)
+    assert isinstance(speech, GeneratedAudio) and speech.sample_rate == 16000 and speech.wave.ndim == 1
+    frames = speech.codes.shape[1]
+    assert speech.codes.shape[0] == 2 and 1 <= frames <= round(0.3 * pipe.audio_tokenizer.frame_rate)
+    assert speech.wave.shape[0] > 0 and np.isfinite(speech.wave).all()
+    caption = pipe.generate([img.image], to="text", max_text_tokens=8)
+    assert isinstance(caption, GeneratedText) and len(caption.ids) <= 8
+    assert caption.text == pipe.text_tokenizer.decode(caption.ids)
+    heard = pipe.generate(AudioSegment(speech.wave, speech.sample_rate), to="text", max_text_tokens=8)
+    assert isinstance(heard, GeneratedText)
+    assert isinstance(pipe.generate([img.image], to="audio"), GeneratedAudio)  # image -> speech
+    assert isinstance(pipe.generate(AudioSegment(speech.wave, 16000), to="image"), GeneratedImage)  # speech -> image
+    # the same seed gives the same image; batching gives each prompt its own row
+    again = pipe.generate("two red circles", to="image", seed=1)
+    assert torch.equal(again.codes, img.codes)
+    batch = pipe.generate_batch(["two red circles", "three blue stars"], to="image", seed=1, temperature=0.0)
+    greedy = pipe.generate("three blue stars", to="image", temperature=0.0)
+    assert torch.equal(batch[1].codes, greedy.codes)
+
+
+def test_streaming_callback_sees_every_token(pipe):
+    seen = []
+    out = pipe.generate("one red circle", to="image", on_step=lambda e: seen.append(int(e.tokens[0])))
+    v = pipe.vocab
+    assert seen[-1] == v.eoi and [v.image_code(t) for t in seen[:-1]] == out.codes.flatten().tolist()
+
+
+def test_bad_requests_get_clear_errors(pipe, tmp_path):
+    with pytest.raises(PipelineError, match="to='video'"):
+        pipe.generate("a red circle", to="video")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        pipe.generate([{"image": str(tmp_path / "nope.png")}], to="text")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(PipelineError, match="bad.png: not a readable image"):
+        pipe.generate([{"image": str(tmp_path / "bad.png")}], to="text")
+    with pytest.raises(PipelineError, match="exactly one key"):
+        pipe.generate([{"txt": "a"}], to="image")
+    with pytest.raises(PipelineError, match="empty text"):
+        pipe.generate("  ", to="image")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "missing")
+    with pytest.raises(PipelineError, match="neither an export folder"):
+        load(tmp_path)
+
+
+def test_load_refuses_a_tokenizer_of_another_run(tiny_run, tmp_path):
+    words = " ".join(f"word{i}" for i in range(200))
+    other = TextTokenizer.train(CAPTIONS + [words] * 5, vocab_size=420)
+    assert other.vocab_size != TextTokenizer.load(tiny_run / "stages" / "text_tokenizer" / "export").vocab_size
+    other.save(tmp_path / "text")
+    with pytest.raises(PipelineError, match="vocab_size"):
+        load(tiny_run, device="cpu", text_tokenizer=tmp_path / "text")
+
+
+@dataclass
+class ScriptResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_script(capsys):
+    """scripts/generate.py's main() in this process (a subprocess would re-import torch and diffusers)."""
+    main = runpy.run_path(str(REPO_ROOT / "scripts" / "generate.py"), run_name="generate_script")["main"]
+
+    def call(args: list[str]) -> ScriptResult:
+        capsys.readouterr()
+        code = main(args)
+        out = capsys.readouterr()
+        return ScriptResult(code, out.out, out.err)
+
+    return call
+
+
+def test_generate_script_all_directions(tiny_run, tmp_path, run_script):
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "in.png")
+    sf.write(str(tmp_path / "in.wav"), np.sin(np.linspace(0, 400, 8000)).astype(np.float32) * 0.3, 16000)
+    prompts = [
+        {"segments": [{"text": "two red circles"}], "to": "image"},
+        {"segments": [{"text": "one blue star"}], "to": "audio"},
+        {"segments": [{"image": "in.png"}], "to": "text"},
+        {"segments": [{"audio": "in.wav"}], "to": "text"},
+        {"segments": [{"image": "in.png"}], "to": "audio"},
+        {"segments": [{"audio": "in.wav"}, {"text": "and"}], "to": "image"},
+    ]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    r = run_script(["--run", str(tiny_run), "--prompts", str(tmp_path / "prompts.json"), "--out", str(out),
+                     "--max-audio-seconds", "0.3", "--max-text-tokens", "6"])
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    kinds = [item["to"] for item in summary["outputs"]]
+    assert kinds == ["image", "audio", "text", "text", "audio", "image"]
+    for item in summary["outputs"]:
+        assert (out / item["file"]).is_file()
+    assert Image.open(out / summary["outputs"][0]["file"]).size == (16, 16)
+    wave, sr = sf.read(str(out / summary["outputs"][1]["file"]))
+    assert sr == 16000 and wave.shape[0] > 0
+    # the single-prompt form, with its default output folder <run>/samples/generate
+    r = run_script(["--run", str(tiny_run), "--prompt", "three blue stars", "--to", "image"])
+    assert r.returncode == 0, r.stderr
+    assert (tiny_run / "samples" / "generate" / "summary.json").is_file()
+
+
+def test_generate_script_bad_input(tiny_run, tmp_path, run_script):
+    r = run_script(["--run", str(tiny_run), "--image", str(tmp_path / "none.png"), "--to", "text"])
+    assert r.returncode == 2 and "none.png" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "p.json").write_text('[{"segments": [{"text": "a"}], "to": "smell"}]')
+    r = run_script(["--run", str(tiny_run), "--prompts", str(tmp_path / "p.json")])
+    assert r.returncode == 2 and "p.json" in r.stderr and "smell" in r.stderr and "Traceback" not in r.stderr
+    r = run_script(["--run", str(tmp_path / "no_run"), "--prompt", "x", "--to", "image"])
+    assert r.returncode == 2 and "no_run" in r.stderr
+
+
+@pytest.mark.parametrize("example", sorted((REPO_ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_examples_run(example, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(example), "--run", str(tiny_run), "--out", str(tmp_path)])
+    runpy.run_path(str(example), run_name="__main__")
+    assert any(tmp_path.iterdir()), f"{example.name} wrote nothing to --out"
