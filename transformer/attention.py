@@ -168,6 +168,9 @@ def _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+# FlexAttention is only fast compiled; tests switch this off to check the mask logic in eager mode, since a
+# cold compile on 2 busy CPU cores can take minutes.
+FLEX_COMPILE = True
 _flex_compiled = None
 
 
@@ -177,8 +180,9 @@ def _flex(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
     global _flex_compiled
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise NotImplementedError("FlexAttention has no backward on CPU; train with backend 'sdpa' there")
-    if _flex_compiled is None:
+    if FLEX_COMPILE and _flex_compiled is None:
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    run = _flex_compiled if FLEX_COMPILE else flex_attention
     b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
     if q_doc is None:
         q_doc = torch.zeros(b, tq, dtype=torch.long, device=q.device)
@@ -191,7 +195,7 @@ def _flex(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
         return allowed & (q_doc[bi, qi] == k_doc[bi, kj])
 
     block_mask = create_block_mask(mask_mod, b, None, tq, tk, device=q.device)
-    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return run(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _xformers(q, k, v, q_doc, k_doc, q_start, q_span) -> Tensor:

@@ -1,0 +1,237 @@
+"""The transformer on CPU: loss equivalence, document masking, attention backends, KV cache, init, sizes.
+
+(Triton kernels are checked in tests/test_kernels.py, in the interpreter.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anyloom.transformer.attention as attn
+from anyloom.config import ConfigError, build
+from anyloom.recipes.schema import Recipe
+from anyloom.transformer.kv_cache import KVCache
+from anyloom.transformer.model import ModelConfig, Transformer
+from anyloom.transformer.sizes import SIZES, model_config, param_count
+
+DEBUG = model_config("debug", vocab_size=97, max_seq_len=64, ce_chunk_size=24, attention="sdpa")
+
+
+def _model(cfg: ModelConfig = DEBUG, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg)
+
+
+def _loss_and_grads(model: Transformer, tokens, targets, mask):
+    model.zero_grad()
+    out = model.loss(model(tokens), targets, mask)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_ce_matches_naive_loss_and_grads(tie):
+    cfg = replace(DEBUG, tie_embeddings=tie, z_loss_weight=0.05)
+    model = _model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 97, (2, 13), generator=gen)
+    targets = torch.randint(0, 97, (2, 13), generator=gen)
+    mask = torch.rand(2, 13, generator=gen) > 0.3
+    targets[~mask] = -100  # masked targets may hold anything
+    fused, g_fused = _loss_and_grads(model, tokens, targets, mask)
+    model.cfg = replace(cfg, fused_ce=False)
+    naive, g_naive = _loss_and_grads(model, tokens, targets, mask)
+    # the plain definition, from full logits
+    logits = model.logits(model(tokens)).float()
+    ce = F.cross_entropy(logits[mask], targets[mask])
+    z = torch.logsumexp(logits[mask], -1).pow(2).mean()
+    assert torch.allclose(fused.ce, ce, atol=1e-5) and torch.allclose(naive.ce, ce, atol=1e-5)
+    assert torch.allclose(fused.z_loss, z, atol=1e-4)
+    assert torch.allclose(fused.loss, ce + 0.05 * z, atol=1e-4)
+    assert torch.allclose(fused.token_loss, naive.token_loss, atol=1e-5)
+    assert (fused.token_loss[~mask] == 0).all() and not fused.token_loss.requires_grad
+    assert torch.equal(fused.correct, (logits.argmax(-1) == targets) & mask)
+    for name in g_naive:
+        assert torch.allclose(g_fused[name], g_naive[name], atol=1e-6), name
+
+
+def test_loss_rejects_out_of_vocab_targets():
+    model = _model()
+    tokens = torch.randint(0, 97, (1, 5))
+    targets = tokens.clone()
+    targets[0, 3] = 97
+    with pytest.raises(ValueError, match=r"target 97 at \(row 0, col 3\)"):
+        model.loss(model(tokens), targets, torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_packed_documents_equal_separate_sequences():
+    model = _model().eval()
+    tokens = torch.randint(0, 97, (1, 17))
+    doc = torch.tensor([[0] * 6 + [1] * 4 + [2] * 7])
+    pos = torch.tensor([list(range(6)) + list(range(4)) + list(range(7))])
+    with torch.no_grad():
+        packed = model(tokens, doc, pos)
+        for lo, hi in ((0, 6), (6, 10), (10, 17)):
+            alone = model(tokens[:, lo:hi])
+            assert torch.allclose(packed[:, lo:hi], alone, atol=1e-5)
+
+
+def _qkv(b=2, hq=4, hk=2, t=23, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, t, d, generator=g), torch.randn(b, hk, t, d, generator=g),
+            torch.randn(b, hk, t, d, generator=g))
+
+
+def test_mask_rule_with_spans():
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    span = torch.tensor([[0, 1, 1, 0, 2, 2]])
+    mask = attn.build_mask(doc, doc, 0, span, span)[0].int()
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # inside span 1: sees the later token of its span
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1],  # new document: nothing before, its own span both ways
+        [0, 0, 0, 0, 1, 1],
+    ])
+    assert torch.equal(mask, expected)
+
+
+def test_flex_matches_sdpa_forward(monkeypatch):
+    monkeypatch.setattr(attn, "FLEX_COMPILE", False)  # mask logic in eager; compile only changes speed
+    q, k, v = _qkv()
+    doc = torch.zeros(2, 23, dtype=torch.long)
+    doc[0, 9:] = 1
+    doc[1, 3:] = 1
+    doc[1, 17:] = 2
+    span = torch.zeros_like(doc)
+    span[0, 11:16] = 1
+    for spans in (None, span):
+        out = attn.attention(q, k, v, doc, q_span=spans, backend="flex")
+        ref = attn.attention(q, k, v, doc, q_span=spans, backend="sdpa")
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_flex_refuses_backward_on_cpu():
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="no backward on CPU"):
+        attn.attention(q.requires_grad_(), k, v, backend="flex")
+
+
+def test_sdpa_causal_fast_path_equals_dense_mask():
+    q, k, v = _qkv()
+    one_doc = torch.zeros(2, 23, dtype=torch.long)
+    assert torch.allclose(attn.attention(q, k, v, backend="sdpa"), attn.attention(q, k, v, one_doc, backend="sdpa"),
+                          atol=1e-6)
+
+
+def test_backend_selection_and_override():
+    cpu = torch.device("cpu")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert attn.resolve_backend("auto", cpu, has_spans=False) == "sdpa"
+    assert attn.resolve_backend("auto", cpu, has_spans=True) == "sdpa"
+    with attn.force_backend("flex"):
+        assert attn.resolve_backend("sdpa", cpu, has_spans=False) == "flex"
+    assert attn.resolve_backend("sdpa", cpu, has_spans=False) == "sdpa"
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="xformers has no CPU"):
+        attn.attention(q, k, v, backend="xformers")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        with attn.force_backend("fast"):
+            pass
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter makes triton run on CPU")
+def test_triton_backend_on_cpu_says_why_it_cannot_run():
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        attn.attention(q, k, v, backend="triton")
+
+
+CACHE_CONFIGS = {
+    "gqa_rms_qknorm": DEBUG,
+    "chameleon_style": replace(DEBUG, qk_norm_type="layernorm_per_head", norm_reorder=True, n_kv_heads=4),
+    "no_qknorm_tied": replace(DEBUG, qk_norm=False, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CACHE_CONFIGS))
+def test_cached_decode_equals_full_forward_with_left_padding(name):
+    cfg = CACHE_CONFIGS[name]
+    model = _model(cfg).eval()
+    gen = torch.Generator().manual_seed(3)
+    lens, steps = [7, 4, 1], 4
+    seqs = [torch.randint(0, 97, (n + steps,), generator=gen) for n in lens]
+    width = max(lens)
+    prompt = torch.zeros(3, width, dtype=torch.long)
+    doc = torch.full((3, width), -1)  # pads: doc id -1, only visible to each other
+    pos = torch.zeros(3, width, dtype=torch.long)
+    for i, n in enumerate(lens):
+        prompt[i, width - n :] = seqs[i][:n]
+        doc[i, width - n :] = 0
+        pos[i, width - n :] = torch.arange(n)
+    kv = KVCache(3, 32, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    with torch.no_grad():
+        full = [model.logits(model(s[None]))[0] for s in seqs]  # each row alone, no padding
+        # prefill in two chunks (exercises appending to a non-empty cache), then one token per step
+        first = model.logits(model(prompt[:, :3], doc[:, :3], pos[:, :3], kv_cache=kv, cache_pos=0))
+        rest = model.logits(model(prompt[:, 3:], doc[:, 3:], pos[:, 3:], kv_cache=kv, cache_pos=3))
+        prefill = torch.cat([first, rest], 1)
+        for i, n in enumerate(lens):
+            assert torch.allclose(prefill[i, width - n :], full[i][:n], atol=1e-5)
+        for s in range(steps - 1):
+            nxt = torch.stack([seqs[i][n + s] for i, n in enumerate(lens)])[:, None]
+            step = model.logits(model(nxt, kv_cache=kv, cache_pos=width + s))  # doc id and position from cache
+            for i, n in enumerate(lens):
+                assert torch.allclose(step[i, 0], full[i][n + s], atol=1e-5), (name, i, s)
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = _model().eval()
+    kv = KVCache(1, 4, DEBUG.n_layers, DEBUG.n_kv_heads, DEBUG.head_dim)
+    with pytest.raises(ValueError, match=r"cache slots \[3, 5\) do not fit a cache of 4"):
+        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=kv, cache_pos=3)
+
+
+def test_meta_init_then_to_empty_matches_documented_init():
+    cfg = replace(DEBUG, n_layers=8, dim=128, n_heads=4, n_kv_heads=4, ffn_dim=256, init_std=0.02)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.layers[0].attention.wq.weight.is_meta
+    model.to_empty(device="cpu")
+    model.init_weights()
+    reference = _model(cfg)
+    assert torch.equal(model.rope_cos, reference.rope_cos) and torch.equal(model.rope_sin, reference.rope_sin)
+    block = model.layers[3]
+    assert abs(block.attention.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(block.feed_forward.w2.weight.std().item() - 0.02 / 4) < 0.0005  # 0.02 / sqrt(2 * 8)
+    assert torch.equal(block.attention_norm.weight, torch.ones(128))
+    out = model(torch.randint(0, 97, (1, 9)))
+    assert torch.isfinite(out).all()
+
+
+def test_named_sizes_parameter_counts():
+    # the table in transformer/sizes.py, at vocabulary 65,536
+    expected = {"debug": 8_487_296, "world-tiny": 36_768_512, "150M": 151_022_336, "1B": 1_107_365_888,
+                "7B": 7_013_150_720}
+    assert set(expected) == set(SIZES)
+    for name, count in expected.items():
+        assert param_count(model_config(name, 65536)) == count, name
+    # and the meta count equals a real model's count
+    assert param_count(DEBUG) == sum(p.numel() for p in _model().parameters())
+
+
+def test_recipe_has_a_typed_model_section():
+    recipe = build(Recipe, {"model": {"dim": 128, "n_heads": 4, "attention": "sdpa"}})
+    assert recipe.model.dim == 128 and recipe.model.attention == "sdpa"
+    with pytest.raises(ConfigError, match="did you mean 'model.n_layers'"):
+        build(Recipe, {"model": {"n_layer": 2}})
+    with pytest.raises(ConfigError, match="'triton2' is not one of"):
+        build(Recipe, {"model": {"attention": "triton2"}})
+    with pytest.raises(ConfigError, match="divisible by n_heads"):
+        build(Recipe, {"model": {"dim": 100, "n_heads": 3}})
