@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -247,6 +248,11 @@ def _document(obj: Any, files: _FileSource | _MemberSource, image_size: tuple[in
     return Document(segments=segments, id=doc_id, meta=meta)
 
 
+def _clean(e: Exception) -> str:
+    """The library's message without the in-memory buffer's repr (which changes from run to run)."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+
+
 def _decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -261,8 +267,10 @@ def _decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) ->
                 im2 = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
             else:
                 im2 = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise _Bad(f"corrupt image: {name}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise _Bad(f"corrupt image: {name}: not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _Bad(f"corrupt image: {name}: {_clean(e)}") from e
     if image_size is not None:
         h, w = image_size
         if im2.size != (w, h):
@@ -276,8 +284,10 @@ def _decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) ->
 def _decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise _Bad(f"corrupt audio: {name}: {e}") from e
+    except sf.LibsndfileError as e:
+        raise _Bad(f"corrupt audio: {name}: {e.error_string}") from e
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise _Bad(f"corrupt audio: {name}: {_clean(e)}") from e
     if wave.shape[0] == 0:
         raise _Bad(f"empty audio: {name} has no samples")
     if not np.isfinite(wave).all():
