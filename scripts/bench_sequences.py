@@ -5,7 +5,8 @@
 Items look like the world's: a 5-token caption, an 8x8 image grid (1,024 codes), 1.2 s of speech as 4 levels x
 60 frames (256 codes per level). They are written as token shards in a temporary folder (the real pre-tokenized
 format, memory-mapped), then read through the default task mixture (templates + condition dropout) and
-packed. Also reported: packing alone (``ListSource`` of ready streams), which isolates the loader's own cost.
+packed. Also reported: packing alone (``ListSource`` of ready streams), which isolates the loader's own cost,
+and rank 0 of 8 ranks with the same global batch (its own rows only: it builds only the documents it needs).
 Prints one JSON line.
 """
 
@@ -37,13 +38,14 @@ def world_items(n: int, rng: np.random.Generator) -> list[list]:
     ]
 
 
-def measure(loader: PackedLoader, batches: int) -> float:
+def measure(loader: PackedLoader, batches: int) -> dict[str, int]:
+    """Tokens/s by wall clock and by this process's CPU time (the latter is steadier on a shared machine)."""
     next(loader)  # warm-up: first epoch plan
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         b = next(loader)
-    elapsed = time.perf_counter() - start
-    return batches * b.tokens.numel() / elapsed
+    tokens = batches * b.tokens.numel()
+    return {"wall": round(tokens / (time.perf_counter() - wall)), "cpu": round(tokens / (time.process_time() - cpu))}
 
 
 def main() -> None:
@@ -67,13 +69,19 @@ def main() -> None:
         write_index(tmp, "bench", counts, {})
         mixture = TaskMixture(TokenShards(tmp), vocab, MixtureConfig())
         mixed = measure(PackedLoader(mixture, args.seq_len, args.batch_size, seed=0), args.batches)
+        # rank 0 of 8 with the same global batch: tokens of its own rows per second
+        per_rank = measure(
+            PackedLoader(mixture, args.seq_len, max(1, args.batch_size // 8), rank=0, world_size=8, seed=0),
+            args.batches,
+        )
         streams = [mixture.stream(i, np.array([0.5, 0.5])) for i in range(len(mixture))]
     packed = measure(PackedLoader(ListSource(streams), args.seq_len, args.batch_size, seed=0), args.batches)
     print(
         json.dumps(
             {
-                "mixture_from_shards_tokens_per_s": round(mixed),
-                "packing_only_tokens_per_s": round(packed),
+                "mixture_from_shards_tokens_per_s": mixed,
+                "packing_only_tokens_per_s": packed,
+                "rank0_of_8_tokens_per_s": per_rank,
                 "seq_len": args.seq_len,
                 "batch_size": args.batch_size,
                 "audio_pattern": args.pattern,

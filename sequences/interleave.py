@@ -195,21 +195,34 @@ def assemble_stream(
     spans: Sequence[np.ndarray], loss: Sequence[bool], vocab: Vocabulary, *, bos: bool = True, eos: bool = True
 ) -> TokenStream:
     """Already-encoded spans (``encode_segment`` outputs) -> one stream, with the loss rules of ``encode_document``."""
-    pieces: list[np.ndarray] = [np.array([vocab.bos], dtype=np.int64)] if bos else []
+    bos_ids, eos_ids, bounds = _stream_constants(vocab)
+    pieces: list[np.ndarray] = [bos_ids] if bos else []
     flags: list[bool] = [False] if bos else []
     pieces.extend(spans)
     flags.extend(bool(t) for t in loss)
     if eos:
-        pieces.append(np.array([vocab.eos], dtype=np.int64))
+        pieces.append(eos_ids)
         flags.append(bool(loss[-1]) if len(loss) else False)
     if not pieces:
         return TokenStream(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, bool))
     ids = np.concatenate(pieces, dtype=np.int64)
-    loss_mask = np.repeat(np.array(flags, dtype=bool), [p.shape[0] for p in pieces])
+    loss_mask = np.repeat(flags, [p.shape[0] for p in pieces])
     # the ranges are contiguous and in modality order, so one search yields the modality id of every token
-    bounds = np.array([vocab.image_offset, vocab.audio_offset, vocab.special_offset])
-    modality = np.searchsorted(bounds, ids, side="right").astype(np.int8)
+    modality = bounds.searchsorted(ids, side="right").astype(np.int8)
     return TokenStream(ids=ids, modality=modality, loss_mask=loss_mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_constants(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[bos], [eos] and the modality boundaries, built once per vocabulary (assemble_stream runs per document)."""
+    arrays = (
+        np.array([vocab.bos], dtype=np.int64),
+        np.array([vocab.eos], dtype=np.int64),
+        np.array([vocab.image_offset, vocab.audio_offset, vocab.special_offset], dtype=np.int64),
+    )
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
 # ---- span layout rules (for constrained decoding) -----------------------------------------------------------

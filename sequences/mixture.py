@@ -220,15 +220,22 @@ class TaskMixture:
         template, dropped = self.choose(index, draws)
         return self._assemble(index, template, dropped)
 
-    def _assemble(self, index: int, template: Template, dropped: bool) -> TokenStream:
+    def length(self, index: int, draws: np.ndarray) -> int:
+        """``len(stream(index, draws))`` without building it (lets each rank skip the others' documents)."""
+        template, dropped = self.choose(index, draws)
+        b = self._bounds
+        return 2 + sum(b[n + 1] - b[n] for n in self._numbers(index, template, dropped))  # + bos, eos
+
+    def _numbers(self, index: int, template: Template, dropped: bool) -> list[int]:
         if template.target is None:
-            numbers = self._segs[index]
-            loss = [True] * len(numbers)
-        else:
-            first = self._first[index]
-            cond = [] if dropped else [first[_KIND_INDEX[k]] for k in template.condition]
-            numbers = [*cond, first[_KIND_INDEX[template.target]]]
-            loss = [False] * len(cond) + [True]
+            return self._segs[index]
+        first = self._first[index]
+        cond = [] if dropped else [first[_KIND_INDEX[k]] for k in template.condition]
+        return [*cond, first[_KIND_INDEX[template.target]]]
+
+    def _assemble(self, index: int, template: Template, dropped: bool) -> TokenStream:
+        numbers = self._numbers(index, template, dropped)
+        loss = [True] * len(numbers) if template.target is None else [False] * (len(numbers) - 1) + [True]
         b = self._bounds
         return assemble_stream([self._spans[b[n] : b[n + 1]] for n in numbers], loss, self.vocab)
 

@@ -15,8 +15,9 @@ Per position of a row (B batch rows, T = seq_len):
 - ``modality``: modality id of the TARGET token (0 text, 1 image, 2 audio, 3 special).
 
 Sharding: global batch ``g`` is rows [g*B*W, (g+1)*B*W) of the global stream; rank ``r`` takes rows
-[g*B*W + r*B, g*B*W + (r+1)*B). Every rank assembles the same global stream (it is cheap) and copies only its
-rows, so ranks are disjoint and their union is exactly the single-rank stream with batch size B*W.
+[g*B*W + r*B, g*B*W + (r+1)*B), so ranks are disjoint and their union is exactly the single-rank stream with
+batch size B*W. Every rank walks the same document order; a source with ``length()`` (the task mixture has one)
+lets each rank build only the documents overlapping its rows, otherwise every rank builds all of them.
 
 Determinism and resume: the document order and every random choice a source makes come from
 ``(seed, epoch)`` only. The loader's whole state is (epoch, document cursor, offset into that document), so
@@ -46,6 +47,9 @@ class StreamSource(Protocol):
     def stream(self, index: int, draws: np.ndarray) -> TokenStream:
         """Document ``index`` as a token stream; ``draws`` is (draws_per_document,) float64 uniforms."""
         ...
+
+    # Optional: ``length(index, draws) -> int``, equal to ``len(stream(index, draws))`` but cheap. With it, each
+    # rank builds only the documents that overlap its own rows instead of the whole global batch.
 
 
 class ListSource:
@@ -120,7 +124,8 @@ class PackedLoader:
         self._order_epoch = -1
         self._order = np.zeros(0, dtype=np.int64)
         self._draws = np.zeros((0, 0))
-        self._cached: tuple[tuple[int, int], TokenStream] | None = None  # the straddling document, reused
+        self._memo: dict[tuple[int, int], TokenStream] = {}  # documents built for this batch (+ the straddling one)
+        self._source_length = getattr(source, "length", None)  # optional: lets ranks skip other ranks' documents
 
     # ---- the document order ---------------------------------------------------------------------------------
     def _plan(self, epoch: int) -> None:
@@ -135,11 +140,18 @@ class PackedLoader:
 
     def _document(self, epoch: int, cursor: int) -> TokenStream:
         key = (epoch, cursor)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
+        if key not in self._memo:
+            self._plan(epoch)
+            index = int(self._order[cursor])
+            self._memo[key] = self.source.stream(index, self._draws[index])
+        return self._memo[key]
+
+    def _length(self, epoch: int, cursor: int) -> int:
+        if self._source_length is None:
+            return len(self._document(epoch, cursor))
         self._plan(epoch)
         index = int(self._order[cursor])
-        return self.source.stream(index, self._draws[index])
+        return int(self._source_length(index, self._draws[index]))
 
     # ---- batches --------------------------------------------------------------------------------------------
     def __iter__(self) -> PackedLoader:
@@ -148,47 +160,58 @@ class PackedLoader:
     def __next__(self) -> Batch:
         B, T, W = self.batch_size, self.seq_len, self.world_size
         need = B * W * T + 1  # one extra token: the target of the last column
-        ids, mods, losses, starts = [], [], [], []
+        # pass 1: which document pieces make up the global batch (lengths only, when the source can tell them)
+        pieces: list[tuple[int, int, int, int, int]] = []  # (epoch, cursor, offset, start in batch, tokens taken)
         have = 0
         epoch, cursor, offset = self._epoch, self._cursor, self._offset
         n_docs = len(self.source)
-        last: tuple[int, int, int, int] | None = None  # (epoch, cursor, offset, start-in-buffer) of the last doc
         while have < need:
             if cursor >= n_docs:
                 if not self.infinite:
                     raise StopIteration  # one pass only: the incomplete last global batch is dropped
                 epoch, cursor, offset = epoch + 1, 0, 0
                 continue
-            doc = self._document(epoch, cursor)
-            n = len(doc)
-            if offset >= n:
-                cursor, offset = cursor + 1, 0
-                continue
-            flags = np.zeros(n - offset, dtype=bool)
-            flags[0] = offset == 0
-            ids.append(doc.ids[offset:])
-            mods.append(doc.modality[offset:])
-            losses.append(doc.loss_mask[offset:])
-            starts.append(flags)
-            last = (epoch, cursor, offset, have)
-            self._cached = ((epoch, cursor), doc)
-            have += n - offset
+            take = self._length(epoch, cursor) - offset
+            if take > 0:
+                pieces.append((epoch, cursor, offset, have, take))
+                have += take
             cursor, offset = cursor + 1, 0
-        assert last is not None
-        # the next batch starts B*W*T tokens on, inside the last document gathered
-        l_epoch, l_cursor, l_offset, l_start = last
+        # the next batch starts B*W*T tokens on, inside the last document piece
+        l_epoch, l_cursor, l_offset, l_start, _ = pieces[-1]
         self._epoch, self._cursor, self._offset = l_epoch, l_cursor, l_offset + (need - 1 - l_start)
         self._step += 1
 
-        s0 = self.rank * B * T
-        span = slice(s0, s0 + B * T + 1)
-        buf_ids = np.concatenate(ids)[span]
-        buf_start = np.concatenate(starts)[span]
+        # pass 2: build only the documents that overlap this rank's rows (plus the one target token after them)
+        s0, s1 = self.rank * B * T, (self.rank + 1) * B * T + 1
+        ids, mods, losses, start_at = [], [], [], []
+        filled = 0
+        for p_epoch, p_cursor, p_offset, p_start, p_take in pieces:
+            if p_start + p_take <= s0 or p_start >= s1:
+                continue
+            doc = self._document(p_epoch, p_cursor)
+            if len(doc) != p_offset + p_take:
+                raise RuntimeError(
+                    f"{type(self.source).__name__}: length() said {p_offset + p_take} tokens, stream() gave {len(doc)}"
+                )
+            lo = p_offset + max(s0 - p_start, 0)
+            hi = p_offset + min(s1 - p_start, p_take)
+            if lo == 0:  # a document start (not the continuation of one)
+                start_at.append(filled)
+            ids.append(doc.ids[lo:hi])
+            mods.append(doc.modality[lo:hi])
+            losses.append(doc.loss_mask[lo:hi])
+            filled += hi - lo
+        last_key = (l_epoch, l_cursor)  # the straddling document is needed again by the next batch
+        self._memo = {last_key: self._memo[last_key]} if last_key in self._memo else {}
+
+        buf_ids = np.concatenate(ids)  # (B*T + 1,)
+        buf_start = np.zeros(buf_ids.shape[0], dtype=bool)
+        buf_start[start_at] = True
         tokens = buf_ids[:-1].reshape(B, T)
         targets = buf_ids[1:].reshape(B, T)
         target_starts = buf_start[1:].reshape(B, T)  # the target opens a new document: nothing to predict
-        loss_mask = np.concatenate(losses)[span][1:].reshape(B, T) & ~target_starts
-        modality = np.concatenate(mods)[span][1:].reshape(B, T)
+        loss_mask = np.concatenate(losses)[1:].reshape(B, T) & ~target_starts
+        modality = np.concatenate(mods)[1:].reshape(B, T)
         new_doc = buf_start[:-1].reshape(B, T).copy()
         new_doc[:, 0] = True  # every row starts a document piece
         doc_ids = np.cumsum(new_doc, axis=1, dtype=np.int32) - 1
@@ -238,7 +261,7 @@ class PackedLoader:
             state["offset"],
             state["step"],
         )
-        self._cached = None
+        self._memo = {}
 
     @property
     def step(self) -> int:

@@ -261,6 +261,29 @@ def test_mixture_stream_equals_reference_build():
         ref = build_document(items.item(mix.item_index(i)), template, VOCAB, drop_condition=dropped)
         assert np.array_equal(got.ids, ref.ids) and np.array_equal(got.loss_mask, ref.loss_mask)
         assert np.array_equal(got.modality, ref.modality) and got.ids.dtype == np.int64
+        assert mix.length(i, draws[i]) == len(got)
     assert len(seen) >= 6
     doc = mix.document(0, "i2t")
     assert parse_stream(doc.ids, VOCAB).segments == [items.item(0)[1], items.item(0)[0]]
+
+
+def test_mixture_rank_sharding_builds_only_own_documents():
+    rng = np.random.default_rng(5)
+    items = ItemList([_item(rng) for _ in range(30)])
+    mix = TaskMixture(items, VOCAB, MixtureConfig(cfg_dropout=0.3))
+    single = [next(ld) for ld in [PackedLoader(mix, 16, 4, seed=2)] for _ in range(6)]
+    built = []
+
+    class Counting(TaskMixture):
+        def stream(self, index, draws):
+            built.append(index)
+            return super().stream(index, draws)
+
+    counting = Counting(items, VOCAB, MixtureConfig(cfg_dropout=0.3))
+    ranks = [PackedLoader(counting, 16, 1, rank=r, world_size=4, seed=2) for r in range(4)]
+    for g in range(6):
+        for r, loader in enumerate(ranks):
+            before = len(built)
+            b = next(loader)
+            assert torch.equal(b.tokens[0], single[g].tokens[r]) and torch.equal(b.loss_mask[0], single[g].loss_mask[r])
+            assert len(built) - before <= 4  # 17 tokens of ~20-token documents: never the whole global batch
