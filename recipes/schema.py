@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from anyloom.data.world import WorldConfig
+from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
 from anyloom.tokenizers.text import TextTokenizerConfig
 from anyloom.training.optim import OptimConfig
@@ -28,3 +29,4 @@ class Recipe:
     text_tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)  # BPE size, extra corpus
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths
