@@ -1,8 +1,9 @@
 """Rendering world scenes: 1-4 same-colour, same-shape objects on a low-saturation background.
 
-Shapes are drawn hard-edged on a canvas ``supersample`` times larger and box-averaged down, which gives
-exact anti-aliasing with no resampling filter (so the bytes depend only on the seed). Objects never touch:
-their boxes keep a gap of at least ``MIN_GAP`` output pixels, so the judge can count connected components.
+Shapes are drawn hard-edged on a canvas ``supersample`` times larger and box-averaged down into a coverage
+map, which gives exact anti-aliasing with no resampling filter (so the bytes depend only on the seed).
+Objects never touch: their boxes keep a gap of at least ``MIN_GAP`` output pixels, so the judge can count
+connected components.
 """
 
 from __future__ import annotations
@@ -103,15 +104,15 @@ def render_scene(rng: np.random.Generator, caption: Caption, image_size: int = 3
     base = grey + rng.uniform(-10, 10, size=3)
     angle = rng.uniform(0, 2 * math.pi)
     amp = rng.uniform(0, 16)
-    t = (np.arange(big) + 0.5) / big - 0.5
-    ramp = math.cos(angle) * t[None, :] + math.sin(angle) * t[:, None]  # (big, big)
-    bg = base[None, None, :] + amp * ramp[:, :, None]  # (big, big, 3)
+    t = (np.arange(n) + 0.5) / n - 0.5
+    ramp = math.cos(angle) * t[None, :] + math.sin(angle) * t[:, None]  # (n, n)
+    bg = base[None, None, :] + amp * ramp[:, :, None]  # (n, n, 3): a linear field, so its box mean is its centre
 
     color = np.array(PALETTE[caption.color], dtype=np.float64) + rng.uniform(-10, 10, size=3)
     big_boxes = [tuple(v * supersample for v in b) for b in boxes]
-    alpha = np.asarray(draw_shape_mask(caption.shape, big, big_boxes), dtype=np.float64)[:, :, None] / 255.0
-    canvas = bg * (1 - alpha) + color[None, None, :] * alpha  # (big, big, 3)
-    small = canvas.reshape(n, supersample, n, supersample, 3).mean(axis=(1, 3))  # box filter -> (n, n, 3)
+    mask = np.asarray(draw_shape_mask(caption.shape, big, big_boxes), dtype=np.float64) / 255.0  # (big, big)
+    alpha = mask.reshape(n, supersample, n, supersample).mean(axis=(1, 3))[:, :, None]  # coverage (n, n, 1)
+    small = bg * (1 - alpha) + color[None, None, :] * alpha  # (n, n, 3)
     pixels = np.clip(np.rint(small), 0, 255).astype(np.uint8)
     return Scene(pixels=pixels, boxes=[tuple(round(v, 2) for v in b) for b in boxes],
                  background=tuple(int(round(v)) for v in np.clip(base, 0, 255)))

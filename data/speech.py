@@ -13,10 +13,12 @@ block of items, so the bytes depend only on the seed and the item's place, never
 from __future__ import annotations
 
 import ctypes
+import io
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import soundfile as sf
 from scipy.signal import firwin, resample_poly
 
 SAMPLE_RATE = 16000  # every waveform the world writes
@@ -133,6 +135,13 @@ def postprocess(wave: np.ndarray) -> np.ndarray:
     return normalize_level(wave)
 
 
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """int16 PCM WAV, encoded in memory (soundfile's per-file flush to disk costs more than the synthesis)."""
+    buf = io.BytesIO()
+    sf.write(buf, wave, sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
 def speak(text: str, voice: Voice, seed: int = 0) -> np.ndarray:
     """The caption spoken by ``voice``: float32 mono at SAMPLE_RATE, level-normalised.
 
@@ -141,4 +150,4 @@ def speak(text: str, voice: Voice, seed: int = 0) -> np.ndarray:
     return postprocess(get_espeak().synthesize(text, voice, seed))
 
 
-__all__ = ["SAMPLE_RATE", "Voice", "Espeak", "get_espeak", "speak", "postprocess", "normalize_level"]
+__all__ = ["SAMPLE_RATE", "Voice", "Espeak", "get_espeak", "speak", "postprocess", "normalize_level", "wav_bytes"]

@@ -13,7 +13,6 @@ complete, so an existing folder is a finished world and re-running with the same
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from PIL import Image
 
 from anyloom.config import fingerprint, to_dict
@@ -31,7 +29,7 @@ from anyloom.data.render import render_scene
 from anyloom.training.progress import progress
 
 # Bump when rendering, speech or the manifest layout change: it is part of the output folder's name.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
 # espeak-ng carries hidden state between utterances; it is reloaded at the start of every block of this
 # many items, so the audio bytes depend only on (seed, split, index). Changing it changes the bytes.
@@ -210,7 +208,7 @@ def generate_block(cfg: WorldConfig, split: str, start: int, stop: int, out: Pat
     split_index = SPLITS.index(split)
     espeak = None
     if cfg.with_speech:
-        from anyloom.data.speech import SAMPLE_RATE, Voice, get_espeak, postprocess
+        from anyloom.data.speech import SAMPLE_RATE, Voice, get_espeak, postprocess, wav_bytes
 
         espeak = get_espeak()
         espeak.reset()
@@ -233,9 +231,7 @@ def generate_block(cfg: WorldConfig, split: str, start: int, stop: int, out: Pat
             )
             raw = espeak.synthesize(caption.text, voice, seed=int(rng.integers(2**31)))
             audio_rel = f"audio/{item_id}.wav"
-            buf = io.BytesIO()  # encode in memory: soundfile's flush to disk per file costs more than the synthesis
-            sf.write(buf, postprocess(raw), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-            (out / audio_rel).write_bytes(buf.getvalue())
+            (out / audio_rel).write_bytes(wav_bytes(postprocess(raw), SAMPLE_RATE))
             segments.append({"audio": audio_rel})
             meta.update(voice=voice.name, rate=voice.rate, pitch=voice.pitch)
         lines.append(json.dumps({"id": item_id, "segments": segments, "meta": meta}) + "\n")
