@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -42,9 +41,7 @@ def load_model_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     }
     if not state:
         raise ValueError(f"{checkpoint}: holds no '{PREFIX}*' tensors; not an LM training checkpoint")
-    with warnings.catch_warnings():  # "torch.distributed is not initialised": expected, one process
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=True)
+    dcp.load(state, storage_reader=reader, no_dist=True)
     return {key[len(PREFIX):]: t for key, t in state.items()}
 
 

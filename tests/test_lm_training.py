@@ -35,7 +35,9 @@ def test_resume_after_sigint_is_bit_identical(tmp_path):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)
 
-    first = run_training(str(tmp_path / "split"), steps=10, batch=4, sample_fn=ctrl_c_during_step_5)
+    # the interrupted run writes its checkpoint in the background (async DCP); the resumed one synchronously
+    first = run_training(str(tmp_path / "split"), steps=10, batch=4, sample_fn=ctrl_c_during_step_5,
+                         async_checkpoint=True)
     assert first.interrupted and first.step == 5
     assert first.checkpoint == step_dir(tmp_path / "split" / "checkpoints", 5) and is_complete(first.checkpoint)
     second = run_training(str(tmp_path / "split"), steps=10, batch=4)

@@ -21,13 +21,11 @@ The checkpoint directory must be visible to every rank (a shared file system on 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,9 @@ TRAIN_STATE = "train_state.json"
 CONFIG = "config.json"
 VOCAB = "vocab.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# DCP warns that it "assumes a single process" whenever no process group exists: in a single-process run that
+# is exactly our intent (and async saves warn from a background thread, out of reach of catch_warnings)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class Stateful(Protocol):
@@ -177,15 +178,6 @@ def _world() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns that it "assumes a single process" when no process group exists: that is our intent."""
-    with warnings.catch_warnings():
-        if not _distributed():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        yield
-
-
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
@@ -236,14 +228,12 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         writer = _Writer(path, step)
         ref = CheckpointRef(path, step)
-        with _quiet_single_process():
-            if self.async_save:
-                self._pending = dcp.async_save(state, storage_writer=writer, process_group=self._group,
-                                               no_dist=not _distributed())
-                self._pending_ref = ref
-            else:
-                dcp.save(state, storage_writer=writer, no_dist=not _distributed())
-        if not self.async_save:
+        if self.async_save:
+            self._pending = dcp.async_save(state, storage_writer=writer, process_group=self._group,
+                                           no_dist=not _distributed())
+            self._pending_ref = ref
+        else:
+            dcp.save(state, storage_writer=writer, no_dist=not _distributed())
             self._finished(ref)
         return path
 
@@ -296,8 +286,7 @@ class Checkpointer:
                               if saved.get(k) != expect_model_config.get(k))
                 raise RuntimeError(f"{ref.path}: the checkpoint's model config differs from this recipe at {diff}")
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet_single_process():
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ref.path, no_dist=not _distributed())
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ref.path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         scheduler.load_state_dict(state["scheduler"])
         mine = _read_json(ref.path / rank_file(_rank() if saved_world == _world() else 0))

@@ -100,10 +100,15 @@ def micro_batch_size(train_cfg: TrainConfig, world_size: int) -> int:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM -> stop after this step; a second SIGINT interrupts at once."""
+    """SIGINT/SIGTERM -> stop after this step; another SIGINT 2 s later interrupts at once.
+
+    (A Ctrl-C under torchrun reaches a worker twice within milliseconds: from the terminal and forwarded by
+    the agent. The second one must not abort the checkpoint that the first one asked for.)
+    """
 
     def __init__(self) -> None:
         self.set = False
+        self._first = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -115,9 +120,10 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.set and signum == signal.SIGINT:
+        if self.set and signum == signal.SIGINT and time.monotonic() - self._first > 2.0:
             raise KeyboardInterrupt
-        self.set = True
+        if not self.set:
+            self.set, self._first = True, time.monotonic()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
