@@ -241,3 +241,24 @@ def test_encode_rejects_bad_segments():
         encode_document([TextIds([300])], v)
     with pytest.raises(ValueError, match="loss has 2 entries"):
         encode_document([TextIds([1])], v, loss=[True, False])
+
+
+@pytest.mark.parametrize("pattern", ["flat", "delay"])
+def test_garbage_streams_never_crash(pattern):
+    """Any id sequence: strict parsing raises only StreamError; best-effort parsing never raises, and what it
+    keeps re-encodes to a valid stream."""
+    vocab = make_vocab(row_end=True, pattern=pattern)
+    interesting = list(range(vocab.special_offset, vocab.size)) + [0, 1, vocab.image_offset, vocab.audio_offset]
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.one_of(st.integers(-2, vocab.size + 2), st.sampled_from(interesting)), max_size=40))
+    def check(ids):
+        try:
+            parse_stream(ids, vocab)
+        except StreamError:
+            pass
+        best = parse_stream(ids, vocab, strict=False)
+        again = encode_document(best.segments, vocab)
+        assert parse_stream(again.ids, vocab).ok
+
+    check()
