@@ -165,7 +165,10 @@ class PackedLoader:
         have = 0
         epoch, cursor, offset = self._epoch, self._cursor, self._offset
         n_docs = len(self.source)
+        empty_run = 0  # consecutive empty documents: a source of only empty documents would loop forever
         while have < need:
+            if empty_run > n_docs:
+                raise ValueError(f"{type(self.source).__name__}: every document is empty; nothing to pack")
             if cursor >= n_docs:
                 if not self.infinite:
                     raise StopIteration  # one pass only: the incomplete last global batch is dropped
@@ -175,6 +178,7 @@ class PackedLoader:
             if take > 0:
                 pieces.append((epoch, cursor, offset, have, take))
                 have += take
+            empty_run = 0 if take > 0 else empty_run + 1
             cursor, offset = cursor + 1, 0
         # the next batch starts B*W*T tokens on, inside the last document piece
         l_epoch, l_cursor, l_offset, l_start, _ = pieces[-1]

@@ -146,6 +146,9 @@ def test_long_documents_span_rows():
 
 
 def test_bad_arguments():
+    empty = TokenStream(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, bool))
+    with pytest.raises(ValueError, match="every document is empty"):
+        next(PackedLoader(ListSource([empty, empty]), 8, 2))
     with pytest.raises(ValueError, match="empty"):
         PackedLoader(ListSource([]), 8, 2)
     with pytest.raises(ValueError, match="rank 2"):
