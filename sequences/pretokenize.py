@@ -113,6 +113,8 @@ def manifest_key(path: str | Path) -> str:
         raise FileNotFoundError(f"manifest {path} does not exist")
     raw = path.read_bytes()
     h = hashlib.sha256(raw)
+    if path.name.endswith((".tar", ".tar.gz", ".tgz")):  # a webdataset shard holds its media: bytes are the key
+        return h.hexdigest()[:16]
     for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -259,11 +261,12 @@ def pretokenize(
     audio: Any = None,
     config: PretokenizeConfig | None = None,
     data_key: str | None = None,
+    info: dict[str, Any] | None = None,
 ) -> PretokenizeResult:
     """Tokenize ``documents`` into ``out_dir`` (resuming or reusing what is there when the key matches).
 
     ``data_key`` identifies the documents (e.g. the manifest's hash or the world's fingerprint); without it
-    the documents' content is hashed, which reads them all once more.
+    the documents' content is hashed, which reads them all once more. ``info`` is recorded in ``index.json``.
     """
     config = config or PretokenizeConfig()
     out_dir = Path(out_dir)
@@ -274,12 +277,12 @@ def pretokenize(
         n = len(shards.index["shards"])
         return PretokenizeResult(shards, key, 0, n, False, int(shards.index.get("skipped_empty", 0)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = {
+    build_info = {
         "key": key,
         "tokenizers": {n: tokenizer_fingerprint(t) for n, t in (("text", text), ("image", image), ("audio", audio))},
         "config": to_dict(config),
     }
-    (out_dir / META).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (out_dir / META).write_text(json.dumps(build_info, indent=2, sort_keys=True) + "\n")
 
     encoder = _Encoder(text, image, audio, config.batch_size)
     n_docs = len(documents)
@@ -306,14 +309,55 @@ def pretokenize(
         built += 1
         bar.update(hi - lo)
     bar.close()
-    write_index(out_dir, key, shard_items, {**info, "skipped_empty": skipped, "num_documents": n_docs})
+    extra = {**(info or {}), **build_info, "skipped_empty": skipped, "num_documents": n_docs}
+    write_index(out_dir, key, shard_items, extra)
     return PretokenizeResult(TokenShards(out_dir, expected_key=key), key, built, reused, stale, skipped)
+
+
+def pretokenize_manifest(
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    text: Any,
+    image: Any = None,
+    audio: Any = None,
+    config: PretokenizeConfig | None = None,
+    strict: bool = True,
+) -> PretokenizeResult:
+    """Read a JSONL manifest or webdataset ``.tar`` (``anyloom.data.manifest``) and pre-tokenize it.
+
+    A complete cache with the same key is reused without decoding a single image. With ``strict=False`` bad
+    documents are skipped by the reader; their count is in ``index.json`` (``manifest_skipped``) and the reasons
+    are printed.
+    """
+    from anyloom.data.manifest import read_manifest
+
+    config = config or PretokenizeConfig()
+    data_key = manifest_key(manifest)
+    key = cache_key(text, image, audio, data_key, config)
+    out = Path(out_dir)
+    if (out / INDEX).is_file() and (out / META).is_file() and json.loads((out / META).read_text()).get("key") == key:
+        shards = TokenShards(out, expected_key=key)
+        skipped = int(shards.index.get("skipped_empty", 0))
+        return PretokenizeResult(shards, key, 0, len(shards.index["shards"]), False, skipped)
+    # decode audio straight at the codec's rate (one resampling instead of two)
+    rate = int(getattr(audio, "sample_rate", 16000))
+    result = read_manifest(manifest, strict=strict, sample_rate=rate)
+    for skip in result.skipped[:20]:
+        print(f"pretokenize: skipped {skip.source}: {skip.reason}")
+    if len(result.skipped) > 20:
+        print(f"pretokenize: ... {len(result.skipped) - 20} more skipped ({result.summary})")
+    info = {"manifest": str(manifest), "manifest_skipped": len(result.skipped)}
+    return pretokenize(
+        result.documents, out, text=text, image=image, audio=audio, config=config, data_key=data_key, info=info
+    )
 
 
 __all__ = [
     "PretokenizeConfig",
     "PretokenizeResult",
     "pretokenize",
+    "pretokenize_manifest",
     "tokenizer_fingerprint",
     "documents_key",
     "cache_key",

@@ -287,3 +287,37 @@ def test_mixture_rank_sharding_builds_only_own_documents():
             b = next(loader)
             assert torch.equal(b.tokens[0], single[g].tokens[r]) and torch.equal(b.loss_mask[0], single[g].loss_mask[r])
             assert len(built) - before <= 4  # 17 tokens of ~20-token documents: never the whole global batch
+
+
+def test_pretokenize_manifest_reuse_skips_and_invalidation(tmp_path, capsys):
+    import soundfile as sf
+    from PIL import Image
+
+    from anyloom.sequences.pretokenize import pretokenize_manifest
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        sf.write(tmp_path / f"{i}.wav", rng.uniform(-0.5, 0.5, 10 + i).astype(np.float32), 16, subtype="FLOAT")
+        lines.append(
+            json.dumps({"id": f"m{i}", "segments": [{"text": f"t{i}"}, {"image": f"{i}.png"}, {"audio": f"{i}.wav"}]})
+        )
+    lines.append(json.dumps({"segments": [{"image": "missing.png"}]}))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    kw = dict(text=CharText(), image=PatchImage(), audio=FrameAudio(), config=CFG)
+    with pytest.raises(ValueError, match="m.jsonl:4"):
+        pretokenize_manifest(manifest, tmp_path / "tok", **kw)
+    res = pretokenize_manifest(manifest, tmp_path / "tok", strict=False, **kw)
+    assert len(res.shards) == 3 and res.built == 1
+    assert "m.jsonl:4" in capsys.readouterr().out
+    assert res.shards.index["manifest_skipped"] == 1
+    img = np.asarray(Image.open(tmp_path / "1.png").convert("RGB"))
+    x = torch.from_numpy(img.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
+    assert res.shards.item(1)[1] == ImageIds(PatchImage().encode(x).codes[0].numpy())
+    again = pretokenize_manifest(manifest, tmp_path / "tok", strict=False, **kw)
+    assert (again.built, again.reused) == (0, 1)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "1.png")  # a changed file changes the key
+    changed = pretokenize_manifest(manifest, tmp_path / "tok", strict=False, **kw)
+    assert changed.stale_removed and changed.built == 1 and changed.key != res.key
