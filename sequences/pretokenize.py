@@ -238,6 +238,15 @@ class _Encoder:
             out[i][j] = AudioIds(c[:, : int(f)])
 
 
+def _built_key(out_dir: Path) -> str | None:
+    """The cache key a shard folder was (or is being) built with; None if unknown or the marker is damaged."""
+    try:
+        key = json.loads((out_dir / META).read_text()).get("key")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
+
+
 def _discard_stale(out_dir: Path, key: str) -> bool:
     meta = out_dir / META
     if not out_dir.exists() or not any(out_dir.iterdir()):
@@ -246,7 +255,7 @@ def _discard_stale(out_dir: Path, key: str) -> bool:
         raise FileExistsError(
             f"{out_dir} exists and is not a token cache (no {META}); refusing to write shards into it"
         )
-    if json.loads(meta.read_text()).get("key") == key:
+    if _built_key(out_dir) == key:
         return False
     shutil.rmtree(out_dir)  # it is ours (it has META) and it was built from something else
     return True
@@ -336,7 +345,7 @@ def pretokenize_manifest(
     data_key = manifest_key(manifest)
     key = cache_key(text, image, audio, data_key, config)
     out = Path(out_dir)
-    if (out / INDEX).is_file() and (out / META).is_file() and json.loads((out / META).read_text()).get("key") == key:
+    if (out / INDEX).is_file() and _built_key(out) == key:
         shards = TokenShards(out, expected_key=key)
         skipped = int(shards.index.get("skipped_empty", 0))
         return PretokenizeResult(shards, key, 0, len(shards.index["shards"]), False, skipped)

@@ -134,8 +134,12 @@ class TokenShards:
             self.index: dict[str, Any] = json.loads(index_path.read_text())
         except json.JSONDecodeError as e:
             raise ShardError(f"{index_path}: not valid JSON: {e}") from e
-        if self.index.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{index_path}: format_version {self.index.get('format_version')!r} != {FORMAT_VERSION}")
+        if not isinstance(self.index, dict) or self.index.get("format_version") != FORMAT_VERSION:
+            found = self.index.get("format_version") if isinstance(self.index, dict) else None
+            raise ShardError(f"{index_path}: format_version {found!r}, expected {FORMAT_VERSION}")
+        for field_name in ("key", "shards"):
+            if field_name not in self.index:
+                raise ShardError(f"{index_path}: missing field '{field_name}'")
         self.key: str = self.index["key"]
         if expected_key is not None and self.key != expected_key:
             raise ShardError(
