@@ -176,8 +176,10 @@ def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
     bar = progress(total=sum(cfg.split_size(s) for s in SPLITS), desc="world", unit="item")
     jobs = [(cfg, split, start, stop, str(out)) for split, start, stop in blocks]
     if workers > 1 and len(blocks) > 1:
-        # spawn, not fork: the parent may hold threads (torch) and espeak-ng state that must not be copied.
-        ctx = multiprocessing.get_context("spawn")
+        # fork, not spawn: spawned children re-import the caller's __main__ (a training script imports torch
+        # and transformers: seconds per worker). The children use only numpy, Pillow and their own espeak-ng,
+        # which generate_block reloads, so nothing the parent holds leaks into the bytes.
+        ctx = multiprocessing.get_context("fork")
         with ctx.Pool(workers) as pool:
             for (split, start, stop), block in zip(blocks, pool.imap(_block_job, jobs)):
                 lines[split].extend(block)
