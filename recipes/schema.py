@@ -12,6 +12,7 @@ from anyloom.data.world import WorldConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
 from anyloom.tokenizers.text import TextTokenizerConfig
+from anyloom.training.diffusion_decoder import DiffusionDecoderStageConfig
 from anyloom.training.optim import OptimConfig
 from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
@@ -30,3 +31,4 @@ class Recipe:
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths
+    diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder

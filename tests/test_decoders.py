@@ -311,3 +311,13 @@ def test_training_refuses_a_tokenizer_of_another_size(tmp_path):
             palette_images(2, 1),
             RunDir(tmp_path / "r"),
         )
+
+
+def test_recipe_section_builds_and_typos_name_the_key():
+    from anyloom.recipes import load_recipe
+
+    recipe = load_recipe("diffusion_decoder", ["diffusion_decoder.steps=7"])
+    assert recipe.diffusion_decoder.steps == 7 and recipe.run.name == "diffusion_decoder"
+    assert recipe.diffusion_decoder.model.image_size == (32, 32)
+    with pytest.raises(ConfigError, match="did you mean 'diffusion_decoder.model.inference_steps'"):
+        load_recipe("diffusion_decoder", ["diffusion_decoder.model.inference_step=3"])
