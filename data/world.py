@@ -175,6 +175,8 @@ def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     bar = progress(total=sum(cfg.split_size(s) for s in SPLITS), desc="world", unit="item")
     jobs = [(cfg, split, start, stop, str(out)) for split, start, stop in blocks]
+    if cfg.with_speech:
+        import anyloom.data.speech  # noqa: F401  (imported once here, inherited by forked workers: scipy.signal is slow)
     if workers > 1 and len(blocks) > 1:
         # fork, not spawn: spawned children re-import the caller's __main__ (a training script imports torch
         # and transformers: seconds per worker). The children use only numpy, Pillow and their own espeak-ng,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from anyloom.config import ConfigError, build
 from anyloom.data.captions import COLORS, NUMBER_WORDS, SHAPES, Caption, caption_jsgf, caption_vocabulary, parse_caption
-from anyloom.data.world import SPLITS, WorldConfig, build_world
+from anyloom.data.world import SPLITS, WorldConfig, build_world, generate_block
 
 
 def _lines(path: Path) -> list[dict]:
@@ -138,3 +138,45 @@ def test_vocabulary_and_grammar_cover_the_language():
     assert set(re.findall(r"\b[a-z]+\b", grammar.split("\n", 2)[2])) - {"public", "caption", "color", "singular",
                                                                         "plural", "many"} == set(vocab)
     assert grammar.startswith("#JSGF V1.0;")
+
+
+def test_bytes_do_not_depend_on_workers(tmp_path):
+    cfg = dict(n_train=130, n_val=0, n_test=0, n_compositional=3, with_speech=False)  # three blocks + one
+    one = build_world(WorldConfig(**cfg, root=str(tmp_path / "one")), workers=1)
+    two = build_world(WorldConfig(**cfg, root=str(tmp_path / "two")), workers=2)
+    assert _tree_bytes(one.dir) == _tree_bytes(two.dir)
+
+
+def test_speech_block_does_not_depend_on_history(tmp_path):
+    # espeak-ng carries hidden state from one utterance to the next; a block must reset it, so that the
+    # same block made after different histories (other processes, earlier blocks) has the same bytes.
+    from anyloom.data.speech import Voice, get_espeak
+
+    cfg = WorldConfig(n_train=66)
+    (tmp_path / "a" / "images").mkdir(parents=True)
+    (tmp_path / "a" / "audio").mkdir()
+    (tmp_path / "b" / "images").mkdir(parents=True)
+    (tmp_path / "b" / "audio").mkdir()
+    lines_a = generate_block(cfg, "train", 64, 66, tmp_path / "a")
+    for i in range(3):
+        get_espeak().synthesize("four green stars", Voice("en-us+m2", 150, 45), seed=i)
+    lines_b = generate_block(cfg, "train", 64, 66, tmp_path / "b")
+    assert lines_a == lines_b
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+
+
+def test_openmoji_option(tmp_path):
+    from anyloom.data.manifest import read_manifest
+    from anyloom.data.openmoji import OpenMojiConfig, build_openmoji
+
+    paths = build_openmoji(OpenMojiConfig(max_items=12, with_speech=False, val_fraction=0.25, test_fraction=0.25,
+                                          root=str(tmp_path)))
+    assert (paths.counts["train"], paths.counts["val"], paths.counts["test"]) == (6, 3, 3)
+    docs = [d for s in ("train", "val", "test") for d in read_manifest(getattr(paths, s)).documents]
+    assert len({d.id for d in docs}) == 12
+    names = {d.meta["codepoint"]: d.segments[0].text for d in docs}
+    assert names["U+00A9"] == "copyright sign"  # unicodedata.name, lower case
+    for d in docs:
+        px = d.segments[1].pixels
+        assert px.shape == (32, 32, 3) and px.min() < 128 and px.max() == 255  # drawn, on white
+    assert "CC BY-SA 4.0" in (paths.dir / "LICENSE.txt").read_text()

@@ -1,0 +1,87 @@
+"""Measure the world: generation time, image-judge accuracy and speech-judge WER per voice on ground truth.
+
+    python scripts/bench_world.py                      # default world, built fresh in a temporary folder
+    python scripts/bench_world.py --root data_cache/world --splits test compositional
+
+Prints a table and writes JSON (``--out``, default runs/bench/world.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from anyloom.data.asr import SpeechJudge, word_error_rate
+from anyloom.data.judge import judge_image
+from anyloom.data.manifest import read_manifest
+from anyloom.data.world import WorldConfig, build_world
+from anyloom.training.progress import progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=None, help="world cache root (default: a fresh temporary folder, so it is timed)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--splits", nargs="+", default=["test", "compositional"])
+    p.add_argument("--out", default="runs/bench/world.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = WorldConfig(root=args.root or tmp)
+        t0 = time.perf_counter()
+        cpu0 = os.times()
+        paths = build_world(cfg, workers=args.workers)
+        wall = time.perf_counter() - t0
+        cpu1 = os.times()
+        cpu = (cpu1.user - cpu0.user) + (cpu1.children_user - cpu0.children_user)
+        results: dict = {"generation_s": round(wall, 1), "generation_cpu_s": round(cpu, 1),
+                         "items": sum(paths.counts.values()), "judge": {}, "asr": {}}
+        print(f"generation: {results['items']} items in {wall:.1f} s wall, {cpu:.1f} s CPU (user, all processes)")
+
+        judge = SpeechJudge()
+        for split in args.splits:
+            docs = read_manifest(paths.split(split)).documents
+            exact = sum(judge_image(d.segments[1].pixels) == _caption(d) for d in progress(docs, desc=f"judge {split}"))
+            results["judge"][split] = {"exact": exact / len(docs), "n": len(docs)}
+            print(f"image judge {split}: {exact}/{len(docs)} exact = {exact / len(docs):.4f}")
+            by_voice: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+            t1 = time.perf_counter()
+            for d in progress(docs, desc=f"asr {split}"):
+                refs, hyps = by_voice[d.meta["voice"]]
+                refs.append(d.segments[0].text)
+                hyps.append(judge.transcribe_one(d.segments[2].wave, d.segments[2].sample_rate))
+            asr_s = time.perf_counter() - t1
+            all_refs = [r for refs, _ in by_voice.values() for r in refs]
+            all_hyps = [h for _, hyps in by_voice.values() for h in hyps]
+            results["asr"][split] = {"wer": word_error_rate(all_refs, all_hyps), "n": len(all_refs),
+                                     "utt_per_s": round(len(all_refs) / asr_s, 1),
+                                     "per_voice": {v: {"wer": word_error_rate(r, h), "n": len(r)}
+                                                   for v, (r, h) in sorted(by_voice.items())}}
+            print(f"speech judge {split}: WER {results['asr'][split]['wer']:.4f} on {len(all_refs)} utterances "
+                  f"({len(all_refs) / asr_s:.0f} utt/s)")
+            for v, s in results["asr"][split]["per_voice"].items():
+                print(f"  {v:<10} WER {s['wer']:.4f} (n={s['n']})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _caption(doc):
+    from anyloom.data.captions import Caption
+
+    return Caption(count=doc.meta["count"], color=doc.meta["color"], shape=doc.meta["shape"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
