@@ -116,6 +116,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return rearrange(x, "n c h w -> n h w c").numpy()
 
 
+def freeze(tokenizer: ImageTokenizer) -> ImageTokenizer:
+    """Eval mode and no gradients: an EMA codebook in training mode would update itself on every encode."""
+    if isinstance(tokenizer, torch.nn.Module):
+        tokenizer.eval().requires_grad_(False)
+    return tokenizer
+
+
 @torch.no_grad()
 def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
     """The frozen tokenizer's reconstruction decode(encode(x)) of (N, 3, H, W) images, in batches."""
@@ -196,6 +203,7 @@ def train_diffusion_decoder_on_images(
             f"diffusion_decoder.model.image_size {tuple(mcfg.image_size)} != the tokenizer's image_size "
             f"{tuple(image_tokenizer.image_size)}"
         )
+    freeze(image_tokenizer)
     seed_everything(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps and noise: saved with checkpoints
     device = pick_device(cfg.device)
@@ -316,6 +324,7 @@ def compare_decoders(
 ) -> DecoderComparison:
     """Encode (N, H, W, 3) uint8 originals once, decode the codes with the VQ decoder and with the diffusion
     decoder (``steps`` DDIM steps, seeded), and score both against the originals."""
+    freeze(tokenizer)
     x = to_float(pixels)
     codes = torch.cat([tokenizer.encode(x[i : i + batch_size]).codes for i in range(0, len(x), batch_size)])
     device = next(model.parameters()).device
@@ -400,6 +409,7 @@ __all__ = [
     "ImageSet",
     "load_manifest_images",
     "compare_decoders",
+    "freeze",
     "DecoderComparison",
     "DecoderScores",
     "train_diffusion_decoder",
