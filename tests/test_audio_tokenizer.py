@@ -13,6 +13,14 @@ from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelToken
 from anyloom.tokenizers.base import AudioTokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convs spend their time in thread synchronisation when the shared machine is loaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def tiny_mel_config(**kw) -> MelTokenizerConfig:
     base = dict(channels=32, res_blocks=1, code_dim=16, num_codebooks=2, codebook_size=32, griffin_lim_iters=8)
     base.update(kw)
@@ -156,3 +164,121 @@ def test_numpy_input_is_accepted(mel_tok):
     wave = speechlike(0.3, seed=8)
     a = mel_tok.encode(wave[None].numpy().astype(np.float64), 16000).codes
     assert torch.equal(a, mel_tok.encode(wave[None], 16000).codes)
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def _speech_manifest(folder, n: int, seed: int = 0):
+    """A JSONL manifest of ``n`` synthetic utterances (WAV files at 22.05 kHz: exercises resampling)."""
+    import json
+
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        sf.write(folder / f"a{i}.wav", speechlike(0.6, sr=22050, seed=seed + i).numpy(), 22050, subtype="PCM_16")
+        lines.append(json.dumps({"segments": [{"text": f"utterance {i}"}, {"audio": f"a{i}.wav"}]}))
+    lines.append(json.dumps({"segments": [{"text": "no audio here"}]}))
+    (folder / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "m.jsonl"
+
+
+def _tiny_stage(steps: int, ckpt_every: int = 0):
+    from anyloom.training.audio_tokenizer import AudioTokenizerStageConfig, AudioTokenizerTrainConfig
+    from anyloom.training.optim import OptimConfig
+
+    return AudioTokenizerStageConfig(
+        mel=tiny_mel_config(codebook_size=16),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=2),
+        train=AudioTokenizerTrainConfig(steps=steps, batch_size=4, crop_seconds=0.2, log_every=1,
+                                        ckpt_every=ckpt_every, num_samples=1, eval_items=0, max_seconds=0),
+    )
+
+
+def test_training_improves_exports_and_skips_when_done(tmp_path):
+    import json
+
+    from anyloom.training.audio_tokenizer import train_audio_tokenizer
+    from anyloom.training.run import RunDir
+
+    manifest = _speech_manifest(tmp_path / "data", 6)
+    run = RunDir(tmp_path / "run")
+    folder = train_audio_tokenizer(_tiny_stage(40), manifest, manifest, run)
+    records = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
+    first, last = records[0]["mel_l1_nats"], records[-1]["mel_l1_nats"]
+    assert last < 0.7 * first, (first, last)
+    assert sorted(p.name for p in run.samples.glob("*.wav")) == [
+        "audio_0_original.wav", "audio_step0000040_0_reconstruction.wav"]
+    tok = MelTokenizer.load(folder)
+    assert tok.encode(speechlike(0.3)[None], 16000).codes.shape == (1, 2, 15)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert train_audio_tokenizer(_tiny_stage(40), manifest, manifest, run) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # same fingerprint: not retrained
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    import shutil
+
+    from anyloom.training.audio_tokenizer import train_audio_tokenizer
+    from anyloom.training.run import RunDir
+
+    manifest = _speech_manifest(tmp_path / "data", 4)
+    whole = MelTokenizer.load(train_audio_tokenizer(_tiny_stage(12, ckpt_every=6), manifest, manifest,
+                                                    RunDir(tmp_path / "a")))
+    run = RunDir(tmp_path / "b")
+    train_audio_tokenizer(_tiny_stage(12, ckpt_every=6), manifest, manifest, run)
+    # simulate a crash after step 6: only the first checkpoint survives
+    shutil.rmtree(run.path / "tokenizer")
+    shutil.rmtree(run.checkpoints / "step_0000012")
+    resumed = MelTokenizer.load(train_audio_tokenizer(_tiny_stage(12, ckpt_every=6), manifest, manifest, run))
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_speech_reports_documents_without_audio(tmp_path):
+    from anyloom.training.audio_tokenizer import load_speech
+
+    speech = load_speech(_speech_manifest(tmp_path / "data", 3), 16000)
+    assert len(speech.waves) == 3 and speech.skipped == 1 and speech.texts[0] == "utterance 0"
+    assert abs(len(speech.waves[0]) - 0.6 * 16000) <= 1  # resampled from 22.05 kHz
+
+
+# -- metrics -------------------------------------------------------------------------------------------------
+def test_si_snr_matches_the_definition():
+    from anyloom.evaluation.audio_metrics import si_snr
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 4000, generator=g)
+    noise = torch.randn(2, 4000, generator=g)
+    noise = noise - noise.mean(-1, keepdim=True)
+    ref = ref - ref.mean(-1, keepdim=True)
+    noise = noise - (noise * ref).sum(-1, keepdim=True) / ref.pow(2).sum(-1, keepdim=True) * ref  # orthogonal
+    noise = noise / noise.norm(dim=-1, keepdim=True) * ref.norm(dim=-1, keepdim=True) / 10  # 20 dB below
+    est = 3.0 * ref + 3.0 * noise  # scale does not matter
+    assert torch.allclose(si_snr(est, ref), torch.full((2,), 20.0), atol=1e-3)
+    assert si_snr(ref, ref).min() > 70
+
+
+def test_mel_distance_and_evaluate_reconstruction(mel_tok):
+    from anyloom.evaluation.audio_metrics import evaluate_reconstruction, mel_distance
+
+    a = speechlike(0.5, seed=1)[None]
+    assert float(mel_distance(a, a)[0]) == 0.0
+    noise = 0.3 * torch.randn(1, 8000, generator=torch.Generator().manual_seed(0))  # every bin far above the floor
+    assert float(mel_distance(noise * 0.5, noise)[0]) == pytest.approx(math.log(2), abs=1e-4)
+
+    class EchoJudge:  # stands in for the ASR: "hears" the first reference only for loud audio
+        def transcribe(self, waves, sample_rate):
+            return ["one red circle" if np.abs(w).max() > 0.05 else "" for w in waves]
+
+    def wer(refs, hyps):
+        return sum(r != h for r, h in zip(refs, hyps)) / len(refs)
+
+    waves = [speechlike(0.4, seed=i).numpy() for i in range(2)]
+    report = evaluate_reconstruction(mel_tok, waves, 16000, ["one red circle", "two"], EchoJudge(), wer)
+    assert report.items == 2 and report.asr_wer_ground_truth == 0.5
+    assert report.tokens_per_second == 100.0 and math.isfinite(report.mel_distance)
+    keys = report.as_eval()
+    assert keys["audio_tokenizer.asr_wer_ground_truth"] == 0.5 and "audio_tokenizer.si_snr_db" in keys
+    with pytest.raises(ValueError, match="references"):
+        evaluate_reconstruction(mel_tok, waves, 16000, ["one"], EchoJudge(), wer)
