@@ -60,6 +60,13 @@ class CheckpointRef:
     path: Path
     step: int
 
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __fspath__(self) -> str:  # usable wherever a path is: Path(ref), open(ref / ...), export(ref, ...)
+        return str(self.path)
+
 
 def step_dir(folder: str | Path, step: int) -> Path:
     return Path(folder) / f"step_{step:08d}"

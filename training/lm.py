@@ -190,8 +190,19 @@ def train_lm(
         close_distributed(env)
 
 
-def _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed, env, sample_fn,  # noqa: ANN001
-           stop: _StopFlag) -> LMTrainResult:
+def _train(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    parallel_cfg: ParallelConfig,
+    run: RunDir,
+    make_loader: Callable[[int, int], LoaderLike],
+    vocab_json: dict[str, Any] | None,
+    seed: int,
+    env: DistEnv,
+    sample_fn: SampleFn | None,
+    stop: _StopFlag,
+) -> LMTrainResult:
     rows = micro_batch_size(train_cfg, env.world_size)
     seed_everything(seed)
     model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env)
@@ -218,7 +229,9 @@ def _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, voca
 
     batches = _batches(loader)
     # interval sums, all-reduced at log time: [loss*n, z*n, n, then (loss, correct, count) per modality]
-    interval = torch.zeros(3 + 3 * len(MODALITIES), dtype=torch.float64)
+    # (kept on the device: no host sync per micro-batch)
+    acc_dtype = torch.float64
+    interval = torch.zeros(3 + 3 * len(MODALITIES), dtype=acc_dtype, device=env.device)
     interval_tokens, interval_t0, total_tokens, total_time = 0, time.perf_counter(), 0, 0.0
     bar = progress(total=train_cfg.steps, initial=start, desc="train lm")
     model.train()
@@ -231,25 +244,26 @@ def _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, voca
             for mb in micro:
                 _check_batch(mb, rows, train_cfg.seq_len, step)
             # the step's target-token count over every micro-batch and rank (see module docstring)
-            n_global = float(all_reduce_sum(torch.tensor([float(mb.loss_mask.sum()) for mb in micro]).sum()))
+            n_locals = [float(mb.loss_mask.sum()) for mb in micro]  # host tensors: no device sync
+            n_global = float(all_reduce_sum(torch.tensor([sum(n_locals)], dtype=acc_dtype, device=env.device)))
             if n_global == 0:
                 raise ValueError(f"step {step}: the global batch has no target tokens (loss_mask is all False)")
             step_sums = torch.zeros_like(interval)
-            for i, mb in enumerate(micro):
+            for i, (mb, n_local) in enumerate(zip(micro, n_locals)):
                 mb = {k: getattr(mb, k).to(env.device, non_blocking=True)
                       for k in ("tokens", "targets", "loss_mask", "doc_ids", "positions", "modality")}
                 set_gradient_sync(model, i == len(micro) - 1)
                 with amp:
                     hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
                     out = model.loss(hidden, mb["targets"], mb["loss_mask"])
-                n_local = float(mb["loss_mask"].sum())
                 # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
                 loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
                 loss.backward()
-                _accumulate(step_sums, out, mb, n_local, loss.detach() * n_global / env.world_size)
+                _accumulate(step_sums, out, mb, n_local, loss.detach() * (n_global / env.world_size))
             grad_norm = _grad_norm(model, optim_cfg.grad_clip)
             # one collective for the step's loss and for "did any rank get SIGINT/SIGTERM" (all stop together)
-            shared = all_reduce_sum(torch.tensor([float(step_sums[0]), float(stop.set)], dtype=torch.float64))
+            shared = torch.stack([step_sums[0], torch.tensor(float(stop.set), dtype=acc_dtype, device=env.device)])
+            shared = all_reduce_sum(shared)
             step_loss, stop_votes = float(shared[0]) / n_global, float(shared[1])
             verdict = guard.check(step, step_loss, grad_norm)
             if verdict.skip:
@@ -314,15 +328,16 @@ def _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, voca
 def _accumulate(sums: torch.Tensor, out: Any, mb: dict[str, torch.Tensor], n_local: float,
                 weighted_loss: torch.Tensor) -> None:
     """Add one micro-batch's loss sums (token-weighted) and per-modality loss/accuracy sums to ``sums``."""
-    sums[0] += float(weighted_loss)  # = out.loss * n_local (NaN when injected)
-    sums[1] += float(out.z_loss.detach()) * n_local
+    sums[0] += weighted_loss.to(sums.dtype)  # = out.loss * n_local (NaN when injected)
+    sums[1] += out.z_loss.detach().to(sums.dtype) * n_local
     sums[2] += n_local
     mask = mb["loss_mask"].bool()
+    token_loss = out.token_loss.detach().to(sums.dtype)
     for m in range(len(MODALITIES)):
         sel = mask & (mb["modality"] == m)
-        sums[3 + 3 * m] += float(out.token_loss.detach()[sel].double().sum())
-        sums[4 + 3 * m] += float(out.correct[sel].sum())
-        sums[5 + 3 * m] += float(sel.sum())
+        sums[3 + 3 * m] += torch.where(sel, token_loss, 0).sum()
+        sums[4 + 3 * m] += (out.correct & sel).sum()
+        sums[5 + 3 * m] += sel.sum()
 
 
 def _metrics(totals: torch.Tensor) -> dict[str, float]:
