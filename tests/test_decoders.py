@@ -303,6 +303,15 @@ def test_training_loop_outputs_and_resume_equals_uninterrupted(tmp_path):
     assert 0 <= cmp.diffusion.judge_agreement <= 1 and cmp.diffusion.seconds_per_image > cmp.vq.seconds_per_image
 
 
+def test_max_seconds_stops_early_with_final_weights_and_samples(tmp_path):
+    run = RunDir(tmp_path / "r")
+    cfg = _stage(steps=50, max_seconds=1e-9, ckpt_every=0)
+    final = train_diffusion_decoder_on_images(cfg, PaletteTokenizer(), palette_images(8, 5), palette_images(2, 6), run)
+    records = read_metrics(run.path)
+    assert [r["step"] for r in records if r.get("stopped_early")] == [1]
+    assert (run.samples / "diffusion_step_0000001.png").exists() and DiffusionDecoder.load(final).cfg == TINY
+
+
 def test_training_refuses_a_tokenizer_of_another_size(tmp_path):
     with pytest.raises(ValueError, match=r"image_size \(16, 16\) != the tokenizer's image_size \(32, 32\)"):
         train_diffusion_decoder_on_images(

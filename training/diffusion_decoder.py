@@ -50,6 +50,7 @@ class DiffusionDecoderStageConfig:
     val_images: int = 64  # held-out images for the PSNR logged with samples
     max_train_images: int = 0  # 0: every image of the training manifest
     encode_batch_size: int = 256  # images per tokenizer call when precomputing reconstructions
+    max_seconds: float = 0  # > 0: stop after this much training time (shared CPUs); the schedule keeps `steps`
     image_tokenizer: str = ""  # folder of the frozen image tokenizer's weights (read by the entry point)
     seed: int = 0
     device: str = "auto"
@@ -58,7 +59,7 @@ class DiffusionDecoderStageConfig:
         for name in ("steps", "batch_size", "log_every", "sample_images", "val_images", "encode_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("ckpt_every", "sample_every", "max_train_images"):
+        for name in ("ckpt_every", "sample_every", "max_train_images", "max_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_last < 1:
@@ -230,6 +231,7 @@ def train_diffusion_decoder_on_images(
     bs = min(cfg.batch_size, n)
 
     model.train()
+    t_start = time.perf_counter()
     for step in progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="diffusion decoder"):
         idx = torch.randint(0, n, (bs,), generator=rng)
         x, c = images[idx].to(device), cond[idx].to(device)
@@ -240,16 +242,22 @@ def train_diffusion_decoder_on_images(
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t_start >= cfg.max_seconds
+        last = done == cfg.steps or out_of_time
+        if done % cfg.log_every == 0 or last:
             logger.log(done, loss=out.loss.item(), grad_norm=float(grad_norm), lr=sched.get_last_lr()[0])
-        if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+        if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or last):
             _save_checkpoint(run.checkpoints / f"step_{done:07d}", model, opt, done, rng)
             for old in sorted(run.checkpoints.glob("step_*"))[: -cfg.keep_last]:
                 shutil.rmtree(old)
-        if (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps:
+        if (cfg.sample_every and done % cfg.sample_every == 0) or last:
             model.eval()
             write_samples(model, val, val_cond, run, done, logger, cfg.sample_images)
             model.train()
+        if out_of_time:
+            logger.log(done, stopped_early=True, train_seconds=round(time.perf_counter() - t_start, 1))
+            print(f"diffusion decoder: max_seconds={cfg.max_seconds} reached after {done}/{cfg.steps} steps")
+            break
     logger.close()
     final = model.save(run.path / "decoder")
     return final
