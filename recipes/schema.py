@@ -13,6 +13,7 @@ from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
 from anyloom.tokenizers.text import TextTokenizerConfig
 from anyloom.training.diffusion_decoder import DiffusionDecoderStageConfig
+from anyloom.training.image_tokenizer import ImageTokenizerStageConfig
 from anyloom.training.optim import OptimConfig
 from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
@@ -29,6 +30,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
     text_tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)  # BPE size, extra corpus
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
+    image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths
     diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder

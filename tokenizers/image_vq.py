@@ -33,12 +33,12 @@ class ImageVQConfig:
     image_size: tuple[int, int] = (32, 32)  # (H, W) the tokenizer expects; other sizes are resized in encode
     # Space-to-depth factor before the first conv (pixel-unshuffle in, pixel-shuffle out, as ViT patches):
     # full-resolution convs are the most expensive per useful channel, so the world default starts at H/2.
-    patch: int = 1
-    # Width of each resolution level, from H/patch down; len(channels) - 1 stride-2 steps, so patch 1 with
-    # (32, 64, 128) or patch 2 with (64, 128) maps 32x32 images to an 8x8 grid (downsample 4).
-    channels: tuple[int, ...] = (32, 64, 128)
+    patch: int = 2
+    # Width of each resolution level, from H/patch down; len(channels) - 1 stride-2 steps, so patch 2 with
+    # (32, 128) or patch 1 with (32, 64, 128) maps 32x32 images to an 8x8 grid (downsample 4).
+    channels: tuple[int, ...] = (32, 128)
     enc_blocks: int = 1  # ResNet blocks per encoder level
-    dec_blocks: tuple[int, ...] = (1, 1, 2)  # ResNet blocks per decoder level, same order as channels
+    dec_blocks: tuple[int, ...] = (1, 2)  # ResNet blocks per decoder level, same order as channels
     attention: bool = False  # self-attention block at the code resolution (encoder and decoder)
     latent_dim: int = 64  # D: channels the quantizer sees
     norm_groups: int = 8  # GroupNorm groups; every level width must be divisible by it
@@ -136,7 +136,10 @@ class Decoder(nn.Module):
             c_prev = ch[min(i + 1, len(ch) - 1)]
             blocks: list[nn.Module] = []
             if i < len(ch) - 1:
-                blocks += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c_prev, c_prev, 3, padding=1)]
+                # the conv after upsampling already narrows to this level's width: at 4x the positions, a
+                # conv at the coarser width would cost more than the whole coarser level
+                blocks += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c_prev, ch[i], 3, padding=1)]
+                c_prev = ch[i]
             blocks += [ResBlock(c_prev if j == 0 else ch[i], ch[i], g) for j in range(cfg.dec_blocks[i])]
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)

@@ -1,0 +1,460 @@
+"""Training loop of the image tokenizer (VQGAN family): reconstruction + quantizer losses, optional patch-GAN.
+
+    train_image_tokenizer(cfg, train_manifest, val_manifest, run) -> folder with the exported tokenizer
+
+One step reads top to bottom: sample a batch, forward, loss (L1 + L2 + quantizer aux [+ adaptive-weighted
+hinge GAN after ``gan_start``]), backward, clip, step, EMA update, log. Checkpoints are one safetensors file
+plus a JSON sidecar (never pickle); a run with a checkpoint resumes from it and, because every batch is drawn
+from a generator seeded by (seed, step), continues exactly as an uninterrupted run would. The export is
+skipped when ``<run>/tokenizer`` already holds a tokenizer trained with the same config fingerprint.
+
+Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from anyloom.config import fingerprint, to_dict
+from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
+from anyloom.training.metrics import MetricsLogger
+from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
+from anyloom.training.progress import progress
+from anyloom.training.run import RunDir
+from anyloom.training.seed import seed_everything
+
+EXPORT_DIR = "tokenizer"  # <run>/tokenizer: the exported ImageVQTokenizer (model.safetensors + config.json)
+CHECKPOINT = "image_tokenizer.safetensors"  # <run>/checkpoints/: training state, resumable
+CHECKPOINT_META = "image_tokenizer.json"
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    enabled: bool = False
+    start_step: int = 2000  # the discriminator joins only once reconstructions are reasonable (VQGAN)
+    weight: float = 0.1  # times the adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer
+    channels: int = 32  # patch discriminator width (first layer); doubles per stride-2 layer
+    layers: int = 2  # stride-2 layers: 2 on 32x32 images gives 8x8 patch logits
+    lr: float = 2e-4
+
+
+@dataclass(frozen=True)
+class ImageTokenizerStageConfig:
+    model: ImageVQConfig = field(default_factory=ImageVQConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=100,
+                                            min_lr_ratio=0.05)
+    )
+    steps: int = 1500
+    batch_size: int = 32
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    gan: GANConfig = field(default_factory=GANConfig)
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights and export it instead of the raw weights
+    channels_last: bool = True  # faster convs on CPU
+    threads: int = 2  # torch.set_num_threads for the loop
+    seed: int = 0
+    log_every: int = 25
+    eval_every: int = 250  # PSNR / codebook usage on val_images validation images
+    val_images: int = 256
+    sample_every: int = 250  # reconstruction grid PNG (and tensorboard image); 0: only at the end
+    ckpt_every: int = 250  # 0: only at the end
+    # Wall-clock budget in seconds (0: none). The lr schedule then follows whichever of steps and time runs
+    # out first, so a budget-limited run still ends annealed; batches stay a function of the step, but the
+    # number of steps (and so the result) depends on the machine's speed.
+    max_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_every", "val_images", "threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_seconds < 0:
+            raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.l1_weight < 0 or self.l2_weight < 0 or self.l1_weight + self.l2_weight == 0:
+            raise ValueError("l1_weight and l2_weight must be >= 0 and not both 0")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class ImageSet:
+    pixels: np.ndarray  # (N, H, W, 3) uint8
+    skipped: int  # documents the manifest reader skipped (corrupt files, bad lines) or without an image
+    reasons: list[str] = field(default_factory=list)  # the reader's skip messages ("file:line: why"), first 20
+
+
+def load_images(manifest: str | Path, image_size: tuple[int, int], limit: int | None = None) -> ImageSet:
+    """Every image segment of a manifest as one uint8 array, converted to RGB and resized by the reader."""
+    from anyloom.data.document import ImageSegment
+    from anyloom.data.manifest import read_manifest
+
+    result = read_manifest(manifest, strict=False, image_size=tuple(image_size))
+    out: list[np.ndarray] = []
+    without = 0
+    for doc in result.documents:
+        images = [s.pixels for s in doc.segments if isinstance(s, ImageSegment)]
+        without += not images
+        out.extend(images)
+        if limit is not None and len(out) >= limit:
+            out = out[:limit]
+            break
+    if not out:
+        raise ValueError(f"{manifest}: no readable image segments ({result.summary})")
+    reasons = [f"{s.source}: {s.reason}" for s in result.skipped[:20]]
+    return ImageSet(pixels=np.stack(out), skipped=len(result.skipped) + without, reasons=reasons)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The batch of ``step``: a pure function of (seed, step), so resumed runs see the same batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch_size,), generator=g)
+
+
+# ------------------------------------------------------------------------------------ discriminator
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / VQGAN): stride-2 conv layers, then one logit per patch."""
+
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, cfg.channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        c = cfg.channels
+        for _ in range(cfg.layers - 1):
+            layers += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        layers += [nn.Conv2d(c, 1, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1, H / 2**layers, W / 2**layers) logits
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance: make the GAN gradient at the decoder's last layer as large as the reconstruction's."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class ReconstructionScores:
+    psnr: float  # dB, mean over images, pixels in [0, 1]
+    codebook_usage: float  # fraction of codes used at least once
+    perplexity: float  # exp(entropy of the code histogram)
+
+
+@torch.no_grad()
+def reconstruct(model: ImageVQTokenizer, pixels: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 (N, H, W, 3) -> (reconstructions (N, H, W, 3) uint8, codes (N, h, w)) in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    recons, codes = [], []
+    for i in range(0, len(pixels), batch_size):
+        x = uint8_to_float(pixels[i : i + batch_size]).to(device)
+        c = model.encode(x).codes
+        recons.append(float_to_uint8(model.decode(c)))
+        codes.append(c.cpu())
+    model.train(was_training)
+    return np.concatenate(recons), torch.cat(codes)
+
+
+def quick_scores(model: ImageVQTokenizer, pixels: np.ndarray) -> ReconstructionScores:
+    from anyloom.evaluation.image_metrics import codebook_stats, psnr
+
+    recon, codes = reconstruct(model, pixels)
+    stats = codebook_stats(codes, model.codebook_size)
+    return ReconstructionScores(psnr=float(psnr(pixels, recon).mean()), codebook_usage=stats.usage,
+                                perplexity=stats.perplexity)
+
+
+def save_grid(originals: np.ndarray, recons: np.ndarray, path: Path, scale: int = 2) -> np.ndarray:
+    """Rows of originals over their reconstructions, upscaled ``scale``x (nearest); returns the grid."""
+    top = np.concatenate(list(originals), axis=1)  # (H, n*W, 3)
+    bottom = np.concatenate(list(recons), axis=1)
+    grid = np.concatenate([top, bottom], axis=0)  # (2H, n*W, 3)
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    model: ImageVQTokenizer
+    optimizer: torch.optim.Optimizer
+    disc: PatchDiscriminator | None
+    disc_optimizer: torch.optim.Optimizer | None
+    ema: dict[str, torch.Tensor] | None  # name -> EMA copy of every float parameter and buffer
+    step: int = 0  # optimizer steps done
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(state: TrainState, folder: Path, config_fp: str) -> Path:
+    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    opt_t, groups = _optimizer_tensors("opt", state.optimizer)
+    tensors.update(opt_t)
+    meta: dict = {"step": state.step, "fingerprint": config_fp, "param_groups": groups}
+    if state.disc is not None and state.disc_optimizer is not None:
+        tensors.update({f"disc.{k}": v for k, v in state.disc.state_dict().items()})
+        d_t, d_groups = _optimizer_tensors("dopt", state.disc_optimizer)
+        tensors.update(d_t)
+        meta["disc_param_groups"] = d_groups
+    if state.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
+    tensors["rng.torch"] = torch.get_rng_state()  # VQ dead-code re-seeding draws from the global generator
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CHECKPOINT + ".tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    (folder / (CHECKPOINT_META + ".tmp")).write_text(json.dumps(meta) + "\n")
+    # The JSON names the step; it is renamed last, so a crash between the two leaves the old pair readable.
+    tmp.replace(folder / CHECKPOINT)
+    (folder / (CHECKPOINT_META + ".tmp")).replace(folder / CHECKPOINT_META)
+    return folder / CHECKPOINT
+
+
+def load_checkpoint(state: TrainState, folder: Path, config_fp: str) -> bool:
+    """Restore ``state`` from ``folder`` if it holds a checkpoint of this config; False when there is none."""
+    if not (folder / CHECKPOINT).exists() or not (folder / CHECKPOINT_META).exists():
+        return False
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    if meta.get("fingerprint") != config_fp:
+        raise ValueError(f"{folder / CHECKPOINT}: written by a different image_tokenizer config "
+                         f"({meta.get('fingerprint')} != {config_fp}); use a new run directory or delete it")
+    tensors = load_file(str(folder / CHECKPOINT))
+    state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _load_optimizer(state.optimizer, "opt", tensors, meta["param_groups"])
+    if state.disc is not None and state.disc_optimizer is not None:
+        state.disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+        _load_optimizer(state.disc_optimizer, "dopt", tensors, meta["disc_param_groups"])
+    if state.ema is not None:
+        for k in state.ema:
+            state.ema[k].copy_(tensors[f"ema.{k}"])
+    torch.set_rng_state(tensors["rng.torch"])
+    state.step = int(meta["step"])
+    return True
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def _ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    for k, v in model.state_dict().items():
+        if k in ema:
+            ema[k].lerp_(v, 1.0 - decay)
+
+
+def _exported_model(state: TrainState) -> ImageVQTokenizer:
+    """The model to export: the EMA weights when enabled (codebook buffers included)."""
+    if state.ema is None:
+        return state.model
+    model = ImageVQTokenizer(state.model.cfg)
+    sd = state.model.state_dict()
+    sd.update({k: v.to(sd[k].device) for k, v in state.ema.items()})
+    model.load_state_dict(sd)
+    return model
+
+
+def export_matches(folder: Path, config_fp: str) -> bool:
+    meta_file = folder / "model.safetensors"
+    if not meta_file.exists():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(meta_file), framework="pt") as f:
+        return (f.metadata() or {}).get("fingerprint") == config_fp
+
+
+def train_image_tokenizer(
+    cfg: ImageTokenizerStageConfig, train_manifest: str | Path, val_manifest: str | Path, run: RunDir
+) -> Path:
+    """Train (or resume) the image tokenizer; returns ``<run>/tokenizer`` (load with ImageVQTokenizer.load)."""
+    out = run.path / EXPORT_DIR
+    config_fp = fingerprint(cfg)
+    if export_matches(out, config_fp):
+        print(f"image tokenizer: {out} already trained with this config ({config_fp}); skipping")
+        return out
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    image_size = tuple(cfg.model.image_size)
+    train = load_images(train_manifest, image_size)
+    val = load_images(val_manifest, image_size, limit=cfg.val_images)
+    logger = MetricsLogger(run)
+    logger.log(0, train_images=len(train.pixels), train_skipped=train.skipped, val_images=len(val.pixels),
+               val_skipped=val.skipped)
+    print(f"image tokenizer: {len(train.pixels)} training images ({train.skipped} documents skipped), "
+          f"{len(val.pixels)} validation images ({val.skipped} skipped)")
+    for reason in train.reasons + val.reasons:
+        print(f"  skipped {reason}")
+    train_x = uint8_to_float(train.pixels)  # (N, 3, H, W) in [-1, 1], all in memory: the world is small
+
+    model = ImageVQTokenizer(cfg.model)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    disc = disc_opt = None
+    if cfg.gan.enabled:
+        disc = PatchDiscriminator(cfg.gan).to(memory_format=memory_format)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    state = TrainState(model=model, optimizer=build_optimizer(model, cfg.optim), disc=disc, disc_optimizer=disc_opt,
+                       ema=_ema_init(model) if cfg.ema_decay > 0 else None)
+    if load_checkpoint(state, run.checkpoints, config_fp):
+        print(f"image tokenizer: resuming from step {state.step} ({run.checkpoints / CHECKPOINT})")
+    last_layer = model.decoder.conv_out.weight
+    fixed = val.pixels[:8]
+
+    bar = progress(total=cfg.steps, initial=state.step, desc="image tokenizer", unit="step")
+    t0 = time.time()
+    while state.step < cfg.steps:
+        step = state.step
+        # with a time budget, progress is the larger of the step and time fractions (see max_seconds)
+        by_time = int(cfg.steps * (time.time() - t0) / cfg.max_seconds) if cfg.max_seconds else 0
+        if by_time >= cfg.steps:
+            print(f"image tokenizer: stopping at step {step}/{cfg.steps}: the {cfg.max_seconds:.0f} s budget is spent")
+            break
+        lr = cfg.optim.lr * lr_factor(max(step, by_time), cfg.steps, cfg.optim)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        x = train_x[batch_indices(len(train_x), cfg.batch_size, cfg.seed, step)]
+        x = x.contiguous(memory_format=memory_format)
+
+        fwd = model(x)
+        l1 = (fwd.recon - x).abs().mean()
+        l2 = (fwd.recon - x).pow(2).mean()
+        rec = cfg.l1_weight * l1 + cfg.l2_weight * l2
+        loss = rec + fwd.quant_loss
+        gan_on = disc is not None and step >= cfg.gan.start_step
+        g_loss = d_weight = torch.zeros(())
+        if gan_on:
+            g_loss = -disc(fwd.recon).mean()
+            d_weight = cfg.gan.weight * adaptive_gan_weight(rec, g_loss, last_layer)
+            loss = loss + d_weight * g_loss
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        state.optimizer.step()
+
+        d_loss = torch.zeros(())
+        if gan_on:
+            d_loss = hinge_d_loss(disc(x), disc(fwd.recon.detach()))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+        if state.ema is not None:
+            _ema_update(state.ema, model, cfg.ema_decay)
+        state.step += 1
+        bar.update(1)
+
+        done = state.step == cfg.steps
+        if state.step % cfg.log_every == 0 or done:
+            record = dict(loss=loss.item(), l1=l1.item(), l2=l2.item(), quant_loss=fwd.quant_loss.item(), lr=lr,
+                          grad_norm=float(grad_norm), elapsed_s=round(time.time() - t0, 2))
+            if gan_on:
+                record.update(g_loss=g_loss.item(), d_loss=d_loss.item(), gan_weight=float(d_weight))
+            logger.log(state.step, **record)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if state.step % cfg.eval_every == 0 or done:
+            s = quick_scores(model, val.pixels)
+            logger.log(state.step, val_psnr=s.psnr, val_codebook_usage=s.codebook_usage, val_perplexity=s.perplexity)
+        if (cfg.sample_every and state.step % cfg.sample_every == 0) or done:
+            recon, _ = reconstruct(model, fixed)
+            grid = save_grid(fixed, recon, run.samples / f"recon_{state.step:06d}.png")
+            logger.image("image_tokenizer/reconstructions", state.step, grid)
+        if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or done:
+            save_checkpoint(state, run.checkpoints, config_fp)
+    bar.close()
+    if state.step < cfg.steps:  # stopped by the time budget: keep the last state resumable
+        save_checkpoint(state, run.checkpoints, config_fp)
+
+    final = _exported_model(state).to(memory_format=torch.contiguous_format).eval()
+    recon, _ = reconstruct(final, fixed)
+    save_grid(fixed, recon, run.samples / "recon_final.png")
+    s = quick_scores(final, val.pixels)
+    logger.log(state.step, final_val_psnr=s.psnr, final_val_codebook_usage=s.codebook_usage,
+               final_val_perplexity=s.perplexity, train_seconds=round(time.time() - t0, 1))
+    logger.close()
+    final.save(out, metadata={"fingerprint": config_fp, "steps": str(state.step), "config": json.dumps(to_dict(cfg))})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the world, train the recipe's image tokenizer on it, and score it on a split (default: test)."""
+    import argparse
+
+    from anyloom.data.world import WorldConfig, build_world
+    from anyloom.evaluation.image_metrics import evaluate_reconstructions
+    from anyloom.recipes import load_recipe
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--recipe", default="image_tokenizer")
+    p.add_argument("--eval-split", default="test", choices=["val", "test", "compositional", "none"])
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. image_tokenizer.steps=500")
+    args = p.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = build_world(getattr(recipe, "world", None) or WorldConfig())
+    run = RunDir.from_config(recipe.run)
+    run.write_recipe(recipe)
+    t0 = time.time()
+    folder = train_image_tokenizer(recipe.image_tokenizer, world.train, world.val, run)
+    minutes = (time.time() - t0) / 60
+    if args.eval_split != "none":
+        model = ImageVQTokenizer.load(folder)
+        images = load_images(world.split(args.eval_split), model.image_size).pixels
+        recon, codes = reconstruct(model, images)
+        report = evaluate_reconstructions(images, recon, codes, model.codebook_size)
+        scores = report.as_eval()
+        run.write_json(f"eval_{args.eval_split}.json", {**scores, "split": args.eval_split, "images": report.images,
+                                                         "train_minutes": round(minutes, 2)})
+        save_grid(images[:16], recon[:16], run.samples / f"recon_{args.eval_split}.png")
+        print(json.dumps({**scores, "train_minutes": round(minutes, 2)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
