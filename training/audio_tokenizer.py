@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F_
 
 from anyloom.config import fingerprint, to_dict
+from anyloom.tokenizers.audio_codec import WaveCodec, WaveCodecConfig
 from anyloom.tokenizers.audio_common import prepare_wave
-from anyloom.tokenizers.audio_mel import MelTokenizer, MelTokenizerConfig
+from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelTokenizer, MelTokenizerConfig
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.progress import progress
@@ -69,8 +70,9 @@ class AudioTokenizerTrainConfig:
 class AudioTokenizerStageConfig:
     """The recipe section ``audio_tokenizer``: which model, its config, and how to train it."""
 
-    kind: Literal["mel_rvq"] = "mel_rvq"
-    mel: MelTokenizerConfig = field(default_factory=MelTokenizerConfig)
+    kind: Literal["mel_rvq", "seanet_codec"] = "mel_rvq"  # measured side by side in docs/BENCHMARKS.md
+    mel: MelTokenizerConfig = field(default_factory=MelTokenizerConfig)  # kind mel_rvq
+    codec: WaveCodecConfig = field(default_factory=WaveCodecConfig)  # kind seanet_codec
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=50, schedule="cosine")
     )
@@ -131,6 +133,35 @@ def sample_crops(corpus: torch.Tensor, batch: int, frames: int, g: torch.Generat
     return corpus[:, idx].permute(1, 0, 2)  # (M, B, frames) -> (B, M, frames)
 
 
+def wave_crops(corpus: torch.Tensor, batch: int, samples: int, g: torch.Generator) -> torch.Tensor:
+    """(N,) -> (B, samples) random windows of the concatenated training speech."""
+    return sample_crops(corpus[None], batch, samples, g)[:, 0]
+
+
+class WaveformLoss(torch.nn.Module):
+    """Multi-resolution STFT (spectral convergence + log magnitude L1) plus 80-bin log-mel L1."""
+
+    def __init__(self, sample_rate: int, ffts: tuple[int, ...] = (512, 1024, 2048)):
+        super().__init__()
+        self.ffts = ffts
+        self.mel = MelFeatures(MelFeatureConfig(sample_rate=sample_rate, hop_length=sample_rate // 50,
+                                                f_max=sample_rate / 2))
+        for n in ffts:
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+
+    def forward(self, est: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) x (B, T) -> (total loss, mel L1 in nats)."""
+        loss = est.new_zeros(())
+        for n in self.ffts:
+            w = getattr(self, f"window_{n}")
+            a = torch.stft(est, n, n // 4, window=w, return_complex=True).abs().clamp_min(1e-5)
+            b = torch.stft(ref, n, n // 4, window=w, return_complex=True).abs().clamp_min(1e-5)
+            loss = loss + (a - b).norm() / b.norm() + (a.log() - b.log()).abs().mean()
+        usable = est.shape[-1] - est.shape[-1] % self.mel.cfg.hop_length
+        mel_l1 = (self.mel.log_mel(est[:, :usable]) - self.mel.log_mel(ref[:, :usable])).abs().mean()
+        return loss / len(self.ffts) + mel_l1, mel_l1
+
+
 def codebook_perplexity(codes: torch.Tensor, codebook_size: int) -> list[float]:
     """(B, Q, F) -> per level exp(entropy) of the code histogram: how many codes are effectively in use."""
     out = []
@@ -176,7 +207,7 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Opti
     return int(saved.config["step"])
 
 
-def _write_samples(model: MelTokenizer, speech: SpeechSet, run: RunDir, logger: MetricsLogger, step: int,
+def _write_samples(model: MelTokenizer | WaveCodec, speech: SpeechSet, run: RunDir, logger: MetricsLogger, step: int,
                    n: int) -> None:
     model.eval()
     for i, wave in enumerate(speech.waves[:n]):
@@ -192,7 +223,8 @@ def train_audio_tokenizer(
     cfg: AudioTokenizerStageConfig, train_manifest: str | Path, val_manifest: str | Path, run: RunDir,
     seed: int = 0, device: str | torch.device = "cpu",
 ) -> Path:
-    """Train (or reuse) the audio tokenizer; returns the exported folder (``MelTokenizer.load`` reads it)."""
+    """Train (or reuse) the audio tokenizer; returns the exported folder (``MelTokenizer.load`` or
+    ``WaveCodec.load`` reads it, by ``kind`` in its config.json)."""
     fp = fingerprint({"stage": cfg, "seed": seed, "train": str(train_manifest)})
     out = run.path / "tokenizer"
     if (out / "config.json").exists() and load_weights(out).metadata.get("fingerprint") == fp:
@@ -200,15 +232,23 @@ def train_audio_tokenizer(
         return out
     tc = cfg.train
     seed_everything(seed)
-    model = MelTokenizer(cfg.mel).to(device)
+    waveform = cfg.kind == "seanet_codec"
+    model = (WaveCodec(cfg.codec) if waveform else MelTokenizer(cfg.mel)).to(device)
+    codebook_size = model.codebook_size
     train = load_speech(train_manifest, model.sample_rate, tc.max_train_items)
     val = load_speech(val_manifest, model.sample_rate, max(tc.eval_items, tc.num_samples))
     print(f"audio tokenizer: {len(train.waves)} training utterances ({train.skipped} documents without audio "
           f"skipped), {len(val.waves)} validation")
-    corpus = mel_corpus(model, train.waves).to(device)
-    model.fit_normalization(corpus[None])
-    corpus = model.normalize(corpus[None])[0]
-    crop = int(round(tc.crop_seconds * model.frame_rate)) * cfg.mel.downsample  # whole code frames
+    crop_frames = max(1, int(round(tc.crop_seconds * model.frame_rate)))
+    if waveform:
+        corpus = torch.from_numpy(np.concatenate(train.waves)).to(device)  # (N,) samples
+        crop = crop_frames * model.samples_per_frame
+        wave_loss = WaveformLoss(model.sample_rate).to(device)
+    else:
+        corpus = mel_corpus(model, train.waves).to(device)
+        model.fit_normalization(corpus[None])
+        corpus = model.normalize(corpus[None])[0]
+        crop = crop_frames * cfg.mel.downsample  # mel frames of whole code frames
 
     opt = build_optimizer(model, cfg.optim)
     logger = MetricsLogger(run)
@@ -228,20 +268,29 @@ def train_audio_tokenizer(
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         for group in opt.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, tc.steps, cfg.optim)
-        mel = sample_crops(corpus, tc.batch_size, crop, g).to(device)  # (B, M, frames)
-        result = model(mel)
-        recon_loss = F_.l1_loss(result.recon, mel)
-        loss = recon_loss + result.commit_loss
+        if waveform:
+            wave = wave_crops(corpus, tc.batch_size, crop, g)  # (B, T)
+            result = model(wave)
+            recon_loss, mel_l1 = wave_loss(result.wave[:, : wave.shape[-1]], wave)
+            loss = recon_loss + result.quantizer_loss
+        else:
+            mel = sample_crops(corpus, tc.batch_size, crop, g)  # (B, M, frames)
+            result = model(mel)
+            recon_loss = F_.l1_loss(result.recon, mel)
+            loss = recon_loss + result.commit_loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % tc.log_every == 0 or step == tc.steps - 1:
-            # L1 in natural-log mel units: undo the per-bin scaling
-            nats = float(((result.recon.detach() - mel).abs() * model.mel_std[None, :, None]).mean())
-            usage = codebook_perplexity(result.codes, cfg.mel.codebook_size)
-            logger.log(step, loss=loss.item(), recon_l1=recon_loss.item(), mel_l1_nats=nats,
-                       commit=result.commit_loss.item(), grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"],
+            if waveform:
+                nats, commit = float(mel_l1.detach()), float(result.quantizer_loss.detach())
+            else:  # L1 in natural-log mel units: undo the per-bin scaling
+                nats = float(((result.recon.detach() - mel).abs() * model.mel_std[None, :, None]).mean())
+                commit = float(result.commit_loss.detach())
+            usage = codebook_perplexity(result.codes, codebook_size)
+            logger.log(step, loss=loss.item(), recon=recon_loss.item(), mel_l1_nats=nats, commit=commit,
+                       grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"],
                        **{f"perplexity_q{q}": u for q, u in enumerate(usage)})
             bar.set_postfix(loss=f"{loss.item():.3f}", nats=f"{nats:.3f}")
         if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0:
@@ -293,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     run.write_recipe(recipe)
     folder = train_audio_tokenizer(recipe.audio_tokenizer, world.train, world.val, run, seed=recipe.run.seed)
     if args.eval_split != "none":
-        model = MelTokenizer.load(folder)
+        model = (WaveCodec if recipe.audio_tokenizer.kind == "seanet_codec" else MelTokenizer).load(folder)
         speech = load_speech(world.split(args.eval_split), model.sample_rate, args.eval_items)
         report = evaluate_reconstruction(model, speech.waves, speech.sample_rate, speech.texts, SpeechJudge(),
                                          word_error_rate)
