@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--splits", nargs="+", default=["test", "compositional"])
     p.add_argument("--out", default="runs/bench/world.json")
+    p.add_argument("--robustness", type=int, default=300, help="renders per blur/noise setting (0: skip)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
@@ -70,11 +71,43 @@ def main(argv: list[str] | None = None) -> int:
                   f"({len(all_refs) / asr_s:.0f} utt/s)")
             for v, s in results["asr"][split]["per_voice"].items():
                 print(f"  {v:<10} WER {s['wer']:.4f} (n={s['n']})")
+    if args.robustness:
+        results["judge_robustness"] = robustness(args.robustness)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def robustness(n: int) -> dict[str, dict[str, float]]:
+    """Image judge on test-split renders softened like generated images: Gaussian blur + Gaussian noise."""
+    import numpy as np
+    from scipy import ndimage
+
+    from anyloom.data.render import render_scene
+    from anyloom.data.world import sample_caption
+
+    cfg = WorldConfig()
+    out = {}
+    for sigma, noise in ((0.0, 0.0), (0.5, 4.0), (0.7, 8.0), (1.0, 8.0)):
+        noise_rng = np.random.default_rng(1)
+        exact = unreadable = 0
+        for i in range(n):
+            rng = np.random.default_rng([cfg.seed, 2, i])
+            caption = sample_caption(cfg, "test", rng)
+            px = render_scene(rng, caption, cfg.image_size, cfg.supersample).pixels.astype(np.float64)
+            if sigma:
+                px = ndimage.gaussian_filter(px, (sigma, sigma, 0))
+            px = np.clip(px + noise_rng.normal(0.0, noise, px.shape), 0, 255).astype(np.uint8)
+            got = judge_image(px)
+            exact += got == caption
+            unreadable += got is None
+        key = f"blur{sigma}_noise{noise}"
+        out[key] = {"exact": exact / n, "unreadable": unreadable / n, "wrong": (n - exact - unreadable) / n}
+        print(f"image judge, blur sigma {sigma} px + noise std {noise}: exact {exact / n:.3f}, "
+              f"unreadable (None) {unreadable / n:.3f}, wrong {(n - exact - unreadable) / n:.3f}  (n={n})")
+    return out
 
 
 def _caption(doc):
