@@ -138,6 +138,8 @@ def inspect_image(pixels: np.ndarray) -> JudgeReport:
     """Everything the judge sees in one (H, W, 3) uint8 RGB image (see the module docstring)."""
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"judge expects (H, W, 3) RGB pixels, got shape {pixels.shape}")
+    if pixels.dtype != np.uint8:  # a float image in [0, 1] would look empty, not wrong: refuse it
+        raise ValueError(f"judge expects uint8 pixels in 0..255, got dtype {pixels.dtype}")
     px = pixels.astype(np.float64)
     h, w, _ = px.shape
     bg = _background(px)

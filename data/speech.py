@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -76,6 +78,11 @@ class Espeak:
 
         self._lib.espeak_Terminate()
         _ctypes.dlclose(self._lib._handle)
+        maps = Path("/proc/self/maps")
+        if maps.is_file() and os.path.realpath(self._path) in maps.read_text():
+            # Someone else in this process holds the library open, so its statics survive the reload.
+            raise RuntimeError(f"cannot reset espeak-ng: {self._path} is still loaded by another user in this "
+                               "process; speech would not be reproducible")
         self._load()
 
     def _collect(self, wav: ctypes._Pointer, n: int, events: int) -> int:

@@ -66,6 +66,8 @@ def test_image_judge_refuses_non_captions():
     assert judge_image(px) is None
     with pytest.raises(ValueError, match="RGB"):
         judge_image(np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        judge_image(np.zeros((32, 32, 3), np.float32))
 
 
 def test_image_judge_hand_drawn_square():
