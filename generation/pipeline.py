@@ -13,10 +13,11 @@ What ``load`` accepts (the first match wins):
   written by ``scripts/export.py``) and the tokenizers of its stages;
 - an export folder itself (those three files).
 
-Each tokenizer is looked up, in order, in ``<export>/<stage>/``, ``<run>/stages/<stage>/export/`` and
-``<run>/stages/<stage>/`` with stage = ``text_tokenizer`` / ``image_tokenizer`` / ``audio_tokenizer``; a folder
-counts when it holds the tokenizer's files (``text.model``; ``config.json`` + ``model.safetensors`` whose
-``kind`` names a known image or audio tokenizer). A modality the vocabulary does not have needs no tokenizer.
+Each tokenizer is looked up, in order, in ``<export>/<stage>/``, ``<run>/stages/<stage>/tokenizer/`` (where
+``make train`` puts it), ``<run>/stages/<stage>/export/`` and ``<run>/stages/<stage>/`` with stage =
+``text_tokenizer`` / ``image_tokenizer`` / ``audio_tokenizer``; a folder counts when it holds the tokenizer's
+files (``text.model``; ``config.json`` + ``model.safetensors`` whose ``kind`` names a known image or audio
+tokenizer). A modality the vocabulary does not have needs no tokenizer.
 Explicit folders can be passed instead (``load(path, image_tokenizer="...")``).
 
 Prompts are built like the training templates (``anyloom.sequences.mixture``): ``<bos>``, the condition
@@ -113,7 +114,8 @@ def find_export(path: Path) -> Path:
 
 def _tokenizer_candidates(export: Path, stage: str) -> list[Path]:
     run = export.parent if export.name == "export" else export
-    return [export / stage, run / "stages" / stage / "export", run / "stages" / stage]
+    stage_dir = run / "stages" / stage
+    return [export / stage, stage_dir / "tokenizer", stage_dir / "export", stage_dir]
 
 
 def _holds_tokenizer(folder: Path, modality: str) -> bool:

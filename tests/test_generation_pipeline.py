@@ -36,19 +36,20 @@ CAPTIONS = [f"{n} {c} {s}" for n in ("one", "two", "three") for c in ("red", "bl
 
 
 def build_tiny_run(root: Path, audio_pattern: str = "delay") -> Path:
-    """runs/<tiny>/ with stages/{text,image,audio}_tokenizer/export and export/ (the LM)."""
+    """runs/<tiny>/ with stages/{text,image,audio}_tokenizer/tokenizer and export/ (the LM): make train's layout."""
     torch.manual_seed(0)
     stages = root / "stages"
     text = TextTokenizer.train(CAPTIONS * 20, vocab_size=300)
-    text.save(stages / "text_tokenizer" / "export")
+    text.save(stages / "text_tokenizer" / "tokenizer")
     qcfg = QuantizerConfig(codebook_size=32, kmeans_init=False, dead_code_threshold=0.0)
-    image = ImageVQTokenizer(ImageVQConfig(image_size=(16, 16), channels=(8, 8, 16), dec_blocks=(1, 1, 1), latent_dim=8,
-                                           norm_groups=4, quantizer=qcfg)).eval()
-    image.save(stages / "image_tokenizer" / "export")
+    image_cfg = ImageVQConfig(image_size=(16, 16), patch=1, channels=(8, 8, 16), dec_blocks=(1, 1, 1), latent_dim=8,
+                              norm_groups=4, quantizer=qcfg)
+    image = ImageVQTokenizer(image_cfg).eval()
+    image.save(stages / "image_tokenizer" / "tokenizer")
     feats = MelFeatureConfig(n_fft=256, win_length=256, hop_length=160, n_mels=16)
     audio = MelTokenizer(MelTokenizerConfig(features=feats, channels=16, res_blocks=1, code_dim=8, num_codebooks=2,
                                             codebook_size=16, kmeans_init=False, griffin_lim_iters=2)).eval()
-    audio.save(stages / "audio_tokenizer" / "export")
+    audio.save(stages / "audio_tokenizer" / "tokenizer")
     vocab = Vocabulary.from_tokenizers(text, image, audio, audio_pattern=audio_pattern)
     cfg = ModelConfig(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=1024)
     model = Transformer(cfg)
@@ -130,7 +131,7 @@ def test_bad_requests_get_clear_errors(pipe, tmp_path):
 def test_load_refuses_a_tokenizer_of_another_run(tiny_run, tmp_path):
     words = " ".join(f"word{i}" for i in range(200))
     other = TextTokenizer.train(CAPTIONS + [words] * 5, vocab_size=420)
-    assert other.vocab_size != TextTokenizer.load(tiny_run / "stages" / "text_tokenizer" / "export").vocab_size
+    assert other.vocab_size != TextTokenizer.load(tiny_run / "stages" / "text_tokenizer" / "tokenizer").vocab_size
     other.save(tmp_path / "text")
     with pytest.raises(PipelineError, match="vocab_size"):
         load(tiny_run, device="cpu", text_tokenizer=tmp_path / "text")
