@@ -1,5 +1,7 @@
 """Reading user data: JSONL manifests and webdataset tar shards into ``Document``s, validated item by item.
 
+``path`` is one file or a brace pattern of several (``shards/train-{000..009}.tar``), read in order.
+
 JSONL: one document per line, ``{"id"?: str, "segments": [{"text": str} | {"image": path} | {"audio": path}],
 "meta"?: {...}}``; paths are relative to the manifest (absolute paths work too). Blank lines are ignored.
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from scipy.signal import resample_poly
 
@@ -82,32 +85,31 @@ def read_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, 
 def iter_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
                   sample_rate: int = 16000, skipped: list[Skip] | None = None) -> Iterator[Document]:
     """Lazily yield documents; in lenient mode skips are appended to ``skipped`` (when given)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: no such manifest file")
-    reader = _iter_tar if path.name.endswith((".tar", ".tar.gz", ".tgz")) else _iter_jsonl
-    for source, item in reader(path, image_size, sample_rate):
-        if isinstance(item, Document):
-            yield item
-        elif strict:
-            raise ManifestError(f"{source}: {item}")
-        elif skipped is not None:
-            skipped.append(Skip(source=source, reason=item))
+    paths = [Path(p) for p in braceexpand(str(path))]  # "shard-{000..009}.tar", as webdataset writes them
+    for p in paths:
+        if not p.is_file():
+            raise ManifestError(f"{p}: no such manifest file")
+    for p in paths:
+        reader = _iter_tar if p.name.endswith((".tar", ".tar.gz", ".tgz")) else _iter_jsonl
+        for source, item in reader(p, image_size, sample_rate):
+            if isinstance(item, Document):
+                yield item
+            elif strict:
+                raise ManifestError(f"{source}: {item}")
+            elif skipped is not None:
+                skipped.append(Skip(source=source, reason=item))
 
 
 def _iter_jsonl(path: Path, image_size: tuple[int, int] | None, sample_rate: int) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        while True:
-            lineno += 1
+    files = _FileSource(path.parent)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             source = f"{path}:{lineno}"
-            try:
-                line = f.readline()
+            try:  # decoded line by line: one bad line must not cost the lines after it
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield source, f"not UTF-8 text ({e.reason} at byte {e.start})"
-                return  # the rest of the file cannot be located reliably
-            if not line:
-                return
+                continue
             if not line.strip():
                 continue
             try:
@@ -116,7 +118,6 @@ def _iter_jsonl(path: Path, image_size: tuple[int, int] | None, sample_rate: int
                 yield source, f"malformed JSON: {e.msg} at column {e.colno}"
                 continue
             try:
-                files = _FileSource(path.parent)
                 yield source, _document(obj, files, image_size, sample_rate, default_id=source)
             except _Bad as e:
                 yield source, str(e)

@@ -133,6 +133,15 @@ def test_missing_manifest(tmp_path):
         read_manifest(tmp_path / "nope.jsonl")
 
 
+def test_bad_utf8_line_costs_only_that_line(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b'{"segments": [{"text": "one"}]}\n{"segments": [{"text": "\xff\xfe"}]}\n'
+                  b'{"segments": [{"text": "three"}]}\n')
+    result = read_manifest(m, strict=False)
+    assert [d.segments[0].text for d in result.documents] == ["one", "three"]
+    assert result.skipped[0].source == f"{m}:2" and "not UTF-8" in result.skipped[0].reason
+
+
 def test_webdataset_shards(files):
     import webdataset as wds
 
@@ -149,6 +158,12 @@ def test_webdataset_shards(files):
         sink.write({"__key__": "s3", "json": b"{not json"})
     with pytest.raises(ManifestError, match=rf"{shard}:s2: missing file: image member 'jpg'"):
         read_manifest(shard)
+    # A brace pattern reads several shards in order (webdataset's naming).
+    second = d / "shard-000001.tar"
+    with wds.TarWriter(str(second)) as sink:
+        sink.write({"__key__": "t0", "txt": b"four cyan squares"})
+    both = read_manifest(d / "shard-{000000..000001}.tar", strict=False)
+    assert [doc.id for doc in both.documents] == ["s0", "s1", "t0"]
     result = read_manifest(shard, strict=False)
     s0, s1 = result.documents
     assert s0.id == "s0" and s0.meta == {"count": 2} and s0.segments[0].text == "two blue stars"
