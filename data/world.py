@@ -157,12 +157,14 @@ def build_world(cfg: WorldConfig, workers: int | None = None) -> WorldPaths:
         info = {"fingerprint": final.name, "generator_version": GENERATOR_VERSION, "config": config,
                 "counts": counts}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if final.exists():  # a stale folder without marker, or a concurrent builder finished first
-            if (final / COMPLETE_MARKER).is_file():
-                shutil.rmtree(tmp)
-                return _paths(final, counts)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists() and not (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(final)  # a stale folder without its marker (not made by this code)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / COMPLETE_MARKER).is_file():
+                raise
+            shutil.rmtree(tmp)  # a concurrent builder (another rank) finished first: same config, same bytes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
