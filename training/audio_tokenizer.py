@@ -322,7 +322,9 @@ def train_audio_tokenizer(
 def main(argv: list[str] | None = None) -> int:
     """Build the world, train the recipe's audio tokenizer on it, and score it on a split (default: test)."""
     import argparse
+    import sys
 
+    from anyloom.config import ConfigError
     from anyloom.data.asr import SpeechJudge, word_error_rate
     from anyloom.data.world import WorldConfig, build_world
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
@@ -336,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     world = build_world(getattr(recipe, "world", None) or WorldConfig())
     run = RunDir.from_config(recipe.run)
     run.write_recipe(recipe)
