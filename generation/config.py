@@ -23,7 +23,6 @@ class GenerationConfig:
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
-    compile: bool = False  # torch.compile the decode step (pays off on GPU; not for tiny CPU models)
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:

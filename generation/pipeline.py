@@ -71,7 +71,7 @@ class PipelineError(ValueError):
 class GeneratedText:
     text: str
     ids: list[int]  # text-tokenizer ids (no special tokens)
-    finished: bool  # ended with eos (False: stopped at max_text_tokens)
+    finished: bool  # the model ended it (False: it reached max_text_tokens, where eos is forced)
 
 
 @dataclass
@@ -371,9 +371,10 @@ class Pipeline:
         out = generate(
             self.model, ids, grammar, budget, cfg.sampling,
             torch.Generator(device=self.device).manual_seed(cfg.seed if seed is None else seed),
-            guidance, uncond, on_step, compile=cfg.compile,
+            guidance, uncond, on_step,
         )
-        return [self._decode(seq, to, finished) for seq, finished in zip(out.sequences, out.finished)]
+        # the grammar forces eos in the last slot of the budget, so only an earlier eos is the model's own choice
+        return [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
 
     def _decode(self, generated: list[int], to: Target, finished: bool) -> Generated:
         v = self.vocab
