@@ -12,6 +12,7 @@ from anyloom.data.world import WorldConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
 from anyloom.tokenizers.text import TextTokenizerConfig
+from anyloom.training.audio_tokenizer import AudioTokenizerStageConfig
 from anyloom.training.diffusion_decoder import DiffusionDecoderStageConfig
 from anyloom.training.image_tokenizer import ImageTokenizerStageConfig
 from anyloom.training.optim import OptimConfig
@@ -34,3 +35,4 @@ class Recipe:
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths
     diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
+    audio_tokenizer: AudioTokenizerStageConfig = field(default_factory=AudioTokenizerStageConfig)  # audio codes + training
