@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-split", default="test", choices=["val", "test", "compositional", "none"])
     p.add_argument("--eval-items", type=int, default=500)
     p.add_argument(
-        "--eval-steps", type=int, nargs="+", default=None, help="DDIM steps to compare (default: the model's)"
+        "--eval-steps", default="", help="comma-separated DDIM step counts, e.g. 10,25 (default: the model's)"
     )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -404,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         model = DiffusionDecoder.load(weights, device=pick_device(cfg.device))
         pixels = load_manifest_images(world.split(args.eval_split), tuple(cfg.model.image_size), args.eval_items)
         results = {}
-        for steps in args.eval_steps or [model.cfg.inference_steps]:
+        try:
+            step_counts = [int(v) for v in args.eval_steps.split(",") if v.strip()] or [model.cfg.inference_steps]
+        except ValueError:
+            raise SystemExit(
+                f"--eval-steps {args.eval_steps!r}: expected comma-separated integers, e.g. 10,25"
+            ) from None
+        for steps in step_counts:
             cmp = compare_decoders(tokenizer, model, pixels.pixels, steps, seed=cfg.seed)
             results[f"diffusion_decoder.{args.eval_split}.ddim{steps}"] = to_dict(cmp)
         run.write_json(f"eval_{args.eval_split}.json", {**results, "config": to_dict(cfg), "tokenizer": str(folder)})
