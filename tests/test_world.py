@@ -180,3 +180,17 @@ def test_openmoji_option(tmp_path):
         px = d.segments[1].pixels
         assert px.shape == (32, 32, 3) and px.min() < 128 and px.max() == 255  # drawn, on white
     assert "CC BY-SA 4.0" in (paths.dir / "LICENSE.txt").read_text()
+
+
+def test_make_world_cli(tmp_path, capsys):
+    from anyloom.scripts.make_world import main
+
+    assert main(["world.n_tran=3"]) == 2
+    assert "did you mean 'world.n_train'" in capsys.readouterr().err
+    assert main(["openmoji.size=64"]) == 2
+    assert "openmoji.image_size" in capsys.readouterr().err
+    args = ["world.n_train=4", "world.n_val=1", "world.n_test=1", "world.n_compositional=2",
+            "world.with_speech=false", f"world.root={tmp_path}", "--workers", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"world: {tmp_path}/" in out and "compositional       2 items" in out
