@@ -71,11 +71,13 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--init", default="cpu", choices=["cpu", "meta"])
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--result", help="write the result (rank 0) as JSON here")
     a = p.parse_args()
     torch.set_num_threads(1)
     res = run_training(a.dir, a.steps, a.batch, a.grad_accum, a.ckpt_every,
-                       ParallelConfig(activation_checkpointing=a.ac))
+                       ParallelConfig(activation_checkpointing=a.ac, init_device=a.init, compile=a.compile))
     if a.result and torch.distributed.is_available():
         import os
 

@@ -26,6 +26,8 @@ from anyloom.training.weights import load_weights
 from anyloom.transformer.model import ModelConfig, Transformer
 
 REPO = Path(__file__).resolve().parent.parent
+# training/checkpoint.py silences DCP's "assuming a single process" warning at import; pytest resets filters
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
 def test_resume_after_sigint_is_bit_identical(tmp_path):

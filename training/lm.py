@@ -216,7 +216,7 @@ def _train(
     resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                           expect_model_config=config["model"])
     start = resumed.step if resumed else 0
-    result = LMTrainResult(step=start, resumed_from=start)
+    result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)
     metrics = MetricsLogger(run)
     if resumed and env.is_main:
         print(f"resumed from {resumed.path} (step {start})")
@@ -301,6 +301,7 @@ def _train(
                 metrics.log(step, **record)
                 interval.zero_()
                 interval_tokens, interval_t0 = 0, time.perf_counter()
+            paused = time.perf_counter()  # samples and checkpoints do not count against tokens/s
             if sample_fn is not None and train_cfg.sample_every and step % train_cfg.sample_every == 0:
                 model.eval()
                 sample_fn(model, step, run)
@@ -313,6 +314,7 @@ def _train(
                 break
             if train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0 and step < train_cfg.steps:
                 save(step)
+            interval_t0 += time.perf_counter() - paused
         else:
             if step > start:
                 save(step)
@@ -320,7 +322,8 @@ def _train(
     finally:
         bar.close()
         metrics.close()
-    result.checkpoint = ckpt.last_saved.path if ckpt.last_saved else result.checkpoint
+    if ckpt.last_saved is not None:
+        result.checkpoint = ckpt.last_saved.path
     result.tokens_per_s = total_tokens / total_time if total_time > 0 else 0.0
     return result
 
