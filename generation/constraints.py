@@ -165,8 +165,9 @@ class StreamGrammar:
         cls = torch.zeros_like(state.mode)  # done rows -> class 0 (pad)
         img = state.mode == IMAGE
         cls = torch.where(img, self.c_image + state.offset.clamp(max=self.span), cls)
-        if self.has_audio:
-            cls = torch.where(state.mode == AUDIO, self._audio_class(state, budget, frame_limit), cls)
+        in_audio = state.mode == AUDIO
+        if self.has_audio and bool(in_audio.any()):  # most steps have no audio row: skip ~20 small ops
+            cls = torch.where(in_audio, self._audio_class(state, budget, frame_limit), cls)
         allowed = self.table[cls]  # (B, V)
         text_row = self._text_row(budget)
         return torch.where((state.mode == TEXT)[:, None], text_row[None, :], allowed)
@@ -236,9 +237,11 @@ class StreamGrammar:
 
         new_offset = torch.where(in_img | in_aud, offset + 1, offset)
         new_offset = torch.where(opened | closed, 0, new_offset)
-        ends_level0 = in_aud & (frames < 0) & (offset % self.Q == 0) & (tokens == v.audio_pad)
-        new_frames = torch.where(ends_level0, offset // self.Q, frames)
-        new_frames = torch.where(opened | closed, -1, new_frames)
+        new_frames = frames  # -1 outside audio spans (reset when a span opens or closes)
+        if self.delay and bool(in_aud.any()):
+            ends_level0 = in_aud & (frames < 0) & (offset % self.Q == 0) & (tokens == v.audio_pad)
+            new_frames = torch.where(ends_level0, offset // self.Q, frames)
+            new_frames = torch.where(opened | closed, -1, new_frames)
         if active is not None:
             new_mode = torch.where(active, new_mode, mode)
             new_offset = torch.where(active, new_offset, offset)
