@@ -21,7 +21,8 @@ def tiny(kind: str = "vq", **kw) -> ImageVQConfig:
         "fsq": QuantizerConfig(kind="fsq", fsq_levels=(5, 4, 3)),
         "lfq": QuantizerConfig(kind="lfq", codebook_size=64),
     }[kind]
-    base = dict(image_size=(16, 16), channels=(8, 16), dec_blocks=(1, 1), latent_dim=8, norm_groups=4, quantizer=q)
+    base = dict(image_size=(16, 16), patch=1, channels=(8, 16), dec_blocks=(1, 1), latent_dim=8, norm_groups=4,
+                quantizer=q)
     base.update(kw)
     return ImageVQConfig(**base)
 
@@ -184,7 +185,7 @@ def _stage(**kw):
     from anyloom.training.image_tokenizer import ImageTokenizerStageConfig
     from anyloom.training.optim import OptimConfig
 
-    base = dict(model=tiny("vq"), optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_steps=5),
+    base = dict(model=tiny("vq", patch=2), optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_steps=5),
                 steps=60, batch_size=16, log_every=5, eval_every=30, val_images=8, sample_every=30, ckpt_every=10,
                 channels_last=False)
     base.update(kw)
@@ -213,7 +214,7 @@ def test_training_improves_and_skips_when_done(tmp_path):
     val_px = load_images(val, (16, 16)).pixels
     assert abs(quick_scores(model, val_px).psnr - final["final_val_psnr"]) < 1e-6
     torch.manual_seed(0)
-    assert final["final_val_psnr"] > quick_scores(ImageVQTokenizer(tiny("vq")).eval(), val_px).psnr + 3.0
+    assert final["final_val_psnr"] > quick_scores(ImageVQTokenizer(tiny("vq", patch=2)).eval(), val_px).psnr + 3.0
     assert sorted(p.name for p in run.samples.glob("*.png")) == ["recon_000030.png", "recon_000060.png",
                                                                    "recon_final.png"]
     n = len(read_metrics(run.path))
