@@ -120,17 +120,20 @@ def decode_n_tokens(
     """Sample up to ``n`` tokens per row starting from ``logits`` (B, V) (or (2B, V) with guidance).
 
     The grammar gets the remaining budget, so every row's stream is complete (spans closed) within ``n``.
+    ``step_fn`` replaces :func:`decode_one_token` (same signature), e.g. with an instrumented step.
     """
     device = logits.device
     table = sampling.as_tensors(device)
     guided = guidance is not None and guidance.active
     scales = guidance.scales(device) if guided else None
     B = state.mode.shape[0]
-    pad = grammar.vocab.pad
+    pad, vocab_size = grammar.vocab.pad, grammar.vocab.size
     out = torch.full((B, n), pad, dtype=torch.long, device=device)
     written = 0
     for i in range(n):
         modality = state.modality()
+        # ids past the vocabulary (a model with a padded embedding) are never legal: drop them before the mask
+        logits = logits[:, :vocab_size]
         step_logits = guide(logits, modality, scales) if guided else logits  # (B, V)
         allowed = grammar.mask(state, remaining=n - i)  # (B, V)
         step_logits = step_logits.masked_fill(~allowed, float("-inf"))

@@ -168,6 +168,17 @@ def test_stop_after_span_and_disallowed_openers():
     assert out.finished[:2] == [True, True]
 
 
+def test_model_with_padded_vocabulary():
+    v = vocab()
+    model = tiny_model(v.size + 13)  # embedding rounded up past the vocabulary: extra ids must never come out
+    with torch.no_grad():
+        model.output.weight[v.size :].fill_(0).add_(model.norm.weight.mean() * 50)  # make them the most likely
+    out = generate(model, [[v.bos, 4]], StreamGrammar(v), 30, ModalitySampling.uniform(SamplingConfig(2.0)),
+                   torch.Generator().manual_seed(0))
+    assert max(out.sequences[0]) < v.size
+    check_stream([4] + out.sequences[0], v, 256)
+
+
 def test_bad_prompts_are_refused_with_the_position():
     v = vocab()
     g = StreamGrammar(v)
