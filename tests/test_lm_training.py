@@ -150,3 +150,15 @@ def test_activation_checkpointing_keeps_gradients_and_names(mode):
     assert names == set(grads[0])
     for n, g in grads[1].items():
         torch.testing.assert_close(g, grads[0][n.replace("._checkpoint_wrapped_module", "")], rtol=1e-6, atol=1e-7)
+
+
+def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path, capsys):
+    from anyloom.scripts.export import main
+
+    partial = step_dir(tmp_path / "run" / "checkpoints", 4)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text('{"model": {}}')
+    assert main(["--checkpoint", str(partial)]) == 2
+    assert "not a complete DCP checkpoint" in capsys.readouterr().err
+    assert main(["--run", str(tmp_path / "run")]) == 2  # the only checkpoint is incomplete
+    assert "no complete checkpoint" in capsys.readouterr().err
