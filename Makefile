@@ -24,7 +24,13 @@ TESTS ?= tests
 .PHONY: help setup train generate eval bench compare test lint clean
 
 help:
-	@echo "make setup | train [RECIPE=world ARGS='k=v ...' NPROC=1] | generate | eval RUN=runs/<name> | bench | compare RUNS='...' | test | lint | clean"
+	@echo "make setup                                   create .venv (idempotent)"
+	@echo "make train [RECIPE=world] [ARGS='k=v ...'] [NPROC=2]   train a recipe (default: the whole world chain)"
+	@echo "make generate PROMPT='two red circles' TO=image [RUN=runs/world]  (or IMAGE=x.png / AUDIO=x.wav, TO=text|audio)"
+	@echo "make eval RUN=runs/<name>                    held-out scores -> <run>/eval.json"
+	@echo "make bench                                   speed/memory ratios -> runs/bench/bench.json"
+	@echo "make compare RUNS='runs/a runs/b'            recipes, evals and curves side by side"
+	@echo "make test | lint | clean"
 
 setup: $(STAMP)
 
@@ -47,7 +53,8 @@ train: setup
 
 generate: setup
 	@test -f scripts/generate.py || { echo "make generate: generation is not built yet (issue #9)" >&2; exit 2; }
-	$(PY) scripts/generate.py --run "$(RUN)" $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(TO),--to $(TO)) $(GEN_ARGS)
+	$(PY) scripts/generate.py --run "$(RUN)" $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(IMAGE),--image "$(IMAGE)") \
+	    $(if $(AUDIO),--audio "$(AUDIO)") $(if $(TO),--to $(TO)) $(GEN_ARGS)
 
 eval: setup
 	@test -f scripts/evaluate.py || { echo "make eval: evaluation is not built yet (issue #10)" >&2; exit 2; }

@@ -13,3 +13,10 @@ __version__ = "0.1.0"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 __path__.append(str(REPO_ROOT))  # anyloom.tokenizers -> <repo>/tokenizers, anyloom.transformer -> ...
+
+
+def load(path, **kwargs):  # noqa: ANN001, ANN201 (typed in anyloom.generation.pipeline.load)
+    """``anyloom.load("runs/world")`` -> a generation Pipeline; see :func:`anyloom.generation.pipeline.load`."""
+    from anyloom.generation.pipeline import load as _load
+
+    return _load(path, **kwargs)

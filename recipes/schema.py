@@ -7,8 +7,10 @@ component's config class and add one field here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from anyloom.data.world import WorldConfig
+from anyloom.evaluation.run_eval import EvalConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
 from anyloom.tokenizers.text import TextTokenizerConfig
@@ -21,18 +23,37 @@ from anyloom.training.run import RunConfig
 from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.model import ModelConfig
 
+# The stages of the chain behind `make train`, in the only order they can run (scripts/pipeline.py).
+STAGES = ("world", "text_tokenizer", "image_tokenizer", "audio_tokenizer", "pretokenize", "lm", "export", "eval")
+Stage = Literal["world", "text_tokenizer", "image_tokenizer", "audio_tokenizer", "pretokenize", "lm", "export", "eval"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: tuple[Stage, ...] = STAGES  # a subset runs only those stages (each needs its predecessors' outputs)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: empty; nothing to run")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ValueError(f"stages must be distinct and in pipeline order {STAGES}, got {self.stages}")
+
 
 @dataclass(frozen=True)
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)  # where the run directory goes, seed, device
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # which stages `make train` runs
     optim: OptimConfig = field(default_factory=OptimConfig)  # the LM's optimizer and lr schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the LM training loop
     model: ModelConfig = field(default_factory=ModelConfig)  # the LM's architecture and kernels
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP2, activation checkpointing, compile
+    # the audio tokenizer (mel RVQ or waveform codec) and its training
+    audio_tokenizer: AudioTokenizerStageConfig = field(default_factory=AudioTokenizerStageConfig)
     text_tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)  # BPE size, extra corpus
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
+    diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
     image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation after training
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths
-    diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
-    audio_tokenizer: AudioTokenizerStageConfig = field(default_factory=AudioTokenizerStageConfig)  # audio codes + training

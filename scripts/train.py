@@ -1,6 +1,10 @@
 """`make train`: load a recipe (with overrides), create the run directory, run the recipe's stages.
 
     python scripts/train.py --recipe world optim.lr=1e-3 train.steps=200
+    python scripts/train.py --recipe world pipeline.stages=[world,text_tokenizer]
+
+Stages and where their outputs go: scripts/pipeline.py. Running the same command again resumes: finished
+stages are skipped (their outputs are keyed on their configs) and the LM continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import sys
 
 from anyloom.config import ConfigError
 from anyloom.recipes import load_recipe
+from anyloom.scripts.pipeline import run_pipeline
+from anyloom.training.distributed import is_main
 from anyloom.training.run import RunDir
 
 
@@ -29,13 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = RunDir.from_config(recipe.run)
     run.write_recipe(recipe)
-    print(f"run directory: {run.path} (resolved recipe in {run.recipe_file.name})")
-    print(
-        "error: the training stages are not built yet: world data (issue #3), tokenizers (#4, #5, #6), "
-        "LM training (#8)",
-        file=sys.stderr,
-    )
-    return 3
+    log = print if is_main() else (lambda _msg: None)
+    log(f"run directory: {run.path} (resolved recipe in {run.recipe_file.name})")
+    try:
+        ctx = run_pipeline(recipe, run, log=log)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e or 'stopped by the user'}; run the same command again to resume", file=sys.stderr)
+        return 130
+    if ctx.timings:
+        log((run.path / "summary.md").read_text() if (run.path / "summary.md").is_file() else "")
+    return 0
 
 
 if __name__ == "__main__":

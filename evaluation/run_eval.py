@@ -1,0 +1,175 @@
+"""`make eval RUN=runs/<name>`: score a trained run on the world's held-out splits and write ``eval.json``.
+
+The generation API (``anyloom.generation.pipeline``) is wrapped as an :class:`~anyloom.evaluation.world_eval.AnyToAny`
+model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.*`` and ``audio_tokenizer.*``.
+Also written: ``eval.md`` (a table), ``samples/eval/t2i_<split>.png`` (prompt -> image sheets) and a few
+``samples/eval/t2a_*.wav``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anyloom.evaluation.world_eval import WorldItem, evaluate_world, items_from_documents
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    limit: int = 0  # items per split (0: the whole split)
+    splits: tuple[str, ...] = ("test", "compositional")  # "test" is reported at the top level of eval.json
+    directions: tuple[str, ...] = ("t2i", "i2t", "a2t", "t2a")
+    batch_size: int = 32  # prompts generated together
+    tokenizers: bool = True  # image/audio tokenizer reconstruction metrics on the test split
+    sample_sheet: int = 24  # prompt -> image pairs drawn into samples/eval/t2i_<split>.png
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.directions) - {"t2i", "i2t", "a2t", "t2a"}
+        if unknown:
+            raise ValueError(f"directions: unknown {sorted(unknown)}; choose from t2i, i2t, a2t, t2a")
+        if self.limit < 0 or self.batch_size < 1:
+            raise ValueError("limit must be >= 0 and batch_size >= 1")
+
+
+class PipelineModel:
+    """The generation pipeline seen as the four evaluated directions (greedy unless the run's config says otherwise)."""
+
+    def __init__(self, pipe: Any, seed: int = 0):
+        self.pipe = pipe
+        self.seed = seed
+        # Generation from a caption is a function of (caption, seed): the sample sheets and WAVs reuse the
+        # outputs the scores were computed on instead of generating them again.
+        self._images: dict[str, np.ndarray] = {}
+        self._speech: dict[str, tuple[np.ndarray, int]] = {}
+
+    def text_to_image(self, captions: list[str]) -> list[np.ndarray]:
+        todo = sorted({c for c in captions if c not in self._images})
+        if todo:
+            outs = self.pipe.generate_batch(todo, to="image", seed=self.seed)
+            self._images.update({c: np.asarray(o.image.convert("RGB")) for c, o in zip(todo, outs)})
+        return [self._images[c] for c in captions]
+
+    def image_to_text(self, images: list[np.ndarray]) -> list[str]:
+        from PIL import Image
+
+        return [o.text for o in self.pipe.generate_batch([Image.fromarray(p) for p in images], to="text",
+                                                         seed=self.seed)]
+
+    def speech_to_text(self, waves: list[np.ndarray], sample_rate: int) -> list[str]:
+        from anyloom.data.document import AudioSegment
+
+        prompts = [AudioSegment(np.asarray(w, dtype=np.float32), sample_rate) for w in waves]
+        return [o.text for o in self.pipe.generate_batch(prompts, to="text", seed=self.seed)]
+
+    def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
+        todo = sorted({c for c in captions if c not in self._speech})
+        if todo:
+            outs = self.pipe.generate_batch(todo, to="audio", seed=self.seed)
+            self._speech.update({c: (o.wave, o.sample_rate) for c, o in zip(todo, outs)})
+        got = [self._speech[c] for c in captions]
+        return [w for w, _ in got], (got[0][1] if got else 16000)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def sample_sheet(captions: list[str], images: list[np.ndarray], path: Path, columns: int = 6) -> Path:
+    """A PNG grid: each generated image (upscaled 3x, nearest) above its prompt."""
+    from PIL import Image, ImageDraw
+
+    cell_w, img_h, text_h = 132, 96, 28
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, max(1, rows) * (img_h + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (caption, pixels) in enumerate(zip(captions, images)):
+        x, y = (i % columns) * cell_w, (i // columns) * (img_h + text_h)
+        tile = Image.fromarray(pixels).resize((img_h, img_h), Image.NEAREST)
+        sheet.paste(tile, (x + (cell_w - img_h) // 2, y))
+        draw.text((x + 2, y + img_h + 2), caption[:22], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def tokenizer_metrics(pipe: Any, items: list[WorldItem], speech_judge: Any) -> dict[str, float]:
+    import torch
+
+    from anyloom.data.asr import word_error_rate
+    from anyloom.evaluation.audio_metrics import evaluate_reconstruction
+    from anyloom.evaluation.image_metrics import evaluate_reconstructions
+
+    out: dict[str, float] = {}
+    tok = pipe.image_tokenizer
+    if tok is not None and items and items[0].pixels is not None:
+        originals = np.stack([it.pixels for it in items])
+        x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            codes = tok.encode(x).codes
+            recon = tok.decode(codes)
+        recons = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        out.update(evaluate_reconstructions(originals, recons, codes, tok.codebook_size).as_eval())
+    atok = pipe.audio_tokenizer
+    if atok is not None and items and items[0].wave is not None:
+        report = evaluate_reconstruction(atok, [it.wave for it in items], items[0].sample_rate,
+                                         references=[it.caption for it in items], judge=speech_judge,
+                                         word_error_rate=word_error_rate)
+        out.update(report.as_eval())
+    return out
+
+
+def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str, Any]:
+    """Score the run's export on the world splits; writes eval.json + eval.md + sample sheets; returns the scores."""
+    import soundfile as sf
+
+    from anyloom.data.asr import SpeechJudge
+    from anyloom.data.manifest import read_manifest
+    from anyloom.generation.pipeline import load
+    from anyloom.training.run import RunDir
+
+    run = RunDir(run_path)
+    pipe = load(run.path)
+    model = PipelineModel(pipe, cfg.seed)
+    splits: dict[str, list[WorldItem]] = {}
+    for split in cfg.splits:
+        docs = read_manifest(world.split(split)).documents
+        splits[split] = items_from_documents(docs[: cfg.limit] if cfg.limit else docs)
+    judge = SpeechJudge() if {"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers else None
+    scores = evaluate_world(model, splits, speech_judge=judge, directions=cfg.directions)
+    if cfg.tokenizers and "test" in splits:
+        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge)))
+    run.write_json("eval.json", scores)
+
+    out_dir = run.samples / "eval"
+    for split, items in splits.items():
+        shown = items[: cfg.sample_sheet]
+        if "t2i" in cfg.directions and shown:
+            sample_sheet([it.caption for it in shown], model.text_to_image([it.caption for it in shown]),
+                         out_dir / f"t2i_{split}.png")
+    if "t2a" in cfg.directions and splits.get("test"):
+        shown = splits["test"][:4]
+        waves, sr = model.text_to_speech([it.caption for it in shown])
+        for i, (it, w) in enumerate(zip(shown, waves)):
+            sf.write(out_dir / f"t2a_{i}_{it.caption.replace(' ', '_')}.wav", w, sr)
+    (run.path / "eval.md").write_text(eval_markdown(scores))
+    return scores
+
+
+def eval_markdown(scores: dict[str, Any]) -> str:
+    from anyloom.evaluation.compare import flatten
+
+    lines = ["| metric | value |", "|---|---:|"]
+    for key, value in flatten(scores).items():
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""`make bench`: every speed/memory benchmark in one table, as same-run ratios; writes runs/bench/bench.json.
+
+    python scripts/bench.py            # all parts
+    python scripts/bench.py --quick    # fewer steps (a smoke run; numbers are noisier)
+    python scripts/bench.py --only transformer generation
+
+Each part runs in its own process (so one part's memory and threads do not colour another's) and writes its own
+JSON under runs/bench/; this script gathers the headline ratios (names are the DESIGN.md contract):
+
+- ``train_tokens_per_s_vs_hf_llama``: LM training tokens/s, ours vs HF LlamaForCausalLM, identical config, same run
+- ``decode_tokens_per_s_vs_hf_generate``: KV-cache decode tokens/s vs HF generate on the same weights (batch 1, 16)
+- ``fused_ce_peak_memory_ratio``: loss peak memory, naive / fused, at vocabulary 65,536
+- ``packing_loader_tokens_per_s``: the packing loader over world-shaped token shards
+- ``image_tokenizer_*`` / ``audio_tokenizer_*``: encode/decode throughput of the world default tokenizers
+On a CUDA machine the transformer part adds attention TFLOP/s vs SDPA (and xformers when installed).
+Also writes runs/bench/throughput.png (bars of the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("runs/bench")
+PARTS = ("transformer", "generation", "sequences", "tokenizers")
+
+
+def _run(cmd: list[str]) -> str:
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def part_transformer(quick: bool) -> dict:
+    args = [sys.executable, "scripts/bench_transformer.py", "--steps", "3" if quick else "6"]
+    _run(args + (["--no-compile"] if quick else []))
+    data = json.loads((OUT / "transformer.json").read_text())
+    out = {"fused_ce_peak_memory_ratio": data["fused_ce"]["fused_ce_peak_memory_ratio"],
+           "train_tokens_per_s_vs_hf_llama": data["train"]["train_tokens_per_s_vs_hf_llama"],
+           "train_tokens_per_s_ours": data["train"].get("ours_compiled_tokens_per_s")
+           or data["train"]["ours_eager_tokens_per_s"],
+           "train_tokens_per_s_hf_llama": data["train"]["hf_llama_tokens_per_s"]}
+    if "attention" in data:
+        out["attention"] = data["attention"]
+    return out
+
+
+def part_generation(quick: bool) -> dict:
+    _run([sys.executable, "scripts/bench_generation.py", "--new", "32" if quick else "128",
+          "--repeats", "1" if quick else "3", "--out", str(OUT / "generation.json")])
+    data = json.loads((OUT / "generation.json").read_text())
+    out = {f"decode_tokens_per_s_vs_hf_generate_b{b}": r for b, r in data["decode_tokens_per_s_vs_hf_generate"].items()}
+    out["decode_tokens_per_s_vs_hf_generate"] = data["decode_tokens_per_s_vs_hf_generate"]
+    for row in data["rows"]:
+        out[f"decode_tokens_per_s_b{row['batch']}"] = row["engine_tokens_per_s"]
+    return out
+
+
+def part_sequences(quick: bool) -> dict:
+    stdout = _run([sys.executable, "scripts/bench_sequences.py", "--items", "1000" if quick else "4000",
+                   "--batches", "50" if quick else "200"])
+    data = json.loads(stdout.strip().splitlines()[-1])
+    (OUT / "sequences.json").write_text(json.dumps(data, indent=2) + "\n")
+    return {"packing_loader_tokens_per_s": data["mixture_from_shards_tokens_per_s"]}
+
+
+def part_tokenizers(quick: bool) -> dict:
+    """Encode/decode throughput of the world default tokenizers (speed does not depend on training)."""
+    import numpy as np
+    import torch
+
+    from anyloom.recipes import load_recipe
+    from anyloom.tokenizers.audio_mel import MelTokenizer
+    from anyloom.tokenizers.image_vq import ImageVQTokenizer
+
+    torch.set_num_threads(2)
+    recipe = load_recipe("world")
+    image = ImageVQTokenizer(recipe.image_tokenizer.model).eval()
+    audio = MelTokenizer(recipe.audio_tokenizer.mel).eval()
+    n_img, seconds = (64, 4) if quick else (256, 16)
+    images = torch.rand(n_img, 3, 32, 32) * 2 - 1
+    waves = torch.from_numpy(np.random.default_rng(0).uniform(-0.3, 0.3, (8, 16000 * seconds // 8)).astype("float32"))
+
+    def rate(fn, count: float) -> float:
+        fn()  # warm-up (k-means init, allocator)
+        start = time.perf_counter()
+        fn()
+        return count / (time.perf_counter() - start)
+
+    with torch.no_grad():
+        codes = image.encode(images).codes
+        acodes = audio.encode(waves, 16000).codes
+        return {
+            "image_tokenizer_encode_images_per_s": rate(lambda: image.encode(images), n_img),
+            "image_tokenizer_decode_images_per_s": rate(lambda: image.decode(codes), n_img),
+            "audio_tokenizer_encode_seconds_per_s": rate(lambda: audio.encode(waves, 16000), seconds),
+            "audio_tokenizer_decode_seconds_per_s": rate(lambda: audio.decode(acodes), seconds),
+        }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and ("_vs_" in k or k.endswith("ratio"))}
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(bars)))
+    ax.barh(list(bars), list(bars.values()), color="#4a7")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("ratio (ours / reference; > 1 is better)")
+    for i, v in enumerate(bars.values()):
+        ax.text(v, i, f" {v:.2f}x", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    a = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    import platform
+
+    import torch
+
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+                     f"threads, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+                     "torch": torch.__version__, "quick": a.quick}
+    failures = {}
+    for part in a.only:
+        start = time.time()
+        try:
+            results.update(globals()[f"part_{part}"](a.quick))
+        except Exception as e:  # one broken part must not hide the others' numbers; it is reported and fails the run
+            failures[part] = str(e)
+        print(f"{part}: {time.time() - start:.0f} s", flush=True)
+    results["failed_parts"] = failures
+    (OUT / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plot(results, OUT / "throughput.png")
+    print(f"\n{'metric':<48} value")
+    for k, v in results.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            print(f"{k:<48} {v:,.3f}")
+    print(f"\nwrote {OUT / 'bench.json'} and {OUT / 'throughput.png'}")
+    for part, err in failures.items():
+        print(f"error: part '{part}' failed: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
