@@ -214,6 +214,14 @@ def test_training_improves_exports_and_skips_when_done(tmp_path):
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert train_audio_tokenizer(_tiny_stage(40), manifest, manifest, run) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # same fingerprint: not retrained
+    # the waveform codec's section does not concern a mel tokenizer: editing it does not retrain either
+    import dataclasses
+
+    from anyloom.tokenizers.audio_codec import WaveCodecConfig
+
+    other = dataclasses.replace(_tiny_stage(40), codec=WaveCodecConfig(num_codebooks=2))
+    assert train_audio_tokenizer(other, manifest, manifest, run) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -225,7 +225,10 @@ def train_audio_tokenizer(
 ) -> Path:
     """Train (or reuse) the audio tokenizer; returns the exported folder (``MelTokenizer.load`` or
     ``WaveCodec.load`` reads it, by ``kind`` in its config.json)."""
-    fp = fingerprint({"stage": cfg, "seed": seed, "train": str(train_manifest)})
+    # only what shapes this kind's result: editing the other kind's section must not force a retrain
+    model_cfg = cfg.codec if cfg.kind == "seanet_codec" else cfg.mel
+    fp = fingerprint({"kind": cfg.kind, "model": model_cfg, "optim": cfg.optim, "train": cfg.train, "seed": seed,
+                      "train_manifest": str(train_manifest)})
     out = run.path / "tokenizer"
     if (out / "config.json").exists() and load_weights(out).metadata.get("fingerprint") == fp:
         print(f"audio tokenizer: {out} is up to date (fingerprint {fp}); not retraining")
