@@ -32,7 +32,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F_
 
-from anyloom.config import fingerprint, to_dict
+from anyloom.config import fingerprint
 from anyloom.tokenizers.audio_codec import WaveCodec, WaveCodecConfig
 from anyloom.tokenizers.audio_common import prepare_wave
 from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelTokenizer, MelTokenizerConfig
@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="audio_tokenizer")
     p.add_argument("--eval-split", default="test", choices=["val", "test", "compositional", "none"])
     p.add_argument("--eval-items", type=int, default=500)
+    p.add_argument("--score", default=None, help="an exported tokenizer folder to score instead of training one")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a loaded machine)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -350,15 +351,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = build_world(getattr(recipe, "world", None) or WorldConfig())
     run = RunDir.from_config(recipe.run)
-    run.write_recipe(recipe)
-    folder = train_audio_tokenizer(recipe.audio_tokenizer, world.train, world.val, run, seed=recipe.run.seed)
+    if args.score:
+        folder = Path(args.score)
+    else:
+        run.write_recipe(recipe)
+        folder = train_audio_tokenizer(recipe.audio_tokenizer, world.train, world.val, run, seed=recipe.run.seed)
     if args.eval_split != "none":
-        model = (WaveCodec if recipe.audio_tokenizer.kind == "seanet_codec" else MelTokenizer).load(folder)
+        kind = load_weights(folder).config.get("kind")
+        model = (WaveCodec if kind == "anyloom.seanet_codec" else MelTokenizer).load(folder)
         speech = load_speech(world.split(args.eval_split), model.sample_rate, args.eval_items)
         report = evaluate_reconstruction(model, speech.waves, speech.sample_rate, speech.texts, SpeechJudge(),
                                          word_error_rate)
         scores = report.as_eval(f"audio_tokenizer.{args.eval_split}")
-        run.write_json(f"eval_{args.eval_split}.json", {**scores, "config": to_dict(recipe.audio_tokenizer)})
+        out = RunDir(folder.parent) if args.score else run
+        out.write_json(f"eval_{args.eval_split}.json", {**scores, "tokenizer": str(folder)})
         print(json.dumps(scores, indent=2))
     return 0
 
