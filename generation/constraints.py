@@ -42,10 +42,15 @@ class GrammarConfig:
     allow_audio: bool = True  # text may open an audio span
     stop_after_span: bool = False  # a row is finished when the span it is in (or opens) closes
     max_audio_frames: int = 256  # an audio span is closed after this many frames
+    # eos is refused until a text row has written this many text tokens since the start or its last span:
+    # asking for a caption must not return an empty one (after <eoi>, eos is also the end of a t2i document)
+    min_text_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_audio_frames < 1:
             raise ValueError(f"max_audio_frames must be >= 1, got {self.max_audio_frames}")
+        if self.min_text_tokens < 0:
+            raise ValueError(f"min_text_tokens must be >= 0, got {self.min_text_tokens}")
 
 
 @dataclass
@@ -53,7 +58,7 @@ class GrammarState:
     """Per-row state; all (B,) int64."""
 
     mode: torch.Tensor  # TEXT / IMAGE / AUDIO / DONE
-    offset: torch.Tensor  # tokens written inside the current span (after boi / boa)
+    offset: torch.Tensor  # tokens written inside the current span (after boi / boa); in text: text tokens so far
     frames: torch.Tensor  # delay pattern: frame count once level 0 has ended, else -1
 
     def clone(self) -> GrammarState:
@@ -169,8 +174,11 @@ class StreamGrammar:
         if self.has_audio and bool(in_audio.any()):  # most steps have no audio row: skip ~20 small ops
             cls = torch.where(in_audio, self._audio_class(state, budget, frame_limit), cls)
         allowed = self.table[cls]  # (B, V)
-        text_row = self._text_row(budget)
-        return torch.where((state.mode == TEXT)[:, None], text_row[None, :], allowed)
+        text_row = self._text_row(budget)[None, :]  # (1, V)
+        if self.config.min_text_tokens and budget > 1:
+            too_short = ((state.mode == TEXT) & (state.offset < self.config.min_text_tokens))[:, None]  # (B, 1)
+            text_row = torch.where(too_short, text_row & ~self.only_eos[None, :], text_row)
+        return torch.where((state.mode == TEXT)[:, None], text_row, allowed)
 
     def _text_row(self, budget: int) -> torch.Tensor:
         if budget <= 1:
@@ -235,7 +243,9 @@ class StreamGrammar:
         opened = in_text & ((tokens == v.boi) | (tokens == v.boa))
         closed = (in_img & (tokens == v.eoi)) | (in_aud & (tokens == v.eoa))
 
-        new_offset = torch.where(in_img | in_aud, offset + 1, offset)
+        lo, hi = v.text_range
+        wrote_text = in_text & (tokens >= lo) & (tokens < hi)
+        new_offset = torch.where(in_img | in_aud | wrote_text, offset + 1, offset)
         new_offset = torch.where(opened | closed, 0, new_offset)
         new_frames = frames  # -1 outside audio spans (reset when a span opens or closes)
         if self.delay and bool(in_aud.any()):

@@ -362,7 +362,7 @@ class Pipeline:
         grammar = StreamGrammar(
             self.vocab,
             GrammarConfig(allow_image=False, allow_audio=False, stop_after_span=to != "text",
-                          max_audio_frames=max_frames),
+                          max_audio_frames=max_frames, min_text_tokens=1 if to == "text" else 0),
             device=self.device,
         )
         budget = {"text": cfg.max_text_tokens, "image": grammar.image_span_cost - 1,

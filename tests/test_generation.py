@@ -250,3 +250,18 @@ def test_cfg_scale_one_equals_no_cfg_and_other_scales_change_images():
     assert strong != greedy_plain
     with pytest.raises(ValueError, match="unconditional prompt"):
         generate(model, cond, g, 4, s, None, GuidanceConfig(2.0, 1.0), None)
+
+
+def test_min_text_tokens_refuses_an_empty_caption():
+    v = vocab()
+    model = tiny_model(v.size)
+    logits = model.logits  # a model that wants to stop right after the image (as after a t2i document)
+    model.logits = lambda h: logits(h).index_add(-1, torch.tensor([v.eos]), torch.full((*h.shape[:-1], 1), 100.0))
+    prompt = [v.bos, v.boi, *([v.image_token(3)] * v.image_tokens_per_image), v.eoi]
+    greedy = ModalitySampling.uniform(SamplingConfig(0.0))
+    plain = generate(model, [prompt], StreamGrammar(v, GrammarConfig(allow_image=False, allow_audio=False)), 10, greedy)
+    assert plain.sequences[0] == [v.eos]
+    g = StreamGrammar(v, GrammarConfig(allow_image=False, allow_audio=False, min_text_tokens=2))
+    out = generate(model, [prompt], g, 10, greedy)
+    seq = out.sequences[0]
+    assert all(v.is_text(t) for t in seq[:2]) and seq[2] == v.eos, seq
