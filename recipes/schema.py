@@ -24,13 +24,17 @@ from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.model import ModelConfig
 
 # The stages of the chain behind `make train`, in the only order they can run (scripts/pipeline.py).
-STAGES = ("world", "text_tokenizer", "image_tokenizer", "audio_tokenizer", "pretokenize", "lm", "export", "eval")
-Stage = Literal["world", "text_tokenizer", "image_tokenizer", "audio_tokenizer", "pretokenize", "lm", "export", "eval"]
+STAGES = ("world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "audio_tokenizer", "pretokenize", "lm",
+          "export", "eval")
+Stage = Literal["world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "audio_tokenizer", "pretokenize",
+                "lm", "export", "eval"]
+# The default chain; the diffusion decoder is an optional research stage (recipes/diffusion_decoder.yaml).
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "diffusion_decoder")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    stages: tuple[Stage, ...] = STAGES  # a subset runs only those stages (each needs its predecessors' outputs)
+    stages: tuple[Stage, ...] = DEFAULT_STAGES  # a subset runs only those stages (each needs its predecessors' outputs)
 
     def __post_init__(self) -> None:
         if not self.stages:

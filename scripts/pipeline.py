@@ -2,6 +2,8 @@
 
     world -> text_tokenizer -> image_tokenizer -> audio_tokenizer -> pretokenize -> lm -> export -> eval
 
+(plus an optional ``diffusion_decoder`` stage after ``image_tokenizer``: recipes/diffusion_decoder.yaml).
+
 Where things go (``run`` = ``runs/<name>/``):
 
 - world: ``<world.root>/<fingerprint>/`` (shared by every run with the same world config);
@@ -93,6 +95,18 @@ def stage_image_tokenizer(ctx: Context) -> str:
     world = _need(ctx, "world", "image_tokenizer")
     out = train_image_tokenizer(ctx.recipe.image_tokenizer, world.train, world.val, ctx.run.stage("image_tokenizer"))
     ctx.artifacts["image_tokenizer"] = out
+    return str(out)
+
+
+def stage_diffusion_decoder(ctx: Context) -> str:
+    from anyloom.generation.pipeline import load_tokenizer
+    from anyloom.training.diffusion_decoder import train_diffusion_decoder
+
+    world = _need(ctx, "world", "diffusion_decoder")
+    tokenizer = load_tokenizer("image", _need(ctx, "image_tokenizer", "diffusion_decoder"))
+    out = train_diffusion_decoder(ctx.recipe.diffusion_decoder, tokenizer, world.train, world.val,
+                                  ctx.run.stage("diffusion_decoder"))
+    ctx.artifacts["diffusion_decoder"] = out
     return str(out)
 
 
@@ -191,6 +205,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], str]] = {
     "world": stage_world,
     "text_tokenizer": stage_text_tokenizer,
     "image_tokenizer": stage_image_tokenizer,
+    "diffusion_decoder": stage_diffusion_decoder,
     "audio_tokenizer": stage_audio_tokenizer,
     "pretokenize": stage_pretokenize,
     "lm": stage_lm,
