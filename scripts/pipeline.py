@@ -175,7 +175,7 @@ def stage_lm(ctx: Context) -> str:
                       vocab.to_dict(), r.run.seed, device=r.run.device)
     ctx.artifacts["lm"] = result
     if getattr(result, "interrupted", False):
-        raise KeyboardInterrupt("LM training interrupted; checkpoint saved — run the same command again to resume")
+        raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")
     return f"step {result.step}"
 
 
