@@ -7,7 +7,7 @@ Images are decoded RGB pixels and audio is mono float at a known rate, so nothin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class AudioSegment:
     path: str | None = None
 
 
-Segment = Union[TextSegment, ImageSegment, AudioSegment]
+Segment = TextSegment | ImageSegment | AudioSegment
 
 
 @dataclass
