@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from anyloom.config import build
 from anyloom.training.weights import load_weights, save_weights
+
+if TYPE_CHECKING:  # diffusers costs seconds to import: only when a decoder is built
+    from diffusers import DDIMScheduler, DDPMScheduler
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class DiffusionDecoder(nn.Module):
         n = len(cfg.block_out_channels)
         down = tuple("AttnDownBlock2D" if i >= n - cfg.attention_levels else "DownBlock2D" for i in range(n))
         up = tuple(b.replace("Down", "Up") for b in reversed(down))
+        from diffusers import UNet2DModel
+
         self.unet = UNet2DModel(
             sample_size=tuple(cfg.image_size),
             in_channels=6,  # 3 noisy residual + 3 conditioning (the tokenizer's reconstruction)
@@ -100,10 +104,14 @@ class DiffusionDecoder(nn.Module):
         )
 
     def train_scheduler(self) -> DDPMScheduler:
+        from diffusers import DDPMScheduler
+
         return DDPMScheduler(**self._scheduler_kwargs())
 
     def sample_scheduler(self) -> DDIMScheduler:
         # "trailing" spacing makes the first DDIM step start from pure noise even with few steps
+        from diffusers import DDIMScheduler
+
         return DDIMScheduler(**self._scheduler_kwargs(), timestep_spacing="trailing", set_alpha_to_one=True)
 
     def _check_pair(self, name: str, x: torch.Tensor) -> None:

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F_
 from einops import rearrange
 from torch import nn
-from vector_quantize_pytorch import ResidualVQ
 
 from anyloom.config import build
 from anyloom.tokenizers.audio_common import pad_to_multiple, prepare_wave
@@ -220,6 +219,8 @@ class MelTokenizer(nn.Module):
         self.register_buffer("mel_std", torch.ones(n))
         self.encoder = MelEncoder(cfg)
         self.decoder = MelDecoder(cfg)
+        from vector_quantize_pytorch import ResidualVQ  # seconds to import: only when a model is built
+
         self.quantizer = ResidualVQ(
             dim=cfg.code_dim,
             num_quantizers=cfg.num_codebooks,
