@@ -109,16 +109,14 @@ def tokenizer_metrics(pipe: Any, items: list[WorldItem], speech_judge: Any) -> d
     from anyloom.data.asr import word_error_rate
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.evaluation.image_metrics import evaluate_reconstructions
+    from anyloom.training.image_tokenizer import reconstruct
 
     out: dict[str, float] = {}
     tok = pipe.image_tokenizer
     if tok is not None and items and items[0].pixels is not None:
         originals = np.stack([it.pixels for it in items])
-        x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
         with torch.no_grad():
-            codes = tok.encode(x).codes
-            recon = tok.decode(codes)
-        recons = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            recons, codes = reconstruct(tok, originals)
         out.update(evaluate_reconstructions(originals, recons, codes, tok.codebook_size).as_eval())
     atok = pipe.audio_tokenizer
     if atok is not None and items and items[0].wave is not None:

@@ -68,13 +68,17 @@ def load_tree(name_or_path: str | Path, relative_to: Path | None = None, _chain:
     return merged
 
 
-def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Load, merge, override and type-check a recipe."""
-    tree = load_tree(name_or_path)
+def build_recipe(tree: dict[str, Any], overrides: Sequence[str] = ()) -> Recipe:
+    """Apply ``section.key=value`` overrides to a recipe mapping and type-check it (a run's recipe.yaml, say)."""
     for text in overrides:
         keys, value = parse_override(text)
         set_dotted(tree, keys, value)
     return build(Recipe, tree)
 
 
-__all__ = ["Recipe", "ConfigError", "available", "load_recipe", "load_tree", "recipe_path"]
+def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load, merge, override and type-check a recipe."""
+    return build_recipe(load_tree(name_or_path), overrides)
+
+
+__all__ = ["Recipe", "ConfigError", "available", "build_recipe", "load_recipe", "load_tree", "recipe_path"]

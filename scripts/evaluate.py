@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from anyloom.config import ConfigError, build, parse_override, set_dotted
-from anyloom.recipes.schema import Recipe
+from anyloom.config import ConfigError
+from anyloom.recipes import build_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run} is not a run directory (no recipe.yaml); train one with `make train`", file=sys.stderr)
         return 2
     try:
-        tree = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
-        for text in args.overrides:
-            keys, value = parse_override(text)
-            set_dotted(tree, keys, value)
-        recipe = build(Recipe, tree)
+        recipe = build_recipe(yaml.safe_load((run / "recipe.yaml").read_text()) or {}, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
