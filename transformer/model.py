@@ -11,7 +11,9 @@ at 0 in every document; attention is causal inside a document and never crosses 
 (e.g. an image's codes; 0 = no span) — a research option, off unless given.
 
 KV-cache decoding: ``model(tokens, positions=..., kv_cache=kv, cache_pos=p)`` writes the new keys/values at
-slots [p, p + t) of the static cache and attends to every earlier slot of the same document. Prompts of
+slots [p, p + t) of the static cache and attends to every earlier slot of the same document. ``p`` is an int, or
+a 0-d int64 tensor for a shape-static step that ``torch.compile`` compiles once for every position (keys span the
+whole cache, unwritten slots masked; ``anyloom.transformer.kv_cache``). Prompts of
 different lengths are LEFT-padded: give the pad tokens doc id -1 (they then only see each other) and the real
 tokens doc id 0 with positions starting at 0; generation then continues the last document of each row (doc id
 and position are taken from the cache when not given).
@@ -180,7 +182,7 @@ class Attention(nn.Module):
         doc_ids: Tensor | None,
         span_ids: Tensor | None,
         kv_cache: KVCache | None,
-        cache_pos: int,
+        cache_pos: int | Tensor,
     ) -> Tensor:
         cfg = self.cfg
         q = rearrange(self.wq(x), "b t (h e) -> b t h e", e=cfg.head_dim)  # (B, T, H, E)
@@ -192,7 +194,7 @@ class Attention(nn.Module):
         k = rearrange(apply_rope(k, cos, sin), "b t k e -> b k t e")  # (B, K, T, E)
         k_doc, k_span = doc_ids, span_ids
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, k, v, cache_pos)  # (B, K, S, E), S = cache_pos + T
+            k, v = kv_cache.update(self.layer_id, k, v, cache_pos)  # (B, K, S, E), S = cache_pos + T or max_len
             k_doc = kv_cache.doc_ids[:, : k.shape[2]]
             k_span = None if span_ids is None else kv_cache.span_ids[:, : k.shape[2]]
         out = attention(q, k, v, doc_ids, k_doc, q_start=cache_pos, q_span=span_ids, k_span=k_span,
@@ -236,7 +238,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_rmsnorm)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, doc_ids: Tensor | None, span_ids: Tensor | None,
-                kv_cache: KVCache | None = None, cache_pos: int = 0) -> Tensor:
+                kv_cache: KVCache | None = None, cache_pos: int | Tensor = 0) -> Tensor:
         if self.norm_reorder:  # Chameleon swin-norm: normalise what each sublayer writes, not what it reads
             x = x + self.attention_norm(self.attention(x, cos, sin, doc_ids, span_ids, kv_cache, cache_pos))
             return x + self.ffn_norm(self.feed_forward(x))
@@ -289,13 +291,14 @@ class Transformer(nn.Module):
         *,
         span_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
-        cache_pos: int = 0,
+        cache_pos: int | Tensor = 0,
     ) -> Tensor:
         """tokens (B, T) int64 -> hidden states (B, T, D) after the final norm.
 
         doc_ids (B, T): packed-document ids (None = one document per row); positions (B, T): RoPE positions
         (None = 0..T-1, or continuing the cache); span_ids (B, T): optional bidirectional spans (0 = none);
-        kv_cache/cache_pos: append the new tokens at slot ``cache_pos`` and attend to the cached prefix.
+        kv_cache/cache_pos: append the new tokens at slot ``cache_pos`` (int, or 0-d int64 tensor: static shapes)
+        and attend to the cached prefix.
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T) integer ids, got shape {tuple(tokens.shape)}")
@@ -336,23 +339,28 @@ class Transformer(nn.Module):
             i = int(bad.nonzero()[0])
             raise ValueError(f"target {int(flat_targets[i])} at (row {i // t}, col {i % t}) is outside the "
                              f"vocabulary [0, {self.cfg.vocab_size})")
-        safe = torch.where(mask, flat_targets, 0)
-        h = hidden.reshape(b * t, d)  # (N, D)
+        # The output layer runs only on the masked-in rows: conditions (a prompt's audio, an image to caption)
+        # are about half of a task mixture's tokens, and the head over the vocabulary costs as much as the blocks.
+        rows = mask.nonzero().squeeze(1)  # (M,)
+        h = hidden.reshape(b * t, d).index_select(0, rows)  # (M, D)
+        picked = flat_targets.index_select(0, rows)  # (M,)
         if self.cfg.fused_ce:
-            out = linear_lse(h, self.output_weight, safe, chunk_size=self.cfg.ce_chunk_size)
+            out = linear_lse(h, self.output_weight, picked, chunk_size=self.cfg.ce_chunk_size)
         else:
-            out = naive_linear_lse(h, self.output_weight, safe)
-        maskf = mask.float()
-        count = maskf.sum().clamp(min=1.0)
-        token_ce = (out.lse - out.target_logit) * maskf  # (N,)
-        ce = token_ce.sum() / count
-        z_loss = (out.lse.pow(2) * maskf).sum() / count
+            out = naive_linear_lse(h, self.output_weight, picked)
+        count = max(rows.numel(), 1)
+        picked_ce = out.lse - out.target_logit  # (M,)
+        ce = picked_ce.sum() / count
+        z_loss = out.lse.pow(2).sum() / count
+        token_ce = hidden.new_zeros(b * t, dtype=torch.float32).index_copy_(0, rows, picked_ce.detach().float())
+        correct = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
+        correct.index_copy_(0, rows, out.argmax == picked)
         return LossOutput(
             loss=ce + self.cfg.z_loss_weight * z_loss,
             ce=ce,
             z_loss=z_loss,
-            token_loss=token_ce.detach().reshape(b, t),
-            correct=((out.argmax == safe) & mask).reshape(b, t),
+            token_loss=token_ce.reshape(b, t),
+            correct=correct.reshape(b, t),
         )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
