@@ -45,7 +45,7 @@ class SeanetConfig:
     lstm_layers: int = 2  # 0: no LSTM at the bottleneck
     causal: bool = False
     pad_mode: Literal["reflect", "constant", "replicate"] = "reflect"
-    norm: Literal["weight_norm", "time_group_norm"] = "weight_norm"
+    norm: Literal["weight_norm", "time_group_norm", "none"] = "weight_norm"  # none: plain convs (Mimi)
     trim_right_ratio: float = 1.0  # causal transposed convs: share of the trim taken on the right
     conv_shortcut: bool = True  # residual blocks: 1x1 conv on the skip path (else identity)
     hidden_size: int = 128  # latent dim D
@@ -93,10 +93,14 @@ def _normed(conv: nn.Module, norm: str) -> nn.Module:
 class SConv1d(nn.Module):
     """Conv1d whose padding keeps ``ceil(T / stride)`` frames for any T, centred or causal."""
 
-    def __init__(self, cfg: SeanetConfig, c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1):
+    def __init__(
+        self, cfg: SeanetConfig, c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1,
+        groups: int = 1, bias: bool = True,
+    ):
         super().__init__()
         self.cfg = cfg
-        self.conv = _normed(nn.Conv1d(c_in, c_out, kernel, stride, dilation=dilation), cfg.norm)
+        self.conv = _normed(nn.Conv1d(c_in, c_out, kernel, stride, dilation=dilation, groups=groups, bias=bias),
+                            cfg.norm)
         self.norm = nn.GroupNorm(1, c_out) if cfg.norm == "time_group_norm" else nn.Identity()
         self.stride = stride
         self.effective_kernel = (kernel - 1) * dilation + 1
@@ -127,10 +131,12 @@ def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
 
 
 class SConvTranspose1d(nn.Module):
-    def __init__(self, cfg: SeanetConfig, c_in: int, c_out: int, kernel: int, stride: int):
+    def __init__(
+        self, cfg: SeanetConfig, c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bias: bool = True
+    ):
         super().__init__()
         self.cfg = cfg
-        self.conv = _normed(nn.ConvTranspose1d(c_in, c_out, kernel, stride), cfg.norm)
+        self.conv = _normed(nn.ConvTranspose1d(c_in, c_out, kernel, stride, groups=groups, bias=bias), cfg.norm)
         self.norm = nn.GroupNorm(1, c_out) if cfg.norm == "time_group_norm" else nn.Identity()
         self.padding_total = kernel - stride
 
