@@ -273,3 +273,27 @@ def test_gan_and_ema(tmp_path):
     exported = ImageVQTokenizer.load(out).state_dict()
     k = "decoder.conv_out.weight"
     assert torch.equal(exported[k], ckpt[f"ema.{k}"]) and not torch.equal(exported[k], ckpt[f"model.{k}"])
+
+
+def test_gradient_l1_golden_and_logged(tmp_path):
+    from anyloom.training.image_tokenizer import gradient_l1, train_image_tokenizer
+    from anyloom.training.metrics import read_metrics
+    from anyloom.training.run import RunDir
+
+    edge = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, 1, 4, 4)  # vertical edge between columns 1 and 2
+    shifted = torch.tensor([0.0, 1.0, 1.0, 1.0]).expand(1, 1, 4, 4)  # the same edge one pixel to the left
+    assert gradient_l1(edge, edge).item() == 0.0
+    assert gradient_l1(edge + 0.3, edge).item() == pytest.approx(0.0, abs=1e-7)  # blind to a constant offset
+    # dx rows differ by [1, -1, 0] -> mean 2/3; dy is zero in both -> 0.5 * (2/3 + 0)
+    assert gradient_l1(shifted, edge).item() == pytest.approx(1 / 3)
+    blurred = torch.tensor([0.0, 0.25, 0.75, 1.0]).expand(1, 1, 4, 4)  # per-pixel L1 0.125, edge term 1/6
+    assert gradient_l1(blurred, edge).item() == pytest.approx(1 / 6)
+
+    train, val = _manifest(tmp_path / "train", 16, 0), _manifest(tmp_path / "val", 8, 1)
+    run = RunDir(tmp_path / "run")
+    train_image_tokenizer(_stage(steps=3, eval_every=100, sample_every=0, ckpt_every=0, log_every=1, batch_size=4,
+                                 edge_weight=0.5), train, val, run)
+    records = [r for r in read_metrics(run.path) if "loss" in r]
+    assert len(records) == 3 and all(r["edge"] > 0 for r in records)
+    with pytest.raises(ValueError, match="edge_weight"):
+        _stage(edge_weight=-1.0)
