@@ -59,7 +59,9 @@ EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 IMAGE_KINDS = {"image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer")}
 AUDIO_KINDS = {
     "anyloom.mel_rvq": ("anyloom.tokenizers.audio_mel", "MelTokenizer"),
-    "anyloom.seanet_codec": ("anyloom.tokenizers.audio_codec", "WaveCodec"),
+    "anyloom.seanet_codec": ("anyloom.tokenizers.audio_codec", "WaveCodec"),  # trained here, or imported EnCodec
+    "anyloom.dac": ("anyloom.tokenizers.audio_dac", "DacCodec"),  # imported (tokenizers/audio_importers.py)
+    "anyloom.mimi": ("anyloom.tokenizers.audio_mimi", "MimiCodec"),  # imported (tokenizers/audio_importers.py)
 }
 
 

@@ -90,9 +90,11 @@ def test_mimi_parity(tiny_mimi, tmp_path):
     # causal end to end: a whole-frame prefix of the audio encodes to a prefix of the codes
     assert torch.equal(ours.encode(wave[:, :208], 16000).codes, codes[..., :13])
 
-    # and the import survives our own save/load
-    reloaded = MimiCodec.load(ours.save(tmp_path / "ours"))
-    assert torch.equal(reloaded.encode(wave, 16000).codes, codes)
+    # and the import survives our own save/load, also through the generation pipeline's kind registry
+    from anyloom.generation.pipeline import load_tokenizer
+
+    reloaded = load_tokenizer("audio", ours.save(tmp_path / "ours"))
+    assert isinstance(reloaded, MimiCodec) and torch.equal(reloaded.encode(wave, 16000).codes, codes)
 
 
 def test_mimi_refuses_bad_checkpoints(tiny_mimi, tmp_path):

@@ -396,5 +396,5 @@ KIND = "anyloom.seanet_codec"
 
 __all__ = [
     "SeanetConfig", "WaveCodecConfig", "WaveCodec", "CodecOutput", "EuclideanRVQ", "VQPQuantizer", "SeanetEncoder",
-    "SeanetDecoder", "KIND",
+    "SeanetDecoder", "SConv1d", "SConvTranspose1d", "KIND",
 ]

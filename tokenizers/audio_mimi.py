@@ -18,7 +18,8 @@ The SEANet halves are :mod:`audio_codec`'s (plain causal convs, no LSTM, identit
 
 Parameter names follow the Hugging Face layout where the modules are new (transformers, down/upsample), so
 those weights load unrenamed; ``audio_importers.import_mimi`` maps the SEANet stacks and the codebooks.
-Batch encoding is exact per item because everything is causal: right padding never reaches earlier frames.
+With causal convs (the released model) batch encoding is exact per item: right padding never reaches earlier
+frames.
 
 Axis legend: B batch, T samples, C channels, D latent dim, d codebook dim, F frames, Q codebooks, K entries,
 H heads, E head dim.
