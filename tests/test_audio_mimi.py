@@ -120,6 +120,10 @@ def test_mimi_refuses_bad_checkpoints(tiny_mimi, tmp_path):
     no_conv = write("no_conv", {k: v for k, v in state.items() if not k.startswith("decoder.layers.3.block.1")})
     with pytest.raises(KeyError, match=r"decoder\.layers\.3\.block\.1\.conv"):
         import_mimi(no_conv)
+    book = "quantizer.acoustic_residual_vector_quantizer.layers.1.codebook.embed_sum"
+    short = write("short_book", {**state, book: torch.zeros(16, 7)})
+    with pytest.raises(ValueError, match=rf"{book}.*\(16, 7\)"):
+        import_mimi(short)
     extra = write("extra", {**state, "decoder.extra.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match="decoder.extra.weight"):
         import_mimi(extra)

@@ -315,9 +315,13 @@ def mimi_state_dict(
             book = f"{src}.layers.{q}.codebook"
             if f"{book}.embed_sum" not in state or f"{book}.cluster_usage" not in state:
                 raise KeyError(f"Mimi import: the checkpoint has no {book}.embed_sum / .cluster_usage")
+            usage, total = state.pop(f"{book}.cluster_usage"), state.pop(f"{book}.embed_sum")
+            shape = (cfg.codebook_size, cfg.codebook_dim)
+            if tuple(total.shape) != shape or tuple(usage.shape) != shape[:1]:
+                raise ValueError(f"Mimi import: {book}.embed_sum / .cluster_usage have shapes {tuple(total.shape)} / "
+                                 f"{tuple(usage.shape)}, the config implies {shape} / {shape[:1]}")
             # the reference's entry, computed once: EMA sum / EMA count (clamped like MimiEuclideanCodebook)
-            usage = state.pop(f"{book}.cluster_usage")
-            embeds.append(state.pop(f"{book}.embed_sum") / usage.clamp(min=1e-5)[:, None])
+            embeds.append(total / usage.clamp(min=1e-5)[:, None])
             origin[f"quantizer.{part}.embed"] = f"{book}.embed_sum"
         out[f"quantizer.{part}.embed"] = torch.stack(embeds)  # (Q, K, d)
     # training flags and the levels beyond num_codebooks are not needed
