@@ -1,7 +1,9 @@
 """`make eval RUN=runs/<name>`: score a trained run on the world's held-out splits and write ``eval.json``.
 
 The generation API (``anyloom.generation.pipeline``) is wrapped as an :class:`~anyloom.evaluation.world_eval.AnyToAny`
-model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.*`` and ``audio_tokenizer.*``.
+model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.*`` and ``audio_tokenizer.*``, and
+the LM's held-out perplexity per modality under ``lm.*`` (``lm.ppl.text``, ``lm.ppl.image``, ``lm.ppl.audio``;
+see ``anyloom.evaluation.lm_perplexity``).
 Also written: ``eval.md`` (a table), ``samples/eval/t2i_<split>.png`` (prompt -> image sheets) and a few
 ``samples/eval/t2a_*.wav``.
 """
@@ -26,6 +28,13 @@ class EvalConfig:
     tokenizers: bool = True  # image/audio tokenizer reconstruction metrics on the test split
     sample_sheet: int = 24  # prompt -> image pairs drawn into samples/eval/t2i_<split>.png
     seed: int = 0
+    # held-out LM perplexity per modality (lm.loss.*, lm.ppl.*; evaluation/lm_perplexity.py) on <run>/tokens/test
+    perplexity: bool = True
+    lm_items: int = 200  # test items scored (0: all), each under every template of lm_tasks
+    lm_tasks: tuple[str, ...] = ("t2i", "i2t", "t2a", "a2t")  # templates (sequences/mixture.py); targets scored
+    lm_seq_len: int = 512  # packed row length (<= the model's max_seq_len)
+    lm_batch_size: int = 4  # rows per batch
+    lm_batches: int = 0  # at most this many batches (0: every document of the lm_items)
 
     def __post_init__(self) -> None:
         unknown = set(self.directions) - {"t2i", "i2t", "a2t", "t2a"}
@@ -33,6 +42,13 @@ class EvalConfig:
             raise ValueError(f"directions: unknown {sorted(unknown)}; choose from t2i, i2t, a2t, t2a")
         if self.limit < 0 or self.batch_size < 1:
             raise ValueError("limit must be >= 0 and batch_size >= 1")
+        from anyloom.sequences.mixture import TEMPLATES
+
+        unknown = set(self.lm_tasks) - set(TEMPLATES)
+        if unknown:
+            raise ValueError(f"lm_tasks: unknown {sorted(unknown)}; choose from {', '.join(TEMPLATES)}")
+        if min(self.lm_items, self.lm_batches) < 0 or min(self.lm_seq_len, self.lm_batch_size) < 1:
+            raise ValueError("lm_items and lm_batches must be >= 0, lm_seq_len and lm_batch_size >= 1")
 
 
 class PipelineModel:
@@ -147,6 +163,10 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str,
     scores = evaluate_world(model, splits, speech_judge=judge, directions=cfg.directions)
     if cfg.tokenizers and "test" in splits:
         scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge)))
+    if cfg.perplexity:
+        from anyloom.evaluation.lm_perplexity import run_lm_perplexity
+
+        scores.update(_nest(run_lm_perplexity(pipe, run.path / "tokens" / "test", cfg).as_eval()))
     run.write_json("eval.json", scores)
 
     out_dir = run.samples / "eval"

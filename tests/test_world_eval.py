@@ -72,3 +72,135 @@ def test_random_model_scores_about_chance(items):
     assert scores["i2t"]["exact"] < 0.2  # chance is 1 / (4 counts x 8 colours x 4 shapes)
     assert scores["i2t"]["count_acc"] < 0.6 and scores["a2t"]["wer"] > 0.5
     assert set(scores["compositional"]) == {"t2i", "i2t", "a2t"}
+
+
+# ---- LM perplexity per modality (evaluation/lm_perplexity.py) ------------------------------------------------
+
+
+def _tiny_items(n: int = 12, seed: int = 0):
+    from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds
+
+    rng = np.random.default_rng(seed)
+    return [[TextIds(rng.integers(0, 20, int(rng.integers(3, 7)))), ImageIds(rng.integers(0, 16, (2, 3))),
+             AudioIds(rng.integers(0, 8, (2, int(rng.integers(4, 9)))))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lm_setup():
+    import torch
+
+    from anyloom.evaluation.lm_perplexity import task_documents
+    from anyloom.sequences.mixture import ItemList
+    from anyloom.sequences.vocab import Vocabulary
+    from anyloom.transformer.model import Transformer
+    from anyloom.transformer.sizes import model_config
+
+    vocab = Vocabulary.build(20, 16, 8, 2, (2, 3))  # 20 + 16 + 2*8 + 9 specials = 61 ids <= dim 64
+    docs = task_documents(ItemList(_tiny_items()), vocab, ("t2i", "i2t", "t2a", "a2t"))
+    torch.manual_seed(0)
+    model = Transformer(model_config("debug", vocab.size, max_seq_len=64, attention="sdpa"))
+    return vocab, docs, model
+
+
+PPL_ARGS = {"seq_len": 48, "batch_size": 2, "seed": 3}
+
+
+def _scored_targets(docs):
+    """(inputs, targets, modality) of every scored position, from the same loader lm_perplexity builds."""
+    from anyloom.sequences.packing import ListSource, PackedLoader
+
+    loader = PackedLoader(ListSource(docs), PPL_ARGS["seq_len"], PPL_ARGS["batch_size"], seed=PPL_ARGS["seed"],
+                          shuffle=True, infinite=False)
+    xs, ys, ms = [], [], []
+    for b in loader:
+        xs.append(b.tokens[b.loss_mask].numpy())
+        ys.append(b.targets[b.loss_mask].numpy())
+        ms.append(b.modality[b.loss_mask].numpy())
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ms)
+
+
+def test_task_documents_score_only_the_targets(lm_setup):
+    vocab, docs, _ = lm_setup
+    assert len(docs) == 12 * 4  # every item has text, image and audio: all four templates apply
+    t2i = docs[0]  # item-major, templates in lm_tasks order
+    assert t2i.modality[t2i.loss_mask].tolist() == [3] + [1] * 6 + [3, 3]  # <boi>, 2x3 codes, <eoi>, <eos>
+    i2t = docs[1]
+    assert set(i2t.modality[i2t.loss_mask].tolist()) == {0, 3}  # caption tokens and <eos>
+
+
+def test_perplexity_random_model_is_finite_and_exp_of_loss(lm_setup):
+    from anyloom.evaluation.lm_perplexity import lm_perplexity
+
+    _, docs, model = lm_setup
+    report = lm_perplexity(model, docs, **PPL_ARGS)
+    flat = report.as_eval()
+    _, _, mods = _scored_targets(docs)
+    assert flat["lm.tokens.all"] == len(mods) and report.batches >= 3
+    for m, name in enumerate(("text", "image", "audio")):
+        assert flat[f"lm.tokens.{name}"] == int((mods == m).sum()) > 0
+        assert np.isfinite(flat[f"lm.loss.{name}"]) and flat[f"lm.ppl.{name}"] == pytest.approx(
+            np.exp(flat[f"lm.loss.{name}"]), rel=1e-12)
+        assert 0.0 <= flat[f"lm.acc.{name}"] <= 1.0
+    assert flat["lm.ppl.all"] == pytest.approx(np.exp(flat["lm.loss.all"]), rel=1e-12)
+    # an untrained model is close to uniform over the 61 ids
+    assert 30 < flat["lm.ppl.all"] < 120
+
+
+def _bigram_model(model, log_prob):
+    """A copy of ``model`` that predicts ``softmax(log_prob[x])`` after token x (blocks write nothing)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model)
+    d, v = m.cfg.dim, m.cfg.vocab_size
+    h = 1.0 / np.sqrt(1.0 / d + m.cfg.norm_eps)  # RMSNorm of a one-hot row
+    with torch.no_grad():
+        for block in m.layers:
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
+        m.tok_embeddings.weight.copy_(torch.eye(v, d))  # residual stream = one-hot of the input token
+        m.output.weight.zero_()
+        m.output.weight[:, :v] = torch.from_numpy(log_prob.T / h).float()  # logits[y] = log_prob[x, y]
+    return m
+
+
+def test_perplexity_golden_values(lm_setup):
+    """Uniform logits give exactly ln V; a bigram model fit on the true next tokens gives its cross-entropy."""
+    import torch
+
+    from anyloom.evaluation.lm_perplexity import lm_perplexity
+
+    vocab, docs, model = lm_setup
+    v = vocab.size
+    uniform = _bigram_model(model, np.zeros((v, v)))
+    report = lm_perplexity(uniform, docs, **PPL_ARGS)
+    for name in ("all", "text", "image", "audio"):
+        assert report.loss[name] == pytest.approx(np.log(v), abs=1e-5)
+        assert report.perplexity[name] == pytest.approx(v, rel=1e-4)
+
+    xs, ys, mods = _scored_targets(docs)
+    counts = np.full((v, v), 0.1)  # smoothed bigram counts of the scored (input, target) pairs
+    np.add.at(counts, (xs, ys), 1.0)
+    log_prob = np.log(counts / counts.sum(axis=1, keepdims=True))
+    biased = lm_perplexity(_bigram_model(model, log_prob), docs, **PPL_ARGS)
+    token_ce = -log_prob[xs, ys]
+    assert biased.loss["all"] == pytest.approx(token_ce.mean(), abs=1e-4)
+    for m, name in enumerate(("text", "image", "audio")):
+        assert biased.loss[name] == pytest.approx(token_ce[mods == m].mean(), abs=1e-4)
+        assert biased.perplexity[name] < report.perplexity[name] - 5  # knowing the next token helps
+    assert torch.equal(model.output.weight, lm_setup[2].output.weight)  # the fixture model is untouched
+
+
+def test_perplexity_bounds_and_errors(lm_setup):
+    from anyloom.evaluation.lm_perplexity import lm_perplexity
+    from anyloom.evaluation.run_eval import EvalConfig
+
+    _, docs, model = lm_setup
+    assert lm_perplexity(model, docs, **PPL_ARGS, max_batches=2).batches == 2
+    with pytest.raises(ValueError, match="max_seq_len"):
+        lm_perplexity(model, docs, seq_len=65, batch_size=1)
+    with pytest.raises(ValueError, match="fewer than one row"):
+        lm_perplexity(model, docs[:1], seq_len=64, batch_size=1)
+    with pytest.raises(ValueError, match="lm_tasks: unknown"):
+        EvalConfig(lm_tasks=("t2x",))
