@@ -204,3 +204,24 @@ def test_perplexity_bounds_and_errors(lm_setup):
         lm_perplexity(model, docs[:1], seq_len=64, batch_size=1)
     with pytest.raises(ValueError, match="lm_tasks: unknown"):
         EvalConfig(lm_tasks=("t2x",))
+
+
+def test_run_lm_perplexity_reads_the_runs_token_shards(lm_setup, tmp_path):
+    """The eval stage's glue: <run>/tokens/test shards -> items -> documents -> lm.* keys; a missing folder says so."""
+    from types import SimpleNamespace
+
+    from anyloom.evaluation.lm_perplexity import lm_perplexity, run_lm_perplexity
+    from anyloom.evaluation.run_eval import EvalConfig
+    from anyloom.sequences.shards import write_index, write_shard
+
+    vocab, docs, model = lm_setup
+    items = _tiny_items()
+    write_shard(tmp_path / "test" / "shard_00000", items[:7], [str(i) for i in range(7)], "k")
+    write_shard(tmp_path / "test" / "shard_00001", items[7:], [str(i) for i in range(7, 12)], "k")
+    write_index(tmp_path / "test", "k", [7, 5], {})
+    cfg = EvalConfig(lm_items=10, lm_seq_len=48, lm_batch_size=2, seed=3)
+    got = run_lm_perplexity(SimpleNamespace(model=model, vocab=vocab), tmp_path / "test", cfg)
+    want = lm_perplexity(model, docs[: 10 * 4], **PPL_ARGS)  # the first 10 items, every template
+    assert got.loss == pytest.approx(want.loss) and got.tokens == want.tokens
+    with pytest.raises(FileNotFoundError, match="pretokenize"):
+        run_lm_perplexity(SimpleNamespace(model=model, vocab=vocab), tmp_path / "missing", cfg)
