@@ -4,8 +4,8 @@ The generation API (``anyloom.generation.pipeline``) is wrapped as an :class:`~a
 model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.*`` and ``audio_tokenizer.*``, and
 the LM's held-out perplexity per modality under ``lm.*`` (``lm.ppl.text``, ``lm.ppl.image``, ``lm.ppl.audio``;
 see ``anyloom.evaluation.lm_perplexity``).
-Also written: ``eval.md`` (a table), ``samples/eval/t2i_<split>.png`` (prompt -> image sheets) and a few
-``samples/eval/t2a_*.wav``.
+Also written: ``eval.md`` (a table), ``samples/eval/t2i_<split>.png`` (prompt -> image sheets), a few
+``samples/eval/t2a_*.wav``, and the training curves ``plots/loss.png`` and ``plots/metrics.png``.
 """
 
 from __future__ import annotations
@@ -181,6 +181,10 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str,
         for i, (it, w) in enumerate(zip(shown, waves)):
             sf.write(out_dir / f"t2a_{i}_{it.caption.replace(' ', '_')}.wav", w, sr)
     (run.path / "eval.md").write_text(eval_markdown(scores))
+    if run.metrics_file.is_file():
+        from anyloom.evaluation.plots import plot_run
+
+        plot_run(run.path)  # <run>/plots/loss.png, metrics.png
     return scores
 
 

@@ -1,7 +1,8 @@
 """`make bench`: every speed/memory benchmark in one table, as same-run ratios; writes runs/bench/bench.json.
 
     python scripts/bench.py            # all parts
-    python scripts/bench.py --quick    # fewer steps (a smoke run; numbers are noisier)
+    python scripts/bench.py --quick    # smaller and fewer steps: a smoke run (~2-3 min on 1 thread); noisier numbers
+    python scripts/bench.py --quick --threads 1
     python scripts/bench.py --only transformer generation
 
 Each part runs in its own process (so one part's memory and threads do not colour another's) and writes its own
@@ -37,9 +38,9 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def part_transformer(quick: bool) -> dict:
-    args = [sys.executable, "scripts/bench_transformer.py", "--steps", "3" if quick else "6"]
-    _run(args + (["--no-compile"] if quick else []))
+def part_transformer(quick: bool, threads: int) -> dict:
+    args = [sys.executable, "scripts/bench_transformer.py", "--threads", str(threads)]
+    _run(args + (["--steps", "2", "--batch", "2", "--no-compile"] if quick else ["--steps", "6"]))
     data = json.loads((OUT / "transformer.json").read_text())
     out = {"fused_ce_peak_memory_ratio": data["fused_ce"]["fused_ce_peak_memory_ratio"],
            "train_tokens_per_s_vs_hf_llama": data["train"]["train_tokens_per_s_vs_hf_llama"],
@@ -51,8 +52,8 @@ def part_transformer(quick: bool) -> dict:
     return out
 
 
-def part_generation(quick: bool) -> dict:
-    _run([sys.executable, "scripts/bench_generation.py", "--new", "32" if quick else "128",
+def part_generation(quick: bool, threads: int) -> dict:
+    _run([sys.executable, "scripts/bench_generation.py", "--new", "32" if quick else "128", "--threads", str(threads),
           "--repeats", "1" if quick else "3", "--out", str(OUT / "generation.json")])
     data = json.loads((OUT / "generation.json").read_text())
     out = {f"decode_tokens_per_s_vs_hf_generate_b{b}": r for b, r in data["decode_tokens_per_s_vs_hf_generate"].items()}
@@ -62,15 +63,16 @@ def part_generation(quick: bool) -> dict:
     return out
 
 
-def part_sequences(quick: bool) -> dict:
-    stdout = _run([sys.executable, "scripts/bench_sequences.py", "--items", "1000" if quick else "4000",
+def part_sequences(quick: bool, threads: int) -> dict:
+    stdout = _run([sys.executable, "scripts/bench_sequences.py", "--threads", str(threads),
+                   "--items", "1000" if quick else "4000",
                    "--batches", "50" if quick else "200"])
     data = json.loads(stdout.strip().splitlines()[-1])
     (OUT / "sequences.json").write_text(json.dumps(data, indent=2) + "\n")
     return {"packing_loader_tokens_per_s": data["mixture_from_shards_tokens_per_s"]}
 
 
-def part_tokenizers(quick: bool) -> dict:
+def part_tokenizers(quick: bool, threads: int) -> dict:
     """Encode/decode throughput of the world default tokenizers (speed does not depend on training)."""
     import numpy as np
     import torch
@@ -79,7 +81,7 @@ def part_tokenizers(quick: bool) -> dict:
     from anyloom.tokenizers.audio_mel import MelTokenizer
     from anyloom.tokenizers.image_vq import ImageVQTokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     recipe = load_recipe("world")
     image = ImageVQTokenizer(recipe.image_tokenizer.model).eval()
     audio = MelTokenizer(recipe.audio_tokenizer.mel).eval()
@@ -104,50 +106,36 @@ def part_tokenizers(quick: bool) -> dict:
         }
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and ("_vs_" in k or k.endswith("ratio"))}
-    if not bars:
-        return
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(bars)))
-    ax.barh(list(bars), list(bars.values()), color="#4a7")
-    ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("ratio (ours / reference; > 1 is better)")
-    for i, v in enumerate(bars.values()):
-        ax.text(v, i, f" {v:.2f}x", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every part (the machine has 2 cores)")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     import platform
 
     import torch
 
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {a.threads} "
                      f"threads, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
                      "torch": torch.__version__, "quick": a.quick}
     failures = {}
     for part in a.only:
         start = time.time()
         try:
-            results.update(globals()[f"part_{part}"](a.quick))
+            results.update(globals()[f"part_{part}"](a.quick, a.threads))
         except Exception as e:  # one broken part must not hide the others' numbers; it is reported and fails the run
             failures[part] = str(e)
         print(f"{part}: {time.time() - start:.0f} s", flush=True)
     results["failed_parts"] = failures
     (OUT / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    plot(results, OUT / "throughput.png")
+    from anyloom.evaluation.plots import plot_throughput
+
+    try:
+        plot_throughput(results, OUT / "throughput.png")
+    except ValueError as e:  # every ratio-producing part failed: the failures below say why
+        print(f"no throughput.png: {e}", file=sys.stderr)
     print(f"\n{'metric':<48} value")
     for k, v in results.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

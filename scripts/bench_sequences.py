@@ -55,8 +55,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--pattern", choices=["flat", "delay"], default="flat")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     vocab = Vocabulary.build(512, 1024, 256, 4, (8, 8), audio_pattern=args.pattern)
     items = world_items(args.items, np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as tmp:

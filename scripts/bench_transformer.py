@@ -45,8 +45,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def ce_child(variant: str, n: int, d: int, vocab: int, chunk: int) -> dict[str, float]:
-    torch.set_num_threads(2)
+def ce_child(variant: str, n: int, d: int, vocab: int, chunk: int, threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
     from anyloom.transformer.kernels.fused_ce import linear_lse
 
     g = torch.Generator().manual_seed(0)
@@ -68,10 +68,10 @@ def ce_child(variant: str, n: int, d: int, vocab: int, chunk: int) -> dict[str, 
     return {"peak_bytes": peak - before, "seconds": seconds, "loss": float(loss)}
 
 
-def bench_ce(n: int = 4096, d: int = 256, vocab: int = 65536, chunk: int = 4096) -> dict:
+def bench_ce(n: int = 4096, d: int = 256, vocab: int = 65536, chunk: int = 4096, threads: int = 2) -> dict:
     results = {}
     for variant in ("naive", "fused"):
-        cmd = [sys.executable, __file__, "--ce-child", variant, str(n), str(d), str(vocab), str(chunk)]
+        cmd = [sys.executable, __file__, "--ce-child", variant, str(n), str(d), str(vocab), str(chunk), str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     if abs(results["naive"]["loss"] - results["fused"]["loss"]) > 1e-3:
@@ -88,13 +88,14 @@ def bench_ce(n: int = 4096, d: int = 256, vocab: int = 65536, chunk: int = 4096)
 
 # ---------------------------------------------------------------- LM training throughput vs HF Llama (CPU)
 
-def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512, compile_ours: bool = True) -> dict:
+def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512, compile_ours: bool = True,
+                threads: int = 2) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from anyloom.training.progress import progress
     from anyloom.transformer.model import ModelConfig, Transformer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     cfg = ModelConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=704, max_seq_len=seq,
                       qk_norm=False, attention="sdpa", fused_ce=True, ce_chunk_size=4096)
     hf_cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
@@ -255,25 +256,29 @@ def bench_attention() -> list[dict]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--ce-child":
-        variant, n, d, vocab, chunk = sys.argv[2], *map(int, sys.argv[3:7])
-        print(json.dumps(ce_child(variant, n, d, vocab, chunk)))
+        variant, n, d, vocab, chunk, threads = sys.argv[2], *map(int, sys.argv[3:8])
+        print(json.dumps(ce_child(variant, n, d, vocab, chunk, threads)))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["ce", "train", "attention"], default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of ours")
+    parser.add_argument("--batch", type=int, default=8, help="rows of 512 tokens per training step")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the CE children too)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     result: dict = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     "threads": torch.get_num_threads()}
     if args.only in (None, "ce"):
-        result["fused_ce"] = bench_ce()
+        result["fused_ce"] = bench_ce(threads=args.threads)
         r = result["fused_ce"]
         print(f"fused CE  V={r['vocab']} N={r['tokens']} D={r['dim']}: peak naive {r['naive_peak_mib']:.0f} MiB, "
               f"fused {r['fused_peak_mib']:.0f} MiB -> {r['fused_ce_peak_memory_ratio']:.1f}x less "
               f"(time {r['naive_seconds']:.2f}s vs {r['fused_seconds']:.2f}s)")
     if args.only in (None, "train"):
-        result["train"] = bench_train(steps=args.steps, compile_ours=not args.no_compile)
+        result["train"] = bench_train(steps=args.steps, batch=args.batch, compile_ours=not args.no_compile,
+                                      threads=args.threads)
         r = result["train"]
         print(f"train tokens/s ({r['params'] / 1e6:.1f}M params, {r['batch']}x{r['seq']}): "
               + ", ".join(f"{k.removesuffix('_tokens_per_s')} {v:.0f}" for k, v in r.items() if k.endswith("_per_s"))
