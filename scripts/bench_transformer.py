@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of ours")
     parser.add_argument("--batch", type=int, default=8, help="rows of 512 tokens per training step")
+    parser.add_argument("--ce-tokens", type=int, default=4096, help="tokens in the fused-CE memory benchmark")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the CE children too)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,7 +272,7 @@ def main() -> None:
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     "threads": torch.get_num_threads()}
     if args.only in (None, "ce"):
-        result["fused_ce"] = bench_ce(threads=args.threads)
+        result["fused_ce"] = bench_ce(n=args.ce_tokens, threads=args.threads)
         r = result["fused_ce"]
         print(f"fused CE  V={r['vocab']} N={r['tokens']} D={r['dim']}: peak naive {r['naive_peak_mib']:.0f} MiB, "
               f"fused {r['fused_peak_mib']:.0f} MiB -> {r['fused_ce_peak_memory_ratio']:.1f}x less "

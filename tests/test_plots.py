@@ -86,3 +86,48 @@ def test_throughput_bars_are_the_ratios_of_bench_json(tmp_path):
     _png(fig.path)
     with pytest.raises(ValueError, match="no ratio"):
         plot_throughput({"packing_loader_tokens_per_s": 1.0}, tmp_path / "none.png")
+
+
+def test_bench_aggregator_writes_the_contract_keys(tmp_path, monkeypatch):
+    """scripts/bench.py gathers the parts' outputs (their real formats, faked here) into bench.json + a PNG."""
+    from pathlib import Path
+
+    from anyloom.scripts import bench
+
+    def fake_run(cmd: list[str]) -> str:
+        script = Path(cmd[1]).name
+        if script == "bench_transformer.py":
+            assert cmd[cmd.index("--threads") + 1] == "1" and "--no-compile" in cmd  # --quick: eager only
+            (tmp_path / "transformer.json").write_text(json.dumps({
+                "fused_ce": {"tokens": 1024, "fused_ce_peak_memory_ratio": 6.5},
+                "train": {"ours_eager_tokens_per_s": 640.0, "hf_llama_tokens_per_s": 800.0,
+                          "train_tokens_per_s_vs_hf_llama_eager": 0.8, "compile_seconds": {}}}))
+            return ""
+        if script == "bench_generation.py":
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({
+                "decode_tokens_per_s_vs_hf_generate": {"1": 1.3, "16": 1.0},
+                "rows": [{"batch": 1, "engine_tokens_per_s": 60.0}, {"batch": 16, "engine_tokens_per_s": 370.0}]}))
+            return ""
+        if script == "bench_sequences.py":
+            return "progress line\n" + json.dumps({"mixture_from_shards_tokens_per_s": {"wall": 2500, "cpu": 5000}})
+        raise AssertionError(script)
+
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    monkeypatch.setattr(bench, "_run", fake_run)
+    assert bench.main(["--quick", "--threads", "1", "--only", "transformer", "generation", "sequences"]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["quick"] is True and data["failed_parts"] == {} and data["machine"].split(", ")[1] == "1 threads"
+    assert data["train_tokens_per_s_vs_hf_llama"] == 0.8 and data["train_ours_variant"] == "eager"
+    assert "train_tokens_per_s_vs_hf_llama_eager" not in data  # the same number: no second bar
+    assert data["fused_ce_peak_memory_ratio"] == 6.5 and data["fused_ce_tokens"] == 1024
+    assert data["decode_tokens_per_s_vs_hf_generate"] == {"1": 1.3, "16": 1.0}
+    assert data["decode_tokens_per_s_b16"] == 370.0
+    assert data["packing_loader_tokens_per_s"] == 2500 and data["packing_loader_tokens_per_cpu_s"] == 5000
+    _png(tmp_path / "throughput.png")
+
+    def broken(cmd: list[str]) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bench, "_run", broken)
+    assert bench.main(["--only", "sequences"]) == 1  # a failed part fails the run and is named in bench.json
+    assert json.loads((tmp_path / "bench.json").read_text())["failed_parts"] == {"sequences": "boom"}
