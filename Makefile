@@ -27,8 +27,8 @@ help:
 	@echo "make setup                                   create .venv (idempotent)"
 	@echo "make train [RECIPE=world] [ARGS='k=v ...'] [NPROC=2]   train a recipe (default: the whole world chain)"
 	@echo "make generate PROMPT='two red circles' TO=image [RUN=runs/world]  (or IMAGE=x.png / AUDIO=x.wav, TO=text|audio)"
-	@echo "make eval RUN=runs/<name>                    held-out scores -> <run>/eval.json"
-	@echo "make bench                                   speed/memory ratios -> runs/bench/bench.json"
+	@echo "make eval RUN=runs/<name>                    held-out scores -> <run>/eval.json, curves -> <run>/plots/"
+	@echo "make bench [ARGS='--quick --threads 1']      speed/memory ratios -> runs/bench/bench.json"
 	@echo "make compare RUNS='runs/a runs/b'            recipes, evals and curves side by side"
 	@echo "make test | lint | clean"
 
