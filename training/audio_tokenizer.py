@@ -6,8 +6,11 @@
    without audio are counted and skipped), and precompute the log-mel of the training audio once: the
    model sees mel frames only, so training never touches a waveform;
 2. fit the per-bin normalisation, then train on random crops: forward, loss (L1 on normalised log-mel +
-   commitment), backward, clip, step, log (metrics.jsonl + tensorboard, a progress bar);
-3. save resumable checkpoints (safetensors: model + AdamW state; the step in config.json) and WAV samples
+   commitment), backward, clip, step, log (metrics.jsonl + tensorboard, a progress bar); the waveform codec
+   can add EnCodec's multi-scale STFT discriminator (``discriminator.enabled``, ``audio_discriminator.py``):
+   adversarial + feature-matching terms for the codec, then a discriminator step of its own optimizer;
+3. save resumable checkpoints (safetensors: model + AdamW state, and the discriminator + its Adam state when
+   enabled; the step in config.json) and WAV samples
    (original and reconstruction, also to tensorboard);
 4. export the tokenizer to ``run.path / "tokenizer"`` with its config fingerprint, and score it on the
    validation speech (SI-SNR, mel distance, STOI/PESQ when installed, ASR-judge WER) into ``eval.json``.
@@ -36,6 +39,13 @@ from anyloom.config import fingerprint
 from anyloom.tokenizers.audio_codec import WaveCodec, WaveCodecConfig
 from anyloom.tokenizers.audio_common import prepare_wave
 from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelTokenizer, MelTokenizerConfig
+from anyloom.training.audio_discriminator import (
+    DiscriminatorConfig,
+    MultiScaleSTFTDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+)
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.progress import progress
@@ -77,6 +87,13 @@ class AudioTokenizerStageConfig:
         default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=50, schedule="cosine")
     )
     train: AudioTokenizerTrainConfig = field(default_factory=AudioTokenizerTrainConfig)
+    # optional MS-STFT discriminator + feature matching (EnCodec), kind seanet_codec only; off by default
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def __post_init__(self) -> None:
+        if self.discriminator.enabled and self.kind != "seanet_codec":
+            raise ValueError(f"discriminator.enabled needs kind seanet_codec (it judges waveforms), got kind "
+                             f"{self.kind!r}")
 
 
 @dataclass
@@ -173,12 +190,37 @@ def codebook_perplexity(codes: torch.Tensor, codebook_size: int) -> list[float]:
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
+@dataclass
+class Adversary:
+    """The discriminator and its optimizer: training state, checkpointed with the codec, never exported."""
+
+    disc: MultiScaleSTFTDiscriminator
+    opt: torch.optim.Optimizer
+
+
+def _optim_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{pid}.{name}": torch.as_tensor(value)
+            for pid, s in opt.state_dict()["state"].items() for name, value in s.items()}
+
+
+def _load_optim(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    opt_state = opt.state_dict()
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix + "."):
+            _, pid, name = k.split(".", 2)
+            per_param.setdefault(int(pid), {})[name] = v
+    opt_state["state"] = per_param
+    opt.load_state_dict(opt_state)
+
+
 def _save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, fp: str,
-                     keep_last: int) -> None:
+                     keep_last: int, adversary: Adversary | None = None) -> None:
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for pid, s in opt.state_dict()["state"].items():
-        for name, value in s.items():
-            state[f"optim.{pid}.{name}"] = torch.as_tensor(value)
+    state.update(_optim_tensors("optim", opt))
+    if adversary is not None:
+        state.update({f"disc.{k}": v for k, v in adversary.disc.state_dict().items()})
+        state.update(_optim_tensors("disc_optim", adversary.opt))
     folder = run.checkpoints / f"step_{step:07d}"
     save_weights(folder, state, {"step": step, "fingerprint": fp})  # config.json last: marks it complete
     done = sorted(p for p in run.checkpoints.glob("step_*") if (p / "config.json").exists())
@@ -193,17 +235,14 @@ def _latest_checkpoint(run: RunDir, fp: str) -> Path | None:
     return None
 
 
-def _load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+def _load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     adversary: Adversary | None = None) -> int:
     saved = load_weights(folder)
     model.load_state_dict({k[6:]: v for k, v in saved.state_dict.items() if k.startswith("model.")})
-    opt_state = opt.state_dict()
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in saved.state_dict.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            per_param.setdefault(int(pid), {})[name] = v
-    opt_state["state"] = per_param
-    opt.load_state_dict(opt_state)
+    _load_optim("optim", opt, saved.state_dict)
+    if adversary is not None:  # the fingerprint covers the discriminator config: its weights are there
+        adversary.disc.load_state_dict({k[5:]: v for k, v in saved.state_dict.items() if k.startswith("disc.")})
+        _load_optim("disc_optim", adversary.opt, saved.state_dict)
     return int(saved.config["step"])
 
 
@@ -227,8 +266,11 @@ def train_audio_tokenizer(
     ``WaveCodec.load`` reads it, by ``kind`` in its config.json)."""
     # only what shapes this kind's result: editing the other kind's section must not force a retrain
     model_cfg = cfg.codec if cfg.kind == "seanet_codec" else cfg.mel
-    fp = fingerprint({"kind": cfg.kind, "model": model_cfg, "optim": cfg.optim, "train": cfg.train, "seed": seed,
-                      "train_manifest": str(train_manifest)})
+    parts = {"kind": cfg.kind, "model": model_cfg, "optim": cfg.optim, "train": cfg.train, "seed": seed,
+             "train_manifest": str(train_manifest)}
+    if cfg.discriminator.enabled:  # only then: runs without it keep the fingerprints they had
+        parts["discriminator"] = cfg.discriminator
+    fp = fingerprint(parts)
     out = run.path / "tokenizer"
     if (out / "config.json").exists() and load_weights(out).metadata.get("fingerprint") == fp:
         print(f"audio tokenizer: {out} is up to date (fingerprint {fp}); not retraining")
@@ -247,6 +289,9 @@ def train_audio_tokenizer(
         corpus = torch.from_numpy(np.concatenate(train.waves)).to(device)  # (N,) samples
         crop = crop_frames * model.samples_per_frame
         wave_loss = WaveformLoss(model.sample_rate).to(device)
+        if cfg.discriminator.enabled and crop < cfg.discriminator.min_samples:
+            raise ValueError(f"audio_tokenizer.train.crop_seconds {tc.crop_seconds} gives {crop} samples, shorter "
+                             f"than the discriminator's largest n_fft {cfg.discriminator.min_samples}")
     else:
         corpus = mel_corpus(model, train.waves).to(device)
         model.fit_normalization(corpus[None])
@@ -254,11 +299,16 @@ def train_audio_tokenizer(
         crop = crop_frames * cfg.mel.downsample  # mel frames of whole code frames
 
     opt = build_optimizer(model, cfg.optim)
+    adversary = None
+    if cfg.discriminator.enabled:
+        disc = MultiScaleSTFTDiscriminator(cfg.discriminator).to(device)
+        adversary = Adversary(disc, torch.optim.Adam(disc.parameters(), lr=cfg.discriminator.lr,
+                                                     betas=cfg.discriminator.betas))
     logger = MetricsLogger(run)
     start = 0
     latest = _latest_checkpoint(run, fp)
     if latest is not None:
-        start = _load_checkpoint(latest, model, opt)
+        start = _load_checkpoint(latest, model, opt, adversary)
         print(f"audio tokenizer: resumed from {latest} at step {start}")
     model.train()
     t0, cpu0, step = time.time(), time.process_time(), start
@@ -271,11 +321,23 @@ def train_audio_tokenizer(
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         for group in opt.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, tc.steps, cfg.optim)
+        adversarial = adversary is not None and step >= cfg.discriminator.start_step
         if waveform:
             wave = wave_crops(corpus, tc.batch_size, crop, g)  # (B, T)
             result = model(wave)
-            recon_loss, mel_l1 = wave_loss(result.wave[:, : wave.shape[-1]], wave)
+            fake = result.wave[:, : wave.shape[-1]]
+            recon_loss, mel_l1 = wave_loss(fake, wave)
             loss = recon_loss + result.quantizer_loss
+            if adversarial:
+                dc = cfg.discriminator
+                with torch.no_grad():
+                    real_out = adversary.disc(wave)  # feature-matching targets
+                adversary.disc.requires_grad_(False)  # this backward feeds the codec only: skip D's weight grads
+                fake_out = adversary.disc(fake)
+                adversary.disc.requires_grad_(True)
+                g_adv = generator_loss(fake_out.logits, dc.loss)
+                g_feat = feature_matching_loss(real_out.features, fake_out.features)
+                loss = loss + dc.adversarial_weight * g_adv + dc.feature_weight * g_feat
         else:
             mel = sample_crops(corpus, tc.batch_size, crop, g)  # (B, M, frames)
             result = model(mel)
@@ -285,6 +347,12 @@ def train_audio_tokenizer(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if adversarial:  # then the discriminator, on the same batch against the (detached) reconstruction
+            d_loss = discriminator_loss(adversary.disc(wave).logits, adversary.disc(fake.detach()).logits,
+                                        cfg.discriminator.loss)
+            d_loss.backward()
+            adversary.opt.step()
+            adversary.opt.zero_grad(set_to_none=True)
         if step % tc.log_every == 0 or step == tc.steps - 1:
             if waveform:
                 nats, commit = float(mel_l1.detach()), float(result.quantizer_loss.detach())
@@ -292,19 +360,20 @@ def train_audio_tokenizer(
                 nats = float(((result.recon.detach() - mel).abs() * model.mel_std[None, :, None]).mean())
                 commit = float(result.commit_loss.detach())
             usage = codebook_perplexity(result.codes, codebook_size)
-            logger.log(step, loss=loss.item(), recon=recon_loss.item(), mel_l1_nats=nats, commit=commit,
+            gan = dict(d_loss=d_loss.item(), g_adv=g_adv.item(), g_feat=g_feat.item()) if adversarial else {}
+            logger.log(step, loss=loss.item(), recon=recon_loss.item(), mel_l1_nats=nats, commit=commit, **gan,
                        grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"],
                        cpu_seconds=time.process_time() - cpu0,  # steadier than wall time on a shared machine
                        **{f"perplexity_q{q}": u for q, u in enumerate(usage)})
             bar.set_postfix(loss=f"{loss.item():.3f}", nats=f"{nats:.3f}")
         if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0:
-            _save_checkpoint(run, step + 1, model, opt, fp, tc.keep_last)
+            _save_checkpoint(run, step + 1, model, opt, fp, tc.keep_last, adversary)
         if tc.sample_every and (step + 1) % tc.sample_every == 0:
             _write_samples(model, val, run, logger, step + 1, tc.num_samples)
     else:
         step = tc.steps
     trained_seconds, trained_cpu = time.time() - t0, time.process_time() - cpu0
-    _save_checkpoint(run, step, model, opt, fp, tc.keep_last)
+    _save_checkpoint(run, step, model, opt, fp, tc.keep_last, adversary)
     _write_samples(model, val, run, logger, step, tc.num_samples)
     model.eval()
     model.save(out, metadata={"fingerprint": fp, "steps": str(step), "train_seconds": f"{trained_seconds:.1f}"})
