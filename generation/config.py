@@ -2,7 +2,8 @@
 
 The defaults are starting points, not tuned values: text greedy (captions and transcripts are judged exactly),
 images and speech sampled with a nucleus, classifier-free guidance on for image and audio spans (the task mixture
-trains the unconditional model through condition dropout). Any of them can be overridden per call.
+trains the unconditional model through condition dropout). Any of them can be overridden per call. ``compile``
+picks whether the decode step runs under ``torch.compile`` (``anyloom.generation.engine.use_compile``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from anyloom.generation.cfg import GuidanceConfig
+from anyloom.generation.engine import COMPILE_MODES, CompileMode
 from anyloom.generation.sampling import ModalitySampling, SamplingConfig
 
 
@@ -23,6 +25,9 @@ class GenerationConfig:
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
+    # compile the decode step: "auto" does where it was measured to pay (CUDA; on CPU the one-off compile of tens
+    # of seconds outweighs the per-token saving for generation lengths we use; docs/BENCHMARKS.md "Generation")
+    compile: CompileMode = "auto"
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
@@ -30,6 +35,8 @@ class GenerationConfig:
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
 
     @property
     def sampling(self) -> ModalitySampling:

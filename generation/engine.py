@@ -11,11 +11,12 @@ and real tokens doc id 0 with positions from 0, so no real token ever attends to
 token lands in the same cache slot. Rows stop independently (eos, or the end of the span with
 ``stop_after_span``); finished rows write ``pad`` until every row is done or the budget runs out.
 
-``prefill`` and ``decode_one_token`` are small functions with no state of their own, ready to compile. Compiling
-the decode step does not pay today: the KV cache takes ``cache_pos`` as a Python int and specialises on it
-(``transformer/kv_cache.py``), so ``torch.compile`` recompiles at every step until its recompile limit and then
-runs eager (measured: 0.5 tok/s compiled vs 232 eager on a 1-layer model). A tensor ``cache_pos`` with a fixed-
-length masked key range in the cache would make the step shape-static; until then the engine runs eager.
+``prefill`` and ``decode_one_token`` are small functions with no state of their own. The decode loop passes the
+slot as a 0-d int64 tensor (``cache_pos``), so a step's shapes depend only on (rows, cache length): keys span
+the whole static cache with unwritten slots masked (``transformer/kv_cache.py``), and one graph compiled by
+:func:`compiled_decode_step` serves every position. ``compile`` (``generate``'s argument, the recipe's
+``generation.compile``) picks it; compiling costs a one-off graph build per (rows, cache length), and the cache
+length is rounded up to a multiple of ``CACHE_BUCKET`` so calls with nearby prompt lengths share a graph.
 
 Axis legend: B rows (2B with classifier-free guidance: conditional rows first), T prompt length, V vocabulary.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -34,6 +36,11 @@ from anyloom.transformer.kv_cache import KVCache
 from anyloom.transformer.model import Transformer
 
 PAD_DOC = -1  # doc id of left-padding slots: real tokens (doc 0) never attend to them
+
+# "always" / "never" compile the decode step; "auto" compiles on the devices where it was measured to pay
+CompileMode = Literal["auto", "always", "never"]
+COMPILE_MODES: tuple[str, ...] = ("auto", "always", "never")
+AUTO_COMPILE_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 @dataclass
@@ -79,10 +86,38 @@ def prefill(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor, pos
     return model.logits(hidden[:, -1:]).squeeze(1).float()
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, kv_cache: KVCache, cache_pos: int) -> torch.Tensor:
-    """One token per row (B, 1) at slot ``cache_pos`` (doc id and position continue the cache) -> (B, V) fp32."""
+def decode_one_token(model: Transformer, token: torch.Tensor, kv_cache: KVCache,
+                     cache_pos: int | torch.Tensor) -> torch.Tensor:
+    """One token per row (B, 1) at slot ``cache_pos`` (doc id and position continue the cache) -> (B, V) fp32.
+
+    ``cache_pos`` as a 0-d int64 tensor keeps every shape fixed across steps (what compiling needs)."""
     hidden = model(token, kv_cache=kv_cache, cache_pos=cache_pos)  # (B, 1, D)
     return model.logits(hidden).squeeze(1).float()
+
+
+StepFn = Callable[[Transformer, torch.Tensor, KVCache, "int | torch.Tensor"], torch.Tensor]
+
+CACHE_BUCKET = 64  # compiled decoding rounds the cache length up to this, so nearby lengths share one graph
+_compiled_step: StepFn | None = None
+
+
+def compiled_decode_step() -> StepFn:
+    """``decode_one_token`` under ``torch.compile`` (whole graph, static shapes), built once per process.
+
+    Dynamo keeps one graph per (model, rows, cache length) and guards on shapes only, never on the value of the
+    tensor ``cache_pos``; a graph break or a per-position recompile would be a bug (tests count compiles).
+    """
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+    return _compiled_step
+
+
+def use_compile(compile: CompileMode, device: torch.device) -> bool:
+    """Whether ``compile`` ("auto" / "always" / "never") compiles the decode step on ``device``."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+    return compile == "always" or (compile == "auto" and device.type in AUTO_COMPILE_DEVICES)
 
 
 @dataclass
@@ -115,12 +150,13 @@ def decode_n_tokens(
     generator: torch.Generator | None = None,
     guidance: GuidanceConfig | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
-    step_fn: Callable[[Transformer, torch.Tensor, KVCache, int], torch.Tensor] = decode_one_token,
+    step_fn: StepFn = decode_one_token,
 ) -> Decoded:
     """Sample up to ``n`` tokens per row starting from ``logits`` (B, V) (or (2B, V) with guidance).
 
     The grammar gets the remaining budget, so every row's stream is complete (spans closed) within ``n``.
-    ``step_fn`` replaces :func:`decode_one_token` (same signature), e.g. with an instrumented step.
+    ``step_fn`` replaces :func:`decode_one_token` (same signature), e.g. the compiled step or an instrumented
+    one; it gets ``cache_pos`` as a 0-d int64 tensor.
     """
     device = logits.device
     table = sampling.as_tensors(device)
@@ -129,6 +165,7 @@ def decode_n_tokens(
     B = state.mode.shape[0]
     pad, vocab_size = grammar.vocab.pad, grammar.vocab.size
     out = torch.full((B, n), pad, dtype=torch.long, device=device)
+    pos = torch.tensor(cache_pos, dtype=torch.long, device=device)  # 0-d: one compiled graph for every slot
     written = 0
     for i in range(n):
         modality = state.modality()
@@ -148,8 +185,8 @@ def decode_n_tokens(
         if bool(state.done.all()) or i == n - 1:
             break
         feed = torch.cat([token, token]) if guided else token  # both twins follow the same stream
-        logits = step_fn(model, feed[:, None], kv_cache, cache_pos)
-        cache_pos += 1
+        logits = step_fn(model, feed[:, None], kv_cache, pos)
+        pos = pos + 1  # a new tensor: the step may hold on to its input
     return Decoded(out[:, :written], state.done.clone(), state)
 
 
@@ -171,11 +208,13 @@ def generate(
     guidance: GuidanceConfig | None = None,
     uncond_prompts: Sequence[Sequence[int]] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
+    compile: CompileMode = "auto",
 ) -> GenerationOutput:
     """Continue each prompt (token ids, starting with bos) under ``grammar``; see the module docstring.
 
     With ``guidance`` active, ``uncond_prompts`` (one per prompt: the same request with the condition dropped)
-    run as the second half of the batch.
+    run as the second half of the batch. ``compile`` decides whether the decode step runs compiled
+    (:func:`use_compile`); the tokens are the same either way up to fp32 rounding (tests compare greedy runs).
     """
     sampling = sampling if sampling is not None else ModalitySampling()
     if max_new_tokens < 1:
@@ -207,10 +246,15 @@ def generate(
         r = int(need.argmax())
         raise ValueError(f"prompt {r} leaves a span open that needs {int(need[r])} more tokens to close, but "
                          f"max_new_tokens is {max_new_tokens}")
-    kv = new_cache(model, batch.tokens.shape[0], T + max_new_tokens)
+    compiled = use_compile(compile, device)
+    slots = T + max_new_tokens
+    if compiled:  # one graph per cache length: round it up so that nearby prompt lengths share a graph
+        slots = -(-slots // CACHE_BUCKET) * CACHE_BUCKET
+    kv = new_cache(model, batch.tokens.shape[0], slots)
     logits = prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv)
     decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
-                              guidance if guided else None, on_step)
+                              guidance if guided else None, on_step,
+                              compiled_decode_step() if compiled else decode_one_token)
     sequences = []
     for r in range(B):
         ids = decoded.tokens[r].tolist()

@@ -373,7 +373,7 @@ class Pipeline:
         out = generate(
             self.model, ids, grammar, budget, cfg.sampling,
             torch.Generator(device=self.device).manual_seed(cfg.seed if seed is None else seed),
-            guidance, uncond, on_step,
+            guidance, uncond, on_step, cfg.compile,
         )
         # the grammar forces eos in the last slot of the budget, so only an earlier eos is the model's own choice
         return [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]

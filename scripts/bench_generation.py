@@ -11,6 +11,11 @@ A random ``LlamaForCausalLM`` (world-sized by default) is saved as safetensors, 
 - ``constrained``: the full ``anyloom.generation.engine.generate`` path (grammar mask, per-modality sampling
   tables, stop conditions) on the same model, with a vocabulary laid over its ids.
 
+With ``--compile`` both of ours also run with the decode step compiled (``compiled_decode_step``; columns
+``engine+c`` and ``constrained+c``). The first call of each batch size builds the graph: its extra time over the
+best timed call is reported as ``compile_s``, and ``break_even_tokens`` = compile_s / (per-step time saved), the
+number of decode steps after which compiling has paid for itself.
+
 Tokens/s counts generated tokens (batch x new tokens) over the wall time of the whole call (prefill included),
 best of ``--repeats``. The first greedy tokens of ``engine`` and ``hf`` are compared as a parity check.
 """
@@ -28,7 +33,7 @@ from pathlib import Path
 import torch
 
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
-from anyloom.generation.engine import decode_one_token, generate, new_cache, prefill
+from anyloom.generation.engine import CACHE_BUCKET, compiled_decode_step, decode_one_token, generate, new_cache, prefill
 from anyloom.generation.sampling import GREEDY, ModalitySampling
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.transformer.importers import import_llama
@@ -47,18 +52,21 @@ def hf_llama(folder: Path, vocab_size: int, dim: int, layers: int, heads: int, s
 
 
 @torch.no_grad()
-def run_engine(model, prompts: torch.Tensor, new: int) -> torch.Tensor:
-    """Greedy decode on the static cache: the same work as HF greedy generate."""
+def run_engine(model, prompts: torch.Tensor, new: int, step=decode_one_token, slots: int = 0) -> torch.Tensor:
+    """Greedy decode on the static cache (``slots`` long, at least prompt + new): the same work as HF greedy
+    generate. The slot goes in as a 0-d tensor, as in ``generate``, so ``step`` may be the compiled one."""
     b, t = prompts.shape
-    kv = new_cache(model, b, t + new)
+    kv = new_cache(model, b, max(slots, t + new))
     positions = torch.arange(t).expand(b, t)
     logits = prefill(model, prompts, torch.zeros_like(prompts), positions, kv)
     out = torch.empty(b, new, dtype=torch.long)
+    pos = torch.tensor(t)
     for i in range(new):
         token = logits.argmax(-1)
         out[:, i] = token
         if i + 1 < new:
-            logits = decode_one_token(model, token[:, None], kv, t + i)
+            logits = step(model, token[:, None], kv, pos)
+            pos = pos + 1
     return out
 
 
@@ -81,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     p.add_argument("--out", default="runs/bench/generation.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -93,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"config": vars(a), "vocab_size": vocab.size, "torch": torch.__version__, "rows": []}
     print(f"{'batch':>5} {'hf tok/s':>10} {'engine tok/s':>13} {'ratio':>6} {'constrained tok/s':>18} {'ratio':>6}"
           f"  parity")
+    compiled_rows = []
     for b in a.batches:
         g = torch.Generator().manual_seed(b)
         prompts = torch.randint(0, vocab.text_size, (b, a.prompt_len), generator=g)
@@ -114,6 +124,31 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"].append(row)
         print(f"{b:>5} {n / t_hf:>10.0f} {n / t_engine:>13.0f} {t_hf / t_engine:>6.2f} {n / t_con:>18.0f} "
               f"{t_hf / t_con:>6.2f}  {agree:.0f}/{a.new} tokens agree")
+        if a.compile:
+            slots = -(-(a.prompt_len + a.new) // CACHE_BUCKET) * CACHE_BUCKET  # the cache generate() makes
+            run_c = partial(run_engine, ours, prompts, a.new, compiled_decode_step(), slots)
+            start = time.perf_counter()
+            first_out = run_c()  # builds the graph for this batch size
+            t_first = time.perf_counter() - start
+            t_ec, ec_out = best_time(run_c, a.repeats)
+            t_cc, _ = best_time(partial(constrained, compile="always"), a.repeats)
+            saved_per_step = (t_engine - t_ec) / (a.new - 1)
+            compile_s = t_first - t_ec
+            row.update(engine_compiled_tokens_per_s=n / t_ec, engine_compiled_vs_hf=t_hf / t_ec,
+                       constrained_compiled_tokens_per_s=n / t_cc, constrained_compiled_vs_hf=t_hf / t_cc,
+                       compile_s=compile_s,
+                       break_even_tokens=compile_s / saved_per_step if saved_per_step > 0 else None,
+                       compiled_tokens_equal_eager=bool((ec_out == engine_out).all() and (first_out == ec_out).all()))
+            compiled_rows.append(row)
+    if compiled_rows:
+        print(f"\n{'batch':>5} {'engine+c tok/s':>15} {'ratio':>6} {'constrained+c tok/s':>20} {'ratio':>6} "
+              f"{'compile s':>10} {'break-even steps':>17}  tokens == eager")
+        for r in compiled_rows:
+            be = r["break_even_tokens"]
+            print(f"{r['batch']:>5} {r['engine_compiled_tokens_per_s']:>15.0f} {r['engine_compiled_vs_hf']:>6.2f} "
+                  f"{r['constrained_compiled_tokens_per_s']:>20.0f} {r['constrained_compiled_vs_hf']:>6.2f} "
+                  f"{r['compile_s']:>10.1f} {'never' if be is None else f'{be:.0f}':>17}  "
+                  f"{r['compiled_tokens_equal_eager']}")
     results["decode_tokens_per_s_vs_hf_generate"] = {str(r["batch"]): r["engine_vs_hf"] for r in results["rows"]}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ The mask rule every backend implements:
         and (j <= q_start + i                            (causal ...)
              or (span_q[b, i] == span_k[b, j] > 0))      (... except inside one bidirectional span, optional)
 
-``q_start`` is non-zero only for KV-cache decoding, where keys are the cached prefix plus the new tokens.
+``q_start`` is non-zero only for KV-cache decoding, where keys are the cached prefix plus the new tokens. It may
+be a 0-d int64 tensor (a compiled decode step): then the keys are the whole static cache, the rule is built from
+tensors only, and nothing checks its value on the host (the ``sdpa`` and ``flex`` backends take it).
 Every query can see at least itself (its own key carries its own doc id), so no row is fully masked.
 
 Backends:
@@ -86,7 +88,7 @@ def resolve_backend(backend: Backend, device: torch.device, has_spans: bool) -> 
 def build_mask(
     q_doc: Tensor,
     k_doc: Tensor,
-    q_start: int = 0,
+    q_start: int | Tensor = 0,
     q_span: Tensor | None = None,
     k_span: Tensor | None = None,
 ) -> Tensor:
@@ -109,7 +111,7 @@ def attention(
     q_doc: Tensor | None = None,
     k_doc: Tensor | None = None,
     *,
-    q_start: int = 0,
+    q_start: int | Tensor = 0,
     q_span: Tensor | None = None,
     k_span: Tensor | None = None,
     backend: Backend = "auto",
@@ -125,10 +127,11 @@ def attention(
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
-    if q_start + q.shape[2] > k.shape[2]:
+    static = isinstance(q_start, Tensor)  # a tensor start: keys are the whole static cache (module docstring)
+    if not static and q_start + q.shape[2] > k.shape[2]:
         raise ValueError(f"q_start {q_start} + Tq {q.shape[2]} exceeds Tk {k.shape[2]}")
     if (q_span is None) != (k_span is None):
-        if k_span is None and q_span is not None and q_start == 0 and q.shape[2] == k.shape[2]:
+        if k_span is None and q_span is not None and not static and q_start == 0 and q.shape[2] == k.shape[2]:
             k_span = q_span
         else:
             raise ValueError("give both q_span and k_span (or neither)")
@@ -136,7 +139,11 @@ def attention(
         k_doc = q_doc
     if q_doc is not None and k_doc is not None and k_doc.shape[1] != k.shape[2]:
         raise ValueError(f"k_doc has length {k_doc.shape[1]} but there are {k.shape[2]} keys")
-    name = resolve_backend(backend, q.device, q_span is not None)
+    # auto never picks triton for a tensor q_start: the kernel takes the start as a launch constant
+    name = resolve_backend(backend, q.device, q_span is not None or static)
+    if static and name in ("triton", "xformers"):
+        raise NotImplementedError(f"attention backend {name!r} needs an int q_start; a tensor one (static-cache "
+                                  "decoding) runs on 'sdpa' or 'flex'")
     if name == "sdpa":
         return _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span)
     if name == "flex":
@@ -158,7 +165,7 @@ def attention(
 
 def _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
-    if q_doc is None and q_span is None and q_start == 0 and q.shape[2] == k.shape[2]:
+    if q_doc is None and q_span is None and isinstance(q_start, int) and q_start == 0 and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
     if q_doc is None:

@@ -1,11 +1,21 @@
 """A static KV cache as registered buffers (gpt-fast style): fixed shapes, so decoding steps can be compiled.
 
-Axis legend: L layers, B batch, K key/value heads, S cache slots (``max_len``), E head dim, t new tokens.
+Axis legend: B batch, K key/value heads, S cache slots (``max_len``), E head dim, t new tokens.
 
 Besides keys and values it keeps, per slot, the document id (and bidirectional span id) of the token written
 there, and per row the position of the last token: attention masks cached slots by document exactly as the full
 forward masks packed documents, which is what makes LEFT padding work (pads carry doc id -1 and so are never
 seen by the real tokens of doc id 0), and lets decoding continue without the caller tracking positions.
+
+``cache_pos`` (the first slot the new tokens go to) is either a Python int or a 0-d int64 tensor:
+
+- int: ``update`` returns the filled prefix, slots [0, cache_pos + t), so attention costs what the prefix costs;
+  the shapes depend on the value, which is fine in eager mode but makes ``torch.compile`` specialise on it.
+- tensor: writes go through ``index_copy_`` and ``update`` returns all ``max_len`` slots; slots never written
+  keep doc id ``NO_DOC``, which no query has, so the document mask hides them (and the causal rule hides slots
+  written by later tokens of the same call). Every shape is then fixed by (B, t, max_len), so one compiled
+  decode graph serves every step. Nothing branches on the tensor's value: an out-of-range slot is refused by
+  ``index_copy_`` itself (eager), not by a Python check.
 """
 
 from __future__ import annotations
@@ -14,6 +24,16 @@ import torch
 from torch import Tensor, nn
 
 NO_DOC = -2  # doc id of slots never written (matches no real or pad document)
+
+
+class LayerKV(nn.Module):
+    """One layer's keys and values, (B, K, S, E) each: a buffer of its own, so a compiled step writes a few slots
+    in place (slices of one (L, ...) buffer made inductor copy the whole cache back every step: 10x slower)."""
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
 class KVCache(nn.Module):
@@ -28,9 +48,8 @@ class KVCache(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.layers = nn.ModuleList(LayerKV(shape, dtype, device) for _ in range(n_layers))
         self.register_buffer("doc_ids", torch.full((batch, max_len), NO_DOC, dtype=torch.long, device=device),
                              persistent=False)  # (B, S)
         self.register_buffer("span_ids", torch.zeros(batch, max_len, dtype=torch.long, device=device),
@@ -40,23 +59,31 @@ class KVCache(nn.Module):
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.doc_ids.shape[1]
 
     def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+        for layer in self.layers:
+            layer.k.zero_()
+            layer.v.zero_()
         self.doc_ids.fill_(NO_DOC)
         self.span_ids.zero_()
         self.next_pos.zero_()
 
     @torch.no_grad()
     def prepare(
-        self, doc_ids: Tensor | None, positions: Tensor | None, span_ids: Tensor | None, cache_pos: int, t: int
+        self,
+        doc_ids: Tensor | None,
+        positions: Tensor | None,
+        span_ids: Tensor | None,
+        cache_pos: int | Tensor,
+        t: int,
     ) -> tuple[Tensor, Tensor]:
         """Record the doc/span ids of slots [cache_pos, cache_pos + t); fill in defaults; return (doc_ids, positions).
 
         Defaults: doc id = the doc id of the previous slot (0 at the start), positions continue ``next_pos``.
         """
+        if isinstance(cache_pos, Tensor):
+            return self._prepare_static(doc_ids, positions, span_ids, cache_pos, t)
         b = self.doc_ids.shape[0]
         if cache_pos < 0 or cache_pos + t > self.max_len:
             raise ValueError(f"cache slots [{cache_pos}, {cache_pos + t}) do not fit a cache of {self.max_len}")
@@ -71,9 +98,41 @@ class KVCache(nn.Module):
         self.next_pos.copy_(positions[:, -1] + 1)
         return doc_ids, positions
 
-    def update(self, layer: int, k: Tensor, v: Tensor, cache_pos: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, K, t, E) at slots [cache_pos, cache_pos + t); return the filled prefix (B, K, S', E)."""
+    def _prepare_static(
+        self, doc_ids: Tensor | None, positions: Tensor | None, span_ids: Tensor | None, cache_pos: Tensor, t: int
+    ) -> tuple[Tensor, Tensor]:
+        """``prepare`` for a tensor ``cache_pos``: the same defaults, without reading its value on the host."""
+        b = self.doc_ids.shape[0]
+        slots = _slots(cache_pos, t)  # (t,)
+        if doc_ids is None:
+            # slot cache_pos - 1 (clamped: at slot 0 the gather reads slot 0, and the where picks doc 0 instead)
+            prev = self.doc_ids.index_select(1, (slots[:1] - 1).clamp(min=0))  # (B, 1)
+            doc_ids = torch.where(slots[:1] > 0, prev, torch.zeros_like(prev)).expand(b, t)
+        if positions is None:
+            positions = self.next_pos[:, None] + torch.arange(t, device=self.next_pos.device)  # (B, t)
+        self.doc_ids.index_copy_(1, slots, doc_ids)
+        self.span_ids.index_copy_(1, slots, torch.zeros_like(doc_ids) if span_ids is None else span_ids)
+        self.next_pos.copy_(positions[:, -1] + 1)
+        return doc_ids, positions
+
+    def update(self, layer: int, k: Tensor, v: Tensor, cache_pos: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, K, t, E) at slots [cache_pos, cache_pos + t); return the filled prefix (B, K, S', E)
+        for an int ``cache_pos``, every slot (B, K, max_len, E) for a tensor one (module docstring)."""
         t = k.shape[2]
-        self.k[layer, :, :, cache_pos : cache_pos + t] = k
-        self.v[layer, :, :, cache_pos : cache_pos + t] = v
-        return self.k[layer, :, :, : cache_pos + t], self.v[layer, :, :, : cache_pos + t]
+        cache = self.layers[layer]
+        if isinstance(cache_pos, Tensor):
+            slots = _slots(cache_pos, t)  # (t,)
+            cache.k.index_copy_(2, slots, k)
+            cache.v.index_copy_(2, slots, v)
+            return cache.k, cache.v
+        cache.k[:, :, cache_pos : cache_pos + t] = k
+        cache.v[:, :, cache_pos : cache_pos + t] = v
+        return cache.k[:, :, : cache_pos + t], cache.v[:, :, : cache_pos + t]
+
+
+def _slots(cache_pos: Tensor, t: int) -> Tensor:
+    """(t,) int64 slot indices cache_pos + [0, t) from a 0-d (or one-element) tensor ``cache_pos``."""
+    if cache_pos.numel() != 1 or cache_pos.dtype != torch.long:
+        raise ValueError(f"a tensor cache_pos must hold one int64 slot index, got shape {tuple(cache_pos.shape)} "
+                         f"{cache_pos.dtype}")
+    return cache_pos.reshape(1) + torch.arange(t, device=cache_pos.device)
