@@ -13,7 +13,7 @@ A random ``LlamaForCausalLM`` (world-sized by default) is saved as safetensors, 
 
 With ``--compile`` both of ours also run with the decode step compiled (``compiled_decode_step``; columns
 ``engine+c`` and ``constrained+c``). The first call of each batch size builds the graph: its extra time over the
-best timed call is reported as ``compile_s``, and ``break_even_tokens`` = compile_s / (per-step time saved), the
+best timed call is reported as ``compile_s``, and ``break_even_steps`` = compile_s / (per-step time saved), the
 number of decode steps after which compiling has paid for itself.
 
 Tokens/s counts generated tokens (batch x new tokens) over the wall time of the whole call (prefill included),
@@ -137,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             row.update(engine_compiled_tokens_per_s=n / t_ec, engine_compiled_vs_hf=t_hf / t_ec,
                        constrained_compiled_tokens_per_s=n / t_cc, constrained_compiled_vs_hf=t_hf / t_cc,
                        compile_s=compile_s,
-                       break_even_tokens=compile_s / saved_per_step if saved_per_step > 0 else None,
+                       break_even_steps=compile_s / saved_per_step if saved_per_step > 0 else None,
                        compiled_tokens_equal_eager=bool((ec_out == engine_out).all() and (first_out == ec_out).all()))
             compiled_rows.append(row)
     if compiled_rows:
         print(f"\n{'batch':>5} {'engine+c tok/s':>15} {'ratio':>6} {'constrained+c tok/s':>20} {'ratio':>6} "
               f"{'compile s':>10} {'break-even steps':>17}  tokens == eager")
         for r in compiled_rows:
-            be = r["break_even_tokens"]
+            be = r["break_even_steps"]
             print(f"{r['batch']:>5} {r['engine_compiled_tokens_per_s']:>15.0f} {r['engine_compiled_vs_hf']:>6.2f} "
                   f"{r['constrained_compiled_tokens_per_s']:>20.0f} {r['constrained_compiled_vs_hf']:>6.2f} "
                   f"{r['compile_s']:>10.1f} {'never' if be is None else f'{be:.0f}':>17}  "
