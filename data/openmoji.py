@@ -64,6 +64,12 @@ class OpenMojiPaths:
     test: Path
     counts: dict[str, int]  # items per split, and "skipped_unnamed" / "skipped_empty"
 
+    def split(self, name: str) -> Path:
+        """The manifest of one split; OpenMoji has no compositional hold-out (names are not compositional)."""
+        if name not in SPLITS:
+            raise ValueError(f"OpenMoji has no split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
 
 def _font_path() -> Path:
     try:

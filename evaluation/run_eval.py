@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from anyloom.data.openmoji import OpenMojiPaths
+from anyloom.evaluation import openmoji_eval
 from anyloom.evaluation.world_eval import WorldItem, evaluate_world, items_from_documents
 
 
@@ -144,7 +146,8 @@ def tokenizer_metrics(pipe: Any, items: list[WorldItem], speech_judge: Any) -> d
 
 
 def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str, Any]:
-    """Score the run's export on the world splits; writes eval.json + eval.md + sample sheets; returns the scores."""
+    """Score the run's export on the data stage's splits (world or OpenMoji); writes eval.json + eval.md + sample
+    sheets; returns the scores."""
     import soundfile as sf
 
     from anyloom.data.asr import SpeechJudge
@@ -155,12 +158,19 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str,
     run = RunDir(run_path)
     pipe = load(run.path)
     model = PipelineModel(pipe, cfg.seed)
-    splits: dict[str, list[WorldItem]] = {}
+    # OpenMoji data (recipes/openmoji.yaml) has its own judges: evaluation/openmoji_eval.py
+    openmoji = isinstance(world, OpenMojiPaths)
+    to_items = openmoji_eval.items_from_documents if openmoji else items_from_documents
+    splits: dict[str, list[Any]] = {}
     for split in cfg.splits:
         docs = read_manifest(world.split(split)).documents
-        splits[split] = items_from_documents(docs[: cfg.limit] if cfg.limit else docs)
-    judge = SpeechJudge() if {"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers else None
-    scores = evaluate_world(model, splits, speech_judge=judge, directions=cfg.directions)
+        splits[split] = to_items(docs[: cfg.limit] if cfg.limit else docs)
+    if openmoji:
+        judge = None  # the ASR judge's grammar is the world's captions: no audio tokenizer WER on emoji names
+        scores = openmoji_eval.evaluate_openmoji(model, splits, directions=cfg.directions)
+    else:
+        judge = SpeechJudge() if {"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers else None
+        scores = evaluate_world(model, splits, speech_judge=judge, directions=cfg.directions)
     if cfg.tokenizers and "test" in splits:
         scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge)))
     if cfg.perplexity:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from anyloom.data.openmoji import OpenMojiConfig
 from anyloom.data.world import WorldConfig
 from anyloom.evaluation.run_eval import EvalConfig
 from anyloom.generation.config import GenerationConfig
@@ -59,5 +60,7 @@ class Recipe:
     diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
     image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
+    # the data stage builds OpenMoji instead of the world when this section is set (recipes/openmoji.yaml)
+    openmoji: OpenMojiConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation after training
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths

@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run}/export is missing: the LM has not been exported yet (the 'export' stage of make train, "
               f"or python scripts/export.py --run {run})", file=sys.stderr)
         return 2
-    from anyloom.data.world import build_world
     from anyloom.evaluation.run_eval import evaluate_run
+    from anyloom.scripts.pipeline import build_data
 
-    evaluate_run(run, recipe.eval, build_world(recipe.world))
+    evaluate_run(run, recipe.eval, build_data(recipe))
     print((run / "eval.md").read_text())
     print(f"wrote {run / 'eval.json'}")
     return 0

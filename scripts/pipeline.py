@@ -63,11 +63,31 @@ def _text_segments(manifest: Path) -> list[str]:
     return texts
 
 
-# ---- stages --------------------------------------------------------------------------------------------------
-def stage_world(ctx: Context) -> str:
+def build_data(recipe: Recipe) -> Any:
+    """The data stage's output: OpenMoji when the recipe has an ``openmoji`` section, else the world.
+
+    Both have ``dir``, ``train``/``val``/``test`` manifests and ``split(name)``; the world also has ``compositional``.
+    """
+    if recipe.openmoji is not None:
+        from anyloom.data.openmoji import build_openmoji
+
+        return build_openmoji(recipe.openmoji)
     from anyloom.data.world import build_world
 
-    paths = build_world(ctx.recipe.world)
+    return build_world(recipe.world)
+
+
+def data_splits(data: Any) -> tuple[str, ...]:
+    """The splits the data stage wrote (OpenMoji has no compositional hold-out)."""
+    from anyloom.data.openmoji import SPLITS as OPENMOJI_SPLITS
+    from anyloom.data.openmoji import OpenMojiPaths
+
+    return OPENMOJI_SPLITS if isinstance(data, OpenMojiPaths) else SPLITS
+
+
+# ---- stages --------------------------------------------------------------------------------------------------
+def stage_world(ctx: Context) -> str:
+    paths = build_data(ctx.recipe)  # the stage keeps its name "world" whatever it builds (run caches, summaries)
     ctx.artifacts["world"] = paths
     return str(paths.dir)
 
@@ -137,7 +157,7 @@ def stage_pretokenize(ctx: Context) -> str:
     vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"], image_row_end=seq.image_row_end,
                                        audio_pattern=seq.audio_pattern)
     counts = {}
-    for split in SPLITS:
+    for split in data_splits(world):
         manifest = Path(world.split(split))
         if not manifest.is_file() or not manifest.read_text().strip():
             continue
