@@ -18,7 +18,7 @@ import numpy as np
 
 from anyloom.data.openmoji import OpenMojiPaths
 from anyloom.evaluation import openmoji_eval
-from anyloom.evaluation.world_eval import WorldItem, evaluate_world, items_from_documents
+from anyloom.evaluation.world_eval import evaluate_world, items_from_documents
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ def sample_sheet(captions: list[str], images: list[np.ndarray], path: Path, colu
     return path
 
 
-def tokenizer_metrics(pipe: Any, items: list[WorldItem], speech_judge: Any) -> dict[str, float]:
+def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judge: bool = True) -> dict[str, float]:
+    """``image_judge``: add the world judge's agreement (``image_tokenizer.detector_agreement``; world images only)."""
     import torch
 
     from anyloom.data.asr import word_error_rate
@@ -135,7 +136,10 @@ def tokenizer_metrics(pipe: Any, items: list[WorldItem], speech_judge: Any) -> d
         originals = np.stack([it.pixels for it in items])
         with torch.no_grad():
             recons, codes = reconstruct(tok, originals)
-        out.update(evaluate_reconstructions(originals, recons, codes, tok.codebook_size).as_eval())
+        report = evaluate_reconstructions(originals, recons, codes, tok.codebook_size, judge=image_judge).as_eval()
+        if not image_judge:
+            del report["image_tokenizer.detector_agreement"]  # NaN: the world judge does not read other pictures
+        out.update(report)
     atok = pipe.audio_tokenizer
     if atok is not None and items and items[0].wave is not None:
         report = evaluate_reconstruction(atok, [it.wave for it in items], items[0].sample_rate,
@@ -172,7 +176,7 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str,
         judge = SpeechJudge() if {"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers else None
         scores = evaluate_world(model, splits, speech_judge=judge, directions=cfg.directions)
     if cfg.tokenizers and "test" in splits:
-        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge)))
+        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge, image_judge=not openmoji)))
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 
