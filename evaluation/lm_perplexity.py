@@ -33,7 +33,7 @@ from anyloom.sequences.interleave import TokenStream
 from anyloom.sequences.mixture import ItemSource, MixtureConfig, TaskMixture
 from anyloom.sequences.packing import ListSource, PackedLoader
 from anyloom.sequences.vocab import Vocabulary
-from anyloom.training.lm import MODALITIES, _accumulate, _metrics
+from anyloom.training.lm import MODALITIES, accumulate_loss_sums, loss_metrics
 from anyloom.training.progress import progress
 
 
@@ -116,14 +116,14 @@ def lm_perplexity(
                 if n:
                     hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
                     out = model.loss(hidden, mb["targets"], mb["loss_mask"])
-                    _accumulate(sums, out, mb, n, out.ce.detach() * n)  # cross-entropy without the z-loss term
+                    accumulate_loss_sums(sums, out, mb, n, out.ce.detach() * n)  # cross-entropy without the z-loss term
                 if batches == n_batches:
                     break
     finally:
         model.train(was_training)
     if not float(sums[2]):
         raise ValueError(f"{batches} batches held no target token: nothing to score")
-    record = _metrics(sums.cpu())
+    record = loss_metrics(sums.cpu())
     loss = {"all": record["loss"]}
     accuracy: dict[str, float] = {}
     tokens = {"all": int(sums[2])}

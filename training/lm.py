@@ -259,7 +259,7 @@ def _train(
                 # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
                 loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
                 loss.backward()
-                _accumulate(step_sums, out, mb, n_local, loss.detach() * (n_global / env.world_size))
+                accumulate_loss_sums(step_sums, out, mb, n_local, loss.detach() * (n_global / env.world_size))
             grad_norm = _grad_norm(model, optim_cfg.grad_clip)
             # one collective for the step's loss and for "did any rank get SIGINT/SIGTERM" (all stop together)
             shared = torch.stack([step_sums[0], torch.tensor(float(stop.set), dtype=acc_dtype, device=env.device)])
@@ -293,7 +293,7 @@ def _train(
                 totals = all_reduce_sum(interval.clone())
                 elapsed = time.perf_counter() - interval_t0
                 tps = interval_tokens / max(elapsed, 1e-9)
-                record = _metrics(totals)
+                record = loss_metrics(totals)
                 record.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tps)
                 mfu = _mfu(tps, n_params, env)
                 if mfu is not None:
@@ -328,9 +328,12 @@ def _train(
     return result
 
 
-def _accumulate(sums: torch.Tensor, out: Any, mb: dict[str, torch.Tensor], n_local: float,
-                weighted_loss: torch.Tensor) -> None:
-    """Add one micro-batch's loss sums (token-weighted) and per-modality loss/accuracy sums to ``sums``."""
+def accumulate_loss_sums(sums: torch.Tensor, out: Any, mb: dict[str, torch.Tensor], n_local: float,
+                         weighted_loss: torch.Tensor) -> None:
+    """Add one micro-batch's loss sums (token-weighted) and per-modality loss/accuracy sums to ``sums``.
+
+    Shared with ``evaluation.lm_perplexity`` so held-out numbers mean exactly what the training metrics mean.
+    """
     sums[0] += weighted_loss.to(sums.dtype)  # = out.loss * n_local (NaN when injected)
     sums[1] += out.z_loss.detach().to(sums.dtype) * n_local
     sums[2] += n_local
@@ -343,7 +346,7 @@ def _accumulate(sums: torch.Tensor, out: Any, mb: dict[str, torch.Tensor], n_loc
         sums[5 + 3 * m] += sel.sum()
 
 
-def _metrics(totals: torch.Tensor) -> dict[str, float]:
+def loss_metrics(totals: torch.Tensor) -> dict[str, float]:
     n = float(totals[2])
     record = {"loss": float(totals[0]) / n if n else math.nan, "z_loss": float(totals[1]) / n if n else math.nan}
     for m, name in enumerate(MODALITIES):
