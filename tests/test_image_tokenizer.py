@@ -273,6 +273,11 @@ def test_gan_and_ema(tmp_path):
     exported = ImageVQTokenizer.load(out).state_dict()
     k = "decoder.conv_out.weight"
     assert torch.equal(exported[k], ckpt[f"ema.{k}"]) and not torch.equal(exported[k], ckpt[f"model.{k}"])
+    # buffers (the EMA-updated VQ codebook) are exported raw: averaging them again collapsed codebook usage
+    buffers = [n for n, _ in ImageVQTokenizer(cfg.model).named_buffers() if n.endswith("embed")]
+    assert buffers and not any(f"ema.{n}" in ckpt for n in buffers)
+    for n in buffers:
+        assert torch.equal(exported[n], ckpt[f"model.{n}"]), n
 
 
 def test_gradient_l1_golden_and_logged(tmp_path):

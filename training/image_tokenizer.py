@@ -65,7 +65,7 @@ class ImageTokenizerStageConfig:
     # which is what turns the world's small stars and triangles into blobs; 0 turns it off.
     edge_weight: float = 0.0
     gan: GANConfig = field(default_factory=GANConfig)
-    ema_decay: float = 0.0  # > 0: keep an EMA of the weights and export it instead of the raw weights
+    ema_decay: float = 0.0  # > 0: keep an EMA of the parameters and export it instead of the raw ones
     channels_last: bool = True  # faster convs on CPU
     threads: int = 2  # torch.set_num_threads for the loop
     seed: int = 0
@@ -230,7 +230,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     disc: PatchDiscriminator | None
     disc_optimizer: torch.optim.Optimizer | None
-    ema: dict[str, torch.Tensor] | None  # name -> EMA copy of every float parameter and buffer
+    ema: dict[str, torch.Tensor] | None  # parameter name -> its EMA copy (buffers are not averaged)
     step: int = 0  # optimizer steps done
 
 
@@ -301,18 +301,20 @@ def load_checkpoint(state: TrainState, folder: Path, config_fp: str) -> bool:
 
 
 def _ema_init(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    # Parameters only. The VQ codebook is a buffer that is already an EMA of the encoder outputs, and dead
+    # codes are re-seeded in it by jumps: averaging it again blends old and new entries into vectors no
+    # encoder output is near (measured on the world: test codebook usage 100% -> 31%, PSNR -1 dB).
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 @torch.no_grad()
 def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
-    for k, v in model.state_dict().items():
-        if k in ema:
-            ema[k].lerp_(v, 1.0 - decay)
+    for k, v in model.named_parameters():
+        ema[k].lerp_(v, 1.0 - decay)
 
 
 def _exported_model(state: TrainState) -> ImageVQTokenizer:
-    """The model to export: the EMA weights when enabled (codebook buffers included)."""
+    """The model to export: EMA parameters when enabled, with the raw model's buffers (the VQ codebook)."""
     if state.ema is None:
         return state.model
     model = ImageVQTokenizer(state.model.cfg)
