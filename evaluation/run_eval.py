@@ -149,9 +149,10 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
     return out
 
 
-def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str, Any]:
+def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: Any = None) -> dict[str, Any]:
     """Score the run's export on the data stage's splits (world or OpenMoji); writes eval.json + eval.md + sample
-    sheets; returns the scores."""
+    sheets; returns the scores. ``generation`` (a GenerationConfig) overrides the run's recipe ``generation:``
+    section, so `make eval ... generation.image.temperature=0.5` scores exactly those sampling settings."""
     import soundfile as sf
 
     from anyloom.data.asr import SpeechJudge
@@ -160,7 +161,7 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any) -> dict[str,
     from anyloom.training.run import RunDir
 
     run = RunDir(run_path)
-    pipe = load(run.path)
+    pipe = load(run.path, config=generation)
     model = PipelineModel(pipe, cfg.seed)
     # OpenMoji data (recipes/openmoji.yaml) has its own judges: evaluation/openmoji_eval.py
     openmoji = isinstance(world, OpenMojiPaths)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from anyloom.evaluation.run_eval import evaluate_run
     from anyloom.scripts.pipeline import build_data
 
-    evaluate_run(run, recipe.eval, build_data(recipe))
+    evaluate_run(run, recipe.eval, build_data(recipe), generation=recipe.generation)
     print((run / "eval.md").read_text())
     print(f"wrote {run / 'eval.json'}")
     return 0

@@ -214,7 +214,8 @@ def stage_export(ctx: Context) -> str:
 def stage_eval(ctx: Context) -> str:
     from anyloom.evaluation.run_eval import evaluate_run
 
-    scores = evaluate_run(ctx.run.path, ctx.recipe.eval, world=_need(ctx, "world", "eval"))
+    scores = evaluate_run(ctx.run.path, ctx.recipe.eval, world=_need(ctx, "world", "eval"),
+                          generation=ctx.recipe.generation)
     headline = {k: scores.get(k, {}) for k in ("t2i", "i2t", "a2t", "t2a")}
     parts = [f"{d}: " + ", ".join(f"{m}={v:.3f}" for m, v in s.items() if isinstance(v, float) and m != "n")
              for d, s in headline.items() if s]
