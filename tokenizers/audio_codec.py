@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,10 +24,9 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import build, to_dict
 from anyloom.tokenizers.audio_common import prepare_wave
+from anyloom.tokenizers.audio_module import AudioCodecModule
 from anyloom.tokenizers.base import AudioCodes
-from anyloom.training.weights import load_weights, save_weights
 
 
 @dataclass(frozen=True)
@@ -314,8 +312,14 @@ class CodecOutput:
     quantizer_loss: torch.Tensor  # scalar
 
 
-class WaveCodec(nn.Module):
+KIND = "anyloom.seanet_codec"
+
+
+class WaveCodec(AudioCodecModule):
     """A SEANet codec; implements ``AudioTokenizer`` (encode/decode) and save/load."""
+
+    KIND = KIND
+    CONFIG = WaveCodecConfig
 
     def __init__(self, cfg: WaveCodecConfig):
         super().__init__()
@@ -327,24 +331,8 @@ class WaveCodec(nn.Module):
         self.quantizer = build_quantizer(cfg)
 
     @property
-    def sample_rate(self) -> int:
-        return self.cfg.sample_rate
-
-    @property
     def samples_per_frame(self) -> int:
         return self.cfg.seanet.hop_length
-
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.samples_per_frame
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.cfg.num_codebooks
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
 
     @torch.inference_mode()
     def encode(self, wave: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None) -> AudioCodes:
@@ -352,22 +340,12 @@ class WaveCodec(nn.Module):
         prepared = prepare_wave(wave, sample_rate, self.sample_rate, min_samples=self.samples_per_frame)
         w = prepared.wave.to(self._device())[:, None]  # (B, 1, T)
         codes = self.quantizer.encode(self.encoder(w))
-        if lengths is None:
-            frames = torch.full((codes.shape[0],), codes.shape[-1], dtype=torch.long)
-        else:
-            scaled = torch.as_tensor(lengths, dtype=torch.float64) * self.sample_rate / sample_rate
-            frames = torch.ceil(scaled / self.samples_per_frame).long().clamp(1, codes.shape[-1])
-        return AudioCodes(codes=codes.cpu(), lengths=frames)
+        return AudioCodes(codes=codes.cpu(), lengths=self.frame_lengths(lengths, sample_rate, codes))
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, Q, F) -> wave (B, F * hop) at ``sample_rate`` (fewer than Q levels decode too)."""
-        if codes.ndim != 3 or not 1 <= codes.shape[1] <= self.num_codebooks:
-            raise ValueError(f"codes must be (B, 1..{self.num_codebooks}, F), got shape {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(
-                f"codes out of range [0, {self.codebook_size}): min {int(codes.min())}, max {int(codes.max())}"
-            )
+        self.check_codes(codes)
         z = self.quantizer.decode(codes.to(self._device()))
         return self.decoder(z)[:, 0].cpu()
 
@@ -379,20 +357,6 @@ class WaveCodec(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        return save_weights(folder, self.state_dict(), {"kind": KIND, "config": to_dict(self.cfg)}, metadata=metadata)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> WaveCodec:
-        saved = load_weights(folder, device)
-        if saved.config.get("kind") != KIND:
-            raise ValueError(f"{folder}: config.json kind is {saved.config.get('kind')!r}, expected {KIND!r}")
-        model = cls(build(WaveCodecConfig, saved.config["config"], prefix="config"))
-        model.load_state_dict(saved.state_dict)
-        return model.to(device).eval()
-
-
-KIND = "anyloom.seanet_codec"
 
 __all__ = [
     "SeanetConfig", "WaveCodecConfig", "WaveCodec", "CodecOutput", "EuclideanRVQ", "VQPQuantizer", "SeanetEncoder",

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F_
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import build, to_dict
 from anyloom.tokenizers.audio_common import pad_to_multiple, prepare_wave
+from anyloom.tokenizers.audio_module import AudioCodecModule
 from anyloom.tokenizers.base import AudioCodes
-from anyloom.training.weights import load_weights, save_weights
 
 
 @dataclass(frozen=True)
@@ -177,9 +175,15 @@ class DacQuantizer(nn.Module):
         return sum(self.quantizers[i].decode(codes[:, i]) for i in range(codes.shape[1]))
 
 
-class DacCodec(nn.Module):
+KIND = "anyloom.dac"
+
+
+class DacCodec(AudioCodecModule):
     """Imported DAC weights behind ``AudioTokenizer``; encode pads the input to whole frames (like DAC's
     feature extractor), decode returns F * hop samples."""
+
+    KIND = KIND
+    CONFIG = DacCodecConfig
 
     def __init__(self, cfg: DacCodecConfig):
         super().__init__()
@@ -188,62 +192,18 @@ class DacCodec(nn.Module):
         self.decoder = DacDecoder(cfg)
         self.quantizer = DacQuantizer(cfg)
 
-    @property
-    def sample_rate(self) -> int:
-        return self.cfg.sample_rate
-
-    @property
-    def samples_per_frame(self) -> int:
-        return self.cfg.hop_length
-
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.samples_per_frame
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.cfg.num_codebooks
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
     @torch.inference_mode()
     def encode(self, wave: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None) -> AudioCodes:
         prepared = prepare_wave(wave, sample_rate, self.sample_rate, min_samples=self.samples_per_frame)
         w = pad_to_multiple(prepared.wave, self.samples_per_frame).to(self.encoder.conv1.weight.device)
         codes = self.quantizer.encode(self.encoder(w[:, None]))
-        if lengths is None:
-            frames = torch.full((codes.shape[0],), codes.shape[-1], dtype=torch.long)
-        else:
-            scaled = torch.as_tensor(lengths, dtype=torch.float64) * self.sample_rate / sample_rate
-            frames = torch.ceil(scaled / self.samples_per_frame).long().clamp(1, codes.shape[-1])
-        return AudioCodes(codes=codes.cpu(), lengths=frames)
+        return AudioCodes(codes=codes.cpu(), lengths=self.frame_lengths(lengths, sample_rate, codes))
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.ndim != 3 or not 1 <= codes.shape[1] <= self.num_codebooks:
-            raise ValueError(f"codes must be (B, 1..{self.num_codebooks}, F), got shape {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(
-                f"codes out of range [0, {self.codebook_size}): min {int(codes.min())}, max {int(codes.max())}"
-            )
+        self.check_codes(codes)
         z = self.quantizer.decode(codes.to(self.encoder.conv1.weight.device))
         return self.decoder(z)[:, 0].cpu()
 
-    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        return save_weights(folder, self.state_dict(), {"kind": KIND, "config": to_dict(self.cfg)}, metadata=metadata)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> DacCodec:
-        saved = load_weights(folder, device)
-        if saved.config.get("kind") != KIND:
-            raise ValueError(f"{folder}: config.json kind is {saved.config.get('kind')!r}, expected {KIND!r}")
-        model = cls(build(DacCodecConfig, saved.config["config"], prefix="config"))
-        model.load_state_dict(saved.state_dict)
-        return model.to(device).eval()
-
-
-KIND = "anyloom.dac"
 
 __all__ = ["DacCodecConfig", "DacCodec", "KIND"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,10 +26,9 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import build
 from anyloom.tokenizers.audio_common import pad_to_multiple, prepare_wave
+from anyloom.tokenizers.audio_module import AudioCodecModule
 from anyloom.tokenizers.base import AudioCodes
-from anyloom.training.weights import load_weights, save_weights
 
 
 @dataclass(frozen=True)
@@ -206,8 +204,14 @@ class MelAutoencoderOutput:
     commit_loss: torch.Tensor  # scalar, summed over levels
 
 
-class MelTokenizer(nn.Module):
+KIND = "anyloom.mel_rvq"
+
+
+class MelTokenizer(AudioCodecModule):
     """A trained mel RVQ tokenizer; implements ``AudioTokenizer`` (encode/decode) and save/load."""
+
+    KIND = KIND
+    CONFIG = MelTokenizerConfig
 
     def __init__(self, cfg: MelTokenizerConfig):
         super().__init__()
@@ -243,18 +247,6 @@ class MelTokenizer(nn.Module):
     def samples_per_frame(self) -> int:
         return self.cfg.features.hop_length * self.cfg.downsample
 
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.samples_per_frame
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.cfg.num_codebooks
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
     @torch.inference_mode()
     def encode(self, wave: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None) -> AudioCodes:
         """wave (B, T) / (B, C, T), int16 or float -> codes (B, Q, F). ``lengths``: valid input samples per item."""
@@ -263,12 +255,7 @@ class MelTokenizer(nn.Module):
         w = pad_to_multiple(prepared.wave.to(device), self.samples_per_frame)  # (B, T')
         z = self.encoder(self.normalize(self.features.log_mel(w)))  # (B, D, F)
         codes = self.quantize(z)
-        if lengths is None:
-            frames = torch.full((codes.shape[0],), codes.shape[-1], dtype=torch.long)
-        else:
-            scaled = torch.as_tensor(lengths, dtype=torch.float64) * self.sample_rate / sample_rate
-            frames = torch.ceil(scaled / self.samples_per_frame).long().clamp(1, codes.shape[-1])
-        return AudioCodes(codes=codes.cpu(), lengths=frames)
+        return AudioCodes(codes=codes.cpu(), lengths=self.frame_lengths(lengths, sample_rate, codes))
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -311,30 +298,7 @@ class MelTokenizer(nn.Module):
         return MelAutoencoderOutput(recon, rearrange(indices, "b f q -> b q f"), losses.sum())
 
     def _check_codes(self, codes: torch.Tensor) -> None:
-        if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
-            raise ValueError(f"codes must be (B, {self.num_codebooks}, F), got shape {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(
-                f"codes out of range [0, {self.codebook_size}): min {int(codes.min())}, max {int(codes.max())}"
-            )
+        self.check_codes(codes, min_levels=self.num_codebooks)
 
-    # -- persistence ----------------------------------------------------------------------------------
-    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        from anyloom.config import to_dict
-
-        config = {"kind": KIND, "config": to_dict(self.cfg)}
-        return save_weights(folder, self.state_dict(), config, metadata=metadata)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> MelTokenizer:
-        saved = load_weights(folder, device)
-        if saved.config.get("kind") != KIND:
-            raise ValueError(f"{folder}: config.json kind is {saved.config.get('kind')!r}, expected {KIND!r}")
-        model = cls(build(MelTokenizerConfig, saved.config["config"], prefix="config"))
-        model.load_state_dict(saved.state_dict)
-        return model.to(device).eval()
-
-
-KIND = "anyloom.mel_rvq"
 
 __all__ = ["MelFeatureConfig", "MelTokenizerConfig", "MelFeatures", "MelTokenizer", "MelAutoencoderOutput", "KIND"]

@@ -28,18 +28,16 @@ H heads, E head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F_
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import build, to_dict
 from anyloom.tokenizers.audio_codec import SConv1d, SConvTranspose1d, SeanetConfig, SeanetDecoder, SeanetEncoder
 from anyloom.tokenizers.audio_common import prepare_wave
+from anyloom.tokenizers.audio_module import AudioCodecModule
 from anyloom.tokenizers.base import AudioCodes
-from anyloom.training.weights import load_weights, save_weights
 
 
 def _mimi_seanet() -> SeanetConfig:
@@ -236,10 +234,16 @@ class MimiSplitRVQ(nn.Module):
 
 
 # -- the codec --------------------------------------------------------------------------------------------------
-class MimiCodec(nn.Module):
+KIND = "anyloom.mimi"
+
+
+class MimiCodec(AudioCodecModule):
     """Imported Mimi weights behind ``AudioTokenizer``. Encode takes any length (causal padding completes the
     last frame); decode returns F * hop samples. Fewer than ``num_codebooks`` levels decode too (a prefix,
     at least the semantic ones)."""
+
+    KIND = KIND
+    CONFIG = MimiCodecConfig
 
     def __init__(self, cfg: MimiCodecConfig):
         super().__init__()
@@ -256,26 +260,6 @@ class MimiCodec(nn.Module):
         self.decoder_transformer = MimiTransformer(cfg.transformer, dim)
         self.decoder = SeanetDecoder(cfg.seanet)
 
-    @property
-    def sample_rate(self) -> int:
-        return self.cfg.sample_rate
-
-    @property
-    def samples_per_frame(self) -> int:
-        return self.cfg.hop_length
-
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.samples_per_frame
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.cfg.num_codebooks
-
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
     def latents(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, 1, T) float at ``sample_rate`` -> z (B, D, ceil(T / hop)) before quantization."""
         return self.downsample(self.encoder_transformer(self.encoder(wave)))
@@ -290,42 +274,17 @@ class MimiCodec(nn.Module):
         prepared = prepare_wave(wave, sample_rate, self.sample_rate, min_samples=self.samples_per_frame)
         w = prepared.wave.to(self._device())[:, None]  # (B, 1, T)
         codes = self.quantizer.encode(self.latents(w))
-        if lengths is None:
-            frames = torch.full((codes.shape[0],), codes.shape[-1], dtype=torch.long)
-        else:
-            scaled = torch.as_tensor(lengths, dtype=torch.float64) * self.sample_rate / sample_rate
-            frames = torch.ceil(scaled / self.samples_per_frame).long().clamp(1, codes.shape[-1])
-        return AudioCodes(codes=codes.cpu(), lengths=frames)
+        return AudioCodes(codes=codes.cpu(), lengths=self.frame_lengths(lengths, sample_rate, codes))
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, q, F) with num_semantic <= q <= Q -> wave (B, F * hop) at ``sample_rate``."""
-        low = self.cfg.num_semantic_codebooks
-        if codes.ndim != 3 or not low <= codes.shape[1] <= self.num_codebooks:
-            raise ValueError(f"codes must be (B, {low}..{self.num_codebooks}, F), got shape {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(
-                f"codes out of range [0, {self.codebook_size}): min {int(codes.min())}, max {int(codes.max())}"
-            )
+        self.check_codes(codes, min_levels=self.cfg.num_semantic_codebooks)
         z = self.quantizer.decode(codes.to(self._device()))
         return self.synthesize(z)[:, 0].cpu()
 
     def _device(self) -> torch.device:
         return self.downsample.conv.weight.device
 
-    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        return save_weights(folder, self.state_dict(), {"kind": KIND, "config": to_dict(self.cfg)}, metadata=metadata)
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> MimiCodec:
-        saved = load_weights(folder, device)
-        if saved.config.get("kind") != KIND:
-            raise ValueError(f"{folder}: config.json kind is {saved.config.get('kind')!r}, expected {KIND!r}")
-        model = cls(build(MimiCodecConfig, saved.config["config"], prefix="config"))
-        model.load_state_dict(saved.state_dict)
-        return model.to(device).eval()
-
-
-KIND = "anyloom.mimi"
 
 __all__ = ["MimiTransformerConfig", "MimiCodecConfig", "MimiCodec", "MimiTransformer", "MimiSplitRVQ", "KIND"]
