@@ -11,7 +11,8 @@
 ``--prompts`` reads a JSON list of ``{"segments": [{"text": ...}, {"image": "a.png"}, {"audio": "b.wav"}, ...],
 "to": "image" | "audio" | "text"}`` (optional ``"seed"``), segment paths relative to the JSON file; segments
 may interleave in any order. Without ``--to``, a text-only prompt makes an image and anything else makes text.
-Outputs go to ``--out`` (default ``<run>/samples/generate/``): ``NNN_<to>.png|wav|txt`` and ``summary.json``.
+Outputs go to ``--out`` (default ``<run>/samples/generate/``): ``NNN_<to>.png|wav|txt`` and ``summary.json``;
+numbering continues after the files already there, and summary.json lists every output in the folder.
 Bad prompts and missing files are reported with the file / entry and exit code 2, before anything runs.
 """
 
@@ -132,6 +133,26 @@ def requests_from_args(a: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"segments": segments, "to": to, "seed": None}]
 
 
+def earlier_outputs(out: Path) -> list[dict[str, Any]]:
+    """The output records of earlier calls into the same folder (summary.json), so one summary lists every file."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return []
+    try:
+        outputs = json.loads(path.read_text()).get("outputs", [])
+    except (json.JSONDecodeError, AttributeError):
+        print(f"warning: {path} is not a summary written by this script; starting a new one", file=sys.stderr)
+        return []
+    return [o for o in outputs if isinstance(o, dict) and (out / str(o.get("file", ""))).is_file()]
+
+
+def next_index(out: Path, earlier: list[dict[str, Any]]) -> int:
+    """One past the highest NNN_ prefix in the folder (files or earlier records): new outputs never overwrite."""
+    taken = [int(f.name.split("_", 1)[0]) for f in out.iterdir() if f.name.split("_", 1)[0].isdigit()]
+    taken += [int(o["index"]) for o in earlier if isinstance(o.get("index"), int)]
+    return max(taken, default=-1) + 1
+
+
 def write_output(out: Path, index: int, result: Any) -> dict[str, Any]:
     from anyloom.decoders.audio import write_wav
 
@@ -170,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else Path(a.run) / "samples" / "generate"
     out.mkdir(parents=True, exist_ok=True)
     options = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "cfg_scale": a.cfg_scale}
-    summary: dict[str, Any] = {"run": str(a.run), "config": to_dict(config), "options": options, "outputs": []}
+    summary: dict[str, Any] = {"run": str(a.run), "config": to_dict(config), "options": options,
+                               "outputs": earlier_outputs(out)}
     jobs = [(r, k) for r in requests for k in range(a.num)]
-    index = 0
+    index = next_index(out, summary["outputs"])  # earlier calls' files in the folder are kept, never overwritten
+    written = 0
     for req, k in progress(jobs, desc="generate"):
         seed = (req["seed"] if req["seed"] is not None else a.seed if a.seed is not None else config.seed) + k
         start = time.perf_counter()
@@ -181,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         except (PipelineError, FileNotFoundError, GrammarError, ValueError) as e:
             print(f"error: prompt {req['segments']!r}: {e}", file=sys.stderr)
             return 2
-        record = {"index": index, "to": req["to"], "prompt": req["segments"], "seed": seed,
+        record = {"index": index, "to": req["to"], "prompt": req["segments"], "seed": seed, "options": options,
                   "seconds": round(time.perf_counter() - start, 3), **write_output(out, index, result)}
         summary["outputs"].append(record)
         print(f"[{index}] {req['to']}: {out / record['file']}" + (f"  {record['text']!r}" if "text" in record else ""))
         index += 1
+        written += 1
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {index} outputs and {out / 'summary.json'}")
+    print(f"wrote {written} outputs and {out / 'summary.json'} ({len(summary['outputs'])} outputs in the folder)")
     return 0
 
 

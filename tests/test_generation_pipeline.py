@@ -183,6 +183,14 @@ def test_generate_script_all_directions(tiny_run, tmp_path, run_script):
     assert Image.open(out / summary["outputs"][0]["file"]).size == (16, 16)
     wave, sr = sf.read(str(out / summary["outputs"][1]["file"]))
     assert sr == 16000 and wave.shape[0] > 0
+    # a second call into the same folder keeps the first call's files and continues the numbering
+    first = {item["file"]: (out / item["file"]).read_bytes() for item in summary["outputs"]}
+    r = run_script(["--run", str(tiny_run), "--prompt", "three blue stars", "--to", "image", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [item["index"] for item in summary["outputs"]] == list(range(7))
+    assert summary["outputs"][6]["file"] == "006_image.png" and (out / "006_image.png").is_file()
+    assert all((out / name).read_bytes() == data for name, data in first.items())
     # the single-prompt form, with its default output folder <run>/samples/generate
     r = run_script(["--run", str(tiny_run), "--prompt", "three blue stars", "--to", "image"])
     assert r.returncode == 0, r.stderr
