@@ -7,7 +7,7 @@ Images are decoded RGB pixels and audio is mono float at a known rate, so nothin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class AudioSegment:
 
 
 Segment = TextSegment | ImageSegment | AudioSegment
+S = TypeVar("S", TextSegment, ImageSegment, AudioSegment)
 
 
 @dataclass
@@ -38,3 +39,7 @@ class Document:
     segments: list[Segment]
     id: str = ""  # stable identifier (the world's item id, or "<manifest>:<line>")
     meta: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. the world's count/colour/shape
+
+    def first(self, kind: type[S]) -> S | None:
+        """The first segment of type ``kind`` (TextSegment, ImageSegment or AudioSegment), or None."""
+        return next((s for s in self.segments if isinstance(s, kind)), None)

@@ -48,9 +48,8 @@ def items_from_documents(documents: Sequence) -> list[EmojiItem]:
 
     items = []
     for doc in documents:
-        text = next((s.text for s in doc.segments if isinstance(s, TextSegment)), None)
-        image = next((s for s in doc.segments if isinstance(s, ImageSegment)), None)
-        audio = next((s for s in doc.segments if isinstance(s, AudioSegment)), None)
+        caption, image, audio = doc.first(TextSegment), doc.first(ImageSegment), doc.first(AudioSegment)
+        text = caption.text if caption else None
         if text is None or image is None:
             raise ValueError(f"document {doc.id!r} is not an OpenMoji item (needs a name and an image)")
         items.append(EmojiItem(caption=text, pixels=image.pixels, wave=audio.wave if audio else None,

@@ -54,9 +54,8 @@ def items_from_documents(documents: Sequence) -> list[WorldItem]:
 
     items = []
     for doc in documents:
-        text = next((s.text for s in doc.segments if isinstance(s, TextSegment)), None)
-        image = next((s for s in doc.segments if isinstance(s, ImageSegment)), None)
-        audio = next((s for s in doc.segments if isinstance(s, AudioSegment)), None)
+        caption, image, audio = doc.first(TextSegment), doc.first(ImageSegment), doc.first(AudioSegment)
+        text = caption.text if caption else None
         meta = doc.meta or {}
         if text is None or not {"count", "color", "shape"} <= set(meta):
             raise ValueError(f"document {doc.id!r} is not a world item (needs a caption and count/color/shape meta)")

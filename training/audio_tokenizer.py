@@ -111,7 +111,7 @@ def load_speech(manifest: str | Path, sample_rate: int, limit: int = 0) -> Speec
 
     waves, texts, skipped = [], [], 0
     for doc in read_manifest(manifest).documents:
-        audio = next((s for s in doc.segments if isinstance(s, AudioSegment)), None)
+        audio = doc.first(AudioSegment)
         if audio is None:
             skipped += 1
             continue
