@@ -64,6 +64,10 @@ def test_emu3_parity(tmp_path):
     assert (ours.decode_raw(codes) - ref_images).abs().max().item() <= 1e-4
     decoded = ours.decode(codes)
     torch.testing.assert_close(decoded, ((ref_images * ours.std + ours.mean) * 2 - 1).clamp(-1, 1), atol=1e-4, rtol=0)
+    ours.save(tmp_path / "saved")
+    assert torch.equal(Emu3VQTokenizer.load(tmp_path / "saved").encode(images).codes, ref_codes)
+    with pytest.raises(ValueError, match="not a saved ChameleonVQTokenizer"):
+        ChameleonVQTokenizer.load(tmp_path / "saved")
     # the whole-model layout (vq_config + model.vqmodel. prefix) imports to the same weights
     _save_hf(tmp_path / "full", ref, {"model_type": "emu3", "vq_config": cfg.to_dict()}, prefix="model.vqmodel.")
     full = import_image_tokenizer(tmp_path / "full", image_size=(16, 16))

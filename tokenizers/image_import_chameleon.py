@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import build, to_dict
 from anyloom.tokenizers.base import ImageCodes
 from anyloom.tokenizers.image_importers import (
     AsymDownsample,
@@ -30,8 +29,10 @@ from anyloom.tokenizers.image_importers import (
     VQGANResnetBlock,
     group_norm,
     load_checked,
+    load_imported,
     need,
     read_hf_vq,
+    save_imported,
 )
 from anyloom.tokenizers.image_vq import check_images
 
@@ -163,21 +164,11 @@ class ChameleonVQTokenizer(nn.Module):
         )
 
     def save(self, folder: str | Path) -> Path:
-        from anyloom.training.weights import save_weights
-
-        return save_weights(folder, self.state_dict(), {"kind": "chameleon_vq", **to_dict(self.cfg)})
+        return save_imported(self, folder, "chameleon_vq")
 
     @classmethod
     def load(cls, folder: str | Path) -> ChameleonVQTokenizer:
-        from anyloom.training.weights import load_weights
-
-        saved = load_weights(folder)
-        config = dict(saved.config)
-        if config.pop("kind", None) != "chameleon_vq":
-            raise ValueError(f"{folder}: not a saved ChameleonVQTokenizer (config.json kind != 'chameleon_vq')")
-        model = cls(build(ChameleonVQConfig, config, prefix="config.json"))
-        load_checked(model, saved.state_dict, folder)
-        return model.eval()
+        return load_imported(cls, ChameleonVQConfig, folder, "chameleon_vq")
 
 
 def import_chameleon_vq(folder: str | Path) -> ChameleonVQTokenizer:

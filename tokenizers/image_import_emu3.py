@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from anyloom.config import build, to_dict
 from anyloom.tokenizers.base import ImageCodes
 from anyloom.tokenizers.image_importers import (
     AsymDownsample,
@@ -38,8 +37,10 @@ from anyloom.tokenizers.image_importers import (
     VQGANResnetBlock,
     group_norm,
     load_checked,
+    load_imported,
     need,
     read_hf_vq,
+    save_imported,
 )
 from anyloom.tokenizers.image_vq import check_images
 
@@ -394,21 +395,11 @@ class Emu3VQTokenizer(nn.Module):
         return (unit * 2 - 1).clamp(-1.0, 1.0)
 
     def save(self, folder: str | Path) -> Path:
-        from anyloom.training.weights import save_weights
-
-        return save_weights(folder, self.state_dict(), {"kind": "emu3_vq", **to_dict(self.cfg)})
+        return save_imported(self, folder, "emu3_vq")
 
     @classmethod
     def load(cls, folder: str | Path) -> Emu3VQTokenizer:
-        from anyloom.training.weights import load_weights
-
-        saved = load_weights(folder)
-        config = dict(saved.config)
-        if config.pop("kind", None) != "emu3_vq":
-            raise ValueError(f"{folder}: not a saved Emu3VQTokenizer (config.json kind != 'emu3_vq')")
-        model = cls(build(Emu3VQConfig, config, prefix="config.json"))
-        load_checked(model, saved.state_dict, folder)
-        return model.eval()
+        return load_imported(cls, Emu3VQConfig, folder, "emu3_vq")
 
 
 def import_emu3_vq(folder: str | Path, image_size: tuple[int, int] = (512, 512)) -> Emu3VQTokenizer:

@@ -109,6 +109,28 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str 
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in given.items()}, strict=True)
 
 
+def save_imported(model: nn.Module, folder: str | Path, kind: str) -> Path:
+    """An imported tokenizer -> ``folder`` (safetensors + config.json with ``kind`` beside the config fields)."""
+    from anyloom.config import to_dict
+    from anyloom.training.weights import save_weights
+
+    return save_weights(folder, model.state_dict(), {"kind": kind, **to_dict(model.cfg)})
+
+
+def load_imported(cls: type, config_cls: type, folder: str | Path, kind: str) -> Any:
+    """The inverse of :func:`save_imported`: refuses a folder of another kind, checks every key and shape."""
+    from anyloom.config import build
+    from anyloom.training.weights import load_weights
+
+    saved = load_weights(folder)
+    config = dict(saved.config)
+    if config.pop("kind", None) != kind:
+        raise ValueError(f"{folder}: not a saved {cls.__name__} (config.json kind != {kind!r})")
+    model = cls(build(config_cls, config, prefix="config.json"))
+    load_checked(model, saved.state_dict, folder)
+    return model.eval()
+
+
 def need(config: dict[str, Any], key: str, source: str | Path, kind: type | tuple[type, ...] = int) -> Any:
     if key not in config:
         raise ValueError(f"{source}: config is missing '{key}'")
