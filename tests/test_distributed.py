@@ -4,7 +4,6 @@ resumes in 1 process. The worker script is ``tests/lm_worker.py``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from lm_worker import run_training  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 from anyloom.training.checkpoint import complete_checkpoints, step_dir
 from anyloom.training.parallel import ParallelConfig
@@ -21,15 +21,6 @@ from anyloom.training.parallel import ParallelConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_worker():  # tests/ is not a package and pytest runs with --import-mode=importlib: load by path
-    spec = importlib.util.spec_from_file_location("lm_worker", Path(__file__).with_name("lm_worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_worker = _load_worker()
-run_training = _worker.run_training
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 

@@ -4,7 +4,6 @@ gradients. The tiny model, documents and loader factory are in ``tests/lm_worker
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_worker import VOCAB, run_training, tiny_model  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 from anyloom.config import build
 from anyloom.scripts.export import export
@@ -28,17 +28,6 @@ from anyloom.transformer.model import ModelConfig, Transformer
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_worker():  # tests/ is not a package and pytest runs with --import-mode=importlib: load by path
-    spec = importlib.util.spec_from_file_location("lm_worker", Path(__file__).with_name("lm_worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_worker = _load_worker()
-VOCAB = _worker.VOCAB
-run_training = _worker.run_training
-tiny_model = _worker.tiny_model
 # training/checkpoint.py silences DCP's "assuming a single process" warning at import; pytest resets filters
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
