@@ -8,6 +8,16 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convs spend their time in thread synchronisation when the shared machine is loaded: a module that
+    uses this fixture (``pytestmark = pytest.mark.usefixtures("one_thread")``) runs on one torch thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tmp_recipes(tmp_path):
     """A folder to write throwaway recipe files into."""

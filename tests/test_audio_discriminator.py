@@ -17,13 +17,7 @@ from anyloom.training.audio_discriminator import (
     generator_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_disc(**kw) -> DiscriminatorConfig:

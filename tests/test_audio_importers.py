@@ -13,14 +13,7 @@ from anyloom.tokenizers.audio_codec import WaveCodec  # noqa: E402
 from anyloom.tokenizers.audio_importers import import_encodec  # noqa: E402
 from anyloom.tokenizers.base import AudioTokenizer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs spend their time in thread synchronisation when the shared machine is loaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def _randomize_codebooks(model: torch.nn.Module, seed: int) -> None:
     """transformers initialises codebooks to zeros; give every buffer named ``embed`` random entries."""

@@ -12,13 +12,7 @@ from anyloom.tokenizers.audio_importers import import_mimi  # noqa: E402
 from anyloom.tokenizers.audio_mimi import MimiCodec  # noqa: E402
 from anyloom.tokenizers.base import AudioTokenizer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

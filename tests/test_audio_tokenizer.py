@@ -12,14 +12,7 @@ from anyloom.tokenizers.audio_common import AudioInputError, prepare_wave
 from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelTokenizer, MelTokenizerConfig
 from anyloom.tokenizers.base import AudioTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs spend their time in thread synchronisation when the shared machine is loaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def tiny_mel_config(**kw) -> MelTokenizerConfig:
     base = dict(channels=32, res_blocks=1, code_dim=16, num_codebooks=2, codebook_size=32, griffin_lim_iters=8)

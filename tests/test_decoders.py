@@ -89,14 +89,7 @@ def palette_images(n: int, seed: int) -> np.ndarray:
     return ((rearrange(x, "n c h w -> n h w c") + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These UNets are tiny: a second OpenMP thread only adds barriers, and on a busy 2-core machine it made
-    the diffusion tests ~15x slower (61 s vs 4 s measured). Restored afterwards for the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 TINY = DiffusionDecoderConfig(

@@ -20,15 +20,7 @@ from anyloom.sequences.interleave import parse_stream
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.transformer.model import ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding tiny models is latency-bound: one intra-op thread avoids thread hand-off per tiny op, which on a
-    busy 2-core machine made these tests 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:

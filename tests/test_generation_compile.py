@@ -34,12 +34,7 @@ from anyloom.transformer.model import ModelConfig, Transformer
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def tiny(seed: int = 0) -> tuple[Transformer, Vocabulary]:
