@@ -6,7 +6,8 @@ form the document, in which order, and which carry loss:
     t2i  text -> image     i2t  image -> text     t2a  text -> speech    a2t  speech -> text
     i2a  image -> speech   a2i  speech -> image   interleaved: the item's segments in their own order, all trained
 
-A conditional template trains only its target span (with its markers and the final <eos>). For templates
+A conditional template trains only its target span (with its markers and the final <eos>), or every span with
+``condition_loss``. For templates
 whose target is an image or audio, condition dropout (probability ``cfg_dropout``) removes the condition,
 leaving ``<bos> target <eos>``: the unconditional model that classifier-free guidance subtracts (the
 generator's unconditional prompt is therefore just ``<bos>``).
@@ -82,6 +83,10 @@ def _default_tasks() -> dict[str, float]:
 class MixtureConfig:
     tasks: dict[str, float] = field(default_factory=_default_tasks)  # template -> relative weight (0 disables)
     cfg_dropout: float = 0.1  # probability of dropping the condition of an image/audio-target document
+    # False: a conditional document trains only its target span. True: every span is trained (Chameleon-style),
+    # so an image->text document also teaches the image codes (unconditionally) for the cost of a few more rows
+    # of the output layer; the target's loss then shares the batch mean with the conditions'.
+    condition_loss: bool = False
 
     def __post_init__(self) -> None:
         for name, weight in self.tasks.items():
@@ -128,7 +133,8 @@ class ItemList:
 
 
 def build_document(
-    segments: Sequence[TokSegment], template: Template, vocab: Vocabulary, *, drop_condition: bool = False
+    segments: Sequence[TokSegment], template: Template, vocab: Vocabulary, *, drop_condition: bool = False,
+    condition_loss: bool = False,
 ) -> TokenStream:
     """One item's document for ``template`` (the first segment of each needed kind is used)."""
     if template.target is None:
@@ -141,7 +147,7 @@ def build_document(
         raise ValueError(f"template {template.name} needs a {('text', 'image', 'audio')[missing[0]]} segment")
     condition = [] if drop_condition else [first[_KIND_INDEX[k]] for k in template.condition]
     target = first[_KIND_INDEX[template.target]]
-    return encode_document([*condition, target], vocab, loss=[False] * len(condition) + [True])
+    return encode_document([*condition, target], vocab, loss=[condition_loss] * len(condition) + [True])
 
 
 class TaskMixture:
@@ -235,7 +241,8 @@ class TaskMixture:
 
     def _assemble(self, index: int, template: Template, dropped: bool) -> TokenStream:
         numbers = self._numbers(index, template, dropped)
-        loss = [True] * len(numbers) if template.target is None else [False] * (len(numbers) - 1) + [True]
+        train_all = template.target is None or self.config.condition_loss
+        loss = [True] * len(numbers) if train_all else [False] * (len(numbers) - 1) + [True]
         b = self._bounds
         return assemble_stream([self._spans[b[n] : b[n + 1]] for n in numbers], loss, self.vocab)
 

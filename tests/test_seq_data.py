@@ -248,18 +248,22 @@ def test_end_to_end_shards_mixture_loader(tmp_path):
     assert json.loads((tmp_path / "tok" / "index.json").read_text())["num_items"] == 12
 
 
-def test_mixture_stream_equals_reference_build():
+@pytest.mark.parametrize("condition_loss", [False, True])
+def test_mixture_stream_equals_reference_build(condition_loss):
     rng = np.random.default_rng(3)
     items = ItemList([_item(rng, audio=i % 3 > 0) for i in range(30)])
-    mix = TaskMixture(items, VOCAB, MixtureConfig(cfg_dropout=0.5))
+    mix = TaskMixture(items, VOCAB, MixtureConfig(cfg_dropout=0.5, condition_loss=condition_loss))
     draws = np.random.default_rng(4).random((len(mix), 2))
     seen = set()
     for i in range(len(mix)):
         template, dropped = mix.choose(i, draws[i])
         seen.add((template.name, dropped))
         got = mix.stream(i, draws[i])
-        ref = build_document(items.item(mix.item_index(i)), template, VOCAB, drop_condition=dropped)
+        ref = build_document(items.item(mix.item_index(i)), template, VOCAB, drop_condition=dropped,
+                             condition_loss=condition_loss)
         assert np.array_equal(got.ids, ref.ids) and np.array_equal(got.loss_mask, ref.loss_mask)
+        # only the target span (+ markers, eos) is trained, unless condition_loss trains everything but <bos>
+        assert got.loss_mask[1:].all() == (condition_loss or dropped or template.target is None)
         assert np.array_equal(got.modality, ref.modality) and got.ids.dtype == np.int64
         assert mix.length(i, draws[i]) == len(got)
     assert len(seen) >= 6
