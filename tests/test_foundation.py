@@ -73,6 +73,10 @@ def test_wrong_types_fail_with_key():
     with pytest.raises(ConfigError, match=r"train: batch_size 10 is not divisible by grad_accum 3"):
         load_recipe("world", ["train.batch_size=10", "train.grad_accum=3"])
     assert load_recipe("world", ["optim.lr=1"]).optim.lr == 1.0  # int where float expected is fine
+    # YAML 1.1 reads 3e-3 as a string; a float field still takes it, a word is still refused
+    assert load_recipe("world", ["optim.lr=3e-3"]).optim.lr == 0.003
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got 'fast'"):
+        load_recipe("world", ["optim.lr=fast"])
 
 
 def test_missing_required_value():
