@@ -196,7 +196,8 @@ def stage_lm(ctx: Context) -> str:
     ctx.artifacts["lm"] = result
     if getattr(result, "interrupted", False):
         raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")
-    return f"step {result.step}"
+    budget = f" (stopped by train.max_seconds={r.train.max_seconds:g})" if result.budget_spent else ""
+    return f"step {result.step}{budget}"
 
 
 def stage_export(ctx: Context) -> str:

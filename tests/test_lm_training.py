@@ -4,11 +4,13 @@ gradients. The tiny model, documents and loader factory are in ``tests/lm_worker
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,25 @@ def test_nan_step_is_skipped_and_training_continues(tmp_path, monkeypatch):
     assert not torch.equal(snapshots[3]["output.weight"], snapshots[4]["output.weight"])  # ... the next one did
     skipped = [r for r in read_metrics(tmp_path / "run") if r.get("skipped")]
     assert [r["step"] for r in skipped] == [3] and skipped[0]["loss"] == "nan"
+
+
+def test_time_budget_stops_annealed_and_resume_keeps_the_clock(tmp_path, monkeypatch):
+    # a fake clock: every perf_counter() call is 10 ms later, so the budget is spent after a fixed number of steps
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks) * 0.01)
+    run = str(tmp_path / "run")
+    first = run_training(run, steps=500, batch=4, max_seconds=0.5)
+    assert first.budget_spent and 5 < first.step < 100
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r}
+    assert lrs[3] == pytest.approx(3e-3, rel=0.05)  # warm-up done: peak lr
+    assert lrs[first.step] < 3e-3 * 0.2  # ... and annealed at the end, far before step 500
+    assert first.checkpoint == step_dir(tmp_path / "run" / "checkpoints", first.step)
+    # the spent budget is part of the checkpoint: the same command trains no further
+    again = run_training(run, steps=500, batch=4, max_seconds=0.5)
+    assert again.resumed_from == first.step == again.step and again.budget_spent and not again.losses
+    # a larger budget continues from there
+    more = run_training(run, steps=500, batch=4, max_seconds=1.0)
+    assert more.resumed_from == first.step < more.step < 500 and more.budget_spent
 
 
 def test_consecutive_nan_steps_abort(tmp_path, monkeypatch):

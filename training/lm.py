@@ -31,7 +31,7 @@ from anyloom.config import to_dict
 from anyloom.training import faults
 from anyloom.training.checkpoint import Checkpointer
 from anyloom.training.metrics import MetricsLogger
-from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler
+from anyloom.training.optim import OptimConfig, TimeBudgetLR, build_optimizer, build_scheduler
 from anyloom.training.parallel import (
     DistEnv,
     ParallelConfig,
@@ -86,6 +86,7 @@ class LMTrainResult:
     interrupted: bool = False  # stopped by SIGINT/SIGTERM (after saving a checkpoint)
     checkpoint: Path | None = None  # the last checkpoint written
     tokens_per_s: float = 0.0  # global tokens per second over the steps run here
+    budget_spent: bool = False  # stopped before train.steps because train.max_seconds ran out
 
 
 def micro_batch_size(train_cfg: TrainConfig, world_size: int) -> int:
@@ -208,7 +209,9 @@ def _train(
     model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, train_cfg.steps, optim_cfg)
+    budget = train_cfg.max_seconds > 0
+    scheduler: Any = (TimeBudgetLR(optimizer, train_cfg.steps, optim_cfg, train_cfg.max_seconds) if budget
+                      else build_scheduler(optimizer, train_cfg.steps, optim_cfg))
     loader = make_loader(env.rank, env.world_size)
     ckpt = Checkpointer(run.checkpoints, train_cfg.keep_last, train_cfg.async_checkpoint)
     config = {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg), "train": to_dict(train_cfg),
@@ -216,6 +219,7 @@ def _train(
     resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                           expect_model_config=config["model"])
     start = resumed.step if resumed else 0
+    budget_start = scheduler.elapsed if budget else 0.0  # training seconds before this process (resume)
     result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)
     metrics = MetricsLogger(run)
     if resumed and env.is_main:
@@ -237,7 +241,7 @@ def _train(
     model.train()
     step = start
     try:
-        while step < train_cfg.steps:
+        while step < train_cfg.steps and not (budget and scheduler.spent):
             step += 1
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(train_cfg.grad_accum)]
@@ -261,10 +265,13 @@ def _train(
                 loss.backward()
                 accumulate_loss_sums(step_sums, out, mb, n_local, loss.detach() * (n_global / env.world_size))
             grad_norm = _grad_norm(model, optim_cfg.grad_clip)
-            # one collective for the step's loss and for "did any rank get SIGINT/SIGTERM" (all stop together)
-            shared = torch.stack([step_sums[0], torch.tensor(float(stop.set), dtype=acc_dtype, device=env.device)])
-            shared = all_reduce_sum(shared)
+            # one collective for the step's loss, "did any rank get SIGINT/SIGTERM" (all stop together) and the
+            # training time so far (its mean over ranks drives a time budget identically everywhere)
+            elapsed = budget_start + total_time + (time.perf_counter() - t0)
+            flags = torch.tensor([float(stop.set), elapsed], dtype=acc_dtype, device=env.device)
+            shared = all_reduce_sum(torch.cat([step_sums[:1], flags]))
             step_loss, stop_votes = float(shared[0]) / n_global, float(shared[1])
+            elapsed = float(shared[2]) / env.world_size
             verdict = guard.check(step, step_loss, grad_norm)
             if verdict.skip:
                 result.skipped_steps.append(step)
@@ -276,7 +283,10 @@ def _train(
                 interval += step_sums
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            if budget:
+                scheduler.step(step, elapsed)
+            else:
+                scheduler.step()
 
             dt = time.perf_counter() - t0
             step_tokens = train_cfg.batch_size * train_cfg.seq_len
@@ -318,6 +328,11 @@ def _train(
         else:
             if step > start:
                 save(step)
+            if budget and scheduler.spent and step < train_cfg.steps:
+                result.budget_spent = True
+                if env.is_main:
+                    print(f"train lm: stopped at step {step}/{train_cfg.steps}: the train.max_seconds budget of "
+                          f"{train_cfg.max_seconds:.0f} s is spent (the lr schedule ended annealed)")
         ckpt.wait()
     finally:
         bar.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -74,3 +74,56 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+class TimeBudgetLR:
+    """The lr schedule of a run with a wall-clock budget (``train.max_seconds``): it follows whichever of steps and
+    training time runs out first, so a run stopped by its budget still ends annealed.
+
+    At step ``s`` with ``elapsed`` training seconds, the schedule position is ``max(s, total_steps * elapsed /
+    max_seconds)``. ``elapsed`` comes from the caller (agreed over ranks) and is part of the state, so a resumed run
+    keeps counting from where it stopped. How many steps a budget buys depends on the machine: the result is
+    deterministic only while the step count, not the clock, ends the run.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig, max_seconds: float):
+        if max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        self.optimizer, self.total_steps, self.cfg, self.max_seconds = optimizer, total_steps, cfg, max_seconds
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.step_count = 0  # optimizer steps done
+        self.elapsed = 0.0  # training seconds so far, over resumes
+        self._apply()
+
+    @property
+    def position(self) -> int:
+        by_time = int(self.total_steps * self.elapsed / self.max_seconds)
+        return max(self.step_count, by_time)
+
+    @property
+    def spent(self) -> bool:
+        return self.elapsed >= self.max_seconds
+
+    def _apply(self) -> None:
+        factor = lr_factor(min(self.position, self.total_steps), self.total_steps, self.cfg)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def step(self, step: int, elapsed: float) -> None:
+        """After optimizer step ``step`` (1-based count of steps done), ``elapsed`` training seconds in total."""
+        self.step_count, self.elapsed = step, elapsed
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        # last_epoch / _last_lr are LambdaLR's names: a run resumed without the budget continues at the right step
+        return {"step_count": self.step_count, "elapsed": self.elapsed, "max_seconds": self.max_seconds,
+                "last_epoch": self.step_count, "_last_lr": self.get_last_lr()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # a LambdaLR state (the run had no budget so far) resumes at its step with the whole budget ahead
+        self.step_count = int(state.get("step_count", state.get("last_epoch", 0)))
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self._apply()

@@ -19,6 +19,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # abort after this many non-finite (skipped) steps in a row
     spike_factor: float = 2.0  # log a spike when loss > spike_factor x its mean over the last spike_window steps
     spike_window: int = 50
+    # Wall-clock budget of the training steps in seconds (0: none; checkpoints and samples do not count). The lr
+    # schedule then follows whichever of steps and time runs out first (training.optim.TimeBudgetLR), so a run on a
+    # slower machine stops early but annealed; how many steps it gets then depends on the machine.
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "max_bad_steps",
@@ -28,5 +32,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.max_seconds < 0:
+            raise ValueError(f"max_seconds must be >= 0 (0: no budget), got {self.max_seconds}")
         if self.ckpt_every < 0 or self.sample_every < 0:
             raise ValueError("ckpt_every and sample_every must be >= 0 (0 disables)")
