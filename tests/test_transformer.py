@@ -217,8 +217,8 @@ def test_meta_init_then_to_empty_matches_documented_init():
 
 def test_named_sizes_parameter_counts():
     # the table in transformer/sizes.py, at vocabulary 65,536
-    expected = {"debug": 8_487_296, "world-tiny": 36_768_512, "150M": 151_022_336, "1B": 1_107_365_888,
-                "7B": 7_013_150_720}
+    expected = {"debug": 8_487_296, "world-small": 17_581_440, "world-tiny": 36_768_512, "150M": 151_022_336,
+                "1B": 1_107_365_888, "7B": 7_013_150_720}
     assert set(expected) == set(SIZES)
     for name, count in expected.items():
         assert param_count(model_config(name, 65536)) == count, name

@@ -5,6 +5,7 @@ tests/test_transformer.py against the models themselves (built on the meta devic
 
     name        dim  layers heads kv  ffn    tied   params @ V=65,536    @ V=4,096
     debug        64     2     4    2   192   no        8,487,296          622,976  (every test uses it)
+    world-small 128     4     4    4   352   no       17,581,440        1,852,800  (recipes/world.yaml)
     world-tiny  256     4     4    4   704   no       36,768,512        5,311,232
     150M        768    16    12    4  2048   yes     151,022,336      103,836,416
     1B         2048    16    32    8  8192   yes   1,107,365,888      981,536,768  (Llama-3.2-1B shape)
@@ -22,6 +23,7 @@ from anyloom.transformer.model import ModelConfig, Transformer
 
 SIZES: dict[str, ModelConfig] = {
     "debug": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=512),
+    "world-small": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=352, max_seq_len=1024),
     "world-tiny": ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=704, max_seq_len=2048),
     "150M": ModelConfig(dim=768, n_layers=16, n_heads=12, n_kv_heads=4, ffn_dim=2048, max_seq_len=4096,
                         tie_embeddings=True),
