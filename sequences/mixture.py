@@ -7,10 +7,9 @@ form the document, in which order, and which carry loss:
     i2a  image -> speech   a2i  speech -> image   interleaved: the item's segments in their own order, all trained
 
 A conditional template trains only its target span (with its markers and the final <eos>), or every span with
-``condition_loss``. For templates
-whose target is an image or audio, condition dropout (probability ``cfg_dropout``) removes the condition,
-leaving ``<bos> target <eos>``: the unconditional model that classifier-free guidance subtracts (the
-generator's unconditional prompt is therefore just ``<bos>``).
+``condition_loss``. For templates whose target is an image or audio, condition dropout (probability
+``cfg_dropout``) removes the condition, leaving ``<bos> target <eos>``: the unconditional model that
+classifier-free guidance subtracts (the generator's unconditional prompt is therefore just ``<bos>``).
 
 Each document's template and dropout come from the two uniform draws the packing loader hands over
 (``draws_per_document = 2``), so a mixture is deterministic and resumable through the loader's state.

@@ -30,7 +30,7 @@ from torch import nn
 from anyloom.config import fingerprint, to_dict
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
-from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
+from anyloom.training.optim import OptimConfig, budget_position, build_optimizer, lr_factor
 from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
@@ -376,11 +376,11 @@ def train_image_tokenizer(
     while state.step < cfg.steps:
         step = state.step
         # with a time budget, progress is the larger of the step and time fractions (see max_seconds)
-        by_time = int(cfg.steps * (time.time() - t0) / cfg.max_seconds) if cfg.max_seconds else 0
-        if by_time >= cfg.steps:
+        position = budget_position(step, time.time() - t0, cfg.steps, cfg.max_seconds)
+        if position >= cfg.steps:  # step < cfg.steps here: the clock got there first
             print(f"image tokenizer: stopping at step {step}/{cfg.steps}: the {cfg.max_seconds:.0f} s budget is spent")
             break
-        lr = cfg.optim.lr * lr_factor(max(step, by_time), cfg.steps, cfg.optim)
+        lr = cfg.optim.lr * lr_factor(position, cfg.steps, cfg.optim)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         x = train_x[batch_indices(len(train_x), cfg.batch_size, cfg.seed, step)]

@@ -31,7 +31,7 @@ from anyloom.config import to_dict
 from anyloom.training import faults
 from anyloom.training.checkpoint import Checkpointer
 from anyloom.training.metrics import MetricsLogger
-from anyloom.training.optim import OptimConfig, TimeBudgetLR, build_optimizer, build_scheduler
+from anyloom.training.optim import OptimConfig, TimeBudgetLR, build_optimizer
 from anyloom.training.parallel import (
     DistEnv,
     ParallelConfig,
@@ -209,9 +209,7 @@ def _train(
     model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, optim_cfg)
-    budget = train_cfg.max_seconds > 0
-    scheduler: Any = (TimeBudgetLR(optimizer, train_cfg.steps, optim_cfg, train_cfg.max_seconds) if budget
-                      else build_scheduler(optimizer, train_cfg.steps, optim_cfg))
+    scheduler = TimeBudgetLR(optimizer, train_cfg.steps, optim_cfg, train_cfg.max_seconds)
     loader = make_loader(env.rank, env.world_size)
     ckpt = Checkpointer(run.checkpoints, train_cfg.keep_last, train_cfg.async_checkpoint)
     config = {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg), "train": to_dict(train_cfg),
@@ -219,7 +217,7 @@ def _train(
     resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                           expect_model_config=config["model"])
     start = resumed.step if resumed else 0
-    budget_start = scheduler.elapsed if budget else 0.0  # training seconds before this process (resume)
+    budget_start = scheduler.elapsed  # training seconds before this process (resume)
     result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)
     metrics = MetricsLogger(run)
     if resumed and env.is_main:
@@ -241,7 +239,7 @@ def _train(
     model.train()
     step = start
     try:
-        while step < train_cfg.steps and not (budget and scheduler.spent):
+        while step < train_cfg.steps and not scheduler.spent:
             step += 1
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(train_cfg.grad_accum)]
@@ -283,10 +281,7 @@ def _train(
                 interval += step_sums
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
-            if budget:
-                scheduler.step(step, elapsed)
-            else:
-                scheduler.step()
+            scheduler.step(step, elapsed)
 
             dt = time.perf_counter() - t0
             step_tokens = train_cfg.batch_size * train_cfg.seq_len
@@ -328,7 +323,7 @@ def _train(
         else:
             if step > start:
                 save(step)
-            if budget and scheduler.spent and step < train_cfg.steps:
+            if scheduler.spent and step < train_cfg.steps:
                 result.budget_spent = True
                 if env.is_main:
                     print(f"train lm: stopped at step {step}/{train_cfg.steps}: the train.max_seconds budget of "

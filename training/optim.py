@@ -76,19 +76,27 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
 
 
-class TimeBudgetLR:
-    """The lr schedule of a run with a wall-clock budget (``train.max_seconds``): it follows whichever of steps and
-    training time runs out first, so a run stopped by its budget still ends annealed.
+def budget_position(step: int, elapsed: float, total_steps: int, max_seconds: float) -> int:
+    """Where a schedule of ``total_steps`` stands after ``step`` steps and ``elapsed`` seconds of a ``max_seconds``
+    budget (0: none): the larger of the step and the time fraction, so a run the clock stops still ends annealed.
+    The budget is spent exactly when this reaches ``total_steps`` by time."""
+    if max_seconds <= 0:
+        return step
+    return max(step, int(total_steps * elapsed / max_seconds))
 
-    At step ``s`` with ``elapsed`` training seconds, the schedule position is ``max(s, total_steps * elapsed /
-    max_seconds)``. ``elapsed`` comes from the caller (agreed over ranks) and is part of the state, so a resumed run
-    keeps counting from where it stopped. How many steps a budget buys depends on the machine: the result is
-    deterministic only while the step count, not the clock, ends the run.
+
+class TimeBudgetLR:
+    """The LM's lr schedule: ``lr_factor`` at the step, or, with a wall-clock budget (``train.max_seconds`` > 0), at
+    whichever of steps and training time runs out first (:func:`budget_position`).
+
+    ``elapsed`` comes from the caller (agreed over ranks) and is part of the state, so a resumed run keeps counting
+    from where it stopped. How many steps a budget buys depends on the machine: the result is deterministic only
+    while the step count, not the clock, ends the run. Without a budget the lrs equal LambdaLR's over ``lr_factor``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig, max_seconds: float):
-        if max_seconds <= 0:
-            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig, max_seconds: float = 0.0):
+        if max_seconds < 0:
+            raise ValueError(f"max_seconds must be >= 0 (0: no budget), got {max_seconds}")
         self.optimizer, self.total_steps, self.cfg, self.max_seconds = optimizer, total_steps, cfg, max_seconds
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.step_count = 0  # optimizer steps done
@@ -96,16 +104,12 @@ class TimeBudgetLR:
         self._apply()
 
     @property
-    def position(self) -> int:
-        by_time = int(self.total_steps * self.elapsed / self.max_seconds)
-        return max(self.step_count, by_time)
-
-    @property
     def spent(self) -> bool:
-        return self.elapsed >= self.max_seconds
+        return self.max_seconds > 0 and self.elapsed >= self.max_seconds
 
     def _apply(self) -> None:
-        factor = lr_factor(min(self.position, self.total_steps), self.total_steps, self.cfg)
+        position = budget_position(self.step_count, self.elapsed, self.total_steps, self.max_seconds)
+        factor = lr_factor(min(position, self.total_steps), self.total_steps, self.cfg)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
@@ -118,12 +122,10 @@ class TimeBudgetLR:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        # last_epoch / _last_lr are LambdaLR's names: a run resumed without the budget continues at the right step
-        return {"step_count": self.step_count, "elapsed": self.elapsed, "max_seconds": self.max_seconds,
-                "last_epoch": self.step_count, "_last_lr": self.get_last_lr()}
+        return {"step_count": self.step_count, "elapsed": self.elapsed, "max_seconds": self.max_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # a LambdaLR state (the run had no budget so far) resumes at its step with the whole budget ahead
+        # checkpoints written before this scheduler hold a LambdaLR state: its step, and no clock
         self.step_count = int(state.get("step_count", state.get("last_epoch", 0)))
         self.elapsed = float(state.get("elapsed", 0.0))
         self._apply()
