@@ -15,7 +15,8 @@ CPU:
   plain CE compiled together. HF runs eager. Compile time is reported separately, not in the rates.
 GPU (CUDA only; needs just torch + triton): ``attention``: our Triton kernel vs SDPA (and xformers when it imports)
 forward and forward+backward TFLOP/s in bf16, head dim 64 and 128, sequence 1k..16k, packed documents (random
-lengths, mean 1/4 of the row) and one causal document; also the max error vs an fp32 reference. FLOPs count only
+lengths, mean 1/4 of the row; also FlexAttention with the same document mask at 4k and 16k) and one causal
+document; also the max error vs an fp32 reference. FLOPs count only
 visible (query, key) pairs: 4*D per pair forward, 2.5x that for the backward (FlashAttention's convention).
 
 Writes runs/bench/transformer.json and prints a table.
@@ -190,7 +191,8 @@ def _visible_pairs(doc: torch.Tensor) -> int:
     return total
 
 
-def _attention_case(d: int, t: int, layout: str, gen: torch.Generator, fmha) -> list[dict]:
+def _attention_case(d: int, t: int, layout: str, gen: torch.Generator, fmha, flex_lengths=(4096, 16384)
+                    ) -> list[dict]:
     import triton.testing
 
     from anyloom.transformer.attention import build_mask
@@ -214,6 +216,13 @@ def _attention_case(d: int, t: int, layout: str, gen: torch.Generator, fmha) -> 
     elif t <= 8192:  # packed documents need a dense (B, 1, T, T) mask in SDPA; 16k would not fit comfortably
         mask = build_mask(doc, doc)[:, None]
         impls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if layout == "packed" and t in flex_lengths:  # FlexAttention: block-sparse like ours (compiles per shape)
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(lambda bi, hi, qi, kj: (kj <= qi) & (doc[bi, qi] == doc[bi, kj]),
+                                       b, None, t, t, device=dev)
+        flex = torch.compile(flex_attention, dynamic=False)
+        impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
     if fmha is not None:
         bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lens)
 

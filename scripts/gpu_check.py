@@ -1,7 +1,8 @@
 """GPU checks in one call: the card's ceilings, our kernels' bf16 correctness, attention TFLOP/s, LM training MFU.
 
     python scripts/gpu_check.py                      # everything (~4 min on an H100/H200)
-    python scripts/gpu_check.py --only correctness   # one part: ceilings | correctness | attention | train
+    python scripts/gpu_check.py --only correctness   # one part (repeatable): ceilings | correctness | tune |
+                                                     #   attention | ce | train
 
 Needs CUDA, torch and triton (xformers when it imports); nothing else of the project's dependencies.
 
@@ -14,7 +15,11 @@ Needs CUDA, torch and triton (xformers when it imports); nothing else of the pro
   Cases: flash attention forward + backward at head dim 64 and 128, an odd length, packed documents, GQA 4:1,
   one causal document, the KV-cache offset (5 new queries after a left-padded cache); RMSNorm; fused linear +
   log-sum-exp (CE); a whole model step (all three kernels, bf16 autocast) vs the fp32 PyTorch model.
-- ``attention``: ``scripts/bench_transformer.py``'s attention benchmark (ours vs SDPA, and xformers if present).
+- ``tune``: block sizes / warps / stages of our attention kernels swept at T 4096; the fastest are used for the
+  rest of the run (and were copied into ``flash_attention.CONFIGS``).
+- ``attention``: ``scripts/bench_transformer.py``'s attention benchmark (ours vs SDPA, FlexAttention on packed
+  documents, and xformers if present).
+- ``ce``: fused linear + CE (Triton forward, chunked backward) vs the chunked PyTorch and naive paths: time, memory.
 - ``train``: the real training loop (``train_lm``, one process, bf16 autocast) on random documents at 150M and
   1B, Triton attention vs SDPA (dense document mask), eager and per-block ``torch.compile``: tokens/s and MFU
   (6N FLOPs per token over the datasheet peak, as the loop logs it, and over the matmul ceiling measured here).
@@ -51,10 +56,12 @@ def _save() -> None:
         shutil.copy(OUT, Path(os.environ["OUT"]) / "gpu.json")
 
 
-def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
+def _bench(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
+    """Median milliseconds of ``fn`` (device events; gradients of ``grad_to_none`` reset between calls)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                         return_mode="median"))
 
 
 # ---------------------------------------------------------------- ceilings
@@ -213,9 +220,13 @@ def _model_errors(gen: torch.Generator, cpu_gen: torch.Generator) -> dict:
     out = {}
     results = {}
     fused = replace(base, attention="triton", fused_ce=True, fused_rmsnorm=True)
-    for label, cfg, amp in (("fp32_ref", base, False), ("bf16_torch", base, True), ("bf16_kernels", fused, True)):
+    for label, cfg, amp in (("fp32_ref", base, False), ("bf16_torch", base, True), ("bf16_kernels", fused, True),
+                            ("bf16_kernels_compiled", fused, True)):
         model = Transformer(cfg).cuda()
         model.load_state_dict(ref_model.state_dict())
+        if label.endswith("compiled"):  # per-block torch.compile, as ParallelConfig.compile does
+            for block in model.layers:
+                block.compile()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             res = model.loss(model(tokens, doc, pos), tokens.roll(-1, 1), mask)
         res.loss.backward()
@@ -250,13 +261,101 @@ def correctness() -> dict:
     return out
 
 
-# ---------------------------------------------------------------- attention TFLOP/s
+# ---------------------------------------------------------------- attention: config sweep and TFLOP/s
 
-def attention() -> list[dict]:
+def _bench_transformer():
     spec = importlib.util.spec_from_file_location("bench_transformer", Path(__file__).with_name("bench_transformer.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.bench_attention()
+    return mod
+
+
+FWD_CANDIDATES = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
+BWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]
+
+
+def tune() -> dict:
+    """Time each (BM, BN, warps, stages) candidate of the attention kernels at T 4096 (one causal document and
+    packed documents, summed), forward first, then the backward with the chosen forward; keep the fastest in
+    ``flash_attention.CONFIGS`` for the rest of this run (copy the chosen ones into the module to keep them)."""
+    import anyloom.transformer.kernels.flash_attention as fa
+
+    bench = _bench_transformer()
+    cpu = torch.Generator().manual_seed(0)
+    out: dict = {"fwd": {}, "bwd": {}, "chosen": {}, "before": {k: dict(v) for k, v in fa.CONFIGS.items()}}
+    for d in (64, 128):
+        heads, b, t = 2048 // d, 4, 4096
+        cases = []
+        for layout in ("causal", "packed"):
+            doc = bench._packed_docs(b, t, t // 4, cpu) if layout == "packed" else torch.zeros(b, t, dtype=torch.int32)
+            q, k, v = (torch.randn(b, heads, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            cases.append((q, k, v, doc.cuda(), torch.randn_like(q)))
+        for kind, candidates in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
+            times = {}
+            for cand in candidates:
+                fa.CONFIGS[kind][d] = cand
+                try:
+                    total = 0.0
+                    for q, k, v, doc, g in cases:
+                        def step(q=q, k=k, v=v, doc=doc, g=g, backward=kind == "bwd"):
+                            o = fa.flash_attention(q, k, v, doc, doc)
+                            if backward:
+                                o.backward(g)
+
+                        total += _bench(step, 10, 50, grad_to_none=[q, k, v])
+                    times[cand] = total
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: not a candidate here
+                    times[cand] = f"{type(e).__name__}: {str(e)[:160]}"
+                print(f"tune {kind} d{d} {cand}: {times[cand]}", flush=True)
+            ok = {c: ms for c, ms in times.items() if isinstance(ms, float)}
+            best = min(ok, key=ok.get)
+            fa.CONFIGS[kind][d] = best
+            out[kind][f"d{d}"] = {str(c): ms for c, ms in times.items()}
+            out["chosen"][f"{kind}_d{d}"] = list(best)
+    return out
+
+
+def attention() -> list[dict]:
+    return _bench_transformer().bench_attention()
+
+
+# ---------------------------------------------------------------- fused CE speed
+
+def ce_speed() -> list[dict]:
+    """linear + CE forward and forward+backward at N 16k tokens, D 2048, V 32k/128k in bf16: our Triton forward
+    (+ chunked cuBLAS backward), the chunked PyTorch path, and the naive full-logits one; time and peak memory."""
+    from anyloom.transformer.kernels.fused_ce import linear_lse
+
+    rows = []
+    for n, d, vocab in ((16384, 2048, 32768), (16384, 2048, 131072)):
+        h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16) / math.sqrt(d)).requires_grad_()
+        tgt = torch.randint(0, vocab, (n,), device="cuda")
+        for backend in ("triton", "torch", "naive"):
+            def fwd(backend=backend, h=h, w=w, tgt=tgt):
+                o = linear_lse(h, w, tgt, backend=backend)
+                return (o.lse - o.target_logit).mean()
+
+            try:
+                ms_f = _bench(fwd, 10, 50)
+                ms_fb = _bench(lambda fwd=fwd: fwd().backward(), 10, 50, grad_to_none=[h, w])
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fwd().backward()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                flops = 2 * n * d * vocab
+                rows.append({"backend": backend, "tokens": n, "dim": d, "vocab": vocab, "fwd_ms": ms_f,
+                             "fwd_bwd_ms": ms_fb, "fwd_tflops": flops / ms_f / 1e9,
+                             "fwd_bwd_tflops": 4 * flops / ms_fb / 1e9, "peak_extra_mib": peak})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"backend": backend, "vocab": vocab, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            print(rows[-1], flush=True)
+        del h, w
+        torch.cuda.empty_cache()
+    return rows
 
 
 # ---------------------------------------------------------------- LM training MFU
@@ -327,6 +426,9 @@ def train(quick: bool) -> list[dict]:
 
 # ---------------------------------------------------------------- main
 
+PARTS = ["ceilings", "correctness", "tune", "attention", "ce", "train"]
+
+
 def _summary() -> None:
     print("\n== summary ==")
     if "ceilings" in RESULT:
@@ -341,6 +443,12 @@ def _summary() -> None:
             print(f"{k:48s} {v:.2e}{extra}" if isinstance(v, float) else f"{k}: {str(v)[:200]}")
         elif k.endswith("_error"):
             print(f"{k}: {v.splitlines()[-1]}")
+    if "tune" in RESULT:
+        print("tuned (BM, BN, warps, stages):", RESULT["tune"]["chosen"])
+    for r in RESULT.get("ce", []):
+        print(f"ce {r['backend']:6s} V={r['vocab']}: " + (r["error"] if "error" in r else
+              f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd_bwd_ms']:.2f} ms ({r['fwd_bwd_tflops']:.0f} TFLOP/s), "
+              f"peak +{r['peak_extra_mib']:.0f} MiB"))
     for r in RESULT.get("attention", []):
         print(f"attn {r['impl']:8s} d{r['head_dim']:<3d} T{r['seq']:<6d} {r['layout']:7s} "
               f"fwd {r['fwd_tflops']:6.1f}  fwd+bwd {r['fwd_bwd_tflops']:6.1f} TFLOP/s")
@@ -356,22 +464,22 @@ def _summary() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["ceilings", "correctness", "attention", "train"], action="append")
+    p.add_argument("--only", choices=PARTS, action="append")
     p.add_argument("--quick", action="store_true", help="fewer training runs")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA device")
     import triton
 
-    parts = a.only or ["ceilings", "correctness", "attention", "train"]
+    parts = a.only or PARTS
     RESULT.update(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, triton=triton.__version__,
                   device=torch.cuda.get_device_name())
     print({k: RESULT[k] for k in ("torch", "triton", "device")}, flush=True)
     for part in parts:
         t0 = time.perf_counter()
         try:
-            RESULT[part] = {"ceilings": ceilings, "correctness": correctness, "attention": attention,
-                            "train": lambda: train(a.quick)}[part]()
+            RESULT[part] = {"ceilings": ceilings, "correctness": correctness, "tune": tune, "attention": attention,
+                            "ce": ce_speed, "train": lambda: train(a.quick)}[part]()
         except Exception:  # noqa: BLE001 - report and go on to the next part
             RESULT[part + "_error"] = traceback.format_exc()
             print(RESULT[part + "_error"], flush=True)

@@ -68,6 +68,15 @@ def _child() -> dict[str, float]:
         for label, a, r in zip("qkv", grads, ref_grads):
             errors[f"attn_{name}_d{label}"] = _max_err(a, r)
 
+    # doc ids in no order (not how packing lays them out): the block bounds must still never skip a visible key
+    q, k, v = (torch.randn(1, 2, 50, 16, requires_grad=True) for _ in range(3))
+    doc = torch.randint(0, 3, (1, 50), generator=gen)
+    out, ref = flash_attention(q, k, v, doc, doc), flash_attention_reference(q, k, v, doc, doc)
+    g = torch.randn_like(out)
+    errors["attn_unsorted_out"] = _max_err(out, ref)
+    errors["attn_unsorted_grads"] = max(_max_err(a, r) for a, r in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)))
+
     # KV-cache decoding: 3 new queries after a cached prefix; row 1 is left-padded (pads have doc id -1)
     s, t = 21, 3
     q, k, v = torch.randn(2, 4, t, 16), torch.randn(2, 2, s, 16), torch.randn(2, 2, s, 16)
@@ -147,7 +156,7 @@ ATTENTION = [f"attn_{case}_{part}" for case in ("gqa_odd", "many_docs", "one_doc
              for part in ("out", "dq", "dk", "dv")]
 
 
-@pytest.mark.parametrize("name", ATTENTION + ["attn_cache_offset_out"])
+@pytest.mark.parametrize("name", ATTENTION + ["attn_cache_offset_out", "attn_unsorted_out", "attn_unsorted_grads"])
 def test_flash_attention_matches_reference(kernel_errors, name):
     assert kernel_errors[name] < TOL, f"{name}: max abs error {kernel_errors[name]:.3g}"
 

@@ -5,9 +5,10 @@ query / key lengths, D head dim; BM / BN query / key block sizes.
 
 The mask is the rule of ``anyloom.transformer.attention``: query i (at key index ``q_start + i``) sees key j iff
 j <= q_start + i and q_doc[i] == k_doc[j]. Two kinds of blocks are never touched: key blocks after the query
-block (causality bounds the loop) and key blocks whose [min, max] document-id range cannot meet the query
-block's range (checked per block from a (B, n_blocks) table of doc-id minima and maxima), so a batch of packed
-short documents costs about the sum of their squares, not the square of the row.
+block (causality bounds the loop) and key blocks holding only documents that end before the query block's first
+one (the loop starts at a per-block bound computed on the host from (B, n_blocks) tables of doc-id minima and
+maxima), so a batch of packed short documents costs about the sum of their squares, not the square of the row.
+The loop body has no branch, so Triton can software-pipeline its loads (``num_stages``).
 
 Forward (per query block): online softmax over key blocks, keeps the row log-sum-exp for the backward.
 Backward: delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over the query blocks (and over
@@ -58,22 +59,59 @@ def _block_doc_range(doc: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
-def _blocks(d: int) -> tuple[int, int, int, int]:
-    """(BM, BN, BD, num_warps): one config (multi-config autotune fails in the interpreter)."""
+# (BM, BN, num_warps, num_stages) per kernel and head-dim bucket (the smallest bucket >= the head dim).
+# Chosen on an H200 by ``python scripts/gpu_check.py --only tune`` (docs/BENCHMARKS.md); a sweep may overwrite them.
+CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "bwd": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)},
+}
+
+
+def _config(kind: str, d: int, f32: bool) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BD, num_warps, num_stages) for ``kind`` ("fwd" | "bwd") at head dim d; one config, no autotune
+    (multi-config autotune fails in the interpreter). fp32 inputs (a correctness path, not a fast one) run
+    unpipelined: pipelined fp32 tiles at head dim 128 need more shared memory than a Hopper SM has."""
     bd = max(16, triton.next_power_of_2(d))
     if INTERPRET:
-        return 16, 16, bd, 1
-    return 64, 64, bd, 4 if bd <= 64 else 8
+        return 16, 16, bd, 1, 1
+    bm, bn, warps, stages = CONFIGS[kind][min(b for b in CONFIGS[kind] if b >= bd)]
+    return bm, bn, bd, warps, 1 if f32 else stages
+
+
+def _first_key_block(q_doc: Tensor, k_doc: Tensor, bm: int, bn: int) -> Tensor:
+    """(B, n_query_blocks) int32: the first key block whose largest doc id reaches the query block's smallest.
+
+    Key blocks before it hold only documents that end before any of the query block's start, so no query of
+    the block sees them (any doc-id layout; with packed, non-decreasing ids every block after it is needed).
+    """
+    qmin, _ = _block_doc_range(q_doc, bm)
+    _, kmax = _block_doc_range(k_doc, bn)
+    reach = kmax[:, None, :] >= qmin[:, :, None]  # (B, n_qb, n_kb)
+    first = reach.to(torch.int32).argmax(-1)
+    return torch.where(reach.any(-1), first, kmax.shape[1]).to(torch.int32).contiguous()
+
+
+def _end_query_block(q_doc: Tensor, k_doc: Tensor, bm: int, bn: int) -> Tensor:
+    """(B, n_key_blocks) int32: one past the last query block whose smallest doc id is <= the key block's largest.
+
+    Query blocks from there on hold only documents that start after all of the key block's: none sees it.
+    """
+    qmin, _ = _block_doc_range(q_doc, bm)
+    _, kmax = _block_doc_range(k_doc, bn)
+    within = qmin[:, None, :] <= kmax[:, :, None]  # (B, n_kb, n_qb)
+    end = qmin.shape[1] - within.flip(-1).to(torch.int32).argmax(-1)
+    return torch.where(within.any(-1), end, 0).to(torch.int32).contiguous()
 
 
 if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, OUT, LSE, QDOC, KDOC, KBMIN, KBMAX,
+        Q, K, V, OUT, LSE, QDOC, KDOC, KLO,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_ob, s_oh, s_ot,
-        Hq, G, Tq, Tk, q_start, n_kb, scale,
+        Hq, G, Tq, Tk, q_start, n_qb,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, F32: tl.constexpr,
+        SCALE: tl.constexpr, PREC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -90,36 +128,32 @@ if triton is not None:
         if F32:
             q = q.to(tl.float32)
         qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
-        qmin = tl.min(tl.where(m_ok, qdoc, 2147483647), axis=0)
-        qmax = tl.max(tl.where(m_ok, qdoc, -2147483647), axis=0)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
+        lo = tl.load(KLO + b * n_qb + pid_m)  # first key block whose doc range reaches this block's
         hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Tq), Tk)  # causal: keys [0, hi)
-        for kb in range(0, tl.cdiv(hi, BN)):
-            kmin = tl.load(KBMIN + b * n_kb + kb)
-            kmax = tl.load(KBMAX + b * n_kb + kb)
-            if (kmax >= qmin) & (kmin <= qmax):  # the doc ranges overlap: the block may hold visible keys
-                offs_k = kb * BN + offs_n
-                k_ok = offs_k < Tk
-                kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
-                k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                if F32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
-                s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN)
-                ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
-                ok = ok & k_ok[None, :] & m_ok[:, None]
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-                p = tl.exp(s - m_use[:, None])
-                alpha = tl.exp(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+        for kb in range(lo, tl.cdiv(hi, BN)):
+            offs_k = kb * BN + offs_n
+            k_ok = offs_k < Tk
+            kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
+            k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * SCALE  # (BM, BN)
+            ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+            ok = ok & k_ok[None, :] & m_ok[:, None]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
         l_use = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_use[:, None]
         tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :],
@@ -128,10 +162,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC, QBMIN, QBMAX,
+        Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC, QEND,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
-        Hq, Hk, G, Tq, Tk, q_start, n_qb, scale,
+        Hq, Hk, G, Tq, Tk, q_start, n_kb,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, F32: tl.constexpr,
+        SCALE: tl.constexpr, PREC: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         bhk = tl.program_id(1)
@@ -149,45 +184,42 @@ if triton is not None:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         kdoc = tl.load(KDOC + b * Tk + offs_n, mask=k_ok, other=0)
-        kmin = tl.min(tl.where(k_ok, kdoc, 2147483647), axis=0)
-        kmax = tl.max(tl.where(k_ok, kdoc, -2147483647), axis=0)
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BD], tl.float32)
         lo = tl.maximum(pid_n * BN - q_start, 0) // BM  # causal: earlier queries never see this block
+        hi = tl.load(QEND + b * n_kb + pid_n)  # query blocks from hi on start after this block's documents
         for g in range(0, G):
             h = hk * G + g
-            for mb in range(lo, tl.cdiv(Tq, BM)):
-                qmin = tl.load(QBMIN + b * n_qb + mb)
-                qmax = tl.load(QBMAX + b * n_qb + mb)
-                if (kmax >= qmin) & (kmin <= qmax):
-                    offs_m = mb * BM + offs_m0
-                    m_ok = offs_m < Tq
-                    q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-                    q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                    do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                    if F32:
-                        q = q.to(tl.float32)
-                        do = do.to(tl.float32)
-                    qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
-                    lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
-                    delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
-                    s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN)
-                    ok = (offs_n[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
-                    ok = ok & k_ok[None, :] & m_ok[:, None]
-                    p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v))
-                    ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+            for mb in range(lo, hi):
+                offs_m = mb * BM + offs_m0
+                m_ok = offs_m < Tq
+                q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
+                q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                if F32:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
+                lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * SCALE  # (BM, BN)
+                ok = (offs_n[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+                ok = ok & k_ok[None, :] & m_ok[:, None]
+                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        tl.store(DK + kv_off, (dk * SCALE).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC, KBMIN, KBMAX,
+        Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC, KLO,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
-        Hq, G, Tq, Tk, q_start, n_kb, scale,
+        Hq, G, Tq, Tk, q_start, n_qb,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, F32: tl.constexpr,
+        SCALE: tl.constexpr, PREC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -206,33 +238,29 @@ if triton is not None:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
-        qmin = tl.min(tl.where(m_ok, qdoc, 2147483647), axis=0)
-        qmax = tl.max(tl.where(m_ok, qdoc, -2147483647), axis=0)
         lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BM, BD], tl.float32)
+        lo = tl.load(KLO + b * n_qb + pid_m)
         hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Tq), Tk)
-        for kb in range(0, tl.cdiv(hi, BN)):
-            kmin = tl.load(KBMIN + b * n_kb + kb)
-            kmax = tl.load(KBMAX + b * n_kb + kb)
-            if (kmax >= qmin) & (kmin <= qmax):
-                offs_k = kb * BN + offs_n
-                k_ok = offs_k < Tk
-                kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
-                k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                if F32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
-                s = tl.dot(q, tl.trans(k)) * scale
-                ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
-                ok = ok & k_ok[None, :] & m_ok[:, None]
-                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        for kb in range(lo, tl.cdiv(hi, BN)):
+            offs_k = kb * BN + offs_n
+            k_ok = offs_k < Tk
+            kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
+            k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * SCALE
+            ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+            ok = ok & k_ok[None, :] & m_ok[:, None]
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        tl.store(DQ + q_off, (dq * SCALE).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     @torch.library.triton_op("anyloom::flash_attn_fwd", mutates_args=())
     def _flash_fwd(
@@ -240,17 +268,19 @@ if triton is not None:
     ) -> tuple[Tensor, Tensor]:
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
-        bm, bn, bd, warps = _blocks(d)
+        f32 = INTERPRET or q.dtype == torch.float32
+        bm, bn, bd, warps, stages = _config("fwd", d, f32)
         o = torch.empty_like(q)
         lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
-        kbmin, kbmax = _block_doc_range(k_doc, bn)
+        klo = _first_key_block(q_doc, k_doc, bm, bn)
         grid = (triton.cdiv(tq, bm), b * hq)
         torch.library.wrap_triton(_fwd_kernel)[grid](
-            q, k, v, o, lse, q_doc, k_doc, kbmin, kbmax,
+            q, k, v, o, lse, q_doc, k_doc, klo,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
-            hq, hq // hk, tq, tk, q_start, kbmin.shape[1], 1.0 / math.sqrt(d),
-            D=d, BM=bm, BN=bn, BD=bd, F32=INTERPRET or q.dtype == torch.float32, num_warps=warps,
+            hq, hq // hk, tq, tk, q_start, klo.shape[1],
+            D=d, BM=bm, BN=bn, BD=bd, F32=f32, SCALE=1.0 / math.sqrt(d), PREC="ieee" if f32 else "tf32",
+            num_warps=warps, num_stages=stages,
         )
         return o, lse
 
@@ -265,24 +295,23 @@ if triton is not None:
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
-        bm, bn, bd, warps = _blocks(d)
+        f32 = INTERPRET or q.dtype == torch.float32
+        bm, bn, bd, warps, stages = _config("bwd", d, f32)
         delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, Hq, Tq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        qbmin, qbmax = _block_doc_range(q_doc, bm)
-        kbmin, kbmax = _block_doc_range(k_doc, bn)
-        f32 = INTERPRET or q.dtype == torch.float32
-        scale = 1.0 / math.sqrt(d)
+        qend = _end_query_block(q_doc, k_doc, bm, bn)
+        klo = _first_key_block(q_doc, k_doc, bm, bn)
+        consts = dict(D=d, BM=bm, BN=bn, BD=bd, F32=f32, SCALE=1.0 / math.sqrt(d), PREC="ieee" if f32 else "tf32",
+                      num_warps=warps, num_stages=stages)
         torch.library.wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(tk, bn), b * hk)](
-            q, k, v, do, lse, delta, dk, dv, q_doc, k_doc, qbmin, qbmax,
+            q, k, v, do, lse, delta, dk, dv, q_doc, k_doc, qend,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            hq, hk, hq // hk, tq, tk, q_start, qbmin.shape[1], scale,
-            D=d, BM=bm, BN=bn, BD=bd, F32=f32, num_warps=warps,
+            hq, hk, hq // hk, tq, tk, q_start, qend.shape[1], **consts,
         )
         torch.library.wrap_triton(_bwd_dq_kernel)[(triton.cdiv(tq, bm), b * hq)](
-            q, k, v, do, lse, delta, dq, q_doc, k_doc, kbmin, kbmax,
+            q, k, v, do, lse, delta, dq, q_doc, k_doc, klo,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            hq, hq // hk, tq, tk, q_start, kbmin.shape[1], scale,
-            D=d, BM=bm, BN=bn, BD=bd, F32=f32, num_warps=warps,
+            hq, hq // hk, tq, tk, q_start, klo.shape[1], **consts,
         )
         return dq, dk, dv
 

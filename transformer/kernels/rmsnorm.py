@@ -37,13 +37,13 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(X, W, Y, RSTD, N, D, eps, ROWS: tl.constexpr, BD: tl.constexpr):
+    def _fwd_kernel(X, W, Y, RSTD, N, D, EPS: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BD)
         ok = (rows[:, None] < N) & (cols[None, :] < D)
         x = tl.load(X + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + EPS)  # EPS constexpr: fp32 math (a float arg can be fp64)
         y = x * rstd[:, None] * w[None, :]
         tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
         tl.store(RSTD + rows, rstd, mask=rows < N)
@@ -70,7 +70,7 @@ if triton is not None:
         y = torch.empty_like(x)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
         torch.library.wrap_triton(_fwd_kernel)[(triton.cdiv(n, ROWS),)](
-            x, weight, y, rstd, n, d, eps, ROWS=ROWS, BD=triton.next_power_of_2(d)
+            x, weight, y, rstd, n, d, EPS=eps, ROWS=ROWS, BD=triton.next_power_of_2(d)
         )
         return y, rstd
 
