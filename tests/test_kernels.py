@@ -77,6 +77,19 @@ def _child() -> dict[str, float]:
     errors["attn_unsorted_grads"] = max(_max_err(a, r) for a, r in zip(
         torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)))
 
+    # under bf16 autocast the triton backend casts like SDPA is cast (QK-norm's fp32 weight leaves q, k in fp32;
+    # run as fp32 they took the slow fp32 kernel path: 8x slower training on an H200)
+    from anyloom.transformer.attention import attention
+
+    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
+    v = torch.randn(1, 2, 40, 16).bfloat16()
+    doc = _random_docs(1, 40, 2, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, doc, backend="triton")
+        ref = attention(q, k, v.float(), doc, backend="sdpa")
+    errors["attn_autocast_not_bf16"] = float(out.dtype != torch.bfloat16)
+    errors["attn_autocast_out"] = _max_err(out, ref)
+
     # KV-cache decoding: 3 new queries after a cached prefix; row 1 is left-padded (pads have doc id -1)
     s, t = 21, 3
     q, k, v = torch.randn(2, 4, t, 16), torch.randn(2, 2, s, 16), torch.randn(2, 2, s, 16)
@@ -156,9 +169,15 @@ ATTENTION = [f"attn_{case}_{part}" for case in ("gqa_odd", "many_docs", "one_doc
              for part in ("out", "dq", "dk", "dv")]
 
 
-@pytest.mark.parametrize("name", ATTENTION + ["attn_cache_offset_out", "attn_unsorted_out", "attn_unsorted_grads"])
+@pytest.mark.parametrize("name", ATTENTION + ["attn_cache_offset_out", "attn_unsorted_out", "attn_unsorted_grads",
+                                  "attn_autocast_not_bf16"])
 def test_flash_attention_matches_reference(kernel_errors, name):
     assert kernel_errors[name] < TOL, f"{name}: max abs error {kernel_errors[name]:.3g}"
+
+
+def test_flash_attention_under_autocast_matches_bf16_sdpa(kernel_errors):
+    # both round q, k, v to bf16 (ours in the cast, SDPA through autocast); outputs are bf16 (~3 digits)
+    assert kernel_errors["attn_autocast_out"] < 2e-2, f"max abs error {kernel_errors['attn_autocast_out']:.3g}"
 
 
 @pytest.mark.parametrize("name", ["rmsnorm_out", "rmsnorm_dx", "rmsnorm_dw"])
