@@ -189,7 +189,7 @@ def stage_lm(ctx: Context) -> str:
 
     def make_loader(rank: int, ranks: int) -> PackedLoader:
         return PackedLoader(mixture, r.train.seq_len, micro_batch_size(r.train, ranks), rank=rank, world_size=ranks,
-                            seed=r.run.seed)
+                            seed=r.run.seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad)
 
     result = train_lm(lm_model_config(ctx, vocab.size), r.optim, r.train, r.parallel, ctx.run, make_loader,
                       vocab.to_dict(), r.run.seed, device=r.run.device)

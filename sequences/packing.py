@@ -5,6 +5,12 @@ global stream, and cut into rows of ``seq_len`` tokens; a document that does not
 the next row (no padding is ever spent). Row ``k`` holds stream[k*T : (k+1)*T] as inputs and the token after
 each as its target, so the last column's target is the first token of the next row.
 
+``whole_documents=True`` never splits a document that fits in a row: when the next document does not fit in
+what is left of the row, the rest of the row is padding (token ``pad_id``, its own document id, no loss) and
+the document starts the next row. Only documents longer than ``seq_len`` are still cut. A split conditional
+document (a caption in one row, the rest of its image in the next) trains its continuation without its
+condition; this mode trades the padding for that.
+
 Per position of a row (B batch rows, T = seq_len):
 
 - ``doc_ids``: index of the document piece within the row (0, 1, ...), for document-masked attention;
@@ -102,6 +108,8 @@ class PackedLoader:
         seed: int = 0,
         shuffle: bool = True,
         infinite: bool = True,
+        whole_documents: bool = False,
+        pad_id: int = 0,
     ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
@@ -117,6 +125,8 @@ class PackedLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.infinite = infinite
+        self.whole_documents = whole_documents
+        self.pad_id = pad_id
         self._epoch = 0
         self._cursor = 0  # index into this epoch's order of the document holding the next row's first token
         self._offset = 0  # tokens of that document already consumed
@@ -161,7 +171,8 @@ class PackedLoader:
         B, T, W = self.batch_size, self.seq_len, self.world_size
         need = B * W * T + 1  # one extra token: the target of the last column
         # pass 1: which document pieces make up the global batch (lengths only, when the source can tell them)
-        pieces: list[tuple[int, int, int, int, int]] = []  # (epoch, cursor, offset, start in batch, tokens taken)
+        # (epoch, cursor, offset, start in batch, tokens taken); cursor -1 = padding
+        pieces: list[tuple[int, int, int, int, int]] = []
         have = 0
         epoch, cursor, offset = self._epoch, self._cursor, self._offset
         n_docs = len(self.source)
@@ -175,6 +186,11 @@ class PackedLoader:
                 epoch, cursor, offset = epoch + 1, 0, 0
                 continue
             take = self._length(epoch, cursor) - offset
+            room = T - have % T  # tokens left in the current row
+            if self.whole_documents and offset == 0 and room < take <= T and have < need - 1:
+                pieces.append((epoch, -1, 0, have, room))  # pad the row; the document starts the next one
+                have += room
+                continue
             if take > 0:
                 pieces.append((epoch, cursor, offset, have, take))
                 have += take
@@ -191,6 +207,14 @@ class PackedLoader:
         filled = 0
         for p_epoch, p_cursor, p_offset, p_start, p_take in pieces:
             if p_start + p_take <= s0 or p_start >= s1:
+                continue
+            if p_cursor < 0:  # padding: a document of its own, never trained
+                n = min(s1, p_start + p_take) - max(s0, p_start)
+                start_at.append(filled)
+                ids.append(np.full(n, self.pad_id, dtype=np.int64))
+                mods.append(np.full(n, 3, dtype=np.int8))
+                losses.append(np.zeros(n, dtype=bool))
+                filled += n
                 continue
             doc = self._document(p_epoch, p_cursor)
             if len(doc) != p_offset + p_take:
@@ -243,12 +267,14 @@ class PackedLoader:
             "global_batch_size": self.batch_size * self.world_size,
             "num_documents": len(self.source),
             "shuffle": self.shuffle,
+            "whole_documents": self.whole_documents,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken. Refuses a state from a differently configured loader."""
         expected = self.state_dict()
-        for key in ("seed", "seq_len", "global_batch_size", "num_documents", "shuffle"):
+        state = {"whole_documents": False, **state}  # states saved before the option existed
+        for key in ("seed", "seq_len", "global_batch_size", "num_documents", "shuffle", "whole_documents"):
             if key not in state:
                 raise KeyError(f"loader state has no '{key}' (not a PackedLoader.state_dict())")
             if state[key] != expected[key]:

@@ -153,3 +153,53 @@ def test_bad_arguments():
         PackedLoader(ListSource([]), 8, 2)
     with pytest.raises(ValueError, match="rank 2"):
         PackedLoader(ListSource(random_streams(2)), 8, 2, rank=2, world_size=2)
+
+
+def _whole(src, t, b, **kw) -> PackedLoader:
+    return PackedLoader(src, t, b, whole_documents=True, pad_id=VOCAB.pad, **kw)
+
+
+def test_whole_documents_are_never_split_and_padding_is_never_trained():
+    streams = random_streams(60, seed=3)
+    t = 24
+    assert max(len(s) for s in streams) <= t
+    loader = _whole(ListSource(streams), t, 3, shuffle=False, infinite=False)
+    seen = []
+    for b in loader:
+        for r in range(3):
+            row, docs = b.tokens[r], b.doc_ids[r]
+            for d in docs.unique().tolist():
+                piece = row[docs == d].numpy()
+                if (piece == VOCAB.pad).all():  # padding: its own document, never trained, never a target
+                    assert not b.loss_mask[r][docs == d].any()
+                    continue
+                assert piece[0] == VOCAB.bos, "every piece of a row starts a document: none was split"
+                seen.append(piece)
+            assert not b.loss_mask[r][b.targets[r] == VOCAB.pad].any()
+    # in order, each document appears whole (the last of a row may lose only its final target, never tokens)
+    for piece, stream in zip(seen, streams):
+        assert piece.tolist() == stream.ids[: len(piece)].tolist() and len(piece) == len(stream)
+    assert len(seen) > 30
+
+
+def test_whole_documents_resume_and_rank_union():
+    src = DrawSource(random_streams(25, seed=4))
+    full = take(_whole(src, 20, 2, seed=7), 30)
+    first = _whole(src, 20, 2, seed=7)
+    take(first, 11)
+    resumed = _whole(src, 20, 2, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    assert all(same(x, y) for x, y in zip(full[11:], take(resumed, 19)))
+    with pytest.raises(ValueError, match="'whole_documents'"):
+        PackedLoader(src, 20, 2, seed=7).load_state_dict(first.state_dict())
+    single = take(_whole(src, 16, 4, seed=5), 6)
+    ranks = [take(_whole(src, 16, 2, rank=r, world_size=2, seed=5), 6) for r in range(2)]
+    for g in range(6):
+        for field in ("tokens", "targets", "loss_mask", "doc_ids", "positions", "modality"):
+            assert torch.equal(torch.cat([getattr(ranks[r][g], field) for r in range(2)]), getattr(single[g], field))
+
+
+def test_whole_documents_still_cut_documents_longer_than_a_row():
+    long = encode_document([TextIds(np.arange(100) % 300)], VOCAB)
+    b = next(_whole(ListSource([long]), 8, 2, shuffle=False))
+    assert b.doc_ids.max() == 0 and b.loss_mask.all()

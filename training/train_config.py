@@ -23,6 +23,9 @@ class TrainConfig:
     # schedule then follows whichever of steps and time runs out first (training.optim.TimeBudgetLR), so a run on a
     # slower machine stops early but annealed; how many steps it gets then depends on the machine.
     max_seconds: float = 0.0
+    # Pack whole documents: a document that does not fit in what is left of a row starts the next row (the rest
+    # is padding, never trained) instead of being split (sequences.packing). Only documents > seq_len are cut.
+    whole_documents: bool = False
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "max_bad_steps",
