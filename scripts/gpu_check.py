@@ -31,7 +31,9 @@ part-way keeps what it measured; prints a short table at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -69,12 +71,12 @@ def _bench(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
 def ceilings() -> dict:
     dev = torch.device("cuda")
     n = 8192
-    mats = [(torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16))
-            for _ in range(3)]  # rotate among inputs so the cache does not flatter the number
-    i = iter(range(10**9))
+    mats = itertools.cycle([(torch.randn(n, n, device=dev, dtype=torch.bfloat16),
+                             torch.randn(n, n, device=dev, dtype=torch.bfloat16))
+                            for _ in range(3)])  # rotate among inputs so the cache does not flatter the number
 
     def mm() -> torch.Tensor:
-        a, b = mats[next(i) % 3]
+        a, b = next(mats)
         return a @ b
 
     ms = _bench(mm)
@@ -263,7 +265,9 @@ def correctness() -> dict:
 
 # ---------------------------------------------------------------- attention: config sweep and TFLOP/s
 
+@functools.cache
 def _bench_transformer():
+    """scripts/bench_transformer.py as a module (tune and attention both use it; loaded once)."""
     spec = importlib.util.spec_from_file_location("bench_transformer", Path(__file__).with_name("bench_transformer.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

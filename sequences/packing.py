@@ -187,7 +187,7 @@ class PackedLoader:
                 continue
             take = self._length(epoch, cursor) - offset
             room = T - have % T  # tokens left in the current row
-            if self.whole_documents and offset == 0 and room < take <= T and have < need - 1:
+            if self.whole_documents and offset == 0 and room < take <= T:
                 pieces.append((epoch, -1, 0, have, room))  # pad the row; the document starts the next one
                 have += room
                 continue

@@ -156,9 +156,6 @@ def attention(
         from anyloom.transformer.kernels.flash_attention import flash_attention
 
         b, _, tq, _ = q.shape
-        if torch.is_autocast_enabled(q.device.type):  # a custom op sees no autocast: cast as SDPA would be
-            dtype = torch.get_autocast_dtype(q.device.type)  # (QK-norm's fp32 weight makes q, k fp32 here)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if q_doc is None:
             q_doc = torch.zeros(b, tq, dtype=torch.int32, device=q.device)
             k_doc = torch.zeros(b, k.shape[2], dtype=torch.int32, device=q.device)

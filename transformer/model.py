@@ -344,12 +344,8 @@ class Transformer(nn.Module):
         rows = mask.nonzero().squeeze(1)  # (M,)
         h = hidden.reshape(b * t, d).index_select(0, rows)  # (M, D)
         picked = flat_targets.index_select(0, rows)  # (M,)
-        w = self.output_weight
-        if self.cfg.fused_ce and torch.is_autocast_enabled(h.device.type):  # custom ops see no autocast:
-            dtype = torch.get_autocast_dtype(h.device.type)  # cast as F.linear would under it
-            h, w = h.to(dtype), w.to(dtype)
         if self.cfg.fused_ce:
-            out = linear_lse(h, w, picked, chunk_size=self.cfg.ce_chunk_size)
+            out = linear_lse(h, self.output_weight, picked, chunk_size=self.cfg.ce_chunk_size)
         else:
             out = naive_linear_lse(h, self.output_weight, picked)
         count = max(rows.numel(), 1)

@@ -15,9 +15,11 @@ Backward: delta = rowsum(dO * O); one kernel per key block accumulates dK and dV
 the G query heads of its key head, so GQA needs no atomics); one kernel per query block accumulates dQ.
 
 Registered as torch custom ops ``anyloom::flash_attn_fwd`` / ``anyloom::flash_attn_bwd`` (``triton_op`` +
-``wrap_triton``) with fake implementations and autograd. ``flash_attention_reference`` is the PyTorch
-fallback with the same API. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (then every tensor is read
-as fp32: the interpreter's bf16 arithmetic is wrong in triton 3.9).
+``wrap_triton``) with fake implementations, autograd and bf16 autocast (``register_bf16_autocast``). The load
+and mask code the three kernels share is in ``_key_block`` / ``_query_block`` / ``_visible``; Triton inlines them
+(the same PTX instruction counts and shared memory as the hand-inlined kernels: triton 3.9, sm_90, bf16, d128).
+``flash_attention_reference`` is the PyTorch fallback with the same API. Runs on CUDA, or on CPU under
+``TRITON_INTERPRET=1`` (then every tensor is read as fp32: the interpreter's bf16 arithmetic is wrong in triton 3.9).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from anyloom.transformer.kernels import register_bf16_autocast
 
 try:
     import triton
@@ -48,15 +52,17 @@ def flash_attention_reference(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _block_doc_range(doc: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """(B, n_blocks) minimum and maximum doc id of each block of ``block`` tokens (padding ignored)."""
-    b, t = doc.shape
-    n = -(-t // block)
-    pad = n * block - t
+def _block_doc_min_max(q_doc: Tensor, k_doc: Tensor, bm: int, bn: int) -> tuple[Tensor, Tensor]:
+    """(B, n_query_blocks) smallest doc id of each block of ``bm`` queries and (B, n_key_blocks) largest doc id of
+    each block of ``bn`` keys (the padding of a last partial block ignored): all the block bounds need."""
     big = torch.iinfo(torch.int32).max
-    lo = F.pad(doc, (0, pad), value=big).view(b, n, block).amin(-1)  # (B, n)
-    hi = F.pad(doc, (0, pad), value=-big).view(b, n, block).amax(-1)
-    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+    def per_block(doc: Tensor, block: int, fill: int) -> Tensor:
+        b, t = doc.shape
+        n = -(-t // block)
+        return F.pad(doc, (0, n * block - t), value=fill).view(b, n, block)  # (B, n, block)
+
+    return per_block(q_doc, bm, big).amin(-1), per_block(k_doc, bn, -big).amax(-1)
 
 
 # (BM, BN, num_warps, num_stages) per kernel and head-dim bucket (the smallest bucket >= the head dim).
@@ -79,32 +85,63 @@ def _config(kind: str, d: int, f32: bool) -> tuple[int, int, int, int, int]:
     return bm, bn, bd, warps, 1 if f32 else stages
 
 
-def _first_key_block(q_doc: Tensor, k_doc: Tensor, bm: int, bn: int) -> Tensor:
+def _first_key_block(qmin: Tensor, kmax: Tensor) -> Tensor:
     """(B, n_query_blocks) int32: the first key block whose largest doc id reaches the query block's smallest.
 
     Key blocks before it hold only documents that end before any of the query block's start, so no query of
     the block sees them (any doc-id layout; with packed, non-decreasing ids every block after it is needed).
     """
-    qmin, _ = _block_doc_range(q_doc, bm)
-    _, kmax = _block_doc_range(k_doc, bn)
     reach = kmax[:, None, :] >= qmin[:, :, None]  # (B, n_qb, n_kb)
     first = reach.to(torch.int32).argmax(-1)
     return torch.where(reach.any(-1), first, kmax.shape[1]).to(torch.int32).contiguous()
 
 
-def _end_query_block(q_doc: Tensor, k_doc: Tensor, bm: int, bn: int) -> Tensor:
+def _end_query_block(qmin: Tensor, kmax: Tensor) -> Tensor:
     """(B, n_key_blocks) int32: one past the last query block whose smallest doc id is <= the key block's largest.
 
     Query blocks from there on hold only documents that start after all of the key block's: none sees it.
     """
-    qmin, _ = _block_doc_range(q_doc, bm)
-    _, kmax = _block_doc_range(k_doc, bn)
     within = qmin[:, None, :] <= kmax[:, :, None]  # (B, n_kb, n_qb)
     end = qmin.shape[1] - within.flip(-1).to(torch.int32).argmax(-1)
     return torch.where(within.any(-1), end, 0).to(torch.int32).contiguous()
 
 
 if triton is not None:
+
+    @triton.jit
+    def _key_block(K, V, KDOC, b, hk, offs_k, offs_d, d_ok, Tk, s_kb, s_kh, s_kt, F32: tl.constexpr):
+        """k, v (BN, BD) and the doc ids of keys ``offs_k`` of key head ``hk`` (fp32 in the F32 path)."""
+        k_ok = offs_k < Tk
+        kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+        return k, v, kdoc, k_ok, kv_off
+
+    @triton.jit
+    def _query_block(Q, DO, QDOC, LSE, DELTA, b, h, Hq, offs_m, offs_d, d_ok, Tq, s_qb, s_qh, s_qt,
+                     F32: tl.constexpr):
+        """What the backward needs of queries ``offs_m`` of head ``h``: q, dO (BM, BD), doc ids, lse, delta."""
+        m_ok = offs_m < Tq
+        q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
+        lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+        return q, do, qdoc, lse, delta, m_ok, q_off
+
+    @triton.jit
+    def _visible(offs_m, m_ok, qdoc, offs_k, k_ok, kdoc, q_start):
+        """(BM, BN) the module's mask rule: causal (query i at key index q_start + i) and the same document."""
+        ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
+        return ok & k_ok[None, :] & m_ok[:, None]
 
     @triton.jit
     def _fwd_kernel(
@@ -136,18 +173,9 @@ if triton is not None:
         hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Tq), Tk)  # causal: keys [0, hi)
         for kb in range(lo, tl.cdiv(hi, BN)):
             offs_k = kb * BN + offs_n
-            k_ok = offs_k < Tk
-            kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
-            k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+            k, v, kdoc, k_ok, _ = _key_block(K, V, KDOC, b, hk, offs_k, offs_d, d_ok, Tk, s_kb, s_kh, s_kt, F32)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * SCALE  # (BM, BN)
-            ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
-            ok = ok & k_ok[None, :] & m_ok[:, None]
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_visible(offs_m, m_ok, qdoc, offs_k, k_ok, kdoc, q_start), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.exp(s - m_use[:, None])
@@ -176,15 +204,8 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_m0 = tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
-        k_ok = offs_n < Tk
         d_ok = offs_d < D
-        kv_off = b * s_kb + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        kdoc = tl.load(KDOC + b * Tk + offs_n, mask=k_ok, other=0)
+        k, v, kdoc, k_ok, kv_off = _key_block(K, V, KDOC, b, hk, offs_n, offs_d, d_ok, Tk, s_kb, s_kh, s_kt, F32)
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BD], tl.float32)
         lo = tl.maximum(pid_n * BN - q_start, 0) // BM  # causal: earlier queries never see this block
@@ -193,19 +214,10 @@ if triton is not None:
             h = hk * G + g
             for mb in range(lo, hi):
                 offs_m = mb * BM + offs_m0
-                m_ok = offs_m < Tq
-                q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-                q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                if F32:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
-                lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
+                q, do, qdoc, lse, delta, m_ok, _ = _query_block(Q, DO, QDOC, LSE, DELTA, b, h, Hq, offs_m, offs_d,
+                                                                d_ok, Tq, s_qb, s_qh, s_qt, F32)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * SCALE  # (BM, BN)
-                ok = (offs_n[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
-                ok = ok & k_ok[None, :] & m_ok[:, None]
+                ok = _visible(offs_m, m_ok, qdoc, offs_n, k_ok, kdoc, q_start)
                 p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -230,33 +242,17 @@ if triton is not None:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
-        m_ok = offs_m < Tq
         d_ok = offs_d < D
-        q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
-        lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
+        q, do, qdoc, lse, delta, m_ok, q_off = _query_block(Q, DO, QDOC, LSE, DELTA, b, h, Hq, offs_m, offs_d, d_ok,
+                                                            Tq, s_qb, s_qh, s_qt, F32)
         dq = tl.zeros([BM, BD], tl.float32)
         lo = tl.load(KLO + b * n_qb + pid_m)
         hi = tl.minimum(q_start + tl.minimum((pid_m + 1) * BM, Tq), Tk)
         for kb in range(lo, tl.cdiv(hi, BN)):
             offs_k = kb * BN + offs_n
-            k_ok = offs_k < Tk
-            kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
-            k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
+            k, v, kdoc, k_ok, _ = _key_block(K, V, KDOC, b, hk, offs_k, offs_d, d_ok, Tk, s_kb, s_kh, s_kt, F32)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * SCALE
-            ok = (offs_k[None, :] <= offs_m[:, None] + q_start) & (qdoc[:, None] == kdoc[None, :])
-            ok = ok & k_ok[None, :] & m_ok[:, None]
+            ok = _visible(offs_m, m_ok, qdoc, offs_k, k_ok, kdoc, q_start)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -273,7 +269,7 @@ if triton is not None:
         bm, bn, bd, warps, stages = _config("fwd", d, f32)
         o = torch.empty_like(q)
         lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
-        klo = _first_key_block(q_doc, k_doc, bm, bn)
+        klo = _first_key_block(*_block_doc_min_max(q_doc, k_doc, bm, bn))
         grid = (triton.cdiv(tq, bm), b * hq)
         torch.library.wrap_triton(_fwd_kernel)[grid](
             q, k, v, o, lse, q_doc, k_doc, klo,
@@ -300,8 +296,8 @@ if triton is not None:
         bm, bn, bd, warps, stages = _config("bwd", d, f32)
         delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, Hq, Tq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        qend = _end_query_block(q_doc, k_doc, bm, bn)
-        klo = _first_key_block(q_doc, k_doc, bm, bn)
+        qmin, kmax = _block_doc_min_max(q_doc, k_doc, bm, bn)
+        qend, klo = _end_query_block(qmin, kmax), _first_key_block(qmin, kmax)
         consts = dict(D=d, BM=bm, BN=bn, BD=bd, F32=f32, SCALE=1.0 / math.sqrt(d), PREC="ieee" if f32 else "tf32",
                       num_warps=warps, num_stages=stages)
         torch.library.wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(tk, bn), b * hk)](
@@ -332,6 +328,7 @@ if triton is not None:
         return dq, dk, dv, None, None, None
 
     _flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+    register_bf16_autocast("anyloom::flash_attn_fwd")
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, q_doc: Tensor, k_doc: Tensor, q_start: int = 0) -> Tensor:

@@ -15,7 +15,7 @@ Backends (same API, same results):
   with fp32 atomics was removed: it made N*V*D*(1/BM + 1/BV) atomic adds (N=16k, V=32k, D=2048: 2.6e10 adds,
   ~200 GB of read-modify-write, ~50 ms at HBM speed, against ~10 ms for the 6*N*V*D matmul FLOPs on an H200),
   and its fp32 variant needed more shared memory than an H200 has. The forward is the custom op
-  ``anyloom::linear_lse_fwd``.
+  ``anyloom::linear_lse_fwd``, registered for bf16 autocast like F.linear.
 - ``torch``: the same algorithm as an autograd Function over vocabulary chunks of ``chunk_size`` (CPU training
   uses this: peak extra memory is N x chunk_size fp32 instead of N x V).
 - ``naive``: full logits + logsumexp: the reference the tests compare against.
@@ -30,6 +30,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from anyloom.transformer.kernels import register_bf16_autocast
 
 try:
     import triton
@@ -213,3 +215,4 @@ if triton is not None:
         return dh, dw, None, None
 
     _lse_fwd.register_autograd(_backward, setup_context=_setup_context)
+    register_bf16_autocast("anyloom::linear_lse_fwd")
