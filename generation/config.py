@@ -22,6 +22,9 @@ class GenerationConfig:
     audio: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.8, top_p=0.9))
     image_cfg_scale: float = 2.0  # 1 = no guidance
     audio_cfg_scale: float = 1.5
+    # self-reranking (generation/rerank.py): sample this many images per prompt and keep the one under which the
+    # model finds the prompt most likely (image -> prompt direction); 1 = the first sample, no reranking
+    image_candidates: int = 1
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
@@ -32,6 +35,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
+        if self.image_candidates < 1:
+            raise ValueError(f"image_candidates must be >= 1, got {self.image_candidates}")
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales

@@ -43,6 +43,7 @@ from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
 from anyloom.generation.engine import StepEvent, generate
+from anyloom.generation.rerank import reverse_log_likelihood
 from anyloom.generation.sampling import SamplingConfig
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
@@ -80,6 +81,7 @@ class GeneratedText:
 class GeneratedImage:
     image: Image.Image
     codes: torch.Tensor  # (h, w) image-tokenizer codes
+    score: float | None = None  # with self-reranking: log p(prompt | this image), the best of the candidates
 
 
 @dataclass
@@ -293,13 +295,18 @@ class Pipeline:
         raise PipelineError(f"cannot use {type(segment).__name__} as a prompt segment (expected text, a PIL image, "
                             "an ImageSegment / AudioSegment, or a {'text'|'image'|'audio': ...} dict)")
 
-    def prompt_ids(self, segments: SegmentLike | Sequence[SegmentLike], to: Target) -> list[int]:
-        """``<bos>`` + the segments' spans (+ ``<boi>`` / ``<boa>`` when the target is an image / audio)."""
+    def prompt_segments(self, segments: SegmentLike | Sequence[SegmentLike]) -> list[TokSegment]:
+        """A prompt (one segment or a sequence of them) -> its tokenized segments."""
         if isinstance(segments, (str, dict, Image.Image, TextSegment, ImageSegment, AudioSegment)):
             segments = [segments]
-        toks = [self.tokenize_segment(s) for s in segments]
-        ids = encode_document(toks, self.vocab, bos=True, eos=False).ids.tolist()
-        return ids + self._opener(to)
+        return [self.tokenize_segment(s) for s in segments]
+
+    def prompt_ids(self, segments: SegmentLike | Sequence[SegmentLike], to: Target) -> list[int]:
+        """``<bos>`` + the segments' spans (+ ``<boi>`` / ``<boa>`` when the target is an image / audio)."""
+        return self._ids_of(self.prompt_segments(segments), to)
+
+    def _ids_of(self, toks: list[TokSegment], to: Target) -> list[int]:
+        return encode_document(toks, self.vocab, bos=True, eos=False).ids.tolist() + self._opener(to)
 
     def _opener(self, to: Target) -> list[int]:
         if to not in TARGETS:
@@ -336,15 +343,24 @@ class Pipeline:
         cfg_scale: float | None = None,
         max_text_tokens: int | None = None,
         max_audio_seconds: float | None = None,
+        candidates: int | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[Generated]:
         """Generate the ``to`` modality for every prompt, as one left-padded batch.
 
         ``temperature`` / ``top_k`` / ``top_p`` / ``cfg_scale`` override the config for the target modality;
-        ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with.
+        ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with. ``candidates``
+        (images only; default: the config's ``image_candidates``) samples that many images per prompt and
+        returns the one the model maps back to the prompt best (``generation/rerank.py``).
         """
         cfg = self.config
-        ids = [self.prompt_ids(p, to) for p in prompts]
+        n = cfg.image_candidates if candidates is None else candidates
+        if n < 1:
+            raise PipelineError(f"candidates must be >= 1, got {n}")
+        if n > 1 and to != "image":
+            raise PipelineError(f"candidates={n}: self-reranking is for to='image', not to={to!r}")
+        toks = [self.prompt_segments(p) for p in prompts]
+        ids = [self._ids_of(t, to) for t in toks for _ in range(n)]  # each prompt's n candidates side by side
         target_cfg: SamplingConfig = getattr(cfg, to)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         overrides = {k: v for k, v in given.items() if v is not None}
@@ -376,7 +392,16 @@ class Pipeline:
             guidance, uncond, on_step, cfg.compile,
         )
         # the grammar forces eos in the last slot of the budget, so only an earlier eos is the model's own choice
-        return [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
+        results = [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
+        return results if n == 1 else self._best_candidates(results, toks, n)
+
+    def _best_candidates(self, images: list[GeneratedImage], toks: list[list[TokSegment]], n: int
+                         ) -> list[GeneratedImage]:
+        """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | image)."""
+        scores = reverse_log_likelihood(self.model, self.vocab, [ImageIds(g.codes.cpu().numpy()) for g in images],
+                                        [toks[i // n] for i in range(len(images))]).view(len(toks), n)
+        best = scores.argmax(dim=1).tolist()
+        return [replace(images[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]
 
     def _decode(self, generated: list[int], to: Target, finished: bool) -> Generated:
         v = self.vocab

@@ -111,6 +111,38 @@ def test_streaming_callback_sees_every_token(pipe):
     assert seen[-1] == v.eoi and [v.image_code(t) for t in seen[:-1]] == out.codes.flatten().tolist()
 
 
+def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pipe):
+    from anyloom.generation.rerank import reverse_log_likelihood
+    from anyloom.sequences.interleave import ImageIds, encode_document
+
+    prompts = ["two red circles", "three blue stars"]
+    n = 3
+    pool = pipe.generate_batch([p for p in prompts for _ in range(n)], to="image", seed=4)  # the same draws
+    best = pipe.generate_batch(prompts, to="image", seed=4, candidates=n)
+    toks = [pipe.prompt_segments(p) for p in prompts]
+    for i, b in enumerate(best):
+        # the score is log p(prompt | image) of the i2t document, computed here by one full forward
+        scores = []
+        for g in pool[i * n:(i + 1) * n]:
+            doc = encode_document([ImageIds(g.codes.numpy()), *toks[i]], pipe.vocab, loss=[False, True])
+            ids = torch.from_numpy(doc.ids)[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(pipe.model.logits(pipe.model(ids[:, :-1])).double(), -1)[0]
+            picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            scores.append(float(picked[torch.from_numpy(doc.loss_mask[1:])].sum()))
+        k = int(np.argmax(scores))
+        assert torch.equal(b.codes, pool[i * n + k].codes)
+        assert b.score == pytest.approx(scores[k], abs=1e-4)
+    ragged = reverse_log_likelihood(pipe.model, pipe.vocab, [ImageIds(g.codes.numpy()) for g in pool[:2]],
+                                    [toks[0], pipe.prompt_segments("one red circle and more words")], batch_size=2)
+    alone = reverse_log_likelihood(pipe.model, pipe.vocab, [ImageIds(pool[0].codes.numpy())], [toks[0]])
+    assert ragged[0].item() == pytest.approx(alone[0].item(), abs=1e-4)  # right padding changes nothing
+    with pytest.raises(PipelineError, match="self-reranking is for to='image'"):
+        pipe.generate("one red circle", to="text", candidates=2)
+    with pytest.raises(ValueError, match="image_candidates"):
+        GenerationConfig(image_candidates=0)
+
+
 def test_bad_requests_get_clear_errors(pipe, tmp_path):
     with pytest.raises(PipelineError, match="to='video'"):
         pipe.generate("a red circle", to="video")

@@ -1,0 +1,60 @@
+"""Self-reranking: score generated candidates by how well the same model maps them back to the prompt.
+
+An any-to-any model is its own judge. For a text -> image request it also learned image -> text, so among N
+sampled images the one under which the prompt's caption is most likely, log p(prompt | candidate), is the one
+that shows the caption most clearly (DALL-E reranked with CLIP; here the reverse direction of the same model
+plays CLIP's part, no second model). The score document is built exactly like a training document of the
+reverse task (``anyloom.sequences.mixture``): ``<bos>`` candidate span, the prompt segments, ``<eos>``; only the
+prompt's tokens (markers and ``<eos>`` included) are scored.
+
+Axis legend: N candidates, T score-document length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from anyloom.sequences.interleave import TokSegment, encode_document
+from anyloom.sequences.vocab import Vocabulary
+from anyloom.transformer.model import Transformer
+
+
+@torch.no_grad()
+def reverse_log_likelihood(
+    model: Transformer,
+    vocab: Vocabulary,
+    candidates: Sequence[TokSegment],
+    prompts: Sequence[Sequence[TokSegment]],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(N,) float64: sum of log p(prompt tokens | candidate) for each (candidate, prompt) pair.
+
+    ``candidates[i]`` is the generated segment (e.g. ``ImageIds``), ``prompts[i]`` the segments it was generated
+    from. Documents are right-padded into batches of ``batch_size``; padding is never scored.
+    """
+    if len(candidates) != len(prompts):
+        raise ValueError(f"{len(candidates)} candidates for {len(prompts)} prompts")
+    streams = [encode_document([cand, *prompt], vocab, loss=[False] + [True] * len(prompt))
+               for cand, prompt in zip(candidates, prompts)]
+    device = model.tok_embeddings.weight.device
+    scores = torch.zeros(len(streams), dtype=torch.float64)
+    for start in range(0, len(streams), batch_size):
+        chunk = streams[start:start + batch_size]
+        t = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), t), vocab.pad, dtype=torch.long)
+        scored = torch.zeros(len(chunk), t, dtype=torch.bool)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)] = torch.from_numpy(s.ids)
+            scored[row, : len(s)] = torch.from_numpy(s.loss_mask)
+        ids, scored = ids.to(device), scored.to(device)
+        logp = F.log_softmax(model.logits(model(ids[:, :-1])).float(), dim=-1)  # (B, T-1, V)
+        token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(token t+1 | tokens <= t)
+        total = (token_logp * scored[:, 1:]).sum(dim=1)  # padding sits after each document: causal, never seen
+        scores[start:start + len(chunk)] = total.double().cpu()
+    return scores
+
+
+__all__ = ["reverse_log_likelihood"]
