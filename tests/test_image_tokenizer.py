@@ -302,3 +302,42 @@ def test_gradient_l1_golden_and_logged(tmp_path):
     assert len(records) == 3 and all(r["edge"] > 0 for r in records)
     with pytest.raises(ValueError, match="edge_weight"):
         _stage(edge_weight=-1.0)
+
+
+def test_edge_focus_weights_outlines_golden(tmp_path):
+    from anyloom.training.image_tokenizer import edge_map, reconstruction_losses, train_image_tokenizer
+    from anyloom.training.run import RunDir
+
+    x = -torch.ones(1, 3, 8, 8)
+    x[:, 1, :, 5:] = 1.0  # one channel jumps by 2 between columns 4 and 5
+    m = edge_map(x, scale=0.5)
+    assert m.shape == (1, 1, 8, 8)
+    # both sides of the edge (columns 4, 5) and one more pixel each way from the 3x3 max (3, 6) are full edges
+    assert torch.equal(m[0, 0, 0], torch.tensor([0.0, 0, 0, 1, 1, 1, 1, 0]))
+    assert torch.equal(m[0, 0, :, 4], torch.ones(8))  # every row alike, borders included
+    soft = x.clone()
+    soft[:, 1, :, 5:] = -0.8  # a jump of 0.2 = 0.4 of the scale
+    assert edge_map(soft, scale=0.5).max().item() == pytest.approx(0.4)
+    assert edge_map(-torch.ones(2, 3, 8, 8), 0.5).abs().sum().item() == 0.0  # flat: no edge
+
+    recon = x + 0.1
+    plain = reconstruction_losses(recon, x, None)
+    assert plain[0].item() == pytest.approx(0.1) and plain[1].item() == pytest.approx(0.01)
+    # a uniform error is the same whatever the weights; an error only at the edge weighs more with focus
+    weighted = reconstruction_losses(recon, x, 1.0 + 4.0 * m)
+    assert weighted[0].item() == pytest.approx(0.1) and weighted[1].item() == pytest.approx(0.01)
+    at_edge = x.clone()
+    at_edge[:, :, :, 4] += 0.8
+    l1_plain = reconstruction_losses(at_edge, x, None)[0].item()
+    l1_focus = reconstruction_losses(at_edge, x, 1.0 + 4.0 * m)[0].item()
+    assert l1_plain == pytest.approx(0.1)  # 0.8 on one column of 8
+    assert l1_focus == pytest.approx(0.8 * 5 / (4 * 5 + 4 * 1))  # weights 5 on the 4 edge columns, 1 elsewhere
+
+    train, val = _manifest(tmp_path / "train", 16, 0), _manifest(tmp_path / "val", 8, 1)
+    out = train_image_tokenizer(_stage(steps=2, eval_every=100, sample_every=0, ckpt_every=0, batch_size=4,
+                                       edge_focus=3.0), train, val, RunDir(tmp_path / "run"))
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="edge_focus"):
+        _stage(edge_focus=-1.0)
+    with pytest.raises(ValueError, match="edge_scale"):
+        _stage(edge_scale=0.0)
