@@ -225,3 +225,29 @@ def test_run_lm_perplexity_reads_the_runs_token_shards(lm_setup, tmp_path):
     assert got.loss == pytest.approx(want.loss) and got.tokens == want.tokens
     with pytest.raises(FileNotFoundError, match="pretokenize"):
         run_lm_perplexity(SimpleNamespace(model=model, vocab=vocab), tmp_path / "missing", cfg)
+
+
+def test_text_to_image_draws_one_image_per_item_and_logs_them():
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from anyloom.evaluation.run_eval import PipelineModel
+
+    calls = []
+
+    class FakePipe:  # each image encodes (seed, row) in its pixels
+        def generate_batch(self, captions, to, seed):
+            calls.append((list(captions), to, seed))
+            return [SimpleNamespace(image=Image.new("RGB", (4, 4), (seed, row, 0))) for row in range(len(captions))]
+
+    model = PipelineModel(FakePipe(), seed=5)
+    first = model.text_to_image(["one red circle", "one red circle", "two blue stars"])
+    second = model.text_to_image(["one red circle"])
+    assert model.text_to_image([]) == []
+    # a repeated caption is drawn again (no cache per caption), every call with its own seed
+    assert calls == [(["one red circle", "one red circle", "two blue stars"], "image", 5),
+                     (["one red circle"], "image", 6)]
+    assert [tuple(im[0, 0]) for im in first + second] == [(5, 0, 0), (5, 1, 0), (5, 2, 0), (6, 0, 0)]
+    assert [c for c, _ in model.images] == ["one red circle", "one red circle", "two blue stars", "one red circle"]
+    assert all(img is logged for img, (_, logged) in zip(first + second, model.images))

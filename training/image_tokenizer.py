@@ -3,11 +3,11 @@
     train_image_tokenizer(cfg, train_manifest, val_manifest, run) -> folder with the exported tokenizer
 
 One step reads top to bottom: sample a batch, forward, loss (L1 + L2, optionally weighted towards the original's
-outlines [+ gradient-difference L1] + quantizer aux [+ adaptive-weighted hinge GAN after ``gan_start``]), backward, clip, step, EMA update, log. Checkpoints
-are one safetensors file plus a JSON sidecar (never pickle); a run with a checkpoint resumes from it and,
-because every batch is drawn from a generator seeded by (seed, step), continues exactly as an uninterrupted
-run would. The export is skipped when ``<run>/tokenizer`` already holds a tokenizer trained with the same
-config fingerprint.
+outlines [+ gradient-difference L1] + quantizer aux [+ adaptive-weighted hinge GAN after ``gan_start``]),
+backward, clip, step, EMA update, log. Checkpoints are one safetensors file plus a JSON sidecar (never pickle); a
+run with a checkpoint resumes from it and, because every batch is drawn from a generator seeded by (seed, step),
+continues exactly as an uninterrupted run would. The export is skipped when ``<run>/tokenizer`` already holds a
+tokenizer trained with the same config fingerprint.
 
 Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
 """
