@@ -354,7 +354,7 @@ class Pipeline:
         returns the one the model maps back to the prompt best (``generation/rerank.py``).
         """
         cfg = self.config
-        n = cfg.image_candidates if candidates is None else candidates
+        n = candidates if candidates is not None else (cfg.image_candidates if to == "image" else 1)
         if n < 1:
             raise PipelineError(f"candidates must be >= 1, got {n}")
         if n > 1 and to != "image":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,7 @@ def test_streaming_callback_sees_every_token(pipe):
     assert seen[-1] == v.eoi and [v.image_code(t) for t in seen[:-1]] == out.codes.flatten().tolist()
 
 
-def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pipe):
+def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pipe, tiny_run):
     from anyloom.generation.rerank import reverse_log_likelihood
     from anyloom.sequences.interleave import ImageIds, encode_document
 
@@ -139,6 +139,11 @@ def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pi
     assert ragged[0].item() == pytest.approx(alone[0].item(), abs=1e-4)  # right padding changes nothing
     with pytest.raises(PipelineError, match="self-reranking is for to='image'"):
         pipe.generate("one red circle", to="text", candidates=2)
+    # the config's image_candidates applies to images only: other targets still generate
+    reranking = replace(pipe.config, image_candidates=n)
+    cfg_pipe = load(tiny_run, device="cpu", config=reranking)
+    assert isinstance(cfg_pipe.generate([best[0].image], to="text", max_text_tokens=4), GeneratedText)
+    assert torch.equal(cfg_pipe.generate_batch(prompts, to="image", seed=4)[1].codes, best[1].codes)
     with pytest.raises(ValueError, match="image_candidates"):
         GenerationConfig(image_candidates=0)
 
