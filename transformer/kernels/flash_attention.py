@@ -16,8 +16,9 @@ the G query heads of its key head, so GQA needs no atomics); one kernel per quer
 
 Registered as torch custom ops ``anyloom::flash_attn_fwd`` / ``anyloom::flash_attn_bwd`` (``triton_op`` +
 ``wrap_triton``) with fake implementations, autograd and bf16 autocast (``register_bf16_autocast``). The load
-and mask code the three kernels share is in ``_key_block`` / ``_query_block`` / ``_visible``; Triton inlines them
-(the same PTX instruction counts and shared memory as the hand-inlined kernels: triton 3.9, sm_90, bf16, d128).
+and mask code the three kernels share is in ``_key_block`` / ``_query_block`` (both via ``_load_pair``) /
+``_visible``; Triton inlines them (the same PTX instruction counts and shared memory as the hand-inlined kernels:
+triton 3.9, sm_90, bf16, d64 and d128).
 ``flash_attention_reference`` is the PyTorch fallback with the same API. Runs on CUDA, or on CPU under
 ``TRITON_INTERPRET=1`` (then every tensor is read as fp32: the interpreter's bf16 arithmetic is wrong in triton 3.9).
 """
@@ -109,15 +110,21 @@ def _end_query_block(qmin: Tensor, kmax: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
+    def _load_pair(A, B, off, mask, F32: tl.constexpr):
+        """Two same-layout (rows, BD) tiles at ``off`` (zeros where masked), read as fp32 in the F32 path."""
+        a = tl.load(A + off, mask=mask, other=0.0)
+        b = tl.load(B + off, mask=mask, other=0.0)
+        if F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return a, b
+
+    @triton.jit
     def _key_block(K, V, KDOC, b, hk, offs_k, offs_d, d_ok, Tk, s_kb, s_kh, s_kt, F32: tl.constexpr):
         """k, v (BN, BD) and the doc ids of keys ``offs_k`` of key head ``hk`` (fp32 in the F32 path)."""
         k_ok = offs_k < Tk
         kv_off = b * s_kb + hk * s_kh + offs_k[:, None] * s_kt + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_pair(K, V, kv_off, k_ok[:, None] & d_ok[None, :], F32)
         kdoc = tl.load(KDOC + b * Tk + offs_k, mask=k_ok, other=0)
         return k, v, kdoc, k_ok, kv_off
 
@@ -127,11 +134,7 @@ if triton is not None:
         """What the backward needs of queries ``offs_m`` of head ``h``: q, dO (BM, BD), doc ids, lse, delta."""
         m_ok = offs_m < Tq
         q_off = b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + q_off, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do = _load_pair(Q, DO, q_off, m_ok[:, None] & d_ok[None, :], F32)
         qdoc = tl.load(QDOC + b * Tq + offs_m, mask=m_ok, other=0)
         lse = tl.load(LSE + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=m_ok, other=0.0)
