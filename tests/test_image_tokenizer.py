@@ -61,6 +61,20 @@ def test_downsample_factor_and_patch():
     assert model.decode(torch.zeros(2, 4, 4, dtype=torch.long)).shape == (2, 3, 32, 32)
 
 
+def test_encoder_blocks_per_level():
+    assert tiny(enc_blocks=2).encoder_blocks == (2, 2)
+    cfg = tiny(enc_blocks=(2, 1))
+    enc = ImageVQTokenizer(cfg).encoder
+    # level 0: two ResBlocks; level 1: the stride-2 conv and one ResBlock
+    assert [type(m).__name__ for m in enc.levels[0]] == ["ResBlock", "ResBlock"]
+    assert [type(m).__name__ for m in enc.levels[1]] == ["Conv2d", "ResBlock"]
+    assert ImageVQTokenizer(cfg).encode(images(2)).codes.shape == (2, 8, 8)
+    with pytest.raises(ValueError, match="enc_blocks has 3 entries"):
+        tiny(enc_blocks=(1, 1, 1))
+    with pytest.raises(ValueError, match="enc_blocks must be >= 1"):
+        tiny(enc_blocks=(1, 0))
+
+
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = ImageVQTokenizer(tiny("vq", attention=True))

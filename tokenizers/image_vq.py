@@ -37,7 +37,8 @@ class ImageVQConfig:
     # Width of each resolution level, from H/patch down; len(channels) - 1 stride-2 steps, so patch 2 with
     # (32, 128) or patch 1 with (32, 64, 128) maps 32x32 images to an 8x8 grid (downsample 4).
     channels: tuple[int, ...] = (32, 128)
-    enc_blocks: int = 1  # ResNet blocks per encoder level
+    # ResNet blocks per encoder level: one number for every level, or one per level in the order of channels
+    enc_blocks: int | tuple[int, ...] = 1
     dec_blocks: tuple[int, ...] = (1, 2)  # ResNet blocks per decoder level, same order as channels
     attention: bool = False  # self-attention block at the code resolution (encoder and decoder)
     latent_dim: int = 64  # D: channels the quantizer sees
@@ -51,6 +52,11 @@ class ImageVQConfig:
             raise ValueError(f"patch must be >= 1, got {self.patch}")
         if len(self.dec_blocks) != len(self.channels):
             raise ValueError(f"dec_blocks has {len(self.dec_blocks)} entries, channels has {len(self.channels)}")
+        if isinstance(self.enc_blocks, tuple) and len(self.enc_blocks) != len(self.channels):
+            raise ValueError(f"enc_blocks has {len(self.enc_blocks)} entries, channels has {len(self.channels)}")
+        if min(self.encoder_blocks) < 1:
+            raise ValueError(f"enc_blocks must be >= 1 at every level (a level's first block sets its width), "
+                             f"got {self.enc_blocks}")
         for c in self.channels:
             if c % self.norm_groups:
                 raise ValueError(f"channel width {c} is not divisible by norm_groups={self.norm_groups}")
@@ -58,6 +64,13 @@ class ImageVQConfig:
         for s in self.image_size:
             if s % factor:
                 raise ValueError(f"image_size {list(self.image_size)} is not divisible by the downsample {factor}")
+
+    @property
+    def encoder_blocks(self) -> tuple[int, ...]:
+        """ResNet blocks of each encoder level, same order as channels."""
+        if isinstance(self.enc_blocks, int):
+            return (self.enc_blocks,) * len(self.channels)
+        return tuple(self.enc_blocks)
 
     @property
     def downsample(self) -> int:
@@ -113,7 +126,7 @@ class Encoder(nn.Module):
             blocks: list[nn.Module] = []
             if i > 0:
                 blocks.append(nn.Conv2d(c_prev, c_prev, 3, stride=2, padding=1))  # H/2**i
-            blocks += [ResBlock(c_prev if j == 0 else c, c, g) for j in range(cfg.enc_blocks)]
+            blocks += [ResBlock(c_prev if j == 0 else c, c, g) for j in range(cfg.encoder_blocks[i])]
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
         self.mid = nn.Sequential(AttnBlock(ch[-1], g), ResBlock(ch[-1], ch[-1], g)) if cfg.attention else nn.Identity()
