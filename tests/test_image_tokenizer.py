@@ -355,3 +355,21 @@ def test_edge_focus_weights_outlines_golden(tmp_path):
         _stage(edge_focus=-1.0)
     with pytest.raises(ValueError, match="edge_scale"):
         _stage(edge_scale=0.0)
+
+
+def test_step_benchmark_times_recipe_variants(capsys, monkeypatch):
+    """scripts/bench_image_tokenizer.py: one JSON line per variant, relative to the first; recipe typos are named."""
+    from anyloom.config import ConfigError
+    from anyloom.scripts import bench_image_tokenizer as bench
+
+    small = "image_tokenizer.batch_size=2 image_tokenizer.model.channels=[16,16] image_tokenizer.model.norm_groups=4"
+    argv = ["bench", "--threads", "1", "--warmup", "1", "--steps", "1", "--rounds", "2",
+            "--variant", small, "--variant", small + " image_tokenizer.model.dec_blocks=[1,1]"]
+    monkeypatch.setattr("sys.argv", argv)
+    bench.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["variant"] for r in rows] == argv[-3::2]
+    assert rows[0]["best_vs_first"] == 1.0 and all(r["best_ms"] > 0 for r in rows)
+    monkeypatch.setattr("sys.argv", ["bench", "--variant", "image_tokenizer.model.chanels=[16,16]"])
+    with pytest.raises(ConfigError, match="chanels"):
+        bench.main()

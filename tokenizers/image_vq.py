@@ -5,8 +5,9 @@
 
 The encoder and decoder are stacks of ResNet blocks, one level per resolution, with a stride-2 conv between
 levels on the way down and nearest-neighbour upsampling + conv on the way up (VQGAN / LDM layout). Each level
-has its own width, so compute can sit where it pays: on 32x32 world images the full-resolution levels are
-narrow and the code-resolution levels wide. Optional self-attention runs at the code resolution only.
+has its own width, so compute can sit where it pays: on 32x32 world images, width at the 16x16 level (where
+the shapes' outlines are drawn) bought more than width at the 8x8 code level (docs/IMAGE_TOKENIZER.md).
+Optional self-attention runs at the code resolution only.
 
 Axis legend: B batch, C channels, H/W image height/width, h/w code grid (H / 2**levels), D latent channels.
 """

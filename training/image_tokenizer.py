@@ -178,6 +178,26 @@ def reconstruction_losses(recon: torch.Tensor, target: torch.Tensor, weights: to
     return (weights * diff.abs()).sum() / norm, (weights * diff.pow(2)).sum() / norm
 
 
+@dataclass
+class Reconstruction:
+    """The reconstruction terms of one training step (the objective is ``total`` + the quantizer's loss)."""
+
+    total: torch.Tensor  # l1_weight * l1 + l2_weight * l2 + edge_weight * edge
+    l1: torch.Tensor
+    l2: torch.Tensor
+    edge: torch.Tensor  # gradient-difference L1 (zero when edge_weight is 0)
+
+
+def reconstruction_objective(recon: torch.Tensor, target: torch.Tensor, cfg: ImageTokenizerStageConfig
+                             ) -> Reconstruction:
+    """The stage's reconstruction loss of ``recon`` against ``target`` (B, 3, H, W): edge-focused L1/L2 (+ edge L1)."""
+    weights = 1.0 + cfg.edge_focus * edge_map(target, cfg.edge_scale) if cfg.edge_focus else None
+    l1, l2 = reconstruction_losses(recon, target, weights)
+    edge = gradient_l1(recon, target) if cfg.edge_weight else torch.zeros(())
+    total = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge
+    return Reconstruction(total=total, l1=l1, l2=l2, edge=edge)
+
+
 # ------------------------------------------------------------------------------------ discriminator
 
 
@@ -421,11 +441,8 @@ def train_image_tokenizer(
         x = x.contiguous(memory_format=memory_format)
 
         fwd = model(x)
-        weights = 1.0 + cfg.edge_focus * edge_map(x, cfg.edge_scale) if cfg.edge_focus else None
-        l1, l2 = reconstruction_losses(fwd.recon, x, weights)
-        rec = cfg.l1_weight * l1 + cfg.l2_weight * l2
-        edge = gradient_l1(fwd.recon, x) if cfg.edge_weight else torch.zeros(())
-        rec = rec + cfg.edge_weight * edge
+        terms = reconstruction_objective(fwd.recon, x, cfg)
+        rec = terms.total
         loss = rec + fwd.quant_loss
         gan_on = disc is not None and step >= cfg.gan.start_step
         g_loss = d_weight = torch.zeros(())
@@ -451,7 +468,7 @@ def train_image_tokenizer(
 
         done = state.step == cfg.steps
         if state.step % cfg.log_every == 0 or done:
-            record = dict(loss=loss.item(), l1=l1.item(), l2=l2.item(), edge=edge.item(),
+            record = dict(loss=loss.item(), l1=terms.l1.item(), l2=terms.l2.item(), edge=terms.edge.item(),
                           quant_loss=fwd.quant_loss.item(), lr=lr, grad_norm=float(grad_norm),
                           elapsed_s=round(time.time() - t0, 2))
             if gan_on:
