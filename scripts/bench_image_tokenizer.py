@@ -30,11 +30,10 @@ from anyloom.training.optim import build_optimizer
 
 def make_step(cfg: ImageTokenizerStageConfig, seed: int = 0) -> Callable[[], None]:
     torch.manual_seed(seed)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = ImageVQTokenizer(cfg.model).to(memory_format=memory_format)
+    model = ImageVQTokenizer(cfg.model).to(memory_format=cfg.memory_format)
     optimizer = build_optimizer(model, cfg.optim)
     h, w = cfg.model.image_size
-    x = (torch.rand(cfg.batch_size, 3, h, w) * 2 - 1).contiguous(memory_format=memory_format)
+    x = (torch.rand(cfg.batch_size, 3, h, w) * 2 - 1).contiguous(memory_format=cfg.memory_format)
 
     def step() -> None:
         fwd = model(x)

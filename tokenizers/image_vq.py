@@ -53,8 +53,8 @@ class ImageVQConfig:
             raise ValueError(f"patch must be >= 1, got {self.patch}")
         if len(self.dec_blocks) != len(self.channels):
             raise ValueError(f"dec_blocks has {len(self.dec_blocks)} entries, channels has {len(self.channels)}")
-        if isinstance(self.enc_blocks, tuple) and len(self.enc_blocks) != len(self.channels):
-            raise ValueError(f"enc_blocks has {len(self.enc_blocks)} entries, channels has {len(self.channels)}")
+        if len(self.encoder_blocks) != len(self.channels):
+            raise ValueError(f"enc_blocks has {len(self.encoder_blocks)} entries, channels has {len(self.channels)}")
         if min(self.encoder_blocks) < 1:
             raise ValueError(f"enc_blocks must be >= 1 at every level (a level's first block sets its width), "
                              f"got {self.enc_blocks}")

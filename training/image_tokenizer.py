@@ -99,6 +99,11 @@ class ImageTokenizerStageConfig:
         if self.edge_focus < 0 or self.edge_scale <= 0:
             raise ValueError(f"edge_focus must be >= 0 and edge_scale > 0, got {self.edge_focus}, {self.edge_scale}")
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout the loop keeps the model and batches in (``channels_last``)."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -412,7 +417,7 @@ def train_image_tokenizer(
     train_x = uint8_to_float(train.pixels)  # (N, 3, H, W) in [-1, 1], all in memory: the world is small
 
     model = ImageVQTokenizer(cfg.model)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = cfg.memory_format
     model = model.to(memory_format=memory_format)
     disc = disc_opt = None
     if cfg.gan.enabled:
@@ -442,13 +447,12 @@ def train_image_tokenizer(
 
         fwd = model(x)
         terms = reconstruction_objective(fwd.recon, x, cfg)
-        rec = terms.total
-        loss = rec + fwd.quant_loss
+        loss = terms.total + fwd.quant_loss
         gan_on = disc is not None and step >= cfg.gan.start_step
         g_loss = d_weight = torch.zeros(())
         if gan_on:
             g_loss = -disc(fwd.recon).mean()
-            d_weight = cfg.gan.weight * adaptive_gan_weight(rec, g_loss, last_layer)
+            d_weight = cfg.gan.weight * adaptive_gan_weight(terms.total, g_loss, last_layer)
             loss = loss + d_weight * g_loss
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
