@@ -20,8 +20,9 @@ A modality with no target token in the evaluated documents gets no keys.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anyloom.sequences.interleave import TokenStream
+from anyloom.sequences.interleave import TokenStream, bidirectional_span_ids
 from anyloom.sequences.mixture import ItemSource, MixtureConfig, TaskMixture
 from anyloom.sequences.packing import ListSource, PackedLoader
 from anyloom.sequences.vocab import Vocabulary
@@ -81,12 +82,14 @@ def lm_perplexity(
     batch_size: int,
     max_batches: int = 0,
     seed: int = 0,
+    span_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> PerplexityReport:
     """Score ``documents`` packed into ``batch_size`` x ``seq_len`` rows (at most ``max_batches``; 0: all).
 
     ``model`` is a :class:`~anyloom.transformer.model.Transformer` (``forward`` + ``loss``). The documents are
     shuffled with ``seed`` so that a bounded number of batches samples every template; the incomplete last
-    batch is dropped. When the documents hold fewer than ``batch_size`` rows, fewer rows are used.
+    batch is dropped. When the documents hold fewer than ``batch_size`` rows, fewer rows are used. ``span_rule``:
+    the vocabulary's bidirectional spans, as in training (``anyloom.sequences.packing``).
     """
     max_len = getattr(getattr(model, "cfg", None), "max_seq_len", seq_len)
     if seq_len > max_len:
@@ -96,7 +99,8 @@ def lm_perplexity(
     if rows < 1:
         raise ValueError(f"the evaluated documents hold {total} tokens, fewer than one row of eval.lm_seq_len="
                          f"{seq_len} (+1); lower eval.lm_seq_len or evaluate more items (eval.lm_items)")
-    loader = PackedLoader(ListSource(documents), seq_len, rows, seed=seed, shuffle=True, infinite=False)
+    loader = PackedLoader(ListSource(documents), seq_len, rows, seed=seed, shuffle=True, infinite=False,
+                          span_rule=span_rule)
     n_batches = (total - 1) // (rows * seq_len)
     if max_batches:
         n_batches = min(n_batches, max_batches)
@@ -109,12 +113,12 @@ def lm_perplexity(
     try:
         with torch.no_grad():
             for batch in progress(loader, total=n_batches, desc="lm perplexity", unit="batch"):
-                mb = {k: getattr(batch, k).to(device) for k in
-                      ("tokens", "targets", "loss_mask", "doc_ids", "positions", "modality")}
+                mb = {k: v.to(device) for k, v in vars(batch).items() if v is not None}
                 batches += 1
                 n = float(mb["loss_mask"].sum())
                 if n:
-                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+                    spans = {"span_ids": mb["span_ids"]} if "span_ids" in mb else {}
+                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"], **spans)
                     out = model.loss(hidden, mb["targets"], mb["loss_mask"])
                     accumulate_loss_sums(sums, out, mb, n, out.ce.detach() * n)  # cross-entropy without the z-loss term
                 if batches == n_batches:
@@ -149,4 +153,5 @@ def run_lm_perplexity(pipe: Any, tokens_dir: str | Path, cfg: Any) -> Perplexity
     items = ItemList([shards.item(i) for i in progress(range(n), desc="read test shards", unit="item")])
     docs = task_documents(items, pipe.vocab, cfg.lm_tasks)
     return lm_perplexity(pipe.model, docs, seq_len=cfg.lm_seq_len, batch_size=cfg.lm_batch_size,
-                         max_batches=cfg.lm_batches, seed=cfg.seed)
+                         max_batches=cfg.lm_batches, seed=cfg.seed,
+                         span_rule=functools.partial(bidirectional_span_ids, pipe.vocab))

@@ -32,6 +32,7 @@ import torch
 from anyloom.generation.cfg import GuidanceConfig, guide
 from anyloom.generation.constraints import GrammarState, StreamGrammar
 from anyloom.generation.sampling import ModalitySampling, params_for_modality, sample
+from anyloom.sequences.interleave import bidirectional_span_ids
 from anyloom.transformer.kv_cache import KVCache
 from anyloom.transformer.model import Transformer
 
@@ -80,9 +81,12 @@ def new_cache(model: Transformer, batch: int, max_len: int) -> KVCache:
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor,
-            kv_cache: KVCache) -> torch.Tensor:
-    """Prompts (B, T) into cache slots [0, T) -> logits of the next token (B, V) fp32."""
-    hidden = model(tokens, doc_ids, positions, kv_cache=kv_cache, cache_pos=0)  # (B, T, D)
+            kv_cache: KVCache, span_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompts (B, T) into cache slots [0, T) -> logits of the next token (B, V) fp32.
+
+    ``span_ids`` (B, T): the prompt's bidirectional spans (``bidirectional_span_ids``), kept in the cache so that
+    every later token sees them as the training documents' conditions were seen."""
+    hidden = model(tokens, doc_ids, positions, span_ids=span_ids, kv_cache=kv_cache, cache_pos=0)  # (B, T, D)
     return model.logits(hidden[:, -1:]).squeeze(1).float()
 
 
@@ -251,7 +255,8 @@ def generate(
     if compiled:  # one graph per cache length: round it up so that nearby prompt lengths share a graph
         slots = -(-slots // CACHE_BUCKET) * CACHE_BUCKET
     kv = new_cache(model, batch.tokens.shape[0], slots)
-    logits = prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv)
+    spans = bidirectional_span_ids(grammar.vocab, batch.tokens, batch.valid)  # a prompt is given, never trained
+    logits = prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv, spans)
     decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
                               guidance if guided else None, on_step,
                               compiled_decode_step() if compiled else decode_one_token)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from anyloom.sequences.interleave import TokSegment, encode_document
+from anyloom.sequences.interleave import TokSegment, bidirectional_span_ids, encode_document
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.transformer.model import Transformer
 
@@ -50,7 +50,9 @@ def reverse_log_likelihood(
             ids[row, : len(s)] = torch.from_numpy(s.ids)
             scored[row, : len(s)] = torch.from_numpy(s.loss_mask)
         ids, scored = ids.to(device), scored.to(device)
-        logp = F.log_softmax(model.logits(model(ids[:, :-1])).float(), dim=-1)  # (B, T-1, V)
+        inputs = ids[:, :-1]
+        spans = bidirectional_span_ids(vocab, inputs, ~scored[:, :-1])  # the candidate is given, as in training
+        logp = F.log_softmax(model.logits(model(inputs, span_ids=spans)).float(), dim=-1)  # (B, T-1, V)
         token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(token t+1 | tokens <= t)
         total = (token_logp * scored[:, 1:]).sum(dim=1)  # padding sits after each document: causal, never seen
         scores[start:start + len(chunk)] = total.double().cpu()

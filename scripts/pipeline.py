@@ -19,6 +19,7 @@ for its marker file (the process group belongs to the LM stage).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -155,7 +156,7 @@ def stage_pretokenize(ctx: Context) -> str:
     toks = load_tokenizers(ctx)
     seq = ctx.recipe.sequences
     vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"], image_row_end=seq.image_row_end,
-                                       audio_pattern=seq.audio_pattern)
+                                       audio_pattern=seq.audio_pattern, bidirectional=seq.bidirectional)
     counts = {}
     for split in data_splits(world):
         manifest = Path(world.split(split))
@@ -177,6 +178,7 @@ def lm_model_config(ctx: Context, vocab_size: int) -> Any:
 
 
 def stage_lm(ctx: Context) -> str:
+    from anyloom.sequences.interleave import bidirectional_span_ids
     from anyloom.sequences.mixture import TaskMixture
     from anyloom.sequences.packing import PackedLoader
     from anyloom.sequences.shards import TokenShards
@@ -189,7 +191,8 @@ def stage_lm(ctx: Context) -> str:
 
     def make_loader(rank: int, ranks: int) -> PackedLoader:
         return PackedLoader(mixture, r.train.seq_len, micro_batch_size(r.train, ranks), rank=rank, world_size=ranks,
-                            seed=r.run.seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad)
+                            seed=r.run.seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad,
+                            span_rule=functools.partial(bidirectional_span_ids, vocab))
 
     result = train_lm(lm_model_config(ctx, vocab.size), r.optim, r.train, r.parallel, ctx.run, make_loader,
                       vocab.to_dict(), r.run.seed, device=r.run.device)

@@ -13,6 +13,9 @@ from anyloom.sequences.pretokenize import PretokenizeConfig
 class SequenceConfig:
     image_row_end: bool = False  # a <row_end> token after each row of image codes (Emu3 / Lumina-mGPT)
     audio_pattern: Literal["flat", "delay"] = "flat"  # audio span layout: frame-major, or MusicGen's delay pattern
+    # modalities whose condition spans attention reads bidirectionally (prefix-LM); [] = all causal. Saved in the
+    # vocabulary (anyloom.sequences.vocab), so generation reads prompts the way training read conditions
+    bidirectional: tuple[Literal["image", "audio"], ...] = ()
     mixture: MixtureConfig = field(default_factory=MixtureConfig)  # task templates and condition dropout
     pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)  # shard size, encode batch size
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 
 from anyloom.sequences.vocab import Vocabulary
 
@@ -223,6 +224,32 @@ def _stream_constants(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.nda
     for a in arrays:
         a.flags.writeable = False
     return arrays
+
+
+# ---- bidirectional spans (how the model reads given spans) ----------------------------------------------------
+
+
+def bidirectional_span_ids(vocab: Vocabulary, tokens: torch.Tensor, given: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) int64 ids of the spans the model attends bidirectionally (0 = causal), or None when ``vocab`` reads
+    every span causally (``vocab.bidirectional`` empty).
+
+    ``given`` (B, T) bool marks the tokens that are conditions rather than targets: not trained in a training
+    document, or part of a prompt. A span is a maximal run of given tokens of a listed modality: an image's codes
+    (and row ends), an audio span's codes (and delay pads); the markers around them (<boi> .. <eoi>) stay causal.
+    Every position inside a span only ever predicts given tokens, so no trained target is seen early; the
+    training loader, the decoder's prefill and the reranker's scoring all draw their spans from this one rule.
+    """
+    if not vocab.bidirectional:
+        return None
+    member = torch.zeros_like(given)
+    if "image" in vocab.bidirectional and vocab.image_codebook_size:
+        member |= ((tokens >= vocab.image_offset) & (tokens < vocab.audio_offset)) | (tokens == vocab.row_end)
+    if "audio" in vocab.bidirectional and vocab.audio_codebook_size:
+        member |= ((tokens >= vocab.audio_offset) & (tokens < vocab.special_offset)) | (tokens == vocab.audio_pad)
+    member &= given
+    starts = member.clone()
+    starts[:, 1:] &= ~member[:, :-1]
+    return torch.cumsum(starts, dim=1) * member
 
 
 # ---- span layout rules (for constrained decoding) -----------------------------------------------------------
@@ -471,6 +498,7 @@ def parse_segments(ids: Sequence[int] | np.ndarray, vocab: Vocabulary) -> list[T
 
 
 __all__ = [
+    "bidirectional_span_ids",
     "TextIds",
     "ImageIds",
     "AudioIds",

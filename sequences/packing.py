@@ -18,7 +18,10 @@ Per position of a row (B batch rows, T = seq_len):
   continued from the previous row restarts too, so positions are always < seq_len);
 - ``loss_mask``: the target is trained (the source's loss mask of the target token) and belongs to the same
   document (the last token of a document has no target: the next document's <bos> is not predictable);
-- ``modality``: modality id of the TARGET token (0 text, 1 image, 2 audio, 3 special).
+- ``modality``: modality id of the TARGET token (0 text, 1 image, 2 audio, 3 special);
+- ``span_ids``: with a ``span_rule`` (e.g. ``functools.partial(bidirectional_span_ids, vocab)``), the ids of the
+  spans attention reads bidirectionally, from the input tokens and whether each is trained in its document
+  (``given`` = not trained); None without one.
 
 Sharding: global batch ``g`` is rows [g*B*W, (g+1)*B*W) of the global stream; rank ``r`` takes rows
 [g*B*W + r*B, g*B*W + (r+1)*B), so ranks are disjoint and their union is exactly the single-rank stream with
@@ -32,7 +35,7 @@ Determinism and resume: the document order and every random choice a source make
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,9 +84,11 @@ class Batch:
     doc_ids: torch.Tensor  # (B, T) int32 document index within the row
     positions: torch.Tensor  # (B, T) int64 position within the document, restarting at 0 per document
     modality: torch.Tensor  # (B, T) int8 modality of the target token: 0 text, 1 image, 2 audio, 3 special
+    span_ids: torch.Tensor | None = None  # (B, T) int64 bidirectional spans of the inputs (0 = causal), or None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self.__dict__.items()})
+        return Batch(**{k: None if v is None else v.to(device, non_blocking=non_blocking)
+                        for k, v in self.__dict__.items()})
 
     @property
     def num_loss_tokens(self) -> int:
@@ -110,6 +115,7 @@ class PackedLoader:
         infinite: bool = True,
         whole_documents: bool = False,
         pad_id: int = 0,
+        span_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
     ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
@@ -127,6 +133,7 @@ class PackedLoader:
         self.infinite = infinite
         self.whole_documents = whole_documents
         self.pad_id = pad_id
+        self.span_rule = span_rule  # (tokens, given) -> span ids or None (module docstring)
         self._epoch = 0
         self._cursor = 0  # index into this epoch's order of the document holding the next row's first token
         self._offset = 0  # tokens of that document already consumed
@@ -245,13 +252,19 @@ class PackedLoader:
         doc_ids = np.cumsum(new_doc, axis=1, dtype=np.int32) - 1
         col = np.arange(T, dtype=np.int64)
         piece_start = np.maximum.accumulate(np.where(new_doc, col, 0), axis=1)
+        tokens_t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+        span_ids = None
+        if self.span_rule is not None:  # an input is given when predicting it is not trained in its document
+            given = ~torch.from_numpy(np.ascontiguousarray(np.concatenate(losses)[:-1].reshape(B, T)))
+            span_ids = self.span_rule(tokens_t, given)
         return Batch(
-            tokens=torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
+            tokens=tokens_t,
             targets=torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)),
             loss_mask=torch.from_numpy(np.ascontiguousarray(loss_mask)),
             doc_ids=torch.from_numpy(doc_ids),
             positions=torch.from_numpy(col[None, :] - piece_start),
             modality=torch.from_numpy(np.ascontiguousarray(modality, dtype=np.int8)),
+            span_ids=span_ids,
         )
 
     # ---- resume ---------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ SPECIAL_NAMES = tuple(name for name, _ in SPECIAL_TOKENS)
 
 AudioPattern = Literal["flat", "delay"]
 _PATTERNS = ("flat", "delay")
+BIDIRECTIONAL_MODALITIES = ("image", "audio")
 FORMAT_VERSION = 1
 
 
@@ -63,6 +64,11 @@ class Vocabulary:
     audio_num_codebooks: int  # Q residual levels
     image_row_end: bool = False  # a row_end token after each row of image codes
     audio_pattern: AudioPattern = "flat"  # "flat": frame-major f0q0 f0q1 .. ; "delay": MusicGen delay pattern
+    # modalities ("image", "audio") whose GIVEN spans the model reads bidirectionally (prefix-LM style): a span
+    # that is a condition (not trained in its document, or part of a prompt) attends to all of itself; trained
+    # spans stay causal. It moves no id; it is how streams are read, so it travels with the checkpoint's
+    # vocab.json (written only when set: vocabularies without it keep their files and fingerprints)
+    bidirectional: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("text_size", "image_codebook_size", "audio_codebook_size", "audio_num_codebooks"):
@@ -79,6 +85,10 @@ class Vocabulary:
             raise VocabularyError("Vocabulary.audio_num_codebooks must be >= 1 when audio_codebook_size > 0")
         if self.audio_pattern not in _PATTERNS:
             raise VocabularyError(f"Vocabulary.audio_pattern must be one of {_PATTERNS}, got {self.audio_pattern!r}")
+        if isinstance(self.bidirectional, str) or not all(m in BIDIRECTIONAL_MODALITIES for m in self.bidirectional):
+            raise VocabularyError(f"Vocabulary.bidirectional must list modalities among {BIDIRECTIONAL_MODALITIES}, "
+                                  f"got {self.bidirectional!r}")
+        object.__setattr__(self, "bidirectional", tuple(dict.fromkeys(self.bidirectional)))
 
     @classmethod
     def build(
@@ -91,6 +101,7 @@ class Vocabulary:
         *,
         image_row_end: bool = False,
         audio_pattern: AudioPattern = "flat",
+        bidirectional: tuple[str, ...] = (),
     ) -> Vocabulary:
         """The vocabulary for tokenizers of these sizes (read them off the trained tokenizers' configs)."""
         return cls(
@@ -101,11 +112,13 @@ class Vocabulary:
             audio_num_codebooks=audio_num_codebooks if audio_codebook_size > 0 else 0,
             image_row_end=image_row_end,
             audio_pattern=audio_pattern,
+            bidirectional=tuple(bidirectional),
         )
 
     @classmethod
     def from_tokenizers(
-        cls, text: Any, image: Any, audio: Any, *, image_row_end: bool = False, audio_pattern: AudioPattern = "flat"
+        cls, text: Any, image: Any, audio: Any, *, image_row_end: bool = False, audio_pattern: AudioPattern = "flat",
+        bidirectional: tuple[str, ...] = (),
     ) -> Vocabulary:
         """From a text tokenizer (``vocab_size``), an ImageTokenizer and an AudioTokenizer (tokenizers/base.py)."""
         return cls.build(
@@ -116,6 +129,7 @@ class Vocabulary:
             tuple(image.grid),
             image_row_end=image_row_end,
             audio_pattern=audio_pattern,
+            bidirectional=bidirectional,
         )
 
     # ---- ranges (cached: the dataclass is frozen, and the loader asks once per span) --------------------------
@@ -271,6 +285,10 @@ class Vocabulary:
         out: dict[str, Any] = {"format_version": FORMAT_VERSION}
         out.update({f.name: getattr(self, f.name) for f in fields(self)})
         out["image_grid"] = list(self.image_grid)
+        if self.bidirectional:
+            out["bidirectional"] = list(self.bidirectional)
+        else:
+            del out["bidirectional"]
         out["size"] = self.size
         out["ranges"] = {
             "text": list(self.text_range),
@@ -296,6 +314,8 @@ class Vocabulary:
         if version != FORMAT_VERSION:
             raise VocabularyError(f"{source}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
         names = [f.name for f in fields(cls)]
+        optional = {"bidirectional": []}  # fields added later: files written before them still load
+        data = {**optional, **data}
         missing = [n for n in names if n not in data]
         if missing:
             raise VocabularyError(f"{source}: missing field '{missing[0]}'")
@@ -307,6 +327,10 @@ class Vocabulary:
         if not isinstance(kwargs["image_grid"], (list, tuple)):
             raise VocabularyError(f"{source}: image_grid must be a list [h, w], got {kwargs['image_grid']!r}")
         kwargs["image_grid"] = tuple(kwargs["image_grid"])
+        if not isinstance(kwargs["bidirectional"], list):
+            raise VocabularyError(f"{source}: bidirectional must be a list of modalities, "
+                                  f"got {kwargs['bidirectional']!r}")
+        kwargs["bidirectional"] = tuple(kwargs["bidirectional"])
         for flag in ("image_row_end",):
             if not isinstance(kwargs[flag], bool):
                 raise VocabularyError(f"{source}: {flag} must be true/false, got {kwargs[flag]!r}")

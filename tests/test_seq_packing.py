@@ -42,7 +42,10 @@ def take(loader: PackedLoader, n: int) -> list[Batch]:
 
 
 def same(a: Batch, b: Batch) -> bool:
-    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in a.__dict__)
+    def eq(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return x is y if x is None or y is None else torch.equal(x, y)
+
+    return all(eq(getattr(a, k), getattr(b, k)) for k in a.__dict__)
 
 
 def test_rows_follow_the_concatenated_stream():

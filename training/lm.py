@@ -252,11 +252,11 @@ def _train(
                 raise ValueError(f"step {step}: the global batch has no target tokens (loss_mask is all False)")
             step_sums = torch.zeros_like(interval)
             for i, (mb, n_local) in enumerate(zip(micro, n_locals)):
-                mb = {k: getattr(mb, k).to(env.device, non_blocking=True)
-                      for k in ("tokens", "targets", "loss_mask", "doc_ids", "positions", "modality")}
+                mb = {k: v.to(env.device, non_blocking=True) for k, v in vars(mb).items() if v is not None}
                 set_gradient_sync(model, i == len(micro) - 1)
                 with amp:
-                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"])
+                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
+                                   span_ids=mb.get("span_ids"))
                     out = model.loss(hidden, mb["targets"], mb["loss_mask"])
                 # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
                 loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
