@@ -340,6 +340,7 @@ class Pipeline:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         cfg_scale: float | None = None,
         max_text_tokens: int | None = None,
         max_audio_seconds: float | None = None,
@@ -348,7 +349,7 @@ class Pipeline:
     ) -> list[Generated]:
         """Generate the ``to`` modality for every prompt, as one left-padded batch.
 
-        ``temperature`` / ``top_k`` / ``top_p`` / ``cfg_scale`` override the config for the target modality;
+        ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``cfg_scale`` override the config for the target modality;
         ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with. ``candidates``
         (images only; default: the config's ``image_candidates``) samples that many images per prompt and
         returns the one the model maps back to the prompt best (``generation/rerank.py``).
@@ -362,7 +363,7 @@ class Pipeline:
         toks = [self.prompt_segments(p) for p in prompts]
         ids = [self._ids_of(t, to) for t in toks for _ in range(n)]  # each prompt's n candidates side by side
         target_cfg: SamplingConfig = getattr(cfg, to)
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
         overrides = {k: v for k, v in given.items() if v is not None}
         cfg = replace(cfg, **{to: replace(target_cfg, **overrides)})
         if max_text_tokens is not None:

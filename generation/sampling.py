@@ -1,4 +1,4 @@
-"""Next-token sampling: temperature, top-k, top-p and greedy, chosen per row, with an explicit generator.
+"""Next-token sampling: temperature, top-k, top-p, min-p and greedy, chosen per row, with an explicit generator.
 
 Every row of a batch may be in a different modality (one row writes a caption while another is inside an
 image span), so the sampling parameters are per-row tensors picked by the row's modality
@@ -24,6 +24,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # keep the k most likely tokens; 0 disables
     top_p: float = 1.0  # nucleus: the smallest set whose probability reaches top_p; 1.0 disables
+    # min-p (Nguyen et al. 2024): keep tokens at least min_p times as likely as the most likely one (after the
+    # temperature), so the cut is tight where the model is sure and loose where it is not; 0.0 disables
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -32,6 +35,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
 
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -55,6 +60,7 @@ class ModalitySampling:
             temperature=torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device),
             top_k=torch.tensor([r.top_k for r in rows], dtype=torch.long, device=device),
             top_p=torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device),
+            min_p=torch.tensor([r.min_p for r in rows], dtype=torch.float32, device=device),
         )
 
 
@@ -65,6 +71,7 @@ class SamplingTable:
     temperature: torch.Tensor  # (3,)
     top_k: torch.Tensor  # (3,)
     top_p: torch.Tensor  # (3,)
+    min_p: torch.Tensor  # (3,)
 
 
 @dataclass
@@ -72,27 +79,34 @@ class RowParams:
     temperature: torch.Tensor  # (B,) float, 0 = greedy
     top_k: torch.Tensor  # (B,) long, 0 = off
     top_p: torch.Tensor  # (B,) float, 1 = off
+    min_p: torch.Tensor | None = None  # (B,) float, 0 = off; None = off for every row
 
 
 def params_for_modality(table: SamplingTable, modality: torch.Tensor) -> RowParams:
     """Per-row parameters for rows whose next token is in ``modality`` (B,) (TEXT / IMAGE / AUDIO)."""
-    return RowParams(table.temperature[modality], table.top_k[modality], table.top_p[modality])
+    return RowParams(table.temperature[modality], table.top_k[modality], table.top_p[modality],
+                     table.min_p[modality])
 
 
 def filter_logits(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
-    """Temperature-scale, then keep the top-k and the top-p nucleus per row; removed entries become -inf."""
+    """Temperature-scale, then keep the top-k, the top-p nucleus and the min-p set per row (their intersection);
+    removed entries become -inf."""
     greedy = params.temperature <= 0
     temperature = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     logits = logits.float() / temperature[:, None]
     use_k = params.top_k > 0
     use_p = params.top_p < 1
-    if not bool((use_k | use_p).any()):
+    min_p = params.min_p if params.min_p is not None else torch.zeros_like(params.top_p)
+    use_min = min_p > 0
+    if not bool((use_k | use_p | use_min).any()):
         return logits
     vocab = logits.shape[-1]
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # (B, V)
     rank = torch.arange(vocab, device=logits.device)[None, :]  # (1, V)
     k = torch.where(use_k, params.top_k.clamp(max=vocab), torch.full_like(params.top_k, vocab))
     remove = rank >= k[:, None]
+    # min-p on the whole (temperature-scaled) distribution: p / p_max = exp(logit - max logit)
+    remove |= (sorted_logits - sorted_logits[:, :1]) < torch.log(min_p.clamp(min=1e-30))[:, None]
     # nucleus on the top-k survivors: drop a token when the mass strictly before it already reaches top_p
     probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs

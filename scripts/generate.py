@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, help="for the target modality (0 = greedy)")
     p.add_argument("--top-k", type=int, help="for the target modality (0 = off)")
     p.add_argument("--top-p", type=float, help="for the target modality (1 = off)")
+    p.add_argument("--min-p", type=float, help="for the target modality: keep tokens >= min_p x the top one (0 = off)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance for image/audio targets (1 = off)")
     p.add_argument("--max-text-tokens", type=int)
     p.add_argument("--max-audio-seconds", type=float)
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.config = config
     out = Path(a.out) if a.out else Path(a.run) / "samples" / "generate"
     out.mkdir(parents=True, exist_ok=True)
-    options = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "cfg_scale": a.cfg_scale}
+    options = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "min_p": a.min_p,
+               "cfg_scale": a.cfg_scale}
     summary: dict[str, Any] = {"run": str(a.run), "config": to_dict(config), "options": options,
                                "outputs": earlier_outputs(out)}
     jobs = [(r, k) for r in requests for k in range(a.num)]

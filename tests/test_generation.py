@@ -208,6 +208,20 @@ def test_filter_logits_top_k_top_p_values():
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
 
 
+def test_filter_logits_min_p_scales_with_the_top_token():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.3, 0.28, 0.22, 0.2]]))
+    params = RowParams(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]),
+                       torch.tensor([0.25, 0.25]))
+    kept = torch.isfinite(filter_logits(logits, params))
+    # threshold 0.25 x p_max: 0.125 in the confident row (drops 0.05), 0.075 in the flat one (keeps all)
+    assert kept.tolist() == [[True, True, True, False], [True, True, True, True]]
+    # a hotter temperature flattens the distribution, so the same min_p keeps more
+    hot = RowParams(torch.tensor([4.0, 1.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), torch.tensor([0.25, 0.0]))
+    assert torch.isfinite(filter_logits(logits, hot)).all()
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingConfig(min_p=1.0)
+
+
 def test_per_modality_sampling_applies_to_the_rows_modality():
     v = vocab()
     model = tiny_model(v.size)
