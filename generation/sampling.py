@@ -96,17 +96,17 @@ def filter_logits(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
     logits = logits.float() / temperature[:, None]
     use_k = params.top_k > 0
     use_p = params.top_p < 1
-    min_p = params.min_p if params.min_p is not None else torch.zeros_like(params.top_p)
-    use_min = min_p > 0
-    if not bool((use_k | use_p | use_min).any()):
+    if params.min_p is not None and bool((params.min_p > 0).any()):
+        # min-p on the whole (temperature-scaled) distribution: p / p_max = exp(logit - max logit); no sort needed
+        floor = logits.amax(dim=-1, keepdim=True) + torch.log(params.min_p.clamp(min=1e-30))[:, None]
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    if not bool((use_k | use_p).any()):
         return logits
     vocab = logits.shape[-1]
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # (B, V)
     rank = torch.arange(vocab, device=logits.device)[None, :]  # (1, V)
     k = torch.where(use_k, params.top_k.clamp(max=vocab), torch.full_like(params.top_k, vocab))
     remove = rank >= k[:, None]
-    # min-p on the whole (temperature-scaled) distribution: p / p_max = exp(logit - max logit)
-    remove |= (sorted_logits - sorted_logits[:, :1]) < torch.log(min_p.clamp(min=1e-30))[:, None]
     # nucleus on the top-k survivors: drop a token when the mass strictly before it already reaches top_p
     probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -126,6 +126,11 @@ def sample(logits: torch.Tensor, params: RowParams, generator: torch.Generator |
     if bool(greedy.all()):
         return argmax
     probs = torch.softmax(filter_logits(logits, params), dim=-1)  # (B, V)
-    # greedy rows draw too (so the generator advances identically whatever the mix), then are overwritten
-    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # greedy rows draw too (so the generator advances identically whatever the mix), then are overwritten.
+    # Inverse CDF with one uniform per row: the first id whose cumulative probability reaches u * total, with u
+    # in (0, 1] so that an id of probability 0 is never the first to reach it. torch.multinomial (and an
+    # exponential race) spent 13-17% of a batched text->image call on CPU drawing per-vocabulary randomness
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     return torch.where(greedy, argmax, drawn)

@@ -208,6 +208,19 @@ def test_filter_logits_top_k_top_p_values():
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
 
 
+def test_sample_draws_follow_the_filtered_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    n = 40_000
+    logits = torch.log(probs).expand(n, -1)  # zero-probability ids are -inf, as the grammar mask leaves them
+    params = RowParams(torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n))
+    draws = sample(logits, params, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / n
+    assert freq[1] == 0 and freq[5] == 0  # never an id the mask removed
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)  # ~4 standard errors at n = 40k
+    again = sample(logits, params, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
 def test_filter_logits_min_p_scales_with_the_top_token():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.3, 0.28, 0.22, 0.2]]))
     params = RowParams(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]),
