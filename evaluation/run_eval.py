@@ -29,7 +29,7 @@ class EvalConfig:
     batch_size: int = 32  # prompts generated together
     tokenizers: bool = True  # image/audio tokenizer reconstruction metrics on the test split
     sample_sheet: int = 24  # prompt -> image pairs drawn into samples/eval/t2i_<split>.png
-    seed: int = 0
+    seed: int = 0  # the sampling seed of every generation call here (generation.seed is make generate's, unused)
     # held-out LM perplexity per modality (lm.loss.*, lm.ppl.*; evaluation/lm_perplexity.py) on <run>/tokens/test
     perplexity: bool = True
     lm_items: int = 200  # test items scored (0: all), each under every template of lm_tasks
