@@ -113,12 +113,12 @@ def lm_perplexity(
     try:
         with torch.no_grad():
             for batch in progress(loader, total=n_batches, desc="lm perplexity", unit="batch"):
-                mb = {k: v.to(device) for k, v in vars(batch).items() if v is not None}
+                mb = vars(batch.to(device))
                 batches += 1
                 n = float(mb["loss_mask"].sum())
                 if n:
-                    spans = {"span_ids": mb["span_ids"]} if "span_ids" in mb else {}
-                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"], **spans)
+                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
+                                   span_ids=mb["span_ids"])
                     out = model.loss(hidden, mb["targets"], mb["loss_mask"])
                     accumulate_loss_sums(sums, out, mb, n, out.ce.detach() * n)  # cross-entropy without the z-loss term
                 if batches == n_batches:

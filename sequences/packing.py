@@ -245,7 +245,8 @@ class PackedLoader:
         tokens = buf_ids[:-1].reshape(B, T)
         targets = buf_ids[1:].reshape(B, T)
         target_starts = buf_start[1:].reshape(B, T)  # the target opens a new document: nothing to predict
-        loss_mask = np.concatenate(losses)[1:].reshape(B, T) & ~target_starts
+        buf_loss = np.concatenate(losses)  # (B*T + 1,) each token's own loss flag in its document
+        loss_mask = buf_loss[1:].reshape(B, T) & ~target_starts
         modality = np.concatenate(mods)[1:].reshape(B, T)
         new_doc = buf_start[:-1].reshape(B, T).copy()
         new_doc[:, 0] = True  # every row starts a document piece
@@ -255,7 +256,7 @@ class PackedLoader:
         tokens_t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
         span_ids = None
         if self.span_rule is not None:  # an input is given when predicting it is not trained in its document
-            given = ~torch.from_numpy(np.ascontiguousarray(np.concatenate(losses)[:-1].reshape(B, T)))
+            given = ~torch.from_numpy(np.ascontiguousarray(buf_loss[:-1].reshape(B, T)))
             span_ids = self.span_rule(tokens_t, given)
         return Batch(
             tokens=tokens_t,

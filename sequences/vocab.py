@@ -112,7 +112,7 @@ class Vocabulary:
             audio_num_codebooks=audio_num_codebooks if audio_codebook_size > 0 else 0,
             image_row_end=image_row_end,
             audio_pattern=audio_pattern,
-            bidirectional=tuple(bidirectional),
+            bidirectional=bidirectional,
         )
 
     @classmethod
@@ -283,12 +283,11 @@ class Vocabulary:
     def to_dict(self) -> dict[str, Any]:
         """The fields plus the derived ranges (the latter are checked on load, so edits are caught)."""
         out: dict[str, Any] = {"format_version": FORMAT_VERSION}
-        out.update({f.name: getattr(self, f.name) for f in fields(self)})
+        # bidirectional only when set, so files written before the field existed keep their bytes and fingerprints
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "bidirectional"})
         out["image_grid"] = list(self.image_grid)
         if self.bidirectional:
             out["bidirectional"] = list(self.bidirectional)
-        else:
-            del out["bidirectional"]
         out["size"] = self.size
         out["ranges"] = {
             "text": list(self.text_range),
@@ -330,7 +329,6 @@ class Vocabulary:
         if not isinstance(kwargs["bidirectional"], list):
             raise VocabularyError(f"{source}: bidirectional must be a list of modalities, "
                                   f"got {kwargs['bidirectional']!r}")
-        kwargs["bidirectional"] = tuple(kwargs["bidirectional"])
         for flag in ("image_row_end",):
             if not isinstance(kwargs[flag], bool):
                 raise VocabularyError(f"{source}: {flag} must be true/false, got {kwargs[flag]!r}")

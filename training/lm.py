@@ -252,11 +252,11 @@ def _train(
                 raise ValueError(f"step {step}: the global batch has no target tokens (loss_mask is all False)")
             step_sums = torch.zeros_like(interval)
             for i, (mb, n_local) in enumerate(zip(micro, n_locals)):
-                mb = {k: v.to(env.device, non_blocking=True) for k, v in vars(mb).items() if v is not None}
+                mb = vars(mb.to(env.device, non_blocking=True))
                 set_gradient_sync(model, i == len(micro) - 1)
                 with amp:
                     hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
-                                   span_ids=mb.get("span_ids"))
+                                   span_ids=mb["span_ids"])
                     out = model.loss(hidden, mb["targets"], mb["loss_mask"])
                 # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
                 loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
@@ -338,7 +338,7 @@ def _train(
     return result
 
 
-def accumulate_loss_sums(sums: torch.Tensor, out: Any, mb: dict[str, torch.Tensor], n_local: float,
+def accumulate_loss_sums(sums: torch.Tensor, out: Any, mb: dict[str, Any], n_local: float,
                          weighted_loss: torch.Tensor) -> None:
     """Add one micro-batch's loss sums (token-weighted) and per-modality loss/accuracy sums to ``sums``.
 
