@@ -3,10 +3,15 @@
 Nobody here trained it, so it is a fair judge of generated speech: a waveform that it transcribes as the
 intended caption is intelligible. With the grammar its output is always a caption or the empty string
 (nothing recognised), so ``parse_caption`` reads every non-empty transcript.
+
+A judge remembers what it heard: the same waveform (same samples, same rate) is decoded once per judge, so
+the evaluation's several looks at the original recordings (text->speech's ground truth, the audio tokenizer's
+ground truth) cost one ASR pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from math import gcd
 
@@ -30,11 +35,18 @@ class SpeechJudge:
         self._decoder = Decoder(lm=None, samprate=ASR_RATE, loglevel="FATAL")
         self._decoder.add_jsgf_string("caption", grammar or caption_jsgf())
         self._decoder.activate_search("caption")
+        self._heard: dict[tuple[int, bytes], str] = {}  # (rate, digest of the samples) -> transcript
 
     def transcribe_one(self, wave: np.ndarray, sample_rate: int) -> str:
-        wave = np.asarray(wave, dtype=np.float32)
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
         if wave.ndim != 1:
             raise ValueError(f"expected a mono waveform (T,), got shape {wave.shape}")
+        key = (int(sample_rate), hashlib.blake2b(wave.tobytes(), digest_size=16).digest())
+        if key not in self._heard:
+            self._heard[key] = self._decode(wave, sample_rate)
+        return self._heard[key]
+
+    def _decode(self, wave: np.ndarray, sample_rate: int) -> str:
         if sample_rate != ASR_RATE:
             g = gcd(ASR_RATE, int(sample_rate))
             wave = resample_poly(wave, ASR_RATE // g, int(sample_rate) // g).astype(np.float32)

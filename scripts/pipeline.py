@@ -171,10 +171,19 @@ def stage_pretokenize(ctx: Context) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) + f" items; vocabulary {vocab.size} ids"
 
 
-def lm_model_config(ctx: Context, vocab_size: int) -> Any:
-    """The recipe's model config with exactly the vocabulary size the tokenizers produced."""
-    model = ctx.recipe.model
-    return dataclasses.replace(model, vocab_size=vocab_size) if model.vocab_size != vocab_size else model
+def lm_model_config(model: Any, vocab: Any) -> Any:
+    """The recipe's model config ``model`` with exactly the vocabulary size the tokenizers produced and, with
+    ``model.grid_positions``, the image code ids, <boi> and codes per image that grid positions are read from."""
+    model = dataclasses.replace(model, vocab_size=vocab.size)
+    if not model.grid_positions:
+        return model
+    if vocab.image_codebook_size == 0:
+        raise ValueError("model.grid_positions: the vocabulary has no image codes to give grid positions to")
+    if vocab.image_row_end:
+        raise ValueError("model.grid_positions with image_row_end: row ends break the run of codes a grid "
+                         "position is counted along; use one or the other")
+    return dataclasses.replace(model, grid_token_range=vocab.image_range, grid_start_token=vocab.boi,
+                               grid_size=vocab.image_tokens_per_image)
 
 
 def stage_lm(ctx: Context) -> str:
@@ -194,7 +203,7 @@ def stage_lm(ctx: Context) -> str:
                             seed=r.run.seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad,
                             span_rule=functools.partial(bidirectional_span_ids, vocab))
 
-    result = train_lm(lm_model_config(ctx, vocab.size), r.optim, r.train, r.parallel, ctx.run, make_loader,
+    result = train_lm(lm_model_config(r.model, vocab), r.optim, r.train, r.parallel, ctx.run, make_loader,
                       vocab.to_dict(), r.run.seed, device=r.run.device)
     ctx.artifacts["lm"] = result
     if getattr(result, "interrupted", False):

@@ -111,3 +111,22 @@ def test_word_error_rate_golden_numbers():
     assert word_error_rate(["one red circle", "two blue stars"], ["", "two green stars"]) == pytest.approx(4 / 6)
     with pytest.raises(ValueError, match="2 references but 1"):
         word_error_rate(["a b", "c"], ["a b"])
+
+
+def test_speech_judge_decodes_a_waveform_once_and_order_does_not_matter(tiny_world, monkeypatch):
+    """The judge remembers transcripts (the evaluation hears the originals twice); that is only sound if a
+    transcript does not depend on what was decoded before it, checked here with two fresh judges."""
+    from anyloom.data.asr import SpeechJudge
+    from anyloom.data.manifest import read_manifest
+
+    waves = [d.segments[2].wave for d in read_manifest(tiny_world.val).documents[:12]]
+    forward = SpeechJudge().transcribe(waves, 16000)
+    assert SpeechJudge().transcribe(waves[::-1], 16000)[::-1] == forward
+    judge = SpeechJudge()
+    calls = []
+    decode = judge._decode
+    monkeypatch.setattr(judge, "_decode", lambda w, sr: calls.append(1) or decode(w, sr))
+    assert judge.transcribe(waves + waves, 16000) == forward + forward
+    assert len(calls) == len(waves)
+    assert judge.transcribe([waves[0].copy()], 24000)  # another rate is another key: decoded again
+    assert len(calls) == len(waves) + 1

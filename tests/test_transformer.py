@@ -16,7 +16,7 @@ import anyloom.transformer.attention as attn
 from anyloom.config import ConfigError, build
 from anyloom.recipes.schema import Recipe
 from anyloom.transformer.kv_cache import KVCache
-from anyloom.transformer.model import ModelConfig, Transformer
+from anyloom.transformer.model import ModelConfig, Transformer, grid_index
 from anyloom.transformer.sizes import SIZES, model_config, param_count
 
 DEBUG = model_config("debug", vocab_size=97, max_seq_len=64, ce_chunk_size=24, attention="sdpa")
@@ -235,3 +235,79 @@ def test_recipe_has_a_typed_model_section():
         build(Recipe, {"model": {"attention": "triton2"}})
     with pytest.raises(ConfigError, match="divisible by n_heads"):
         build(Recipe, {"model": {"dim": 100, "n_heads": 3}})
+
+
+GRID = replace(DEBUG, grid_positions=True, grid_token_range=(10, 40), grid_start_token=90, grid_size=6)
+
+
+def _grid_reference(row: list[int], carry: int = -1) -> tuple[list[int], int]:
+    """The grid-position rule token by token: count grid tokens since a start token; anything else breaks."""
+    out, run = [], carry
+    for tok in row:
+        if tok == GRID.grid_start_token:
+            out.append(-1)
+            run = 0
+        elif 10 <= tok < 40:
+            out.append(run if 0 <= run < GRID.grid_size else -1)
+            run = run + 1 if run >= 0 else -1
+        else:
+            out.append(-1)
+            run = -1
+    return out, run
+
+
+def test_grid_index_matches_the_token_by_token_rule():
+    gen = torch.Generator().manual_seed(0)
+    choices = torch.tensor([1, 90, 11, 12, 13, 25, 39, 40, 5])  # text, start, grid ids, the first id past the range
+    for _ in range(200):
+        t = int(torch.randint(1, 24, (1,), generator=gen))
+        rows = choices[torch.randint(0, len(choices), (3, t), generator=gen)]
+        carry = torch.randint(-1, 8, (3,), generator=gen)  # includes runs already past grid_size
+        index, nxt = grid_index(rows, GRID, carry)
+        for i in range(3):
+            want, want_next = _grid_reference(rows[i].tolist(), int(carry[i]))
+            assert index[i].tolist() == want, (rows[i].tolist(), int(carry[i]))
+            assert int(nxt[i]) == want_next, (rows[i].tolist(), int(carry[i]))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_grid_positions_cached_decode_equals_full_forward(static):
+    """Prefill ending inside an image, then one token per step (int and tensor cache_pos): the cache carries
+    each row's grid cell, so logits match the full forward; the grid embedding changes them (it is used)."""
+    model = _model(GRID).eval()
+    rows = torch.tensor([[1, 2, 90, 11, 12, 13, 14, 15, 16, 17, 3, 90, 20, 21],
+                         [1, 90, 30, 31, 32, 4, 5, 90, 33, 34, 35, 36, 37, 38]])
+    split = 5  # both rows are inside an image here
+    kv = KVCache(2, 16, GRID.n_layers, GRID.n_kv_heads, GRID.head_dim)
+    with torch.no_grad():
+        full = model.logits(model(rows))
+        plain = _model(replace(GRID, grid_positions=False)).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("grid_")})
+        assert not torch.allclose(plain.logits(plain(rows)), full, atol=1e-3)
+        got = [model.logits(model(rows[:, :split], kv_cache=kv, cache_pos=0))]
+        for s in range(split, rows.shape[1]):
+            pos = torch.tensor(s) if static else s
+            got.append(model.logits(model(rows[:, s : s + 1], kv_cache=kv, cache_pos=pos)))
+        assert torch.allclose(torch.cat(got, 1), full, atol=1e-5)
+        # a new prompt written from slot 0 starts with no run open, whatever the cache held before
+        again = model.logits(model(rows[:, 3:8], kv_cache=kv, cache_pos=0))
+        assert torch.allclose(again, model.logits(model(rows[:, 3:8])), atol=1e-5)
+
+
+def test_grid_positions_need_their_vocabulary_fields():
+    with pytest.raises(ValueError, match="the LM stage fills them from the vocabulary"):
+        Transformer(replace(DEBUG, grid_positions=True))
+
+
+def test_lm_stage_fills_grid_fields_from_the_vocabulary():
+    from anyloom.scripts.pipeline import lm_model_config
+    from anyloom.sequences.vocab import Vocabulary
+
+    vocab = Vocabulary.build(24, 16, 8, 1, (2, 3))
+    cfg = lm_model_config(replace(DEBUG, grid_positions=True), vocab)
+    assert (cfg.vocab_size, cfg.grid_token_range, cfg.grid_start_token, cfg.grid_size) == (
+        vocab.size, vocab.image_range, vocab.boi, 6)
+    Transformer(cfg)  # a valid grid configuration
+    assert lm_model_config(DEBUG, vocab).grid_size == 0  # off: nothing filled
+    with pytest.raises(ValueError, match="row ends break the run"):
+        lm_model_config(replace(DEBUG, grid_positions=True), Vocabulary.build(24, 16, 8, 1, (2, 3), image_row_end=True))

@@ -3,7 +3,8 @@
 Axis legend: B batch, K key/value heads, S cache slots (``max_len``), E head dim, t new tokens.
 
 Besides keys and values it keeps, per slot, the document id (and bidirectional span id) of the token written
-there, and per row the position of the last token: attention masks cached slots by document exactly as the full
+there, and per row the position of the last token (and the grid cell the next token would take, for models with
+grid positions): attention masks cached slots by document exactly as the full
 forward masks packed documents, which is what makes LEFT padding work (pads carry doc id -1 and so are never
 seen by the real tokens of doc id 0), and lets decoding continue without the caller tracking positions.
 
@@ -56,6 +57,8 @@ class KVCache(nn.Module):
                              persistent=False)  # (B, S)
         self.register_buffer("next_pos", torch.zeros(batch, dtype=torch.long, device=device),
                              persistent=False)  # (B,) RoPE position the next token gets by default
+        self.register_buffer("grid_next", torch.full((batch,), -1, dtype=torch.long, device=device),
+                             persistent=False)  # (B,) grid cell index of the next token (model.grid_index)
 
     @property
     def max_len(self) -> int:
@@ -68,6 +71,7 @@ class KVCache(nn.Module):
         self.doc_ids.fill_(NO_DOC)
         self.span_ids.zero_()
         self.next_pos.zero_()
+        self.grid_next.fill_(-1)
 
     @torch.no_grad()
     def prepare(

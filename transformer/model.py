@@ -10,6 +10,14 @@ at 0 in every document; attention is causal inside a document and never crosses 
 ``anyloom.transformer.attention``). Optional ``span_ids`` (B, T) make attention bidirectional inside a span
 (e.g. an image's codes; 0 = no span) — a research option, off unless given.
 
+Grid positions (``grid_positions``, off by default): tokens with ids in ``grid_token_range`` that follow a
+``grid_start_token`` without a break are the cells of a raster grid of ``grid_size`` cells (an image's codes
+after its <boi>); each such token gets a learned embedding of its cell index (0..grid_size-1) added to its
+token embedding, so the model knows where on the grid it is without counting (RoPE only says how far apart two
+tokens are). Any other token breaks a run; grid tokens not preceded by a start token in the same row (a document
+continued from the previous packed row) or beyond ``grid_size`` get no grid embedding. The index is computed
+from the tokens alone; with a KV cache, the cache carries each row's next index across calls.
+
 KV-cache decoding: ``model(tokens, positions=..., kv_cache=kv, cache_pos=p)`` writes the new keys/values at
 slots [p, p + t) of the static cache and attends to every earlier slot of the same document. ``p`` is an int, or
 a 0-d int64 tensor for a shape-static step that ``torch.compile`` compiles once for every position (keys span the
@@ -69,6 +77,12 @@ class ModelConfig:
     ce_chunk_size: int = 8192  # vocabulary chunk of the PyTorch fused-CE path
     fused_rmsnorm: bool = False  # Triton RMSNorm; needs CUDA (or TRITON_INTERPRET=1), else an error
     init_std: float = 0.02
+    # a learned embedding of a grid token's cell index (module docstring). The LM stage fills the three fields
+    # after it from the vocabulary: the image code ids [lo, hi), the <boi> id and the codes per image
+    grid_positions: bool = False
+    grid_token_range: tuple[int, int] = (0, 0)
+    grid_start_token: int = -1
+    grid_size: int = 0
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -81,6 +95,17 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def check_grid(self) -> None:
+        """Grid positions need their three vocabulary fields (filled by the LM stage; the recipe only switches
+        them on), so this runs when a model is built, not when a recipe is read."""
+        lo, hi = self.grid_token_range
+        if not (0 <= lo < hi <= self.vocab_size and 0 <= self.grid_start_token < self.vocab_size
+                and self.grid_size > 0 and not lo <= self.grid_start_token < hi):
+            raise ValueError(
+                f"grid_positions needs grid_token_range [lo, hi) inside the vocabulary [0, {self.vocab_size}), "
+                f"a grid_start_token outside it and grid_size > 0; got {tuple(self.grid_token_range)}, "
+                f"{self.grid_start_token}, {self.grid_size} (the LM stage fills them from the vocabulary)")
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -91,6 +116,32 @@ class ModelConfig:
             return self.ffn_dim
         f = int(8 * self.dim / 3)
         return self.multiple_of * math.ceil(f / self.multiple_of)
+
+
+def grid_index(tokens: Tensor, cfg: ModelConfig, carry: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Cell index of every grid token (module docstring), -1 elsewhere, and each row's index for the next token.
+
+    tokens (B, T); carry (B,): the index the first token gets if it is a grid token continuing a run (-1: no run
+    open, what a row start means). Returns (index (B, T) int64, next carry (B,) int64).
+    """
+    b, t = tokens.shape
+    lo, hi = cfg.grid_token_range
+    is_grid = (tokens >= lo) & (tokens < hi)
+    is_start = tokens == cfg.grid_start_token
+    col = torch.arange(t, device=tokens.device).expand(b, t)
+    none = torch.full_like(col, -(2**62))  # earlier than any virtual start or break
+    if carry is None:
+        carry = torch.full((b,), -1, dtype=torch.long, device=tokens.device)
+    # an open run continues from a virtual start carry + 1 tokens before column 0; no open run = a break at -1
+    start0 = torch.where(carry >= 0, -carry - 1, none[:, 0])[:, None]
+    break0 = torch.where(carry >= 0, none[:, 0], -1)[:, None]
+    last_start = torch.maximum(torch.where(is_start, col, none).cummax(1).values, start0)  # (B, T)
+    last_break = torch.maximum(torch.where(is_grid | is_start, none, col).cummax(1).values, break0)
+    idx = col - last_start - 1
+    valid = is_grid & (last_start > last_break) & (idx < cfg.grid_size)
+    open_run = last_start[:, -1] > last_break[:, -1]
+    nxt = torch.where(open_run, t - last_start[:, -1] - 1, -1)
+    return torch.where(valid, idx, -1), nxt
 
 
 @dataclass
@@ -251,6 +302,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.grid_positions:
+            cfg.check_grid()
+        self.grid_embeddings = nn.Embedding(cfg.grid_size, cfg.dim) if cfg.grid_positions else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_rmsnorm)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -274,6 +328,8 @@ class Transformer(nn.Module):
             self.rope_sin.copy_(sin)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
+        if self.grid_embeddings is not None:
+            nn.init.normal_(self.grid_embeddings.weight, std=cfg.init_std)
         for block in self.layers:
             block.attention.reset_parameters(cfg.init_std, out_std)
             block.feed_forward.reset_parameters(cfg.init_std, out_std)
@@ -314,6 +370,14 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, E)
         x = self.tok_embeddings(tokens)  # (B, T, D)
+        if self.grid_embeddings is not None:
+            carry = None
+            if kv_cache is not None:  # a call writing from slot 0 starts a new row: no run open
+                carry = torch.where(torch.as_tensor(cache_pos, device=tokens.device) == 0, -1, kv_cache.grid_next)
+            cell, nxt = grid_index(tokens, self.cfg, carry)
+            if kv_cache is not None:
+                kv_cache.grid_next.copy_(nxt)
+            x = x + self.grid_embeddings(cell.clamp(min=0)) * (cell >= 0).unsqueeze(-1).to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, doc_ids, span_ids, kv_cache, cache_pos)
         return self.norm(x)
