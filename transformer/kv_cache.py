@@ -3,10 +3,10 @@
 Axis legend: B batch, K key/value heads, S cache slots (``max_len``), E head dim, t new tokens.
 
 Besides keys and values it keeps, per slot, the document id (and bidirectional span id) of the token written
-there, and per row the position of the last token (and the grid cell the next token would take, for models with
-grid positions): attention masks cached slots by document exactly as the full
-forward masks packed documents, which is what makes LEFT padding work (pads carry doc id -1 and so are never
-seen by the real tokens of doc id 0), and lets decoding continue without the caller tracking positions.
+there, and per row the position of the last token and the grid cell the next token would take (models with grid
+positions): attention masks cached slots by document exactly as the full forward masks packed documents, which
+is what makes LEFT padding work (pads carry doc id -1 and so are never seen by the real tokens of doc id 0), and
+lets decoding continue without the caller tracking positions.
 
 ``cache_pos`` (the first slot the new tokens go to) is either a Python int or a 0-d int64 tensor:
 
