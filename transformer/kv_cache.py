@@ -119,6 +119,13 @@ class KVCache(nn.Module):
         self.next_pos.copy_(positions[:, -1] + 1)
         return doc_ids, positions
 
+    def grid_carry(self, cache_pos: int | Tensor) -> Tensor:
+        """(B,) the grid cell each row's next token continues from (``model.grid_index``); -1, no run open, for a
+        call writing from slot 0 (a new row, as the doc-id default above), whatever the cache held before."""
+        if isinstance(cache_pos, Tensor):  # no host read of the value: compiled steps stay static
+            return torch.where(cache_pos.reshape(()) == 0, -1, self.grid_next)
+        return self.grid_next if cache_pos > 0 else torch.full_like(self.grid_next, -1)
+
     def update(self, layer: int, k: Tensor, v: Tensor, cache_pos: int | Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, K, t, E) at slots [cache_pos, cache_pos + t); return the filled prefix (B, K, S', E)
         for an int ``cache_pos``, every slot (B, K, max_len, E) for a tensor one (module docstring)."""

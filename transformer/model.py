@@ -129,12 +129,12 @@ def grid_index(tokens: Tensor, cfg: ModelConfig, carry: Tensor | None = None) ->
     is_grid = (tokens >= lo) & (tokens < hi)
     is_start = tokens == cfg.grid_start_token
     col = torch.arange(t, device=tokens.device).expand(b, t)
-    none = torch.full_like(col, -(2**62))  # earlier than any virtual start or break
+    none = -(2**62)  # earlier than any virtual start or break
     if carry is None:
         carry = torch.full((b,), -1, dtype=torch.long, device=tokens.device)
     # an open run continues from a virtual start carry + 1 tokens before column 0; no open run = a break at -1
-    start0 = torch.where(carry >= 0, -carry - 1, none[:, 0])[:, None]
-    break0 = torch.where(carry >= 0, none[:, 0], -1)[:, None]
+    start0 = torch.where(carry >= 0, -carry - 1, none)[:, None]
+    break0 = torch.where(carry >= 0, none, -1)[:, None]
     last_start = torch.maximum(torch.where(is_start, col, none).cummax(1).values, start0)  # (B, T)
     last_break = torch.maximum(torch.where(is_grid | is_start, none, col).cummax(1).values, break0)
     idx = col - last_start - 1
@@ -371,10 +371,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, E)
         x = self.tok_embeddings(tokens)  # (B, T, D)
         if self.grid_embeddings is not None:
-            carry = None
-            if kv_cache is not None:  # a call writing from slot 0 starts a new row: no run open
-                carry = torch.where(torch.as_tensor(cache_pos, device=tokens.device) == 0, -1, kv_cache.grid_next)
-            cell, nxt = grid_index(tokens, self.cfg, carry)
+            cell, nxt = grid_index(tokens, self.cfg, None if kv_cache is None else kv_cache.grid_carry(cache_pos))
             if kv_cache is not None:
                 kv_cache.grid_next.copy_(nxt)
             x = x + self.grid_embeddings(cell.clamp(min=0)) * (cell >= 0).unsqueeze(-1).to(x.dtype)
