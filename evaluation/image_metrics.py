@@ -87,6 +87,19 @@ def codebook_stats(codes: torch.Tensor | np.ndarray, codebook_size: int) -> Code
                          codebook_size=codebook_size)
 
 
+def code_change_rate(codes: torch.Tensor | np.ndarray) -> float:
+    """Fraction of horizontally or vertically neighbouring cells of (N, h, w) code maps that hold different codes.
+
+    A flat background the tokenizer spells with one code changes nowhere; every change is a token the LM must
+    predict from context. Reconstruction numbers do not show this: two tokenizers with the same PSNR can differ a
+    lot in how many of their codes an LM can predict (docs/BENCHMARKS.md, "Which of the two")."""
+    c = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)
+    if c.ndim != 3 or c.shape[1] * c.shape[2] < 2:
+        raise ValueError(f"code_change_rate: expected (N, h, w) code maps with h*w >= 2, got {tuple(c.shape)}")
+    dx, dy = c[:, :, 1:] != c[:, :, :-1], c[:, 1:, :] != c[:, :-1, :]
+    return float((dx.sum() + dy.sum()) / (dx.numel() + dy.numel()))
+
+
 @dataclass
 class JudgeAgreement:
     agreement: float  # fraction of images where judge(original) == judge(reconstruction)
@@ -114,6 +127,7 @@ class ImageTokenizerReport:
     perplexity: float
     detector_agreement: float  # the world judge's agreement, originals vs reconstructions
     images: int
+    code_change_rate: float = float("nan")  # neighbouring cells with different codes (code_change_rate)
 
     def as_eval(self) -> dict[str, float]:
         """The eval.json names (DESIGN.md): image_tokenizer.psnr, .detector_agreement, .codebook_usage, ..."""
@@ -123,6 +137,7 @@ class ImageTokenizerReport:
             "image_tokenizer.codebook_usage": self.codebook_usage,
             "image_tokenizer.perplexity": self.perplexity,
             "image_tokenizer.detector_agreement": self.detector_agreement,
+            "image_tokenizer.code_change_rate": self.code_change_rate,
         }
 
 
@@ -138,4 +153,5 @@ def evaluate_reconstructions(
         perplexity=stats.perplexity,
         detector_agreement=agreement,
         images=len(originals),
+        code_change_rate=code_change_rate(codes),
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anyloom.evaluation.image_metrics import codebook_stats, psnr, ssim
+from anyloom.evaluation.image_metrics import code_change_rate, codebook_stats, psnr, ssim
 from anyloom.tokenizers.base import ImageCodes, ImageTokenizer
 from anyloom.tokenizers.image_quantizers import QuantizerConfig
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
@@ -176,6 +176,43 @@ def test_codebook_stats_golden():
         codebook_stats(torch.tensor([8]), 8)
 
 
+def test_code_change_rate_golden():
+    assert code_change_rate(torch.zeros(3, 4, 4, dtype=torch.long)) == 0.0
+    checker = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2  # every neighbour differs
+    assert code_change_rate(checker[None]) == 1.0
+    # one odd cell in the corner of a 3x3 map: 2 of its 12 neighbour pairs differ
+    one = torch.zeros(1, 3, 3, dtype=torch.long)
+    one[0, 0, 0] = 7
+    assert code_change_rate(one.numpy()) == pytest.approx(2 / 12)
+    with pytest.raises(ValueError, match=r"\(N, h, w\)"):
+        code_change_rate(torch.zeros(4, 4))
+
+
+def test_fsq_levels_follow_codes_and_carry_gradients():
+    from anyloom.training.image_tokenizer import code_smoothness_loss
+
+    torch.manual_seed(0)
+    model = ImageVQTokenizer(tiny("fsq"))
+    out = model(images(4))
+    levels, codes = out.levels, out.codes  # (B, C, h, w), (B, h, w)
+    assert levels.shape == (4, 3, *codes.shape[1:])
+    assert levels.abs().max() <= 1.0
+    flat_levels = levels.permute(0, 2, 3, 1).reshape(-1, 3)
+    flat_codes = codes.reshape(-1)
+    same_code = flat_codes[:, None] == flat_codes[None, :]
+    same_levels = (flat_levels[:, None, :] == flat_levels[None, :, :]).all(-1)
+    assert torch.equal(same_code, same_levels)  # a cell's levels are its code
+    loss = code_smoothness_loss(levels)
+    assert loss.item() > 0
+    loss.backward()  # straight through the rounding into the encoder
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert code_smoothness_loss(torch.ones(2, 3, 4, 4)).item() == 0.0  # one code everywhere: no penalty
+    # golden: levels change by 0.5 between the two columns of a 2x2 map, only horizontally -> 0.5 * (0.5 + 0)
+    two = torch.tensor([[0.0, 0.5], [0.0, 0.5]]).expand(1, 1, 2, 2)
+    assert code_smoothness_loss(two).item() == pytest.approx(0.25)
+    assert ImageVQTokenizer(tiny("vq"))(images(2)).levels is None
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -316,6 +353,25 @@ def test_gradient_l1_golden_and_logged(tmp_path):
     assert len(records) == 3 and all(r["edge"] > 0 for r in records)
     with pytest.raises(ValueError, match="edge_weight"):
         _stage(edge_weight=-1.0)
+
+
+def test_code_smoothness_trains_and_is_logged(tmp_path):
+    from anyloom.training.image_tokenizer import train_image_tokenizer
+    from anyloom.training.metrics import read_metrics
+    from anyloom.training.run import RunDir
+
+    train, val = _manifest(tmp_path / "train", 16, 0), _manifest(tmp_path / "val", 8, 1)
+    run = RunDir(tmp_path / "run")
+    train_image_tokenizer(_stage(model=tiny("fsq", patch=2), steps=3, eval_every=100, sample_every=0, ckpt_every=0,
+                                 log_every=1, batch_size=4, code_smoothness=0.1), train, val, run)
+    records = read_metrics(run.path)
+    assert [r["code_smoothness"] > 0 for r in records if "loss" in r] == [True] * 3
+    final = [r for r in records if "final_val_code_change_rate" in r][0]
+    assert 0.0 <= final["final_val_code_change_rate"] <= 1.0
+    with pytest.raises(ValueError, match="code_smoothness acts on FSQ"):
+        _stage(code_smoothness=0.1)  # the default test model quantizes with VQ
+    with pytest.raises(ValueError, match="code_smoothness must be >= 0"):
+        _stage(model=tiny("fsq"), code_smoothness=-1.0)
 
 
 def test_edge_focus_weights_outlines_golden(tmp_path):

@@ -58,6 +58,9 @@ class QuantizerOutput:
     quantized: torch.Tensor  # (B, D, h, w): what the decoder reads (straight-through gradients)
     codes: torch.Tensor  # (B, h, w) int64 in [0, K)
     loss: torch.Tensor  # scalar auxiliary loss (commitment / entropy); 0 for fsq
+    # fsq only: (B, C, h, w) each cell's rounded level per FSQ dimension, scaled to [-1, 1], carrying the
+    # straight-through gradient to the encoder (what a penalty on code changes between cells acts on); else None
+    levels: torch.Tensor | None = None
 
 
 class ImageQuantizer(nn.Module):
@@ -68,6 +71,7 @@ class ImageQuantizer(nn.Module):
         self.cfg = cfg
         self.dim = dim
         self.codebook_size = cfg.size
+        self._levels: torch.Tensor | None = None
         if cfg.kind == "vq":
             from vector_quantize_pytorch import VectorQuantize
 
@@ -88,6 +92,8 @@ class ImageQuantizer(nn.Module):
             from vector_quantize_pytorch import FSQ
 
             self.impl = FSQ(levels=list(cfg.fsq_levels), dim=dim)
+            # FSQ hands its rounded levels (B, N, C) to project_out; keep them for ``QuantizerOutput.levels``
+            self.impl.project_out.register_forward_pre_hook(self._keep_levels)
         else:
             from vector_quantize_pytorch import LFQ
 
@@ -100,6 +106,7 @@ class ImageQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
+        self._levels = None
         x = rearrange(z, "b d h w -> b (h w) d")  # (B, N, D): every library here accepts this layout
         if self.cfg.kind == "vq":
             q, idx, loss = self.impl(x)
@@ -108,9 +115,16 @@ class ImageQuantizer(nn.Module):
             loss = x.new_zeros(())
         else:
             q, idx, loss = self.impl(x)
+        levels = None
+        if self._levels is not None:
+            levels = rearrange(self._levels, "b (h w) c -> b c h w", h=h, w=w)
+            self._levels = None
         q = rearrange(q, "b (h w) d -> b d h w", h=h, w=w)
         codes = rearrange(idx.long(), "b (h w) -> b h w", h=h, w=w)
-        return QuantizerOutput(quantized=q, codes=codes, loss=loss.sum() if loss.ndim else loss)
+        return QuantizerOutput(quantized=q, codes=codes, loss=loss.sum() if loss.ndim else loss, levels=levels)
+
+    def _keep_levels(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._levels = args[0]
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w) int64 -> latent (B, D, h, w), the same values ``forward`` hands the decoder."""

@@ -174,6 +174,7 @@ class VQForward:
     recon: torch.Tensor  # (B, 3, H, W) unclamped
     codes: torch.Tensor  # (B, h, w) int64
     quant_loss: torch.Tensor  # scalar auxiliary quantizer loss
+    levels: torch.Tensor | None = None  # fsq: (B, C, h, w) rounded levels with straight-through gradient
 
 
 def check_images(images: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -237,7 +238,7 @@ class ImageVQTokenizer(nn.Module):
     def forward(self, images: torch.Tensor) -> VQForward:
         """Training pass: images (B, 3, H, W) in [-1, 1] at ``image_size``."""
         qo = self.quantizer(self.encoder(images))
-        return VQForward(recon=self.decoder(qo.quantized), codes=qo.codes, quant_loss=qo.loss)
+        return VQForward(recon=self.decoder(qo.quantized), codes=qo.codes, quant_loss=qo.loss, levels=qo.levels)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> ImageCodes:

@@ -69,6 +69,10 @@ class ImageTokenizerStageConfig:
     # of a world image) count 1 + edge_focus times. 0: plain means.
     edge_focus: float = 0.0
     edge_scale: float = 0.25  # neighbour difference (in [-1, 1] units) counted as a full edge
+    # Code smoothness (FSQ only): weight of the mean |level difference| between neighbouring code cells (straight-
+    # through to the encoder), so a flat background gets one code instead of several near-identical ones. Every
+    # such change is a token the LM has to predict and cannot (see code_change_rate). 0: off.
+    code_smoothness: float = 0.0
     gan: GANConfig = field(default_factory=GANConfig)
     ema_decay: float = 0.0  # > 0: keep an EMA of the parameters and export it instead of the raw ones
     channels_last: bool = True  # faster convs on CPU
@@ -98,6 +102,11 @@ class ImageTokenizerStageConfig:
             raise ValueError(f"edge_weight must be >= 0, got {self.edge_weight}")
         if self.edge_focus < 0 or self.edge_scale <= 0:
             raise ValueError(f"edge_focus must be >= 0 and edge_scale > 0, got {self.edge_focus}, {self.edge_scale}")
+        if self.code_smoothness < 0:
+            raise ValueError(f"code_smoothness must be >= 0, got {self.code_smoothness}")
+        if self.code_smoothness and self.model.quantizer.kind != "fsq":
+            raise ValueError(f"code_smoothness acts on FSQ levels; model.quantizer.kind is "
+                             f"{self.model.quantizer.kind!r} (set it to fsq or code_smoothness to 0)")
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -183,6 +192,13 @@ def reconstruction_losses(recon: torch.Tensor, target: torch.Tensor, weights: to
     return (weights * diff.abs()).sum() / norm, (weights * diff.pow(2)).sum() / norm
 
 
+def code_smoothness_loss(levels: torch.Tensor) -> torch.Tensor:
+    """Mean |difference| of (B, C, h, w) FSQ levels between horizontally and vertically neighbouring cells:
+    zero where neighbours share a code, so it only acts on code changes (an L1 on where the code map jumps)."""
+    dx, dy = neighbour_differences(levels)
+    return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
 @dataclass
 class Reconstruction:
     """The reconstruction terms of one training step (the objective is ``total`` + the quantizer's loss)."""
@@ -242,6 +258,7 @@ class ReconstructionScores:
     psnr: float  # dB, mean over images, pixels in [0, 1]
     codebook_usage: float  # fraction of codes used at least once
     perplexity: float  # exp(entropy of the code histogram)
+    code_change_rate: float  # neighbouring cells with different codes (evaluation.image_metrics.code_change_rate)
 
 
 @torch.no_grad()
@@ -261,12 +278,12 @@ def reconstruct(model: ImageVQTokenizer, pixels: np.ndarray, batch_size: int = 2
 
 
 def quick_scores(model: ImageVQTokenizer, pixels: np.ndarray) -> ReconstructionScores:
-    from anyloom.evaluation.image_metrics import codebook_stats, psnr
+    from anyloom.evaluation.image_metrics import code_change_rate, codebook_stats, psnr
 
     recon, codes = reconstruct(model, pixels)
     stats = codebook_stats(codes, model.codebook_size)
     return ReconstructionScores(psnr=float(psnr(pixels, recon).mean()), codebook_usage=stats.usage,
-                                perplexity=stats.perplexity)
+                                perplexity=stats.perplexity, code_change_rate=code_change_rate(codes))
 
 
 def save_grid(originals: np.ndarray, recons: np.ndarray, path: Path, scale: int = 2) -> np.ndarray:
@@ -448,6 +465,10 @@ def train_image_tokenizer(
         fwd = model(x)
         terms = reconstruction_objective(fwd.recon, x, cfg)
         loss = terms.total + fwd.quant_loss
+        smooth = torch.zeros(())
+        if cfg.code_smoothness:
+            smooth = code_smoothness_loss(fwd.levels)
+            loss = loss + cfg.code_smoothness * smooth
         gan_on = disc is not None and step >= cfg.gan.start_step
         g_loss = d_weight = torch.zeros(())
         if gan_on:
@@ -473,7 +494,8 @@ def train_image_tokenizer(
         done = state.step == cfg.steps
         if state.step % cfg.log_every == 0 or done:
             record = dict(loss=loss.item(), l1=terms.l1.item(), l2=terms.l2.item(), edge=terms.edge.item(),
-                          quant_loss=fwd.quant_loss.item(), lr=lr, grad_norm=float(grad_norm),
+                          quant_loss=fwd.quant_loss.item(), code_smoothness=smooth.item(), lr=lr,
+                          grad_norm=float(grad_norm),
                           elapsed_s=round(time.time() - t0, 2))
             if gan_on:
                 record.update(g_loss=g_loss.item(), d_loss=d_loss.item(), gan_weight=float(d_weight))
@@ -481,7 +503,8 @@ def train_image_tokenizer(
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if state.step % cfg.eval_every == 0 or done:
             s = quick_scores(model, val.pixels)
-            logger.log(state.step, val_psnr=s.psnr, val_codebook_usage=s.codebook_usage, val_perplexity=s.perplexity)
+            logger.log(state.step, val_psnr=s.psnr, val_codebook_usage=s.codebook_usage, val_perplexity=s.perplexity,
+                       val_code_change_rate=s.code_change_rate)
         if (cfg.sample_every and state.step % cfg.sample_every == 0) or done:
             recon, _ = reconstruct(model, fixed)
             grid = save_grid(fixed, recon, run.samples / f"recon_{state.step:06d}.png")
@@ -497,7 +520,8 @@ def train_image_tokenizer(
     save_grid(fixed, recon, run.samples / "recon_final.png")
     s = quick_scores(final, val.pixels)
     logger.log(state.step, final_val_psnr=s.psnr, final_val_codebook_usage=s.codebook_usage,
-               final_val_perplexity=s.perplexity, train_seconds=round(time.time() - t0, 1))
+               final_val_perplexity=s.perplexity, final_val_code_change_rate=s.code_change_rate,
+               train_seconds=round(time.time() - t0, 1))
     logger.close()
     final.save(out, metadata={"fingerprint": config_fp, "steps": str(state.step), "config": json.dumps(to_dict(cfg))})
     return out
