@@ -90,9 +90,10 @@ def codebook_stats(codes: torch.Tensor | np.ndarray, codebook_size: int) -> Code
 def code_change_rate(codes: torch.Tensor | np.ndarray) -> float:
     """Fraction of horizontally or vertically neighbouring cells of (N, h, w) code maps that hold different codes.
 
-    A flat background the tokenizer spells with one code changes nowhere; every change is a token the LM must
-    predict from context. Reconstruction numbers do not show this: two tokenizers with the same PSNR can differ a
-    lot in how many of their codes an LM can predict (docs/BENCHMARKS.md, "Which of the two")."""
+    A flat background the tokenizer spells with one code changes nowhere; every change is a token that carries
+    something the LM has to predict. Reconstruction numbers do not show it. Lowering it on purpose (the image
+    tokenizer's ``code_smoothness``) lowered the LM's image loss but not its text->image accuracy
+    (docs/BENCHMARKS.md, "Image tokenizer: session 9"): a description of the codes, not a target."""
     c = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)
     if c.ndim != 3 or c.shape[1] * c.shape[2] < 2:
         raise ValueError(f"code_change_rate: expected (N, h, w) code maps with h*w >= 2, got {tuple(c.shape)}")
@@ -127,7 +128,7 @@ class ImageTokenizerReport:
     perplexity: float
     detector_agreement: float  # the world judge's agreement, originals vs reconstructions
     images: int
-    code_change_rate: float = float("nan")  # neighbouring cells with different codes (code_change_rate)
+    code_change_rate: float  # neighbouring cells with different codes (code_change_rate)
 
     def as_eval(self) -> dict[str, float]:
         """The eval.json names (DESIGN.md): image_tokenizer.psnr, .detector_agreement, .codebook_usage, ..."""
