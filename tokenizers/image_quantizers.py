@@ -106,7 +106,6 @@ class ImageQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
-        self._levels = None
         x = rearrange(z, "b d h w -> b (h w) d")  # (B, N, D): every library here accepts this layout
         if self.cfg.kind == "vq":
             q, idx, loss = self.impl(x)
@@ -115,10 +114,9 @@ class ImageQuantizer(nn.Module):
             loss = x.new_zeros(())
         else:
             q, idx, loss = self.impl(x)
-        levels = None
-        if self._levels is not None:
-            levels = rearrange(self._levels, "b (h w) c -> b c h w", h=h, w=w)
-            self._levels = None
+        levels, self._levels = self._levels, None  # fsq: just written by the pre-hook; vq / lfq: always None
+        if levels is not None:
+            levels = rearrange(levels, "b (h w) c -> b c h w", h=h, w=w)
         q = rearrange(q, "b (h w) d -> b d h w", h=h, w=w)
         codes = rearrange(idx.long(), "b (h w) -> b h w", h=h, w=w)
         return QuantizerOutput(quantized=q, codes=codes, loss=loss.sum() if loss.ndim else loss, levels=levels)
