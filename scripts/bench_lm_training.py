@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total, split over local ranks")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--precision", default="auto", choices=["auto", "amx", "bf16", "fp32"],
+                   help="parallel.mixed_precision (amx: bf16 autocast on a CPU with AMX tiles)")
     p.add_argument("--json", help="append the result as one JSON line to this file (rank 0)")
     a = p.parse_args()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -67,12 +69,14 @@ def main() -> None:
     run = RunDir(Path(tempfile.gettempdir()) / f"anyloom_bench_lm_{os.getppid()}")
     try:
         train_lm(model_config(a.size, vocab_size=a.vocab), OptimConfig(warmup_steps=2), train,
-                 ParallelConfig(activation_checkpointing=a.ac), run, make_loader, None, seed=0, device="cpu")
+                 ParallelConfig(activation_checkpointing=a.ac, mixed_precision=a.precision),
+                 run, make_loader, None, seed=0, device="cpu")
         if int(os.environ.get("RANK", "0")) == 0:
             records = [r for r in read_metrics(run.path) if "tokens_per_s" in r and r["step"] > a.warmup]
             tps = statistics.median(r["tokens_per_s"] for r in records)
             result = {"size": a.size, "ranks": int(os.environ.get("WORLD_SIZE", "1")), "batch": a.batch,
-                      "seq_len": a.seq_len, "ac": a.ac, "tokens_per_s": round(tps, 1), "steps_timed": len(records)}
+                      "seq_len": a.seq_len, "ac": a.ac, "precision": a.precision,
+                      "tokens_per_s": round(tps, 1), "steps_timed": len(records)}
             print(json.dumps(result))
             if a.json:
                 with open(a.json, "a") as f:

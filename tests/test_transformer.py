@@ -130,6 +130,18 @@ def test_sdpa_causal_fast_path_equals_dense_mask():
                           atol=1e-6)
 
 
+def test_cpu_sdpa_attends_low_precision_in_fp32():
+    # bf16 inputs (or bf16 autocast) on the CPU: the kernel runs on the fp32 values, the result comes back in q's dtype
+    q, k, v = (t.bfloat16() for t in _qkv())
+    doc = torch.tensor([[0] * 10 + [1] * 13, [0] * 23])
+    ref = attn.attention(q.float(), k.float(), v.float(), doc, backend="sdpa")
+    out = attn.attention(q, k, v, doc, backend="sdpa")
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = attn.attention(q.float(), k.float(), v.float(), doc, backend="sdpa")
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, ref)  # autocast did not cast SDPA's inputs down
+
+
 def test_backend_selection_and_override():
     cpu = torch.device("cpu")
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -104,6 +104,9 @@ def build_mask(
     return allowed & (q_doc[:, :, None] == k_doc[:, None, :])  # (B, Tq, Tk)
 
 
+LOW_PRECISION = {torch.bfloat16, torch.float16}
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -145,6 +148,12 @@ def attention(
         raise NotImplementedError(f"attention backend {name!r} needs an int q_start; a tensor one (static-cache "
                                   "decoding) runs on 'sdpa' or 'flex'")
     if name == "sdpa":
+        if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or LOW_PRECISION & {q.dtype, k.dtype, v.dtype}):
+            # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 (its backward ~2.4x, measured with
+            # bf16 autocast on an AMX CPU: docs/BENCHMARKS.md), so low precision attends in fp32 there
+            with torch.autocast("cpu", enabled=False):
+                out = _sdpa(q.float(), k.float(), v.float(), q_doc, k_doc, q_start, q_span, k_span)
+            return out.to(q.dtype)
         return _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span)
     if name == "flex":
         return _flex(q, k, v, q_doc, k_doc, q_start, q_span, k_span)
