@@ -148,12 +148,6 @@ def attention(
         raise NotImplementedError(f"attention backend {name!r} needs an int q_start; a tensor one (static-cache "
                                   "decoding) runs on 'sdpa' or 'flex'")
     if name == "sdpa":
-        if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or LOW_PRECISION & {q.dtype, k.dtype, v.dtype}):
-            # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 (its backward ~2.4x, measured with
-            # bf16 autocast on an AMX CPU: docs/BENCHMARKS.md), so low precision attends in fp32 there
-            with torch.autocast("cpu", enabled=False):
-                out = _sdpa(q.float(), k.float(), v.float(), q_doc, k_doc, q_start, q_span, k_span)
-            return out.to(q.dtype)
         return _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span)
     if name == "flex":
         return _flex(q, k, v, q_doc, k_doc, q_start, q_span, k_span)
@@ -173,6 +167,11 @@ def attention(
 
 
 def _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
+    if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or LOW_PRECISION & {q.dtype, k.dtype, v.dtype}):
+        # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 (its backward ~2.4x, measured with
+        # bf16 autocast on an AMX CPU: docs/BENCHMARKS.md), so low precision attends in fp32 there
+        with torch.autocast("cpu", enabled=False):
+            return _sdpa(q.float(), k.float(), v.float(), q_doc, k_doc, q_start, q_span, k_span).to(q.dtype)
     gqa = q.shape[1] != k.shape[1]
     if q_doc is None and q_span is None and isinstance(q_start, int) and q_start == 0 and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
