@@ -4,7 +4,8 @@
 
 Each ``--variant`` is a space-separated list of recipe overrides on ``--recipe`` (default: world); "" is the
 recipe as it is. A step is what the stage's loop does for one batch: forward, the stage's reconstruction
-objective (edge focus included), backward, gradient clipping, AdamW; no data loading, metrics or checkpoints,
+objective (edge focus included; under bf16 autocast with ``image_tokenizer.mixed_precision=amx`` on an AMX
+CPU), backward, gradient clipping, AdamW; no data loading, metrics or checkpoints,
 and random pixels (the time does not depend on them). The variants take turns (``--rounds`` rounds of
 ``--steps`` steps each) so that a machine slowing down affects them alike; the report is the best and the
 median round per variant, and each variant's best relative to the first one's.
@@ -36,8 +37,9 @@ def make_step(cfg: ImageTokenizerStageConfig, seed: int = 0) -> Callable[[], Non
     x = (torch.rand(cfg.batch_size, 3, h, w) * 2 - 1).contiguous(memory_format=cfg.memory_format)
 
     def step() -> None:
-        fwd = model(x)
-        loss = reconstruction_objective(fwd.recon, x, cfg).total + fwd.quant_loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            fwd = model(x)
+            loss = reconstruction_objective(fwd.recon.float(), x, cfg).total + fwd.quant_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)

@@ -429,3 +429,33 @@ def test_step_benchmark_times_recipe_variants(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench", "--variant", "image_tokenizer.model.chanels=[16,16]"])
     with pytest.raises(ConfigError, match="chanels"):
         bench.main()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch, amx):
+    import anyloom.training.image_tokenizer as it
+    from anyloom.training.metrics import read_metrics
+    from anyloom.training.run import RunDir
+
+    monkeypatch.setattr(it, "cpu_has_amx", lambda: amx)  # the fallback on a CPU without AMX tiles is fp32
+    seen: set[torch.dtype] = set()
+
+    def record(module, args, out):
+        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():
+            seen.add(out.dtype)
+
+    train, val = _manifest(tmp_path / "train", 24, 0), _manifest(tmp_path / "val", 8, 1)
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        cfg = _stage(mixed_precision="amx", model=tiny("fsq", patch=2))
+        out = it.train_image_tokenizer(cfg, train, val, RunDir(tmp_path / "run"))
+    finally:
+        handle.remove()
+    assert seen == ({torch.bfloat16} if amx else {torch.float32})
+    exported = ImageVQTokenizer.load(out)
+    assert all(p.dtype == torch.float32 for p in exported.state_dict().values())
+    records = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.75 * np.mean(losses[:2])
+    with pytest.raises(ValueError, match="mixed_precision"):
+        _stage(mixed_precision="bf16")

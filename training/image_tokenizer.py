@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from anyloom.config import fingerprint, to_dict
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, budget_position, build_optimizer, lr_factor
+from anyloom.training.parallel import cpu_has_amx
 from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
@@ -77,6 +79,10 @@ class ImageTokenizerStageConfig:
     gan: GANConfig = field(default_factory=GANConfig)
     ema_decay: float = 0.0  # > 0: keep an EMA of the parameters and export it instead of the raw ones
     channels_last: bool = True  # faster convs on CPU
+    # "amx": the forward pass and the losses under CPU bf16 autocast when the CPU has AMX tiles (oneDNN runs the
+    # convs on them; fp32 master weights and AdamW state, FSQ rounds in fp32, the export is fp32); "fp32"
+    # everywhere else and on a CPU without AMX. Measured: docs/BENCHMARKS.md, "Image tokenizer: session 11".
+    mixed_precision: Literal["fp32", "amx"] = "fp32"
     threads: int = 2  # torch.set_num_threads for the loop
     seed: int = 0
     log_every: int = 25
@@ -97,6 +103,8 @@ class ImageTokenizerStageConfig:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision not in ("fp32", "amx"):
+            raise ValueError(f"mixed_precision must be 'fp32' or 'amx', got {self.mixed_precision!r}")
         if self.l1_weight < 0 or self.l2_weight < 0 or self.l1_weight + self.l2_weight == 0:
             raise ValueError("l1_weight and l2_weight must be >= 0 and not both 0")
         if self.edge_weight < 0:
@@ -108,6 +116,11 @@ class ImageTokenizerStageConfig:
         if self.code_smoothness and self.model.quantizer.kind != "fsq":
             raise ValueError(f"code_smoothness acts on FSQ levels; model.quantizer.kind is "
                              f"{self.model.quantizer.kind!r} (set it to fsq or code_smoothness to 0)")
+
+    @property
+    def bf16_autocast(self) -> bool:
+        """Whether the loop runs under CPU bf16 autocast (``mixed_precision: amx`` on a CPU with AMX tiles)."""
+        return self.mixed_precision == "amx" and cpu_has_amx()
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -463,19 +476,21 @@ def train_image_tokenizer(
         x = train_x[batch_indices(len(train_x), cfg.batch_size, cfg.seed, step)]
         x = x.contiguous(memory_format=memory_format)
 
-        fwd = model(x)
-        terms = reconstruction_objective(fwd.recon, x, cfg)
-        loss = terms.total + fwd.quant_loss
-        smooth = torch.zeros(())
-        if cfg.code_smoothness:
-            smooth = code_smoothness_loss(fwd.levels)
-            loss = loss + cfg.code_smoothness * smooth
-        gan_on = disc is not None and step >= cfg.gan.start_step
-        g_loss = d_weight = torch.zeros(())
-        if gan_on:
-            g_loss = -disc(fwd.recon).mean()
-            d_weight = cfg.gan.weight * adaptive_gan_weight(terms.total, g_loss, last_layer)
-            loss = loss + d_weight * g_loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            fwd = model(x)
+            recon = fwd.recon.float()  # the losses in fp32 whatever the convs ran in
+            terms = reconstruction_objective(recon, x, cfg)
+            loss = terms.total + fwd.quant_loss
+            smooth = torch.zeros(())
+            if cfg.code_smoothness:
+                smooth = code_smoothness_loss(fwd.levels)
+                loss = loss + cfg.code_smoothness * smooth
+            gan_on = disc is not None and step >= cfg.gan.start_step
+            g_loss = d_weight = torch.zeros(())
+            if gan_on:
+                g_loss = -disc(recon).float().mean()
+                d_weight = cfg.gan.weight * adaptive_gan_weight(terms.total, g_loss, last_layer)
+                loss = loss + d_weight * g_loss
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -483,7 +498,8 @@ def train_image_tokenizer(
 
         d_loss = torch.zeros(())
         if gan_on:
-            d_loss = hinge_d_loss(disc(x), disc(fwd.recon.detach()))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_opt.step()
