@@ -413,6 +413,36 @@ def test_edge_focus_weights_outlines_golden(tmp_path):
         _stage(edge_scale=0.0)
 
 
+def test_thin_focus_weights_one_pixel_gaps_golden():
+    from anyloom.training.image_tokenizer import reconstruction_objective, thin_map
+
+    x = -torch.ones(1, 3, 8, 8)
+    x[:, 0, :, 1:4] = 1.0  # an object in columns 1-3 ...
+    x[:, 0, :, 5:7] = 1.0  # ... and one in 5-6: a 1-pixel background gap in column 4
+    m = thin_map(x, scale=0.5)
+    assert m.shape == (1, 1, 8, 8)
+    # the gap (column 4) stands out from both neighbours; the step edges (columns 0/1, 3, 5, 6/7) do not
+    assert torch.equal(m[0, 0, 3], torch.tensor([0.0, 0, 0, 0, 1, 0, 0, 0]))
+    assert torch.equal(m[0, 0, :, 4], torch.ones(8))
+    line = -torch.ones(1, 3, 8, 8)
+    line[:, 2, 4, :] = -0.8  # a faint bright row: 0.2 above both neighbours = 0.4 of the scale
+    assert thin_map(line, scale=0.5)[0, 0, 4, 3].item() == pytest.approx(0.4)
+    assert thin_map(-torch.ones(2, 3, 8, 8), 0.5).abs().sum().item() == 0.0
+
+    # an error in the gap weighs more with the thin focus than with the edge focus alone
+    closed = x.clone()
+    closed[:, 0, :, 4] = 1.0  # the reconstruction closes the gap
+    edge_only = reconstruction_objective(closed, x, _stage(edge_focus=2.0, edge_scale=0.5)).l1.item()
+    thin = reconstruction_objective(closed, x, _stage(edge_focus=2.0, edge_scale=0.5, thin_focus=6.0)).l1.item()
+    assert thin > edge_only > 0
+    # only column 4 is wrong (by 2 in one of 3 channels); every other column is within a pixel of an edge (weight
+    # 1 + 2), the gap weighs 1 + 2 + 6
+    assert edge_only == pytest.approx(2 / 3 * 3 / (8 * 3))
+    assert thin == pytest.approx(2 / 3 * 9 / (9 + 7 * 3))
+    with pytest.raises(ValueError, match="thin_focus"):
+        _stage(thin_focus=-1.0)
+
+
 def test_step_benchmark_times_recipe_variants(capsys, monkeypatch):
     """scripts/bench_image_tokenizer.py: one JSON line per variant, relative to the first; recipe typos are named."""
     from anyloom.config import ConfigError

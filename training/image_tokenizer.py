@@ -71,6 +71,11 @@ class ImageTokenizerStageConfig:
     # of a world image) count 1 + edge_focus times. 0: plain means.
     edge_focus: float = 0.0
     edge_scale: float = 0.25  # neighbour difference (in [-1, 1] units) counted as a full edge
+    # Thin-feature focus, on top of edge_focus: pixels of the original that stand out from BOTH neighbours along a
+    # row or a column in the same direction (a 1-pixel background gap between two objects, a thin line or tip;
+    # see thin_map, saturating at edge_scale) count 1 + edge_focus + thin_focus times. Aimed at the world's nearly
+    # touching objects, whose gap a blurred reconstruction closes. 0: off.
+    thin_focus: float = 0.0
     # Code smoothness (FSQ only): weight of the mean |level difference| between neighbouring code cells (straight-
     # through to the encoder), so a flat background gets one code instead of several near-identical ones (fewer
     # code changes for the LM to predict). Measured on the world at 0.03: the LM's image loss fell, its
@@ -109,6 +114,8 @@ class ImageTokenizerStageConfig:
             raise ValueError("l1_weight and l2_weight must be >= 0 and not both 0")
         if self.edge_weight < 0:
             raise ValueError(f"edge_weight must be >= 0, got {self.edge_weight}")
+        if self.thin_focus < 0:
+            raise ValueError(f"thin_focus must be >= 0, got {self.thin_focus}")
         if self.edge_focus < 0 or self.edge_scale <= 0:
             raise ValueError(f"edge_focus must be >= 0 and edge_scale > 0, got {self.edge_focus}, {self.edge_scale}")
         if self.code_smoothness < 0:
@@ -196,6 +203,22 @@ def edge_map(target: torch.Tensor, scale: float) -> torch.Tensor:
     return (F.max_pool2d(g, 3, stride=1, padding=1) / scale).clamp(max=1.0)
 
 
+def thin_map(target: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1]: how far each pixel of (B, C, H, W) ``target`` stands out from both its left and right
+    (or both its upper and lower) neighbours in the same direction, largest over channels, saturating at ``scale``.
+
+    A 1-pixel gap between two objects or a 1-pixel line scores fully; a step edge scores 0 (one neighbour is on the
+    pixel's own side); border pixels score 0.
+    """
+    def ridge(prev: torch.Tensor, mid: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(prev - mid, nxt - mid), torch.minimum(mid - prev, mid - nxt))
+
+    rx = ridge(target[..., :, :-2], target[..., :, 1:-1], target[..., :, 2:]).amax(dim=1, keepdim=True)
+    ry = ridge(target[..., :-2, :], target[..., 1:-1, :], target[..., 2:, :]).amax(dim=1, keepdim=True)
+    r = torch.maximum(F.pad(rx, (1, 1)), F.pad(ry, (0, 0, 1, 1)))  # (B, 1, H, W)
+    return (r / scale).clamp(0.0, 1.0)
+
+
 def reconstruction_losses(recon: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1, L2) means over pixels and channels, weighted per pixel by (B, 1, H, W) ``weights`` if given."""
@@ -226,7 +249,11 @@ class Reconstruction:
 def reconstruction_objective(recon: torch.Tensor, target: torch.Tensor, cfg: ImageTokenizerStageConfig
                              ) -> Reconstruction:
     """The stage's reconstruction loss of ``recon`` against ``target`` (B, 3, H, W): edge-focused L1/L2 (+ edge L1)."""
-    weights = 1.0 + cfg.edge_focus * edge_map(target, cfg.edge_scale) if cfg.edge_focus else None
+    weights = None
+    if cfg.edge_focus or cfg.thin_focus:
+        weights = 1.0 + cfg.edge_focus * edge_map(target, cfg.edge_scale)
+        if cfg.thin_focus:
+            weights = weights + cfg.thin_focus * thin_map(target, cfg.edge_scale)
     l1, l2 = reconstruction_losses(recon, target, weights)
     edge = gradient_l1(recon, target) if cfg.edge_weight else torch.zeros(())
     total = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge
