@@ -3,8 +3,9 @@
     train_image_tokenizer(cfg, train_manifest, val_manifest, run) -> folder with the exported tokenizer
 
 One step reads top to bottom: sample a batch, forward, loss (L1 + L2, optionally weighted towards the original's
-outlines [+ gradient-difference L1] + quantizer aux [+ adaptive-weighted hinge GAN after ``gan_start``]),
-backward, clip, step, EMA update, log. Checkpoints are one safetensors file plus a JSON sidecar (never pickle); a
+outlines and 1-pixel gaps [+ gradient-difference L1] + quantizer aux [+ adaptive-weighted hinge GAN after
+``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision: amx`` on an AMX CPU), backward, clip,
+step, EMA update, log. Checkpoints are one safetensors file plus a JSON sidecar (never pickle); a
 run with a checkpoint resumes from it and, because every batch is drawn from a generator seeded by (seed, step),
 continues exactly as an uninterrupted run would. The export is skipped when ``<run>/tokenizer`` already holds a
 tokenizer trained with the same config fingerprint.
@@ -248,7 +249,8 @@ class Reconstruction:
 
 def reconstruction_objective(recon: torch.Tensor, target: torch.Tensor, cfg: ImageTokenizerStageConfig
                              ) -> Reconstruction:
-    """The stage's reconstruction loss of ``recon`` against ``target`` (B, 3, H, W): edge-focused L1/L2 (+ edge L1)."""
+    """The stage's reconstruction loss of ``recon`` against ``target`` (B, 3, H, W): L1/L2 weighted by the edge and
+    thin focus (+ edge L1)."""
     weights = None
     if cfg.edge_focus or cfg.thin_focus:
         weights = 1.0 + cfg.edge_focus * edge_map(target, cfg.edge_scale)
