@@ -14,6 +14,7 @@ median round per variant, and each variant's best relative to the first one's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -36,8 +37,10 @@ def make_step(cfg: ImageTokenizerStageConfig, seed: int = 0) -> Callable[[], Non
     h, w = cfg.model.image_size
     x = (torch.rand(cfg.batch_size, 3, h, w) * 2 - 1).contiguous(memory_format=cfg.memory_format)
 
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
+
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with autocast():
             fwd = model(x)
             loss = reconstruction_objective(fwd.recon.float(), x, cfg).total + fwd.quant_loss
         optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -490,6 +491,9 @@ def train_image_tokenizer(
     last_layer = model.decoder.conv_out.weight
     fixed = val.pixels[:8]
 
+    # the forward pass and the losses (the generator's and the discriminator's) under bf16 autocast, or a no-op;
+    # whether the CPU has AMX tiles is asked once, not every step
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
     bar = progress(total=cfg.steps, initial=state.step, desc="image tokenizer", unit="step")
     t0 = time.time()
     while state.step < cfg.steps:
@@ -505,7 +509,7 @@ def train_image_tokenizer(
         x = train_x[batch_indices(len(train_x), cfg.batch_size, cfg.seed, step)]
         x = x.contiguous(memory_format=memory_format)
 
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with autocast():
             fwd = model(x)
             recon = fwd.recon.float()  # the losses in fp32 whatever the convs ran in
             terms = reconstruction_objective(recon, x, cfg)
@@ -527,7 +531,7 @@ def train_image_tokenizer(
 
         d_loss = torch.zeros(())
         if gan_on:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            with autocast():
                 d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
