@@ -176,13 +176,67 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NEUTRAL = "anyloom.fingerprint_neutral"
+
+
+def added_field(default: Any, *, neutral: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field added to a config after run directories were written with it.
+
+    While the field holds ``neutral`` (the behaviour before the field existed; its default unless given) it is
+    left out of ``fingerprint``, so existing runs keep their fingerprints and are not retrained or refused
+    because a new option appeared. ``neutral`` is fixed apart from the default on purpose: a later change of
+    the default changes the fingerprint of every run that relies on it.
+    """
+    neutral = default if neutral is dataclasses.MISSING else neutral
+    return dataclasses.field(default=default, metadata={_NEUTRAL: to_dict(neutral)})
+
+
+def _fingerprint_view(obj: Any) -> Any:
+    """``to_dict(obj)`` without the added fields that hold their neutral value."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = _fingerprint_view(getattr(obj, f.name))
+            if _NEUTRAL in f.metadata and value == f.metadata[_NEUTRAL]:
+                continue
+            out[f.name] = value
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_fingerprint_view(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _fingerprint_view(v) for k, v in obj.items()}
+    return obj
+
+
+def config_diff(saved: dict[str, Any], current: Any) -> list[str]:
+    """Dotted keys where ``saved`` (a config written earlier as ``to_dict``) and the dataclass ``current`` differ.
+    An ``added_field`` that ``saved`` lacks counts as equal while ``current`` holds its neutral value."""
+    here = {f.name: f for f in dataclasses.fields(current)}
+    out = []
+    for key in sorted(set(saved) | set(here)):
+        f = here.get(key)
+        if f is None or key not in saved:
+            if not (f is not None and _NEUTRAL in f.metadata and _fingerprint_view(getattr(current, key)) ==
+                    f.metadata[_NEUTRAL]):
+                out.append(key)
+            continue
+        value = getattr(current, key)
+        if dataclasses.is_dataclass(value) and isinstance(saved[key], dict):
+            out += [f"{key}.{k}" for k in config_diff(saved[key], value)]
+        elif to_dict(value) != saved[key]:
+            out.append(key)
+    return out
+
+
 def fingerprint(obj: Any) -> str:
-    """A short stable hash of a config (dataclass or plain data) for caches keyed on configuration."""
+    """A short stable hash of a config (dataclass or plain data) for caches keyed on configuration; fields made
+    with ``added_field`` count only when they leave their neutral value."""
     import hashlib
     import json
 
-    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    blob = json.dumps(_fingerprint_view(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-__all__ = ["ConfigError", "build", "to_dict", "parse_override", "set_dotted", "deep_merge", "fingerprint"]
+__all__ = ["ConfigError", "build", "to_dict", "parse_override", "set_dotted", "deep_merge", "added_field",
+           "config_diff", "fingerprint"]

@@ -173,8 +173,14 @@ def stage_pretokenize(ctx: Context) -> str:
 
 def lm_model_config(model: Any, vocab: Any) -> Any:
     """The recipe's model config ``model`` with exactly the vocabulary size the tokenizers produced and, with
-    ``model.grid_positions``, the image code ids, <boi> and codes per image that grid positions are read from."""
+    ``model.grid_positions``, the image code ids, <boi> and codes per image that grid positions are read from (with
+    ``model.code_factors``, the image code ids the factors describe)."""
     model = dataclasses.replace(model, vocab_size=vocab.size)
+    if model.code_factors:
+        if vocab.image_codebook_size == 0:
+            raise ValueError("model.code_factors: the vocabulary has no image codes to factorise")
+        model = dataclasses.replace(model, grid_token_range=vocab.image_range)
+        model.check_code_factors()
     if not model.grid_positions:
         return model
     if vocab.image_codebook_size == 0:
@@ -195,16 +201,21 @@ def stage_lm(ctx: Context) -> str:
     from anyloom.training.lm import micro_batch_size, train_lm
 
     r = ctx.recipe
+    quantizer = r.image_tokenizer.model.quantizer
+    if r.model.code_factors and quantizer.kind == "fsq" and list(r.model.code_factors) != list(quantizer.fsq_levels):
+        raise ValueError(f"model.code_factors {list(r.model.code_factors)} must be the image tokenizer's FSQ levels "
+                         f"(image_tokenizer.model.quantizer.fsq_levels {list(quantizer.fsq_levels)}), in that order")
+    seed = r.run.seed if r.train.seed is None else r.train.seed
     vocab = ctx.artifacts.get("vocab") or Vocabulary.load(ctx.run.path / "vocab.json")
     mixture = TaskMixture(TokenShards(ctx.run.path / "tokens" / "train"), vocab, r.sequences.mixture)
 
     def make_loader(rank: int, ranks: int) -> PackedLoader:
         return PackedLoader(mixture, r.train.seq_len, micro_batch_size(r.train, ranks), rank=rank, world_size=ranks,
-                            seed=r.run.seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad,
+                            seed=seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad,
                             span_rule=functools.partial(bidirectional_span_ids, vocab))
 
     result = train_lm(lm_model_config(r.model, vocab), r.optim, r.train, r.parallel, ctx.run, make_loader,
-                      vocab.to_dict(), r.run.seed, device=r.run.device)
+                      vocab.to_dict(), seed, device=r.run.device)
     ctx.artifacts["lm"] = result
     if getattr(result, "interrupted", False):
         raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")

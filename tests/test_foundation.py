@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from anyloom import REPO_ROOT
-from anyloom.config import ConfigError, build, fingerprint
+from anyloom.config import ConfigError, build, config_diff, fingerprint, to_dict
 from anyloom.recipes import available, load_recipe
 from anyloom.recipes.schema import Recipe
 from anyloom.training.metrics import MetricsLogger, read_metrics
@@ -150,6 +150,43 @@ def test_lr_schedules():
 def test_fingerprint_is_stable_and_sensitive():
     a, b = load_recipe("world"), load_recipe("world", ["optim.lr=0.5"])
     assert fingerprint(a) == fingerprint(load_recipe("world")) and fingerprint(a) != fingerprint(b)
+
+
+def test_added_field_keeps_old_fingerprints_until_it_leaves_its_neutral_value():
+    from dataclasses import field
+
+    from anyloom.config import added_field
+
+    @dataclass(frozen=True)
+    class Old:
+        a: int = 1
+
+    @dataclass(frozen=True)
+    class New:
+        a: int = 1
+        b: float = added_field(0.0)
+        c: tuple[int, ...] = added_field((2, 3))
+
+    @dataclass(frozen=True)
+    class NewDefault:  # the default moved away from the behaviour before the field existed
+        a: int = 1
+        b: float = added_field(0.5, neutral=0.0)
+
+    @dataclass(frozen=True)
+    class Outer:
+        inner: Old | New = field(default_factory=Old)
+
+    assert fingerprint(New()) == fingerprint(Old()) == fingerprint(New(c=[2, 3]))
+    assert fingerprint(Outer(New())) == fingerprint(Outer(Old())) == fingerprint({"inner": {"a": 1}})
+    assert fingerprint(New(b=0.5)) != fingerprint(Old()) and fingerprint(New(c=(2,))) != fingerprint(Old())
+    assert fingerprint(NewDefault()) != fingerprint(Old())  # a changed default is not hidden
+    assert fingerprint(NewDefault(b=0.0)) == fingerprint(Old())
+    assert fingerprint(New(a=2)) != fingerprint(New())
+    # a checkpoint's saved config against today's dataclass (training.checkpoint refuses a resume on a difference)
+    assert config_diff(to_dict(Old()), New()) == [] and config_diff(to_dict(New()), New()) == []
+    assert config_diff(to_dict(Old()), New(b=0.5)) == ["b"]
+    assert config_diff({"a": 1, "z": 3}, New()) == ["z"]
+    assert config_diff(to_dict(Outer(Old())), Outer(New(a=2, c=(1,)))) == ["inner.a", "inner.c"]
 
 
 def test_train_script_rejects_typo_naming_key():

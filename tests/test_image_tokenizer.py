@@ -489,3 +489,35 @@ def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch
     assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.75 * np.mean(losses[:2])
     with pytest.raises(ValueError, match="mixed_precision"):
         _stage(mixed_precision="bf16")
+
+
+def test_gap_focus_weights_narrow_background_gaps_golden():
+    from anyloom.training.image_tokenizer import gap_map, reconstruction_objective
+
+    x = -torch.ones(1, 3, 12, 12)  # a dark background ...
+    x[:, 0, 2:10, 2:5] = 1.0  # ... a red object in columns 2-4 ...
+    x[:, 0, 2:10, 7:10] = 1.0  # ... and one in 7-9: a 2-pixel gap in columns 5-6
+    m = gap_map(x, radius=2, threshold=0.35)
+    assert m.shape == (1, 1, 12, 12)
+    expected = torch.zeros(12, 12)
+    expected[2:10, 5:7] = 1.0  # the gap, on the rows both objects span; nothing else (the border is 2 px away)
+    assert torch.equal(m[0, 0], expected)
+    assert torch.equal(gap_map(x, radius=1, threshold=0.35)[0, 0], expected)  # radius r closes gaps up to 2r wide
+    wide = x.clone()
+    wide[:, 0, 2:10, 7] = -1.0  # the gap is now 3 pixels wide (columns 5-7)
+    assert gap_map(wide, radius=1, threshold=0.35).sum().item() == 0.0
+    assert gap_map(wide, radius=2, threshold=0.35)[0, 0, 2:10, 5:8].sum().item() == 8 * 3
+    faint = x.clone()
+    faint[:, 0, 2:10, 7:10] = -0.8  # the second object is only 0.2 from the background: not an object
+    assert gap_map(faint, radius=2, threshold=0.35).sum().item() == 0.0
+
+    # an error in the gap weighs 1 + gap_focus more than the same error elsewhere on the background
+    bled = x.clone()
+    bled[:, 0, 2:10, 5:7] = 0.0  # the reconstruction bleeds half-way into the gap
+    plain = reconstruction_objective(bled, x, _stage()).l1.item()
+    gap = reconstruction_objective(bled, x, _stage(gap_focus=4.0)).l1.item()
+    assert plain == pytest.approx(16 / (12 * 12 * 3))
+    assert gap == pytest.approx(16 * 5 / ((12 * 12 + 16 * 4) * 3))
+    for bad in ({"gap_focus": -1.0}, {"gap_radius": 0}, {"gap_threshold": 0.0}):
+        with pytest.raises(ValueError, match="gap_focus"):
+            _stage(**bad)

@@ -82,3 +82,26 @@ def test_rerun_skips_finished_stages(tiny_run):
                                        f"pipeline.stages=[{','.join(stages)}]"])
     ctx = run_pipeline(again, run, log=lambda _: None)
     assert all(t["seconds"] < 20 for t in ctx.timings), ctx.timings
+
+
+def test_train_seed_seeds_the_lm_alone(tiny_run, monkeypatch):
+    import anyloom.training.lm as lm
+    from anyloom.scripts.pipeline import Context, stage_lm
+
+    recipe, run, _, _ = tiny_run
+    seen = {}
+
+    def fake_train_lm(model_cfg, optim_cfg, train_cfg, parallel_cfg, run_dir, make_loader, vocab_json, seed, **kw):
+        seen.update(seed=seed, loader_seed=make_loader(0, 1).seed)
+        return lm.LMTrainResult(step=0, resumed_from=0, checkpoint=None)
+
+    monkeypatch.setattr(lm, "train_lm", fake_train_lm)
+    for overrides, expected in (([], recipe.run.seed), (["train.seed=7"], 7)):
+        again = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
+                                           *overrides])
+        stage_lm(Context(again, run))
+        assert seen == {"seed": expected, "loader_seed": expected}
+    swapped = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
+                                         "model.code_factors=[5,8,5,5]"])  # the right product, the wrong order
+    with pytest.raises(ValueError, match="must be the image tokenizer's FSQ levels"):
+        stage_lm(Context(swapped, run))

@@ -323,3 +323,74 @@ def test_lm_stage_fills_grid_fields_from_the_vocabulary():
     assert lm_model_config(DEBUG, vocab).grid_size == 0  # off: nothing filled
     with pytest.raises(ValueError, match="row ends break the run"):
         lm_model_config(replace(DEBUG, grid_positions=True), Vocabulary.build(24, 16, 8, 1, (2, 3), image_row_end=True))
+
+
+FACTORS = replace(DEBUG, grid_token_range=(10, 46), code_factors=(4, 3, 3))
+
+
+def test_code_factors_add_each_digit_vector_like_fsq_numbers_its_codes():
+    from vector_quantize_pytorch import FSQ
+
+    model = _model(FACTORS)
+    codes = torch.arange(36)
+    digits = FSQ(levels=[4, 3, 3]).indices_to_level_indices(codes)  # (36, 3): the quantizer's own numbering
+    offsets = torch.tensor([0, 4, 7])
+    tables = (model.code_factor_in.weight, model.code_factor_out.weight)
+    for weight, own, table in ((model.embedding_weight, model.tok_embeddings.weight, tables[0]),
+                               (model.output_weight, model.output.weight, tables[1])):
+        expect = own[10:46] + table[digits + offsets].sum(1)
+        assert torch.allclose(weight[10:46], expect) and torch.equal(weight[:10], own[:10])
+        assert torch.equal(weight[46:], own[46:])
+    tokens = torch.tensor([[1, 12, 39, 50]])
+    assert torch.allclose(model(tokens), _with_embedding(model, tokens))
+    # a loss on one code moves the digit vectors every code with those digits shares
+    out = model.loss(model(tokens), torch.tensor([[12, 39, 50, 3]]), torch.tensor([[False, True, False, False]]))
+    out.loss.backward()
+    touched = (model.code_factor_out.weight.grad.abs().sum(1) > 0).nonzero().squeeze(1).tolist()
+    assert touched == sorted((digits + offsets).unique().tolist())  # the softmax reaches every digit value
+    assert model.code_factor_in.weight.grad[(digits[2] + offsets)].abs().sum() > 0  # code 12 was read
+    with torch.device("meta"):
+        meta = Transformer(FACTORS)
+    meta.to_empty(device="cpu")
+    meta.init_weights()  # rebuilds the digit rows, as FSDP's meta init needs
+    assert torch.equal(meta.code_digits, model.code_digits)
+    tied = _model(replace(FACTORS, tie_embeddings=True))
+    assert tied.code_factor_out is None and torch.equal(tied.output_weight, tied.embedding_weight)
+
+
+def _with_embedding(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The forward pass with the factorised embedding looked up by hand (the reference for the test above)."""
+    x = model.embedding_weight[tokens]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+    for block in model.layers:
+        x = block(x, cos, sin, None, None)
+    return model.norm(x)
+
+
+def test_code_factors_cached_decode_equals_full_forward():
+    model = _model(FACTORS).eval()
+    rows = torch.tensor([[1, 2, 90, 11, 12, 13, 14, 15, 16, 17, 3, 90, 20, 21]])
+    kv = KVCache(1, 16, FACTORS.n_layers, FACTORS.n_kv_heads, FACTORS.head_dim)
+    with torch.no_grad():
+        full = model.logits(model(rows))
+        got = [model.logits(model(rows[:, :5], kv_cache=kv, cache_pos=0))]
+        got += [model.logits(model(rows[:, s : s + 1], kv_cache=kv, cache_pos=s)) for s in range(5, rows.shape[1])]
+    assert torch.allclose(torch.cat(got, 1), full, atol=1e-5)
+
+
+def test_code_factors_are_checked_and_filled_by_the_lm_stage():
+    from anyloom.scripts.pipeline import lm_model_config
+    from anyloom.sequences.vocab import Vocabulary
+
+    for bad in ((4, 8), (36, 1)):
+        with pytest.raises(ValueError, match="must multiply to the number of code ids"):
+            Transformer(replace(FACTORS, code_factors=bad))
+    with pytest.raises(ValueError, match="the LM stage fills the range"):
+        Transformer(replace(DEBUG, code_factors=(4, 4)))
+    vocab = Vocabulary.build(24, 16, 8, 1, (2, 3))
+    cfg = lm_model_config(replace(DEBUG, code_factors=(4, 4)), vocab)
+    assert cfg.grid_token_range == vocab.image_range and cfg.grid_size == 0
+    Transformer(cfg)
+    with pytest.raises(ValueError, match="must multiply"):
+        lm_model_config(replace(DEBUG, code_factors=(4, 2)), vocab)

@@ -38,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from anyloom.config import config_diff
 from anyloom.training import faults
 
 METADATA = ".metadata"
@@ -269,9 +270,12 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Stateful,
         loader: Stateful,
-        expect_model_config: dict[str, Any] | None = None,
+        expect_model_config: Any = None,
     ) -> CheckpointRef | None:
-        """Restore the latest complete checkpoint into the given objects; None when there is none."""
+        """Restore the latest complete checkpoint into the given objects; None when there is none.
+
+        ``expect_model_config`` (a config dataclass): refuse a checkpoint whose saved model config differs from it
+        (``anyloom.config.config_diff``: options added since, at their neutral value, do not count)."""
         ref = latest_checkpoint(self.folder) if _rank() == 0 else None
         if _distributed():  # every rank must load the same one, whatever its view of the file system
             box = [ref]
@@ -286,11 +290,8 @@ class Checkpointer:
                   "optimizer are resharded; every rank gets rank 0's data-loader state (exact for loaders whose "
                   "state is global, like PackedLoader, which also checks that the global batch is unchanged)")
         if expect_model_config is not None:
-            saved = _read_json(ref.path / CONFIG).get("model")
-            if saved != expect_model_config:
-                saved = saved or {}
-                diff = sorted(k for k in set(saved) | set(expect_model_config)
-                              if saved.get(k) != expect_model_config.get(k))
+            diff = config_diff(_read_json(ref.path / CONFIG).get("model") or {}, expect_model_config)
+            if diff:
                 raise RuntimeError(f"{ref.path}: the checkpoint's model config differs from this recipe at {diff}")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ref.path, no_dist=not _distributed())

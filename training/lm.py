@@ -215,7 +215,7 @@ def _train(
     config = {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg), "train": to_dict(train_cfg),
               "parallel": to_dict(parallel_cfg), "seed": seed}
     resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                          expect_model_config=config["model"])
+                          expect_model_config=model_cfg)
     start = resumed.step if resumed else 0
     budget_start = scheduler.elapsed  # training seconds before this process (resume)
     result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)

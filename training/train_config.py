@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from anyloom.config import added_field
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -26,6 +28,9 @@ class TrainConfig:
     # Pack whole documents: a document that does not fit in what is left of a row starts the next row (the rest
     # is padding, never trained) instead of being split (sequences.packing). Only documents > seq_len are cut.
     whole_documents: bool = False
+    # The LM's own seed (initial weights, data order); None: run.seed. run.seed also seeds the audio tokenizer, so a
+    # replicate of the LM alone on the same tokenizers sets this instead and keeps every earlier stage up to date.
+    seed: int | None = added_field(None)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last", "max_bad_steps",

@@ -18,6 +18,14 @@ tokens are). Any other token breaks a run; grid tokens not preceded by a start t
 continued from the previous packed row) or beyond ``grid_size`` get no grid embedding. The index is computed
 from the tokens alone; with a KV cache, the cache carries each row's next index across calls.
 
+Factorised code embeddings (``code_factors``, off by default): the ids in ``grid_token_range`` are codes of one
+codebook whose index is a mixed-radix number with these digit sizes, least significant first (an FSQ codebook:
+its levels, the way vector-quantize-pytorch numbers its codes). Each digit value gets a learned vector (one table
+per digit for the input, one for the output), and a code's input embedding and its output row add the vectors of
+its digits to their own per-code vector, so codes that share FSQ levels share what is learned about them instead
+of each of the K codes being learned from its own occurrences alone. The (V, D) sums are formed per call (a gather
+and an add), so the parameters, not the effective matrices, are what checkpoints hold.
+
 KV-cache decoding: ``model(tokens, positions=..., kv_cache=kv, cache_pos=p)`` writes the new keys/values at
 slots [p, p + t) of the static cache and attends to every earlier slot of the same document. ``p`` is an int, or
 a 0-d int64 tensor for a shape-static step that ``torch.compile`` compiles once for every position (keys span the
@@ -37,6 +45,7 @@ kernels change no parameter, so checkpoints are the same whichever kernels ran.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -46,6 +55,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from anyloom.config import added_field
 from anyloom.transformer.attention import attention
 from anyloom.transformer.kernels.fused_ce import linear_lse, naive_linear_lse
 
@@ -83,6 +93,9 @@ class ModelConfig:
     grid_token_range: tuple[int, int] = (0, 0)
     grid_start_token: int = -1
     grid_size: int = 0
+    # factorised code embeddings (module docstring): the digit sizes of the codes in grid_token_range, whose
+    # product must be their count; () = off. The LM stage fills grid_token_range when this is set
+    code_factors: tuple[int, ...] = added_field(())
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -105,6 +118,17 @@ class ModelConfig:
                 f"grid_positions needs grid_token_range [lo, hi) inside the vocabulary [0, {self.vocab_size}), "
                 f"a grid_start_token outside it and grid_size > 0; got {tuple(self.grid_token_range)}, "
                 f"{self.grid_start_token}, {self.grid_size} (the LM stage fills them from the vocabulary)")
+
+    def check_code_factors(self) -> None:
+        """Factorised code embeddings need the code ids (filled by the LM stage, like grid positions), so this runs
+        when a model is built."""
+        lo, hi = self.grid_token_range
+        if not (0 <= lo < hi <= self.vocab_size) or math.prod(self.code_factors) != hi - lo or \
+                min(self.code_factors) < 2:
+            raise ValueError(
+                f"code_factors {list(self.code_factors)} (each >= 2) must multiply to the number of code ids in "
+                f"grid_token_range {tuple(self.grid_token_range)} inside the vocabulary [0, {self.vocab_size}) "
+                f"(the LM stage fills the range from the vocabulary; the factors are the image quantizer's FSQ levels)")
 
     @property
     def head_dim(self) -> int:
@@ -297,6 +321,14 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def code_digit_rows(factors: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
+    """(prod(factors), len(factors)) int64: the digits of every code (mixed radix, least significant first, as
+    vector-quantize-pytorch's FSQ numbers its codes), each offset to its table's rows in one stacked table."""
+    basis = torch.tensor([math.prod(factors[:i]) for i in range(len(factors))], device=device)
+    digits = (torch.arange(math.prod(factors), device=device)[:, None] // basis) % torch.tensor(factors, device=device)
+    return digits + torch.tensor([0, *itertools.accumulate(factors)][:-1], device=device)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -305,6 +337,13 @@ class Transformer(nn.Module):
         if cfg.grid_positions:
             cfg.check_grid()
         self.grid_embeddings = nn.Embedding(cfg.grid_size, cfg.dim) if cfg.grid_positions else None
+        if cfg.code_factors:
+            cfg.check_code_factors()
+            # (K, n_factors): each code's row in every digit table (rebuilt by init_weights, like the RoPE tables)
+            self.register_buffer("code_digits", code_digit_rows(cfg.code_factors), persistent=False)
+        self.code_factor_in = nn.Embedding(sum(cfg.code_factors), cfg.dim) if cfg.code_factors else None
+        self.code_factor_out = (nn.Embedding(sum(cfg.code_factors), cfg.dim)
+                                if cfg.code_factors and not cfg.tie_embeddings else None)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_rmsnorm)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -313,10 +352,25 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
+    def _with_code_factors(self, weight: Tensor, table: nn.Embedding | None) -> Tensor:
+        """(V, D) ``weight`` with each code row plus the sum of its digits' vectors in ``table`` (None: as is)."""
+        if table is None:
+            return weight
+        lo, hi = self.cfg.grid_token_range
+        factored = weight[lo:hi] + F.embedding(self.code_digits, table.weight).sum(1)  # (K, D)
+        return torch.cat([weight[:lo], factored.to(weight.dtype), weight[hi:]])
+
+    @property
+    def embedding_weight(self) -> Tensor:
+        """(V, D): the input embedding (per-token vectors, plus digit vectors with ``code_factors``)."""
+        return self._with_code_factors(self.tok_embeddings.weight, self.code_factor_in)
+
     @property
     def output_weight(self) -> Tensor:
         """(V, D): the unembedding (the embedding matrix itself when tied)."""
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
+        if self.output is None:
+            return self.embedding_weight
+        return self._with_code_factors(self.output.weight, self.code_factor_out)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -326,10 +380,15 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+            if cfg.code_factors:
+                self.code_digits.copy_(code_digit_rows(cfg.code_factors, self.code_digits.device))
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
         if self.grid_embeddings is not None:
             nn.init.normal_(self.grid_embeddings.weight, std=cfg.init_std)
+        for table in (self.code_factor_in, self.code_factor_out):
+            if table is not None:
+                nn.init.normal_(table.weight, std=cfg.init_std)
         for block in self.layers:
             block.attention.reset_parameters(cfg.init_std, out_std)
             block.feed_forward.reset_parameters(cfg.init_std, out_std)
@@ -369,7 +428,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, E)
-        x = self.tok_embeddings(tokens)  # (B, T, D)
+        if self.code_factor_in is None:
+            x = self.tok_embeddings(tokens)  # (B, T, D)
+        else:
+            x = F.embedding(tokens, self.embedding_weight)
         if self.grid_embeddings is not None:
             cell, nxt = grid_index(tokens, self.cfg, None if kv_cache is None else kv_cache.grid_carry(cache_pos))
             if kv_cache is not None:
