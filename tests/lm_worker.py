@@ -27,7 +27,10 @@ from anyloom.transformer.sizes import model_config
 VOCAB = 96
 
 
-def tiny_model() -> ModelConfig:
+def tiny_model(code_factors: bool = False) -> ModelConfig:
+    """The debug model; ``code_factors``: ids 32-79 are 48 codes with factorised embeddings (4 x 3 x 4)."""
+    if code_factors:
+        return model_config("debug", vocab_size=VOCAB, grid_token_range=(32, 80), code_factors=(4, 3, 4))
     return model_config("debug", vocab_size=VOCAB)
 
 
@@ -49,7 +52,8 @@ def documents(n: int = 64, seed: int = 7) -> ListSource:
 def run_training(run_dir: str, steps: int, batch: int, grad_accum: int = 1, ckpt_every: int = 0,
                  parallel: ParallelConfig | None = None, lr: float = 3e-3, keep_last: int = 2,
                  max_bad_steps: int = 5, sample_fn: SampleFn | None = None,
-                 async_checkpoint: bool = False, max_seconds: float = 0.0) -> LMTrainResult:
+                 async_checkpoint: bool = False, max_seconds: float = 0.0, code_factors: bool = False
+                 ) -> LMTrainResult:
     train = TrainConfig(steps=steps, batch_size=batch, seq_len=32, grad_accum=grad_accum, log_every=1,
                         ckpt_every=ckpt_every, keep_last=keep_last, max_bad_steps=max_bad_steps,
                         sample_every=1 if sample_fn else 0, async_checkpoint=async_checkpoint,
@@ -60,7 +64,7 @@ def run_training(run_dir: str, steps: int, batch: int, grad_accum: int = 1, ckpt
         return PackedLoader(documents(), train.seq_len, micro_batch_size(train, world), rank=rank,
                             world_size=world, seed=3)
 
-    return train_lm(tiny_model(), optim, train, parallel or ParallelConfig(), RunDir(run_dir), make_loader,
+    return train_lm(tiny_model(code_factors), optim, train, parallel or ParallelConfig(), RunDir(run_dir), make_loader,
                     {"size": VOCAB}, seed=0, device="cpu", sample_fn=sample_fn)
 
 
@@ -74,11 +78,13 @@ def main() -> None:
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
     p.add_argument("--init", default="cpu", choices=["cpu", "meta"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--code-factors", action="store_true", help="factorised code embeddings (tiny_model)")
     p.add_argument("--result", help="write the result (rank 0) as JSON here")
     a = p.parse_args()
     torch.set_num_threads(1)
     res = run_training(a.dir, a.steps, a.batch, a.grad_accum, a.ckpt_every,
-                       ParallelConfig(activation_checkpointing=a.ac, init_device=a.init, compile=a.compile))
+                       ParallelConfig(activation_checkpointing=a.ac, init_device=a.init, compile=a.compile),
+                       code_factors=a.code_factors)
     if a.result and torch.distributed.is_available():
         import os
 

@@ -39,11 +39,13 @@ def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.Completed
 
 def test_two_ranks_match_one_rank_and_reshard_on_resume(tmp_path):
     result = tmp_path / "two.json"
+    # with factorised code embeddings: their tables are root parameters that FSDP shards like the embedding's
     proc = torchrun(2, "--dir", str(tmp_path / "two"), "--steps", "20", "--batch", "4", "--grad-accum", "2",
-                    "--ac", "selective", "--ckpt-every", "10", "--result", str(result))
+                    "--ac", "selective", "--ckpt-every", "10", "--code-factors", "--result", str(result))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = {int(k): v for k, v in json.loads(result.read_text())["losses"].items()}
-    one = run_training(str(tmp_path / "one"), steps=20, batch=4, parallel=ParallelConfig(strategy="none"))
+    one = run_training(str(tmp_path / "one"), steps=20, batch=4, parallel=ParallelConfig(strategy="none"),
+                       code_factors=True)
     assert sorted(two) == sorted(one.losses) == list(range(1, 21))
     for step, loss in one.losses.items():
         assert abs(two[step] - loss) <= 1e-5 * abs(loss), (step, two[step], loss)
@@ -54,7 +56,7 @@ def test_two_ranks_match_one_rank_and_reshard_on_resume(tmp_path):
     shutil.rmtree(step_dir(tmp_path / "two" / "checkpoints", 20))
     # same global batch, same split into micro-batches of 2 rows (the loader checks its global batch size)
     resumed = run_training(str(tmp_path / "two"), steps=20, batch=4, grad_accum=2,
-                           parallel=ParallelConfig(strategy="none"))
+                           parallel=ParallelConfig(strategy="none"), code_factors=True)
     assert resumed.resumed_from == 10
     for step in range(11, 21):
         assert abs(resumed.losses[step] - one.losses[step]) <= 1e-5 * abs(one.losses[step])
