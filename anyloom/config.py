@@ -191,16 +191,16 @@ def added_field(default: Any, *, neutral: Any = dataclasses.MISSING) -> Any:
     return dataclasses.field(default=default, metadata={_NEUTRAL: to_dict(neutral)})
 
 
+def _is_neutral(f: dataclasses.Field, view: Any) -> bool:
+    """Whether ``f`` is an ``added_field`` whose value (as ``_fingerprint_view`` writes it) is its neutral one."""
+    return _NEUTRAL in f.metadata and view == f.metadata[_NEUTRAL]
+
+
 def _fingerprint_view(obj: Any) -> Any:
     """``to_dict(obj)`` without the added fields that hold their neutral value."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = _fingerprint_view(getattr(obj, f.name))
-            if _NEUTRAL in f.metadata and value == f.metadata[_NEUTRAL]:
-                continue
-            out[f.name] = value
-        return out
+        views = {f: _fingerprint_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: view for f, view in views.items() if not _is_neutral(f, view)}
     if isinstance(obj, (list, tuple)):
         return [_fingerprint_view(v) for v in obj]
     if isinstance(obj, dict):
@@ -216,8 +216,7 @@ def config_diff(saved: dict[str, Any], current: Any) -> list[str]:
     for key in sorted(set(saved) | set(here)):
         f = here.get(key)
         if f is None or key not in saved:
-            if not (f is not None and _NEUTRAL in f.metadata and _fingerprint_view(getattr(current, key)) ==
-                    f.metadata[_NEUTRAL]):
+            if f is None or not _is_neutral(f, _fingerprint_view(getattr(current, key))):
                 out.append(key)
             continue
         value = getattr(current, key)

@@ -14,7 +14,6 @@ median round per variant, and each variant's best relative to the first one's.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import shlex
@@ -37,7 +36,7 @@ def make_step(cfg: ImageTokenizerStageConfig, seed: int = 0) -> Callable[[], Non
     h, w = cfg.model.image_size
     x = (torch.rand(cfg.batch_size, 3, h, w) * 2 - 1).contiguous(memory_format=cfg.memory_format)
 
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
+    autocast = cfg.autocast()
 
     def step() -> None:
         with autocast():

@@ -3,11 +3,11 @@
     train_image_tokenizer(cfg, train_manifest, val_manifest, run) -> folder with the exported tokenizer
 
 One step reads top to bottom: sample a batch, forward, loss (L1 + L2, optionally weighted towards the original's
-outlines and 1-pixel gaps [+ gradient-difference L1] + quantizer aux [+ adaptive-weighted hinge GAN after
-``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision: amx`` on an AMX CPU), backward, clip,
-step, EMA update, log. Checkpoints are one safetensors file plus a JSON sidecar (never pickle); a
-run with a checkpoint resumes from it and, because every batch is drawn from a generator seeded by (seed, step),
-continues exactly as an uninterrupted run would. The export is skipped when ``<run>/tokenizer`` already holds a
+outlines, 1-pixel ridges and narrow gaps between objects [+ gradient-difference L1] + quantizer aux [+ adaptive-
+weighted hinge GAN after ``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision: amx`` on an
+AMX CPU), backward, clip, step, EMA update, log. Checkpoints are one safetensors file plus a JSON sidecar (never
+pickle); a run with a checkpoint resumes from it and, because every batch is drawn from a generator seeded by (seed,
+step), continues exactly as an uninterrupted run would. The export is skipped when ``<run>/tokenizer`` already holds a
 tokenizer trained with the same config fingerprint.
 
 Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
@@ -15,10 +15,12 @@ Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -141,6 +143,11 @@ class ImageTokenizerStageConfig:
     def bf16_autocast(self) -> bool:
         """Whether the loop runs under CPU bf16 autocast (``mixed_precision: amx`` on a CPU with AMX tiles)."""
         return self.mixed_precision == "amx" and cpu_has_amx()
+
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        """A factory of the loop's autocast context: CPU bf16 when ``bf16_autocast``, else a no-op. Whether the CPU
+        has AMX tiles is asked here, once per loop, not every step."""
+        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -522,9 +529,7 @@ def train_image_tokenizer(
     last_layer = model.decoder.conv_out.weight
     fixed = val.pixels[:8]
 
-    # the forward pass and the losses (the generator's and the discriminator's) under bf16 autocast, or a no-op;
-    # whether the CPU has AMX tiles is asked once, not every step
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast)
+    autocast = cfg.autocast()  # the forward pass and the losses (the generator's and the discriminator's)
     bar = progress(total=cfg.steps, initial=state.step, desc="image tokenizer", unit="step")
     t0 = time.time()
     while state.step < cfg.steps:

@@ -337,13 +337,13 @@ class Transformer(nn.Module):
         if cfg.grid_positions:
             cfg.check_grid()
         self.grid_embeddings = nn.Embedding(cfg.grid_size, cfg.dim) if cfg.grid_positions else None
+        self.code_factor_in = self.code_factor_out = None
         if cfg.code_factors:
             cfg.check_code_factors()
             # (K, n_factors): each code's row in every digit table (rebuilt by init_weights, like the RoPE tables)
             self.register_buffer("code_digits", code_digit_rows(cfg.code_factors), persistent=False)
-        self.code_factor_in = nn.Embedding(sum(cfg.code_factors), cfg.dim) if cfg.code_factors else None
-        self.code_factor_out = (nn.Embedding(sum(cfg.code_factors), cfg.dim)
-                                if cfg.code_factors and not cfg.tie_embeddings else None)
+            self.code_factor_in = nn.Embedding(sum(cfg.code_factors), cfg.dim)
+            self.code_factor_out = None if cfg.tie_embeddings else nn.Embedding(sum(cfg.code_factors), cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_rmsnorm)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -428,10 +428,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, E)
-        if self.code_factor_in is None:
-            x = self.tok_embeddings(tokens)  # (B, T, D)
-        else:
-            x = F.embedding(tokens, self.embedding_weight)
+        x = F.embedding(tokens, self.embedding_weight)  # (B, T, D)
         if self.grid_embeddings is not None:
             cell, nxt = grid_index(tokens, self.cfg, None if kv_cache is None else kv_cache.grid_carry(cache_pos))
             if kv_cache is not None:
