@@ -25,6 +25,14 @@ class GenerationConfig:
     # self-reranking (generation/rerank.py): sample this many images per prompt and keep the one under which the
     # model finds the prompt most likely (image -> prompt direction); 1 = the first sample, no reranking
     image_candidates: int = 1
+    # the same for speech: the candidate under which the model's speech -> text direction finds the prompt most likely
+    audio_candidates: int = 1
+    # text from an image or speech prompt: 1 = the greedy text alone; n > 1 adds n - 1 texts sampled at
+    # text_candidate_temperature and keeps the one with the highest log p(text | prompt) + text_channel_weight *
+    # log p(prompt | text), the reverse direction judging how well the text explains the prompt (a noisy channel)
+    text_candidates: int = 1
+    text_candidate_temperature: float = 1.5
+    text_channel_weight: float = 0.3
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
@@ -35,8 +43,12 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
-        if self.image_candidates < 1:
-            raise ValueError(f"image_candidates must be >= 1, got {self.image_candidates}")
+        if self.text_candidate_temperature <= 0 or self.text_channel_weight < 0:
+            raise ValueError(f"text_candidate_temperature must be > 0 and text_channel_weight >= 0, got "
+                             f"{self.text_candidate_temperature} and {self.text_channel_weight}")
+        for name in ("image_candidates", "audio_candidates", "text_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales

@@ -213,13 +213,19 @@ def generate(
     uncond_prompts: Sequence[Sequence[int]] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     compile: CompileMode = "auto",
+    samples: int = 1,
 ) -> GenerationOutput:
     """Continue each prompt (token ids, starting with bos) under ``grammar``; see the module docstring.
 
     With ``guidance`` active, ``uncond_prompts`` (one per prompt: the same request with the condition dropped)
     run as the second half of the batch. ``compile`` decides whether the decode step runs compiled
     (:func:`use_compile`); the tokens are the same either way up to fp32 rounding (tests compare greedy runs).
+    ``samples`` continues each prompt that many times (output rows i * samples ... (i + 1) * samples - 1 belong
+    to prompt i) from one prefill: the prompt's cache rows are copied, not recomputed (the prefill of long image
+    or speech prompts is most of the cost of sampling several short texts from each).
     """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     sampling = sampling if sampling is not None else ModalitySampling()
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -241,15 +247,16 @@ def generate(
         r, t = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"prompt row {r % B} holds id {int(batch.tokens[r, t])} outside the model's vocabulary "
                          f"[0, {model.cfg.vocab_size})")
-    state = grammar.state_after_prompts(batch.tokens[:B], batch.valid[:B])
+    state = grammar.state_after_prompts(batch.tokens[:B].repeat_interleave(samples, 0),
+                                        batch.valid[:B].repeat_interleave(samples, 0))
     if bool(state.done.any()):
-        r = int(state.done.nonzero()[0, 0])
+        r = int(state.done.nonzero()[0, 0]) // samples
         raise ValueError(f"prompt {r} already ends the stream (eos); nothing to generate")
     need = grammar.tokens_to_close(state)
     if int(need.max()) > max_new_tokens:
         r = int(need.argmax())
-        raise ValueError(f"prompt {r} leaves a span open that needs {int(need[r])} more tokens to close, but "
-                         f"max_new_tokens is {max_new_tokens}")
+        raise ValueError(f"prompt {r // samples} leaves a span open that needs {int(need[r])} more tokens to "
+                         f"close, but max_new_tokens is {max_new_tokens}")
     compiled = use_compile(compile, device)
     slots = T + max_new_tokens
     if compiled:  # one graph per cache length: round it up so that nearby prompt lengths share a graph
@@ -257,13 +264,17 @@ def generate(
     kv = new_cache(model, batch.tokens.shape[0], slots)
     spans = bidirectional_span_ids(grammar.vocab, batch.tokens, batch.valid)  # a prompt is given, never trained
     logits = prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv, spans)
+    if samples > 1:  # conditional rows first, then their unconditional twins, each prompt's samples side by side
+        rows_of = torch.arange(batch.tokens.shape[0], device=device).repeat_interleave(samples)
+        kv, logits = kv.select_rows(rows_of), logits.index_select(0, rows_of)
     decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
                               guidance if guided else None, on_step,
                               compiled_decode_step() if compiled else decode_one_token)
     sequences = []
-    for r in range(B):
+    for r in range(B * samples):
         ids = decoded.tokens[r].tolist()
         while ids and ids[-1] == grammar.vocab.pad:
             ids.pop()
         sequences.append(ids)
-    return GenerationOutput(sequences, decoded.finished.tolist(), batch.lengths[:B].tolist())
+    return GenerationOutput(sequences, decoded.finished.tolist(),
+                            batch.lengths[:B].repeat_interleave(samples).tolist())

@@ -43,7 +43,7 @@ from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
 from anyloom.generation.engine import StepEvent, generate
-from anyloom.generation.rerank import reverse_log_likelihood
+from anyloom.generation.rerank import document_log_likelihood, reverse_log_likelihood
 from anyloom.generation.sampling import SamplingConfig
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
@@ -75,6 +75,7 @@ class GeneratedText:
     text: str
     ids: list[int]  # text-tokenizer ids (no special tokens)
     finished: bool  # the model ended it (False: it reached max_text_tokens, where eos is forced)
+    score: float | None = None  # with reranking: log p(text | prompt) + w * log p(prompt | text) of the kept text
 
 
 @dataclass
@@ -89,6 +90,7 @@ class GeneratedAudio:
     wave: np.ndarray  # (T,) float32 mono in [-1, 1]
     sample_rate: int
     codes: torch.Tensor  # (Q, F) audio-tokenizer codes
+    score: float | None = None  # with self-reranking: log p(prompt | this audio), the best of the candidates
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
@@ -351,17 +353,18 @@ class Pipeline:
 
         ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``cfg_scale`` override the config for the target modality;
         ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with. ``candidates``
-        (images only; default: the config's ``image_candidates``) samples that many images per prompt and
-        returns the one the model maps back to the prompt best (``generation/rerank.py``).
+        (default: the config's ``image_candidates`` / ``audio_candidates`` / ``text_candidates``) reranks: images
+        and audio sample that many outputs per prompt and keep the one the model maps back to the prompt best;
+        text keeps the greedy output or one of ``candidates - 1`` sampled ones by a noisy-channel score (text from
+        an image or speech prompt; a text-only prompt keeps its greedy output). See ``generation/rerank.py``.
         """
+        self._opener(to)  # an unknown target or a missing tokenizer: refused before anything runs
         cfg = self.config
-        n = candidates if candidates is not None else (cfg.image_candidates if to == "image" else 1)
+        n = candidates if candidates is not None else {"image": cfg.image_candidates, "audio": cfg.audio_candidates,
+                                                          "text": cfg.text_candidates}.get(to, 1)
         if n < 1:
             raise PipelineError(f"candidates must be >= 1, got {n}")
-        if n > 1 and to != "image":
-            raise PipelineError(f"candidates={n}: self-reranking is for to='image', not to={to!r}")
         toks = [self.prompt_segments(p) for p in prompts]
-        ids = [self._ids_of(t, to) for t in toks for _ in range(n)]  # each prompt's n candidates side by side
         target_cfg: SamplingConfig = getattr(cfg, to)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
         overrides = {k: v for k, v in given.items() if v is not None}
@@ -370,6 +373,22 @@ class Pipeline:
             cfg = replace(cfg, max_text_tokens=max_text_tokens)
         if max_audio_seconds is not None:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
+        seed = cfg.seed if seed is None else seed
+        if to == "text":
+            first = self._sample(toks, to, 1, cfg, seed, cfg_scale, on_step)
+            rerank = [i for i, t in enumerate(toks) if any(not isinstance(s, TextIds) for s in t)]
+            if n == 1 or not rerank:
+                return first
+            hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
+            sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
+            return self._best_texts(first, sampled, toks, rerank, n - 1, cfg.text_channel_weight)
+        results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step)
+        return results if n == 1 else self._best_candidates(results, toks, n)
+
+    def _sample(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
+                cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None) -> list[Generated]:
+        """``n`` outputs per prompt (each prompt's side by side) from one left-padded batch, one prefill each."""
+        ids = [self._ids_of(t, to) for t in toks]
         guidance: GuidanceConfig | None = None
         if to == "image":
             guidance = GuidanceConfig(image_scale=cfg.image_cfg_scale if cfg_scale is None else cfg_scale)
@@ -388,21 +407,43 @@ class Pipeline:
                   "audio": grammar.audio_span_cost(max_frames) - 1}[to]
         uncond = [[self.vocab.bos, *self._opener(to)] for _ in ids] if guidance and guidance.active else None
         out = generate(
-            self.model, ids, grammar, budget, cfg.sampling,
-            torch.Generator(device=self.device).manual_seed(cfg.seed if seed is None else seed),
-            guidance, uncond, on_step, cfg.compile,
+            self.model, ids, grammar, budget, cfg.sampling, torch.Generator(device=self.device).manual_seed(seed),
+            guidance, uncond, on_step, cfg.compile, samples=n,
         )
         # the grammar forces eos in the last slot of the budget, so only an earlier eos is the model's own choice
-        results = [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
-        return results if n == 1 else self._best_candidates(results, toks, n)
+        return [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
 
-    def _best_candidates(self, images: list[GeneratedImage], toks: list[list[TokSegment]], n: int
-                         ) -> list[GeneratedImage]:
-        """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | image)."""
-        scores = reverse_log_likelihood(self.model, self.vocab, [ImageIds(g.codes.cpu().numpy()) for g in images],
-                                        [toks[i // n] for i in range(len(images))]).view(len(toks), n)
+    def _best_texts(self, first: list[GeneratedText], sampled: list[GeneratedText], toks: list[list[TokSegment]],
+                    rerank: list[int], m: int, weight: float) -> list[GeneratedText]:
+        """For each prompt in ``rerank``: of its first text and its ``m`` sampled ones (duplicates scored once), the
+        one with the highest log p(text | prompt) + ``weight`` * log p(prompt | text)."""
+        pool: dict[int, list[GeneratedText]] = {}
+        for j, i in enumerate(rerank):
+            seen = {tuple(first[i].ids): first[i]}
+            for g in sampled[j * m:(j + 1) * m]:
+                seen.setdefault(tuple(g.ids), g)
+            pool[i] = list(seen.values())
+        flat = [(i, g) for i in rerank for g in pool[i]]
+        texts = [TextIds(np.asarray(g.ids, dtype=np.int64)) for _, g in flat]
+        forward = document_log_likelihood(self.model, self.vocab, [[*toks[i], t] for (i, _), t in zip(flat, texts)],
+                                          [[False] * len(toks[i]) + [True] for i, _ in flat])
+        channel = reverse_log_likelihood(self.model, self.vocab, texts, [toks[i] for i, _ in flat])
+        scores = (forward + weight * channel).tolist()
+        best = list(first)
+        for (i, g), score in zip(flat, scores):
+            if best[i].score is None or score > best[i].score:
+                best[i] = replace(g, score=score)
+        return best
+
+    def _best_candidates(self, outputs: list[GeneratedImage | GeneratedAudio], toks: list[list[TokSegment]], n: int
+                         ) -> list[GeneratedImage | GeneratedAudio]:
+        """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate)."""
+        spans = [ImageIds(g.codes.cpu().numpy()) if isinstance(g, GeneratedImage) else AudioIds(g.codes.cpu().numpy())
+                 for g in outputs]
+        scores = reverse_log_likelihood(self.model, self.vocab, spans,
+                                        [toks[i // n] for i in range(len(outputs))]).view(len(toks), n)
         best = scores.argmax(dim=1).tolist()
-        return [replace(images[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]
+        return [replace(outputs[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]
 
     def _decode(self, generated: list[int], to: Target, finished: bool) -> Generated:
         v = self.vocab

@@ -7,6 +7,10 @@ plays CLIP's part, no second model). The score document is built exactly like a 
 reverse task (``anyloom.sequences.mixture``): ``<bos>`` candidate span, the prompt segments, ``<eos>``; only the
 prompt's tokens (markers and ``<eos>`` included) are scored.
 
+Captions are reranked the other way round, as a noisy channel: of the greedy caption and a few sampled ones, the
+one with the highest log p(caption | image) + w * log p(image | caption) is kept; the second term is the
+text -> image direction judging whether the caption explains the image (``generation/pipeline.py``).
+
 Axis legend: N candidates, T score-document length, V vocabulary.
 """
 
@@ -23,6 +27,40 @@ from anyloom.transformer.model import Transformer
 
 
 @torch.no_grad()
+def document_log_likelihood(
+    model: Transformer,
+    vocab: Vocabulary,
+    documents: Sequence[Sequence[TokSegment]],
+    scored: Sequence[Sequence[bool]],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(N,) float64: for each document (``<bos>`` segments ``<eos>``, built like a training document), the sum of
+    log p(token | tokens before it) over the segments flagged in ``scored`` (their markers, and ``<eos>`` when the
+    last segment is scored, included). Unscored image spans are given bidirectionally, as in training. Documents
+    are right-padded into batches of ``batch_size``; padding is never scored."""
+    if len(documents) != len(scored):
+        raise ValueError(f"{len(documents)} documents for {len(scored)} score masks")
+    streams = [encode_document(doc, vocab, loss=flags) for doc, flags in zip(documents, scored)]
+    device = model.tok_embeddings.weight.device
+    scores = torch.zeros(len(streams), dtype=torch.float64)
+    for start in range(0, len(streams), batch_size):
+        chunk = streams[start:start + batch_size]
+        t = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), t), vocab.pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), t, dtype=torch.bool)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)] = torch.from_numpy(s.ids)
+            mask[row, : len(s)] = torch.from_numpy(s.loss_mask)
+        ids, mask = ids.to(device), mask.to(device)
+        inputs = ids[:, :-1]
+        spans = bidirectional_span_ids(vocab, inputs, ~mask[:, :-1])  # the given spans, as in training
+        logp = F.log_softmax(model.logits(model(inputs, span_ids=spans)).float(), dim=-1)  # (B, T-1, V)
+        token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(token t+1 | tokens <= t)
+        total = (token_logp * mask[:, 1:]).sum(dim=1)  # padding sits after each document: causal, never seen
+        scores[start:start + len(chunk)] = total.double().cpu()
+    return scores
+
+
 def reverse_log_likelihood(
     model: Transformer,
     vocab: Vocabulary,
@@ -33,30 +71,12 @@ def reverse_log_likelihood(
     """(N,) float64: sum of log p(prompt tokens | candidate) for each (candidate, prompt) pair.
 
     ``candidates[i]`` is the generated segment (e.g. ``ImageIds``), ``prompts[i]`` the segments it was generated
-    from. Documents are right-padded into batches of ``batch_size``; padding is never scored.
+    from; the document is ``<bos>`` candidate, prompt segments, ``<eos>`` with the prompt's tokens scored.
     """
     if len(candidates) != len(prompts):
         raise ValueError(f"{len(candidates)} candidates for {len(prompts)} prompts")
-    streams = [encode_document([cand, *prompt], vocab, loss=[False] + [True] * len(prompt))
-               for cand, prompt in zip(candidates, prompts)]
-    device = model.tok_embeddings.weight.device
-    scores = torch.zeros(len(streams), dtype=torch.float64)
-    for start in range(0, len(streams), batch_size):
-        chunk = streams[start:start + batch_size]
-        t = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), t), vocab.pad, dtype=torch.long)
-        scored = torch.zeros(len(chunk), t, dtype=torch.bool)
-        for row, s in enumerate(chunk):
-            ids[row, : len(s)] = torch.from_numpy(s.ids)
-            scored[row, : len(s)] = torch.from_numpy(s.loss_mask)
-        ids, scored = ids.to(device), scored.to(device)
-        inputs = ids[:, :-1]
-        spans = bidirectional_span_ids(vocab, inputs, ~scored[:, :-1])  # the candidate is given, as in training
-        logp = F.log_softmax(model.logits(model(inputs, span_ids=spans)).float(), dim=-1)  # (B, T-1, V)
-        token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): log p(token t+1 | tokens <= t)
-        total = (token_logp * scored[:, 1:]).sum(dim=1)  # padding sits after each document: causal, never seen
-        scores[start:start + len(chunk)] = total.double().cpu()
-    return scores
+    return document_log_likelihood(model, vocab, [[cand, *prompt] for cand, prompt in zip(candidates, prompts)],
+                                   [[False] + [True] * len(prompt) for prompt in prompts], batch_size)
 
 
-__all__ = ["reverse_log_likelihood"]
+__all__ = ["document_log_likelihood", "reverse_log_likelihood"]

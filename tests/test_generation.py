@@ -284,3 +284,45 @@ def test_min_text_tokens_refuses_an_empty_caption():
     out = generate(model, [prompt], g, 10, greedy)
     seq = out.sequences[0]
     assert all(v.is_text(t) for t in seq[:2]) and seq[2] == v.eos, seq
+
+
+def test_samples_share_one_prefill_and_equal_repeated_prompts():
+    """``samples=n`` copies each prompt's prefilled cache rows instead of recomputing them: the draws equal those
+    of the prompts repeated n times (same generator, same row order), with and without guidance, ragged prompts."""
+    v = vocab()
+    model = tiny_model(v.size)
+    g = StreamGrammar(v, GrammarConfig(stop_after_span=True))
+    cond = [[v.bos, 3, 5, 7, v.boi], [v.bos, 2, v.boa], [v.bos, 4, 6, v.boi]]
+    uncond = [[v.bos, v.boi], [v.bos, v.boa], [v.bos, v.boi]]
+    s = ModalitySampling.uniform(SamplingConfig(temperature=1.0))
+    n = 3
+    rep = lambda rows: [r for r in rows for _ in range(n)]  # noqa: E731
+    for guidance, un in ((None, None), (GuidanceConfig(2.0, 1.5), uncond)):
+        shared = generate(model, cond, g, 12, s, torch.Generator().manual_seed(8), guidance, un, samples=n)
+        repeated = generate(model, rep(cond), g, 12, s, torch.Generator().manual_seed(8), guidance,
+                            rep(un) if un else None)
+        assert shared.sequences == repeated.sequences
+        assert shared.finished == repeated.finished and shared.prompt_lengths == repeated.prompt_lengths
+        assert len({tuple(x) for x in shared.sequences[:n]}) > 1  # the samples of one prompt differ
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        generate(model, cond, g, 12, s, samples=0)
+
+
+def test_kv_cache_select_rows_copies_every_buffer():
+    v = vocab()
+    model = tiny_model(v.size)
+    batch = left_pad([[v.bos, 3, 5], [v.bos, v.boi]], v.pad)
+    kv = new_cache(model, 2, 16)
+    prefill(model, batch.tokens, batch.doc_ids, batch.positions, kv)
+    rows = torch.tensor([1, 1, 0])
+    picked = kv.select_rows(rows)
+    for src, dst in zip(kv.layers, picked.layers):
+        assert torch.equal(dst.k, src.k[rows]) and torch.equal(dst.v, src.v[rows])
+    for name in ("doc_ids", "span_ids", "next_pos", "grid_next"):
+        assert torch.equal(getattr(picked, name), getattr(kv, name)[rows])
+    step = torch.tensor([[7], [7], [7]])
+    out = decode_one_token(model, step, picked, 3)
+    ref = decode_one_token(model, step[:2], kv, 3)  # row order of kv: [0, 1]
+    torch.testing.assert_close(out[2], ref[0], rtol=1e-5, atol=1e-5)  # the copies continue as their sources
+    torch.testing.assert_close(out[0], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)

@@ -137,8 +137,6 @@ def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pi
                                     [toks[0], pipe.prompt_segments("one red circle and more words")], batch_size=2)
     alone = reverse_log_likelihood(pipe.model, pipe.vocab, [ImageIds(pool[0].codes.numpy())], [toks[0]])
     assert ragged[0].item() == pytest.approx(alone[0].item(), abs=1e-4)  # right padding changes nothing
-    with pytest.raises(PipelineError, match="self-reranking is for to='image'"):
-        pipe.generate("one red circle", to="text", candidates=2)
     # the config's image_candidates applies to images only: other targets still generate
     reranking = replace(pipe.config, image_candidates=n)
     cfg_pipe = load(tiny_run, device="cpu", config=reranking)
@@ -146,6 +144,57 @@ def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pi
     assert torch.equal(cfg_pipe.generate_batch(prompts, to="image", seed=4)[1].codes, best[1].codes)
     with pytest.raises(ValueError, match="image_candidates"):
         GenerationConfig(image_candidates=0)
+
+
+def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(pipe):
+    from anyloom.generation.rerank import reverse_log_likelihood
+    from anyloom.sequences.interleave import AudioIds
+
+    prompts = ["two red circles", "three blue stars"]
+    n = 3
+    pool = pipe.generate_batch([p for p in prompts for _ in range(n)], to="audio", seed=2, max_audio_seconds=0.2)
+    best = pipe.generate_batch(prompts, to="audio", seed=2, max_audio_seconds=0.2, candidates=n)
+    toks = [pipe.prompt_segments(p) for p in prompts]
+    scores = reverse_log_likelihood(pipe.model, pipe.vocab, [AudioIds(g.codes.numpy()) for g in pool],
+                                    [toks[i // n] for i in range(len(pool))]).view(len(prompts), n)
+    assert len({tuple(g.codes.flatten().tolist()) for g in pool[:n]}) > 1  # the candidates differ
+    for i, b in enumerate(best):
+        k = int(scores[i].argmax())
+        assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(scores[i, k]), abs=1e-4)
+    assert pipe.generate_batch(prompts[:1], to="audio", seed=2, max_audio_seconds=0.2)[0].score is None
+
+
+def test_noisy_channel_caption_reranking(pipe):
+    """Text from an image: the greedy caption and ``n - 1`` sampled ones, the highest log p(text | image) +
+    w * log p(image | text) kept, both terms checked here by full forwards; a text-only prompt keeps its greedy
+    text."""
+    from anyloom.sequences.interleave import TextIds, encode_document
+
+    w, n, hot, seed = pipe.config.text_channel_weight, 5, pipe.config.text_candidate_temperature, 3
+    image = pipe.generate("two red circles", to="image", seed=0).image
+    prompts = [[image], "two red"]
+    greedy = pipe.generate_batch(prompts, to="text", max_text_tokens=5)
+    pool = pipe.generate_batch([[image]] * (n - 1), to="text", temperature=hot, seed=seed, max_text_tokens=5)
+    got = pipe.generate_batch(prompts, to="text", max_text_tokens=5, candidates=n, seed=seed)
+    assert got[1].ids == greedy[1].ids and got[1].score is None  # nothing to rerank by
+    image_ids = pipe.prompt_segments([image])[0]
+
+    def logp(segments, scored):  # sum of log p over the scored segments' tokens, one full forward
+        doc = encode_document(segments, pipe.vocab, loss=scored)
+        ids = torch.from_numpy(doc.ids)[None]
+        with torch.no_grad():
+            lp = torch.log_softmax(pipe.model.logits(pipe.model(ids[:, :-1])).double(), -1)[0]
+        return float(lp.gather(-1, ids[0, 1:, None])[:, 0][torch.from_numpy(doc.loss_mask[1:])].sum())
+
+    texts = list(dict.fromkeys(tuple(g.ids) for g in [greedy[0], *pool]))
+    assert len(texts) > 1  # sampling at the candidate temperature found other captions
+    scores = [logp([image_ids, TextIds(np.array(t))], [False, True]) + w * logp([TextIds(np.array(t)), image_ids],
+                                                                               [False, True]) for t in texts]
+    k = int(np.argmax(scores))
+    assert tuple(got[0].ids) == texts[k] and got[0].score == pytest.approx(scores[k], abs=1e-3)
+    for bad in ({"text_candidates": 0}, {"text_candidate_temperature": 0.0}, {"text_channel_weight": -1.0}):
+        with pytest.raises(ValueError, match="text_c"):
+            GenerationConfig(**bad)
 
 
 def test_bad_requests_get_clear_errors(pipe, tmp_path):
