@@ -64,6 +64,10 @@ class GrammarState:
     def clone(self) -> GrammarState:
         return GrammarState(self.mode.clone(), self.offset.clone(), self.frames.clone())
 
+    def repeat_rows(self, n: int) -> GrammarState:
+        """Each row ``n`` times, side by side (row i -> rows i * n ... (i + 1) * n - 1)."""
+        return GrammarState(*(x.repeat_interleave(n, 0) for x in (self.mode, self.offset, self.frames)))
+
     @property
     def done(self) -> torch.Tensor:
         return self.mode == DONE

@@ -247,16 +247,15 @@ def generate(
         r, t = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"prompt row {r % B} holds id {int(batch.tokens[r, t])} outside the model's vocabulary "
                          f"[0, {model.cfg.vocab_size})")
-    state = grammar.state_after_prompts(batch.tokens[:B].repeat_interleave(samples, 0),
-                                        batch.valid[:B].repeat_interleave(samples, 0))
+    state = grammar.state_after_prompts(batch.tokens[:B], batch.valid[:B])
     if bool(state.done.any()):
-        r = int(state.done.nonzero()[0, 0]) // samples
+        r = int(state.done.nonzero()[0, 0])
         raise ValueError(f"prompt {r} already ends the stream (eos); nothing to generate")
     need = grammar.tokens_to_close(state)
     if int(need.max()) > max_new_tokens:
         r = int(need.argmax())
-        raise ValueError(f"prompt {r // samples} leaves a span open that needs {int(need[r])} more tokens to "
-                         f"close, but max_new_tokens is {max_new_tokens}")
+        raise ValueError(f"prompt {r} leaves a span open that needs {int(need[r])} more tokens to close, but "
+                         f"max_new_tokens is {max_new_tokens}")
     compiled = use_compile(compile, device)
     slots = T + max_new_tokens
     if compiled:  # one graph per cache length: round it up so that nearby prompt lengths share a graph
@@ -267,6 +266,7 @@ def generate(
     if samples > 1:  # conditional rows first, then their unconditional twins, each prompt's samples side by side
         rows_of = torch.arange(batch.tokens.shape[0], device=device).repeat_interleave(samples)
         kv, logits = kv.select_rows(rows_of), logits.index_select(0, rows_of)
+        state = state.repeat_rows(samples)
     decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
                               guidance if guided else None, on_step,
                               compiled_decode_step() if compiled else decode_one_token)

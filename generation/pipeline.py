@@ -361,7 +361,7 @@ class Pipeline:
         self._opener(to)  # an unknown target or a missing tokenizer: refused before anything runs
         cfg = self.config
         n = candidates if candidates is not None else {"image": cfg.image_candidates, "audio": cfg.audio_candidates,
-                                                          "text": cfg.text_candidates}.get(to, 1)
+                                                          "text": cfg.text_candidates}[to]
         if n < 1:
             raise PipelineError(f"candidates must be >= 1, got {n}")
         toks = [self.prompt_segments(p) for p in prompts]

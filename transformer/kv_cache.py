@@ -78,13 +78,10 @@ class KVCache(nn.Module):
         """A new cache of ``len(index)`` rows, row r a copy of this cache's row ``index[r]`` (keys, values, ids,
         positions, grid state): a prompt prefilled once serves several samples of it."""
         k = self.layers[0].k
-        out = KVCache(len(index), self.max_len, len(self.layers), k.shape[1], k.shape[3], dtype=k.dtype,
-                      device=k.device)
-        for src, dst in zip(self.layers, out.layers):
-            dst.k.copy_(src.k.index_select(0, index))
-            dst.v.copy_(src.v.index_select(0, index))
-        for name in ("doc_ids", "span_ids", "next_pos", "grid_next"):
-            getattr(out, name).copy_(getattr(self, name).index_select(0, index))
+        out = KVCache(0, self.max_len, len(self.layers), k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
+        for name, buf in self.named_buffers():  # every buffer is batch-first; a 0-row one is replaced, not filled
+            owner, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(owner), attr, buf.index_select(0, index))
         return out
 
     @torch.no_grad()
