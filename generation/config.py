@@ -9,6 +9,7 @@ picks whether the decode step runs under ``torch.compile`` (``anyloom.generation
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.engine import COMPILE_MODES, CompileMode
@@ -25,6 +26,9 @@ class GenerationConfig:
     # self-reranking (generation/rerank.py): sample this many images per prompt and keep the one under which the
     # model finds the prompt most likely (image -> prompt direction); 1 = the first sample, no reranking
     image_candidates: int = 1
+    # who picks among image candidates: "model" (the LM's image -> prompt direction, above) or "matcher" (the run's
+    # image-text matcher, generation/matcher.py, trained in the image_matcher stage: it looks at the decoded pixels)
+    image_reranker: Literal["model", "matcher"] = "model"
     # the same for speech: the candidate under which the model's speech -> text direction finds the prompt most likely
     audio_candidates: int = 1
     # text from an image or speech prompt: 1 = the greedy text alone; n > 1 adds n - 1 texts sampled at
@@ -52,6 +56,8 @@ class GenerationConfig:
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales
+        if self.image_reranker not in ("model", "matcher"):
+            raise ValueError(f"image_reranker must be 'model' or 'matcher', got {self.image_reranker!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
 

@@ -19,6 +19,8 @@ Each tokenizer is looked up, in order, in ``<export>/<stage>/``, ``<run>/stages/
 files (``text.model``; ``config.json`` + ``model.safetensors`` whose ``kind`` names a known image or audio
 tokenizer). A modality the vocabulary does not have needs no tokenizer.
 Explicit folders can be passed instead (``load(path, image_tokenizer="...")``).
+The image-text matcher that reranks text->image candidates (``generation.image_reranker: matcher``) is looked up
+in ``<export>/image_matcher/`` and ``<run>/stages/image_matcher/matcher/`` (or passed as ``image_matcher=``).
 
 Prompts are built like the training templates (``anyloom.sequences.mixture``): ``<bos>``, the condition
 segments, then the target's opening marker (``<boi>`` / ``<boa>``) for images and audio; the unconditional twin
@@ -82,7 +84,9 @@ class GeneratedText:
 class GeneratedImage:
     image: Image.Image
     codes: torch.Tensor  # (h, w) image-tokenizer codes
-    score: float | None = None  # with self-reranking: log p(prompt | this image), the best of the candidates
+    # with reranking, the kept candidate's score: log p(prompt | this image) (image_reranker "model") or the image-text
+    # matcher's scaled cosine with the prompt's text ("matcher")
+    score: float | None = None
 
 
 @dataclass
@@ -171,6 +175,14 @@ def _check_tokenizer(modality: str, tok: Any, vocab: Vocabulary, where: Path) ->
                                 f"expects {want[key]}; the folder belongs to another run")
 
 
+def _find_matcher(export: Path) -> Path | None:
+    run = export.parent if export.name == "export" else export
+    for folder in (export / "image_matcher", run / "stages" / "image_matcher" / "matcher"):
+        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def load(
     path: str | Path,
     *,
@@ -179,6 +191,7 @@ def load(
     text_tokenizer: str | Path | None = None,
     image_tokenizer: str | Path | None = None,
     audio_tokenizer: str | Path | None = None,
+    image_matcher: str | Path | None = None,
 ) -> Pipeline:
     """A :class:`Pipeline` from a run directory or an export folder (module docstring: what is looked up where).
 
@@ -225,7 +238,23 @@ def load(
         tokenizers[modality] = tok
     if config is None:
         config = _recipe_generation_config(export)
-    return Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config)
+    matcher = None
+    folder = Path(image_matcher) if image_matcher is not None else _find_matcher(export)
+    if folder is not None:
+        from anyloom.generation.matcher import ImageTextMatcher
+
+        try:
+            matcher = ImageTextMatcher.load(folder, device=dev)
+        except (ValueError, FileNotFoundError) as e:
+            raise PipelineError(f"{folder}: not an image-text matcher folder ({e})") from e
+        if tokenizers["text"] is not None and matcher.cfg.text_vocab != tokenizers["text"].vocab_size:
+            raise PipelineError(f"{folder}: the matcher reads {matcher.cfg.text_vocab} text ids but the text tokenizer "
+                                f"has {tokenizers['text'].vocab_size}; the folder belongs to another run")
+    elif config.image_reranker == "matcher" and vocab.image_codebook_size > 0:
+        raise PipelineError(f"generation.image_reranker is 'matcher' but {path} has no image matcher (looked in "
+                            f"{export / 'image_matcher'} and <run>/stages/image_matcher/matcher); run the "
+                            "image_matcher stage, pass image_matcher=..., or set generation.image_reranker: model")
+    return Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config, matcher)
 
 
 def _recipe_generation_config(export: Path) -> GenerationConfig:
@@ -254,8 +283,10 @@ class Pipeline:
         image_tokenizer: Any | None,
         audio_tokenizer: Any | None,
         config: GenerationConfig | None = None,
+        matcher: Any | None = None,
     ) -> None:
         self.model = model
+        self.matcher = matcher  # an ImageTextMatcher (generation/matcher.py) or None
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
@@ -437,11 +468,27 @@ class Pipeline:
 
     def _best_candidates(self, outputs: list[GeneratedImage | GeneratedAudio], toks: list[list[TokSegment]], n: int
                          ) -> list[GeneratedImage | GeneratedAudio]:
-        """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate)."""
+        """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate), or, for
+        images with ``image_reranker: matcher``, the highest matcher score against the prompt's text (a prompt with
+        no text segment falls back to the model's score)."""
         spans = [ImageIds(g.codes.cpu().numpy()) if isinstance(g, GeneratedImage) else AudioIds(g.codes.cpu().numpy())
                  for g in outputs]
-        scores = reverse_log_likelihood(self.model, self.vocab, spans,
-                                        [toks[i // n] for i in range(len(outputs))]).view(len(toks), n)
+        by_matcher = [isinstance(outputs[0], GeneratedImage) and self.config.image_reranker == "matcher"
+                      and any(isinstance(s, TextIds) for s in t) for t in toks]
+        scores = torch.empty(len(toks), n, dtype=torch.float64)
+        matched = [i for i, m in enumerate(by_matcher) if m]
+        if matched:
+            if self.matcher is None:
+                raise PipelineError("generation.image_reranker is 'matcher' but this pipeline has no image matcher")
+            words = {i: [int(t) for s in toks[i] if isinstance(s, TextIds) for t in s.ids] for i in matched}
+            texts = [words[i] for i in matched for _ in range(n)]
+            pixels = np.stack([np.asarray(outputs[i * n + k].image.convert("RGB")) for i in matched for k in range(n)])
+            scores[matched] = self.matcher.similarity(pixels, texts).double().view(len(matched), n)
+        rest = [i for i, m in enumerate(by_matcher) if not m]
+        if rest:
+            own = reverse_log_likelihood(self.model, self.vocab, [spans[i * n + k] for i in rest for k in range(n)],
+                                         [toks[i] for i in rest for _ in range(n)])
+            scores[rest] = own.double().view(len(rest), n)
         best = scores.argmax(dim=1).tolist()
         return [replace(outputs[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]
 

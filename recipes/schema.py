@@ -18,6 +18,7 @@ from anyloom.tokenizers.text import TextTokenizerConfig
 from anyloom.training.audio_tokenizer import AudioTokenizerStageConfig
 from anyloom.training.diffusion_decoder import DiffusionDecoderStageConfig
 from anyloom.training.image_tokenizer import ImageTokenizerStageConfig
+from anyloom.training.matcher import MatcherStageConfig
 from anyloom.training.optim import OptimConfig
 from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
@@ -25,10 +26,10 @@ from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.model import ModelConfig
 
 # The stages of the chain behind `make train`, in the only order they can run (scripts/pipeline.py).
-STAGES = ("world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "audio_tokenizer", "pretokenize", "lm",
-          "export", "eval")
-Stage = Literal["world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "audio_tokenizer", "pretokenize",
-                "lm", "export", "eval"]
+STAGES = ("world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
+          "pretokenize", "lm", "export", "eval")
+Stage = Literal["world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
+                "pretokenize", "lm", "export", "eval"]
 # The default chain; the diffusion decoder is an optional research stage (recipes/diffusion_decoder.yaml).
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "diffusion_decoder")
 
@@ -59,6 +60,8 @@ class Recipe:
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
     diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
     image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
+    # the image-text matcher that reranks text->image candidates (generation.image_reranker: matcher)
+    image_matcher: MatcherStageConfig = field(default_factory=MatcherStageConfig)
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
     # the data stage builds OpenMoji instead of the world when this section is set (recipes/openmoji.yaml)
     openmoji: OpenMojiConfig | None = None

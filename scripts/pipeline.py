@@ -1,13 +1,16 @@
 """The recipe chain behind `make train`: each stage reads its own recipe slice and is skipped when up to date.
 
-    world -> text_tokenizer -> image_tokenizer -> audio_tokenizer -> pretokenize -> lm -> export -> eval
+    world -> text_tokenizer -> image_tokenizer -> image_matcher -> audio_tokenizer -> pretokenize -> lm -> export
+          -> eval
 
 (plus an optional ``diffusion_decoder`` stage after ``image_tokenizer``: recipes/diffusion_decoder.yaml).
+The image matcher reranks text->image candidates (``generation.image_reranker``); it needs only the two tokenizers.
 
 Where things go (``run`` = ``runs/<name>/``):
 
 - world: ``<world.root>/<fingerprint>/`` (shared by every run with the same world config);
 - tokenizers: ``run/stages/<stage>/tokenizer/`` (each stage a run directory of its own: metrics, samples);
+- the image matcher: ``run/stages/image_matcher/matcher/`` (+ ``matcher_val.json`` beside it);
 - token shards: ``run/tokens/<split>/`` (cached on the tokenizers' and the data's hashes);
 - the LM: ``run/checkpoints/`` (DCP, resumable), ``run/metrics.jsonl``; ``run/export/`` after export;
 - evaluation: ``run/eval.json``, ``run/samples/eval/``; the stage timing table: ``run/summary.md``.
@@ -131,6 +134,20 @@ def stage_diffusion_decoder(ctx: Context) -> str:
     return str(out)
 
 
+def stage_image_matcher(ctx: Context) -> str:
+    from anyloom.generation.pipeline import load_tokenizer
+    from anyloom.training.matcher import train_matcher
+
+    world = _need(ctx, "world", "image_matcher")
+    image_folder = _need(ctx, "image_tokenizer", "image_matcher")
+    text = load_tokenizer("text", _need(ctx, "text_tokenizer", "image_matcher"))
+    result = train_matcher(ctx.recipe.image_matcher, load_tokenizer("image", image_folder), text, world.train,
+                           world.val, ctx.run.stage("image_matcher"), image_tokenizer_folder=image_folder)
+    ctx.artifacts["image_matcher"] = result.folder
+    state = "up to date, " if result.up_to_date else ""
+    return f"{result.folder} ({state}{result.steps} steps, val top-1 {result.val_top1:.3f})"
+
+
 def stage_audio_tokenizer(ctx: Context) -> str:
     from anyloom.training.audio_tokenizer import train_audio_tokenizer
 
@@ -251,6 +268,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], str]] = {
     "text_tokenizer": stage_text_tokenizer,
     "image_tokenizer": stage_image_tokenizer,
     "diffusion_decoder": stage_diffusion_decoder,
+    "image_matcher": stage_image_matcher,
     "audio_tokenizer": stage_audio_tokenizer,
     "pretokenize": stage_pretokenize,
     "lm": stage_lm,

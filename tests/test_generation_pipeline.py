@@ -164,6 +164,36 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
     assert pipe.generate_batch(prompts[:1], to="audio", seed=2, max_audio_seconds=0.2)[0].score is None
 
 
+def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny_run, tmp_path):
+    from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig
+
+    torch.manual_seed(1)
+    matcher = ImageTextMatcher(MatcherConfig(image_size=(16, 16), channels=(8, 8, 8), hidden=16, dim=16,
+                                             text_vocab=pipe.text_tokenizer.vocab_size))
+    folder = matcher.save(tmp_path / "matcher")
+    cfg = replace(pipe.config, image_reranker="matcher")
+    with pytest.raises(PipelineError, match="no image matcher"):
+        load(tiny_run, device="cpu", config=cfg)  # the tiny run has no image_matcher stage
+    mpipe = load(tiny_run, device="cpu", config=cfg, image_matcher=folder)
+    prompts, n = ["two red circles", "three blue stars"], 4
+    pool = mpipe.generate_batch([p for p in prompts for _ in range(n)], to="image", seed=5)  # the same draws
+    best = mpipe.generate_batch(prompts, to="image", seed=5, candidates=n)
+    texts = [pipe.text_tokenizer.encode(p) for p in prompts for _ in range(n)]
+    scores = matcher.similarity(np.stack([np.asarray(g.image) for g in pool]), texts).view(len(prompts), n)
+    assert len(set(scores[0].tolist())) == n  # distinct candidates, distinct scores
+    for i, b in enumerate(best):
+        k = int(scores[i].argmax())
+        assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(scores[i, k]), abs=1e-5)
+    # a prompt without text (speech -> image) cannot be matched: the model's own score picks for it
+    speech = mpipe.generate("one blue star", to="audio", seed=1)
+    assert isinstance(mpipe.generate(AudioSegment(speech.wave, 16000), to="image", candidates=2), GeneratedImage)
+    with pytest.raises(ValueError, match="image_reranker"):
+        GenerationConfig(image_reranker="clip")
+    other = ImageTextMatcher(replace(matcher.cfg, text_vocab=pipe.text_tokenizer.vocab_size + 7))
+    with pytest.raises(PipelineError, match="belongs to another run"):
+        load(tiny_run, device="cpu", config=cfg, image_matcher=other.save(tmp_path / "other"))
+
+
 def test_noisy_channel_caption_reranking(pipe):
     """Text from an image: the greedy caption and ``n - 1`` sampled ones, the highest log p(text | image) +
     w * log p(image | text) kept, both terms checked here by full forwards; a text-only prompt keeps its greedy

@@ -39,6 +39,8 @@ def test_every_stage_ran_and_wrote_its_outputs(tiny_run):
     for split in ("train", "test"):
         assert (run.path / "tokens" / split / "index.json").is_file()
     assert (run.path / "export" / "model.safetensors").is_file()
+    matcher = json.loads((run.path / "stages" / "image_matcher" / "matcher_val.json").read_text())
+    assert matcher["steps"] == recipe.image_matcher.steps and 0.0 <= matcher["val_top1"] <= 1.0
     assert "| lm |" in (run.path / "summary.md").read_text()
     assert any((run.samples / "eval").glob("t2i_test.png"))
 
@@ -77,11 +79,12 @@ def test_rerun_skips_finished_stages(tiny_run):
     from anyloom.scripts.pipeline import run_pipeline
 
     recipe, run, _, _ = tiny_run
-    stages = ["world", "text_tokenizer", "image_tokenizer", "audio_tokenizer", "pretokenize"]
+    stages = ["world", "text_tokenizer", "image_tokenizer", "image_matcher", "audio_tokenizer", "pretokenize"]
     again = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
                                        f"pipeline.stages=[{','.join(stages)}]"])
     ctx = run_pipeline(again, run, log=lambda _: None)
     assert all(t["seconds"] < 20 for t in ctx.timings), ctx.timings
+    assert "up to date" in ctx.timings[stages.index("image_matcher")]["result"]
 
 
 def test_train_seed_seeds_the_lm_alone(tiny_run, monkeypatch):

@@ -1,0 +1,154 @@
+"""An image-text matcher: a small contrastive model (CLIP-style) that scores how well a picture shows a text.
+
+Why it exists: text->image samples several pictures per prompt and keeps one. The LM's own reverse direction
+(log p(prompt | picture), ``generation/rerank.py``) reads a malformed object as the prompt's; a separate
+discriminative model that looks at the decoded *pixels* has other blind spots, and picks better (measured in
+docs/BENCHMARKS.md, "Session 14: the image matcher"). It is trained in the chain's ``image_matcher`` stage
+(``anyloom.training.matcher``) on the training split's pictures as the image tokenizer reconstructs them, the
+pictures generation produces.
+
+- image side: pixels (B, 3, H, W) in [-1, 1] -> a 2x2 space-to-depth stem -> 3x3 convs (BatchNorm, SiLU), the
+  last two strided -> flattened (a count needs the layout, not a pooled average) -> MLP -> unit vector;
+- text side: the text tokenizer's ids -> embeddings + learned positions, averaged over the real tokens -> MLP ->
+  unit vector;
+- score: the cosine times a learned scale (``similarity``), the logit the contrastive loss trained.
+
+Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from anyloom.config import build, to_dict
+from anyloom.training.weights import load_weights, save_weights
+
+KIND = "image_text_matcher"
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    image_size: tuple[int, int] = (32, 32)  # (H, W): the image tokenizer's; divisible by 8
+    channels: tuple[int, int, int] = (32, 64, 128)  # conv widths at H/2, H/4, H/8
+    hidden: int = 256  # the image MLP's hidden width
+    dim: int = 128  # the shared embedding width
+    text_vocab: int = 512  # the text tokenizer's vocabulary size
+    max_text_tokens: int = 32  # longer texts are cut (the matcher reads captions and names)
+
+    def __post_init__(self) -> None:
+        h, w = self.image_size
+        if h % 8 or w % 8 or h <= 0 or w <= 0:
+            raise ValueError(f"image_size must be positive multiples of 8, got {tuple(self.image_size)}")
+        if len(self.channels) != 3 or min(self.channels) <= 0:
+            raise ValueError(f"channels must be three positive widths, got {tuple(self.channels)}")
+        for name in ("hidden", "dim", "text_vocab", "max_text_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class ImageTextMatcher(nn.Module):
+    def __init__(self, cfg: MatcherConfig):
+        super().__init__()
+        self.cfg = cfg
+        c1, c2, c3 = cfg.channels
+        h, w = cfg.image_size
+        self.image_net = nn.Sequential(
+            nn.PixelUnshuffle(2), _conv(12, c1, 1), _conv(c1, c2, 2), _conv(c2, c3, 2), nn.Flatten(),
+            nn.Linear(c3 * (h // 8) * (w // 8), cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.dim),
+        )
+        self.token_emb = nn.Embedding(cfg.text_vocab, cfg.dim)
+        self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_tokens, cfg.dim))
+        self.text_net = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.log_scale = nn.Parameter(torch.tensor(2.5))  # e^2.5 ~ 12: a usual starting logit scale
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) floats in [-1, 1] -> (B, D) unit vectors."""
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != tuple(self.cfg.image_size):
+            raise ValueError(f"images must be (B, 3, {self.cfg.image_size[0]}, {self.cfg.image_size[1]}), "
+                             f"got {tuple(images.shape)}")
+        return F.normalize(self.image_net(images), dim=-1)
+
+    def text_batch(self, texts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-id lists -> (T, L) ids and a (T, L) mask of real tokens (cut at max_text_tokens)."""
+        cut = [list(t)[: self.cfg.max_text_tokens] for t in texts]
+        if any(not t for t in cut):
+            raise ValueError("the matcher got an empty text: every text needs at least one token")
+        bad = [i for t in cut for i in t if not 0 <= i < self.cfg.text_vocab]
+        if bad:
+            raise ValueError(f"text token id {bad[0]} is outside the matcher's vocabulary 0..{self.cfg.text_vocab - 1}")
+        length = max(len(t) for t in cut)
+        ids = torch.zeros(len(cut), length, dtype=torch.long)
+        mask = torch.zeros(len(cut), length, dtype=torch.bool)
+        for row, t in enumerate(cut):
+            ids[row, : len(t)] = torch.as_tensor(t)
+            mask[row, : len(t)] = True
+        device = self.text_pos.device
+        return ids.to(device), mask.to(device)
+
+    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(T, L) ids + mask -> (T, D) unit vectors."""
+        x = self.token_emb(ids) + self.text_pos[: ids.shape[1]]  # (T, L, D)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return F.normalize(self.text_net((x * m).sum(1) / m.sum(1)), dim=-1)
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """(B, D) x (T, D) -> (B, T) scaled cosines."""
+        return self.log_scale.exp() * image_emb @ text_emb.T
+
+    @torch.no_grad()
+    def similarity(self, images: torch.Tensor | np.ndarray, texts: Sequence[Sequence[int]],
+                   batch_size: int = 512) -> torch.Tensor:
+        """Paired scores: image i against text i, (B,) floats (higher = a better match).
+
+        ``images``: (B, H, W, 3) uint8 or (B, 3, H, W) floats in [-1, 1].
+        """
+        x = to_unit(images).to(self.text_pos.device)
+        if len(x) != len(texts):
+            raise ValueError(f"similarity pairs images with texts: got {len(x)} images and {len(texts)} texts")
+        was = self.training
+        self.eval()
+        ids, mask = self.text_batch(texts)
+        t = self.encode_texts(ids, mask)
+        i = torch.cat([self.encode_images(x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
+        self.train(was)
+        return (self.log_scale.exp() * (i * t).sum(-1)).float().cpu()
+
+    def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        return save_weights(folder, self.state_dict(), {"kind": KIND, **to_dict(self.cfg)}, metadata=metadata)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> ImageTextMatcher:
+        saved = load_weights(folder, device="cpu")
+        config = dict(saved.config)
+        if config.pop("kind", None) != KIND:
+            raise ValueError(f"{folder}: config.json is not an image-text matcher's (kind {KIND!r})")
+        model = cls(build(MatcherConfig, config, prefix=f"{folder}/config.json"))
+        model.load_state_dict(saved.state_dict)
+        return model.to(device).eval()
+
+
+def to_unit(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (array or tensor) -> (B, 3, H, W) floats in [-1, 1]; float (B, 3, H, W) passes through."""
+    x = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if x.dtype == torch.uint8:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (B, H, W, 3), got {tuple(x.shape)}")
+        return rearrange(x.float() / 127.5 - 1.0, "b h w c -> b c h w")
+    if not x.is_floating_point():
+        raise ValueError(f"images must be uint8 pixels or floats in [-1, 1], got dtype {x.dtype}")
+    return x
+
+
+__all__ = ["ImageTextMatcher", "MatcherConfig", "to_unit"]

@@ -1,0 +1,233 @@
+"""Training the image-text matcher (``anyloom.generation.matcher``) that reranks text->image candidates.
+
+    train_matcher(cfg, image_tokenizer, text_tokenizer, train_manifest, val_manifest, run) -> folder of the matcher
+
+Reads top to bottom: (caption, picture) pairs from the manifests (the first text and image segment of each
+document; documents without one are counted and reported) -> each picture as the frozen image tokenizer
+reconstructs it (what generation decodes; ``reconstructions: false`` keeps the originals) -> contrastive steps:
+a batch of pictures against the distinct captions in it (two pictures of one caption are not each other's
+negatives), cross-entropy over the scaled cosines, AdamW with warmup + cosine -> the validation split's top-1:
+each held-out picture against every distinct caption of the train and val splits.
+
+The stage takes ~half a minute on two cores, so it has no mid-run checkpoints: an interrupted run starts over.
+It is skipped when ``<run>/matcher`` holds a matcher trained with the same config, tokenizers and data
+(the fingerprint in its safetensors metadata).
+
+Axis legend: B batch of pictures, U distinct captions in a batch, N pictures in a split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anyloom.config import fingerprint
+from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig, to_unit
+from anyloom.training.metrics import MetricsLogger
+from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler
+from anyloom.training.progress import progress
+from anyloom.training.run import RunDir
+from anyloom.training.seed import seed_everything
+
+
+@dataclass(frozen=True)
+class MatcherStageConfig:
+    # image_size and text_vocab are taken from the tokenizers at training time
+    model: MatcherConfig = field(default_factory=MatcherConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-3, warmup_steps=50, weight_decay=0.01, schedule="cosine",
+                                            min_lr_ratio=0.0)
+    )
+    steps: int = 1000
+    batch_size: int = 128
+    reconstructions: bool = True  # train on the tokenizer's reconstructions (what generation decodes)
+    # mirror pictures left-right half of the time: only for data whose texts never name a direction (the world)
+    hflip: bool = False
+    # add the text -> picture direction to the loss (each caption against the batch's pictures, its own pictures
+    # the positives): the direction reranking uses, one prompt against its candidates
+    symmetric: bool = True
+    log_every: int = 50
+    max_seconds: float = 0  # > 0: stop after this much training time (shared CPUs)
+    encode_batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "encode_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_seconds < 0:
+            raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
+
+
+@dataclass
+class CaptionedImages:
+    pixels: np.ndarray  # (N, H, W, 3) uint8
+    texts: list[str]
+    skipped: int  # documents without a text or an image segment
+
+
+def load_captioned_images(path: str | Path, image_size: tuple[int, int]) -> CaptionedImages:
+    """The first (text, image) pair of every document of a JSONL manifest; others are counted as skipped."""
+    from anyloom.data.document import ImageSegment, TextSegment
+    from anyloom.data.manifest import read_manifest
+
+    pixels, texts, skipped = [], [], 0
+    for doc in read_manifest(path).documents:
+        text, image = doc.first(TextSegment), doc.first(ImageSegment)
+        if text is None or image is None or not text.text.strip():
+            skipped += 1
+            continue
+        px = np.asarray(image.pixels)
+        if px.dtype != np.uint8 or px.shape != (*image_size, 3):
+            raise ValueError(f"{path}: {image.path or doc.id}: expected ({image_size[0]}, {image_size[1]}, 3) uint8 "
+                             f"pixels (the image tokenizer's size), got {px.shape} {px.dtype}")
+        pixels.append(px)
+        texts.append(text.text)
+    if not pixels:
+        raise ValueError(f"{path}: no document with both a text and an image segment ({skipped} without)")
+    return CaptionedImages(np.stack(pixels), texts, skipped)
+
+
+@torch.no_grad()
+def _reconstruct(tokenizer, pixels: np.ndarray, batch_size: int, desc: str) -> torch.Tensor:
+    x = to_unit(pixels)
+    out = []
+    for i in progress(range(0, len(x), batch_size), desc=desc):
+        out.append(tokenizer.decode(tokenizer.encode(x[i:i + batch_size]).codes).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _file_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class MatcherResult:
+    folder: Path
+    val_top1: float  # held-out pictures whose best caption (of every distinct train/val caption) is their own
+    steps: int
+    up_to_date: bool = False
+
+
+@torch.no_grad()
+def retrieval_top1(model: ImageTextMatcher, images: torch.Tensor, texts: list[str], pool: list[str],
+                   encode) -> tuple[float, Counter]:
+    """Share of ``images`` whose highest-scoring caption among ``pool`` is their own; the (own, chosen) confusions."""
+    model.eval()
+    ids, mask = model.text_batch([encode(t) for t in pool])
+    t = model.encode_texts(ids, mask)
+    best = torch.cat([(model.encode_images(images[s:s + 512]) @ t.T).argmax(1) for s in range(0, len(images), 512)])
+    chosen = [pool[j] for j in best.tolist()]
+    confusions = Counter((a, b) for a, b in zip(texts, chosen) if a != b)
+    return sum(a == b for a, b in zip(texts, chosen)) / max(1, len(texts)), confusions
+
+
+def train_matcher(
+    cfg: MatcherStageConfig,
+    image_tokenizer,
+    text_tokenizer,
+    train_manifest: str | Path,
+    val_manifest: str | Path,
+    run: RunDir,
+    image_tokenizer_folder: str | Path | None = None,
+) -> MatcherResult:
+    """Train (or find up to date) the matcher of ``run`` (``run/matcher``); see the module docstring."""
+    size = tuple(int(v) for v in image_tokenizer.image_size)
+    mcfg = replace(cfg.model, image_size=size, text_vocab=int(text_tokenizer.vocab_size))
+    out = run.path / "matcher"
+    key = fingerprint({
+        "config": replace(cfg, model=mcfg), "text_tokenizer": text_tokenizer.fingerprint,
+        "image_tokenizer": _file_digest(Path(image_tokenizer_folder)) if image_tokenizer_folder else "",
+        "train": str(train_manifest), "val": str(val_manifest),
+    })
+    report = run.path / "matcher_val.json"
+    if (out / "model.safetensors").is_file() and report.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                done = json.loads(report.read_text())
+                return MatcherResult(out, done["val_top1"], done["steps"], up_to_date=True)
+
+    train = load_captioned_images(train_manifest, size)
+    val = load_captioned_images(val_manifest, size)
+    if train.skipped or val.skipped:
+        print(f"image matcher: skipped {train.skipped} train / {val.skipped} val documents without a text and an "
+              "image segment")
+    seed_everything(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    if isinstance(image_tokenizer, torch.nn.Module):
+        image_tokenizer.eval().requires_grad_(False)
+    if cfg.reconstructions:
+        images = _reconstruct(image_tokenizer, train.pixels, cfg.encode_batch_size, "matcher: reconstructions (train)")
+        val_images = _reconstruct(image_tokenizer, val.pixels, cfg.encode_batch_size, "matcher: reconstructions (val)")
+    else:
+        images, val_images = to_unit(train.pixels), to_unit(val.pixels)
+    encode = text_tokenizer.encode
+    vocab = sorted(set(train.texts))
+    caption_index = {t: i for i, t in enumerate(vocab)}
+    labels = torch.tensor([caption_index[t] for t in train.texts])  # (N,)
+
+    model = ImageTextMatcher(mcfg)
+    ids, mask = model.text_batch([encode(t) for t in vocab])  # every distinct training caption, tokenized once
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.steps, cfg.optim)
+    logger = MetricsLogger(run, tensorboard=False)
+    n, bs = len(images), min(cfg.batch_size, len(images))
+    t0 = time.perf_counter()
+    step = 0
+    model.train()
+    for step in progress(range(1, cfg.steps + 1), desc="image matcher"):
+        idx = torch.randint(0, n, (bs,), generator=rng)
+        x = images[idx]
+        if cfg.hflip:
+            flip = torch.rand(bs, generator=rng) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        present, target = torch.unique(labels[idx], return_inverse=True)  # (U,), (B,)
+        logits = model.logits(model.encode_images(x), model.encode_texts(ids[present], mask[present]))  # (B, U)
+        loss = F.cross_entropy(logits, target)
+        if cfg.symmetric:
+            own = F.one_hot(target, len(present)).T.bool()  # (U, B): caption u is picture b's
+            by_text = logits.T  # (U, B)
+            loss = 0.5 * loss + 0.5 * (by_text.logsumexp(1) - by_text.masked_fill(~own, -torch.inf).logsumexp(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+        if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
+            acc = (logits.argmax(1) == target).float().mean().item()
+            logger.log(step, loss=loss.item(), batch_top1=acc, lr=sched.get_last_lr()[0],
+                       scale=model.log_scale.exp().item())
+        if out_of_time:
+            print(f"image matcher: max_seconds={cfg.max_seconds:g} reached after {step}/{cfg.steps} steps")
+            break
+    seconds = time.perf_counter() - t0
+    pool = sorted(set(train.texts) | set(val.texts))
+    top1, confusions = retrieval_top1(model, val_images, val.texts, pool, encode)
+    logger.log(step, val_top1=top1, train_seconds=round(seconds, 1))
+    logger.close()
+    model.save(out, metadata={"fingerprint": key, "steps": str(step)})
+    report.write_text(json.dumps({
+        "val_top1": top1, "steps": step, "train_seconds": round(seconds, 1), "val_items": len(val.texts),
+        "captions": len(pool), "skipped_documents": {"train": train.skipped, "val": val.skipped},
+        "most_confused": [{"caption": a, "read_as": b, "count": c} for (a, b), c in confusions.most_common(10)],
+    }, indent=2) + "\n")
+    return MatcherResult(out, top1, step)
+
+
+__all__ = ["MatcherStageConfig", "MatcherResult", "CaptionedImages", "load_captioned_images", "retrieval_top1",
+           "train_matcher"]
