@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from anyloom.config import fingerprint
 from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig, to_unit
+from anyloom.training.diffusion_decoder import freeze, reconstruct
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler
 from anyloom.training.progress import progress
@@ -94,15 +95,6 @@ def load_captioned_images(path: str | Path, image_size: tuple[int, int]) -> Capt
     if not pixels:
         raise ValueError(f"{path}: no document with both a text and an image segment ({skipped} without)")
     return CaptionedImages(np.stack(pixels), texts, skipped)
-
-
-@torch.no_grad()
-def _reconstruct(tokenizer, pixels: np.ndarray, batch_size: int, desc: str) -> torch.Tensor:
-    x = to_unit(pixels)
-    out = []
-    for i in progress(range(0, len(x), batch_size), desc=desc):
-        out.append(tokenizer.decode(tokenizer.encode(x[i:i + batch_size]).codes).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
 
 
 def _file_digest(folder: Path) -> str:
@@ -169,11 +161,12 @@ def train_matcher(
               "image segment")
     seed_everything(cfg.seed)
     rng = torch.Generator().manual_seed(cfg.seed)
-    if isinstance(image_tokenizer, torch.nn.Module):
-        image_tokenizer.eval().requires_grad_(False)
     if cfg.reconstructions:
-        images = _reconstruct(image_tokenizer, train.pixels, cfg.encode_batch_size, "matcher: reconstructions (train)")
-        val_images = _reconstruct(image_tokenizer, val.pixels, cfg.encode_batch_size, "matcher: reconstructions (val)")
+        freeze(image_tokenizer)
+        images = reconstruct(image_tokenizer, to_unit(train.pixels), cfg.encode_batch_size,
+                             "matcher: reconstructions (train)")
+        val_images = reconstruct(image_tokenizer, to_unit(val.pixels), cfg.encode_batch_size,
+                                 "matcher: reconstructions (val)")
     else:
         images, val_images = to_unit(train.pixels), to_unit(val.pixels)
     encode = text_tokenizer.encode
