@@ -250,6 +250,10 @@ def load(
         if tokenizers["text"] is not None and matcher.cfg.text_vocab != tokenizers["text"].vocab_size:
             raise PipelineError(f"{folder}: the matcher reads {matcher.cfg.text_vocab} text ids but the text tokenizer "
                                 f"has {tokenizers['text'].vocab_size}; the folder belongs to another run")
+        image_tok = tokenizers["image"]
+        if image_tok is not None and tuple(matcher.cfg.image_size) != tuple(image_tok.image_size):
+            raise PipelineError(f"{folder}: the matcher reads {tuple(matcher.cfg.image_size)} pictures but the image "
+                                f"tokenizer decodes {tuple(image_tok.image_size)}; the folder belongs to another run")
     elif config.image_reranker == "matcher" and vocab.image_codebook_size > 0:
         raise PipelineError(f"generation.image_reranker is 'matcher' but {path} has no image matcher (looked in "
                             f"{export / 'image_matcher'} and <run>/stages/image_matcher/matcher); run the "
@@ -471,8 +475,6 @@ class Pipeline:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate), or, for
         images with ``image_reranker: matcher``, the highest matcher score against the prompt's text (a prompt with
         no text segment falls back to the model's score)."""
-        spans = [ImageIds(g.codes.cpu().numpy()) if isinstance(g, GeneratedImage) else AudioIds(g.codes.cpu().numpy())
-                 for g in outputs]
         by_matcher = [isinstance(outputs[0], GeneratedImage) and self.config.image_reranker == "matcher"
                       and any(isinstance(s, TextIds) for s in t) for t in toks]
         scores = torch.empty(len(toks), n, dtype=torch.float64)
@@ -486,8 +488,9 @@ class Pipeline:
             scores[matched] = self.matcher.similarity(pixels, texts).double().view(len(matched), n)
         rest = [i for i, m in enumerate(by_matcher) if not m]
         if rest:
-            own = reverse_log_likelihood(self.model, self.vocab, [spans[i * n + k] for i in rest for k in range(n)],
-                                         [toks[i] for i in rest for _ in range(n)])
+            kept = [outputs[i * n + k] for i in rest for k in range(n)]
+            spans = [(ImageIds if isinstance(g, GeneratedImage) else AudioIds)(g.codes.cpu().numpy()) for g in kept]
+            own = reverse_log_likelihood(self.model, self.vocab, spans, [toks[i] for i in rest for _ in range(n)])
             scores[rest] = own.double().view(len(rest), n)
         best = scores.argmax(dim=1).tolist()
         return [replace(outputs[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]

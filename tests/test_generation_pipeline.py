@@ -189,9 +189,10 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
     assert isinstance(mpipe.generate(AudioSegment(speech.wave, 16000), to="image", candidates=2), GeneratedImage)
     with pytest.raises(ValueError, match="image_reranker"):
         GenerationConfig(image_reranker="clip")
-    other = ImageTextMatcher(replace(matcher.cfg, text_vocab=pipe.text_tokenizer.vocab_size + 7))
-    with pytest.raises(PipelineError, match="belongs to another run"):
-        load(tiny_run, device="cpu", config=cfg, image_matcher=other.save(tmp_path / "other"))
+    for i, changed in enumerate(({"text_vocab": pipe.text_tokenizer.vocab_size + 7}, {"image_size": (32, 32)})):
+        other = ImageTextMatcher(replace(matcher.cfg, **changed))
+        with pytest.raises(PipelineError, match="belongs to another run"):
+            load(tiny_run, device="cpu", config=cfg, image_matcher=other.save(tmp_path / f"other{i}"))
 
 
 def test_noisy_channel_caption_reranking(pipe):
