@@ -148,7 +148,7 @@ def to_unit(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         return rearrange(x.float() / 127.5 - 1.0, "b h w c -> b c h w")
     if not x.is_floating_point():
         raise ValueError(f"images must be uint8 pixels or floats in [-1, 1], got dtype {x.dtype}")
-    return x
+    return x.float()
 
 
 __all__ = ["ImageTextMatcher", "MatcherConfig", "to_unit"]

@@ -25,6 +25,7 @@ def test_scores_are_paired_cosines_and_survive_save_and_load(tmp_path):
     s = m.similarity(pixels, texts)
     floats = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.allclose(m.similarity(floats, texts), s)
+    assert torch.allclose(m.similarity(floats.double().numpy(), texts), s)  # float64 arrays are cast
     assert torch.allclose(m.similarity(pixels, [[1, 2], [3], [4, 5, 6, 7]]), s)
     # paired: image i against text i is the diagonal of the full score matrix
     ids, mask = m.text_batch(texts)

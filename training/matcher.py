@@ -9,7 +9,8 @@ a batch of pictures against the distinct captions in it (two pictures of one cap
 negatives), cross-entropy over the scaled cosines, AdamW with warmup + cosine -> the validation split's top-1:
 each held-out picture against every distinct caption of the train and val splits.
 
-The stage takes ~half a minute on two cores, so it has no mid-run checkpoints: an interrupted run starts over.
+The stage takes ~half a minute on two cores, so it has no mid-run checkpoints (an interrupted run starts over) and
+runs on the CPU whatever the LM uses.
 It is skipped when ``<run>/matcher`` holds a matcher trained with the same config, tokenizers and data
 (the fingerprint in its safetensors metadata).
 
