@@ -18,6 +18,7 @@ Axis legend: B images, T texts (or T = B when paired), L text length, D embeddin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import build, to_dict
+from anyloom.config import added_field, build, to_dict
 from anyloom.training.weights import load_weights, save_weights
 
 KIND = "image_text_matcher"
@@ -42,6 +43,9 @@ class MatcherConfig:
     dim: int = 128  # the shared embedding width
     text_vocab: int = 512  # the text tokenizer's vocabulary size
     max_text_tokens: int = 32  # longer texts are cut (the matcher reads captions and names)
+    # the cosines' scale in the loss: 0 = learned (from e^2.5); > 0 = fixed at this value (a low one keeps the loss
+    # from pushing every cosine of a caption's pictures to the ceiling, docs/BENCHMARKS.md "Session 14")
+    logit_scale: float = added_field(0.0)
 
     def __post_init__(self) -> None:
         h, w = self.image_size
@@ -52,6 +56,8 @@ class MatcherConfig:
         for name in ("hidden", "dim", "text_vocab", "max_text_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.logit_scale < 0:
+            raise ValueError(f"logit_scale must be 0 (learned) or > 0 (fixed), got {self.logit_scale}")
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -71,7 +77,9 @@ class ImageTextMatcher(nn.Module):
         self.token_emb = nn.Embedding(cfg.text_vocab, cfg.dim)
         self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_tokens, cfg.dim))
         self.text_net = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
-        self.log_scale = nn.Parameter(torch.tensor(2.5))  # e^2.5 ~ 12: a usual starting logit scale
+        fixed = cfg.logit_scale > 0
+        start = math.log(cfg.logit_scale) if fixed else 2.5  # e^2.5 ~ 12: a usual starting scale when it is learned
+        self.log_scale = nn.Parameter(torch.tensor(start), requires_grad=not fixed)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) floats in [-1, 1] -> (B, D) unit vectors."""

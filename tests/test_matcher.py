@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         m.similarity(np.zeros((1, 8, 8, 3), dtype=np.uint8), [[1]])
     with pytest.raises(ValueError, match="multiples of 8"):
         MatcherConfig(image_size=(12, 16))
+    with pytest.raises(ValueError, match="logit_scale"):
+        MatcherConfig(logit_scale=-1.0)
     folder = tmp_path / "other"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"kind": "image_vq"}))
@@ -112,6 +115,12 @@ def test_training_learns_the_captions_and_is_skipped_when_up_to_date(tmp_path):
     assert not changed.up_to_date and changed.steps == 10
     m = ImageTextMatcher.load(changed.folder)
     assert m.cfg.text_vocab == _Words.vocab_size and tuple(m.cfg.image_size) == (16, 16)
+    # a fixed logit scale stays where it was put while the rest learns
+    fixed = replace(SMALL, logit_scale=5.0)
+    result = train_matcher(MatcherStageConfig(model=fixed, steps=40, batch_size=32, reconstructions=False), _Sized(),
+                           _Words(), train, val, RunDir(tmp_path / "fixed"))
+    m = ImageTextMatcher.load(result.folder)
+    assert m.log_scale.exp().item() == pytest.approx(5.0) and m.cfg.logit_scale == 5.0 and result.val_top1 >= 0.9
 
 
 def test_a_manifest_without_pictures_is_refused(tmp_path):
