@@ -98,6 +98,14 @@ class GeneratedAudio:
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
+
+
+@dataclass
+class _Codes:
+    """A speech candidate before vocoding: reranking reads codes, so only the kept utterance is turned into a wave."""
+
+    codes: torch.Tensor  # (Q, F) audio-tokenizer codes
+    score: float | None = None
 SegmentLike = str | Image.Image | TextSegment | ImageSegment | AudioSegment | dict
 
 
@@ -417,12 +425,18 @@ class Pipeline:
             hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
             sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
             return self._best_texts(first, sampled, toks, rerank, n - 1, cfg.text_channel_weight)
-        results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step)
-        return results if n == 1 else self._best_candidates(results, toks, n)
+        vocode_kept_only = to == "audio" and n > 1  # the vocoder (Griffin-Lim) is most of a speech candidate's cost
+        results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step, render=not vocode_kept_only)
+        if n == 1:
+            return results
+        best = self._best_candidates(results, toks, n)
+        return [replace(self._render(b.codes, to), score=b.score) for b in best] if vocode_kept_only else best
 
     def _sample(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
-                cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None) -> list[Generated]:
-        """``n`` outputs per prompt (each prompt's side by side) from one left-padded batch, one prefill each."""
+                cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, render: bool = True
+                ) -> list[Generated | _Codes]:
+        """``n`` outputs per prompt (each prompt's side by side) from one left-padded batch, one prefill each;
+        ``render=False`` leaves image and audio outputs as their codes (``_Codes``)."""
         ids = [self._ids_of(t, to) for t in toks]
         guidance: GuidanceConfig | None = None
         if to == "image":
@@ -446,7 +460,8 @@ class Pipeline:
             guidance, uncond, on_step, cfg.compile, samples=n,
         )
         # the grammar forces eos in the last slot of the budget, so only an earlier eos is the model's own choice
-        return [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
+        return [self._decode(seq, to, done and len(seq) < budget, render) for seq, done in zip(out.sequences,
+                                                                                              out.finished)]
 
     def _best_texts(self, first: list[GeneratedText], sampled: list[GeneratedText], toks: list[list[TokSegment]],
                     rerank: list[int], m: int, weight: float) -> list[GeneratedText]:
@@ -470,8 +485,8 @@ class Pipeline:
                 best[i] = replace(g, score=score)
         return best
 
-    def _best_candidates(self, outputs: list[GeneratedImage | GeneratedAudio], toks: list[list[TokSegment]], n: int
-                         ) -> list[GeneratedImage | GeneratedAudio]:
+    def _best_candidates(self, outputs: list[GeneratedImage | GeneratedAudio | _Codes], toks: list[list[TokSegment]],
+                         n: int) -> list[GeneratedImage | GeneratedAudio | _Codes]:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate), or, for
         images with ``image_reranker: matcher``, the highest matcher score against the prompt's text (a prompt with
         no text segment falls back to the model's score)."""
@@ -495,7 +510,7 @@ class Pipeline:
         best = scores.argmax(dim=1).tolist()
         return [replace(outputs[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]
 
-    def _decode(self, generated: list[int], to: Target, finished: bool) -> Generated:
+    def _decode(self, generated: list[int], to: Target, finished: bool, render: bool = True) -> Generated | _Codes:
         v = self.vocab
         if to == "text":
             text_ids = [t for t in generated if t < v.text_size]
@@ -504,16 +519,18 @@ class Pipeline:
         segments = parse_stream(opener + generated, v, strict=True).segments
         if len(segments) != 1:
             raise PipelineError(f"generated stream parsed into {len(segments)} segments, expected one {to} span")
-        seg = segments[0]
+        codes = torch.as_tensor(segments[0].codes, dtype=torch.long)  # image (h, w), audio (Q, F)
+        return self._render(codes, to) if render else _Codes(codes)
+
+    def _render(self, codes: torch.Tensor, to: Target) -> GeneratedImage | GeneratedAudio:
+        """Codes -> a picture (the tokenizer's VQ decoder) or a wave (the audio tokenizer's decoder / vocoder)."""
         if to == "image":
             from anyloom.decoders.images import decode_image_codes
 
-            codes = torch.as_tensor(seg.codes, dtype=torch.long)  # (h, w)
             image = decode_image_codes(self.image_tokenizer, codes[None].to(self.device))[0]
             return GeneratedImage(image, codes)
         from anyloom.decoders.audio import decode_audio_codes
 
-        codes = torch.as_tensor(seg.codes, dtype=torch.long)  # (Q, F)
         waves, sample_rate = decode_audio_codes(self.audio_tokenizer, codes[None].to(self.device))
         return GeneratedAudio(waves[0], sample_rate, codes)
 

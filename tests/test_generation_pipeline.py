@@ -161,6 +161,8 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
     for i, b in enumerate(best):
         k = int(scores[i].argmax())
         assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(scores[i, k]), abs=1e-4)
+        # only the kept utterance is vocoded, after the pick: the same wave as the candidate decoded on its own
+        assert b.sample_rate == pool[i * n + k].sample_rate and np.array_equal(b.wave, pool[i * n + k].wave)
     assert pipe.generate_batch(prompts[:1], to="audio", seed=2, max_audio_seconds=0.2)[0].score is None
 
 
