@@ -98,15 +98,15 @@ class GeneratedAudio:
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
+SegmentLike = str | Image.Image | TextSegment | ImageSegment | AudioSegment | dict
 
 
 @dataclass
 class _Codes:
-    """A speech candidate before vocoding: reranking reads codes, so only the kept utterance is turned into a wave."""
+    """A reranked candidate before decoding: only the kept one is turned into a picture or a wave (the vocoder is most
+    of a speech candidate's cost), and the matcher's pictures are decoded for scoring only."""
 
-    codes: torch.Tensor  # (Q, F) audio-tokenizer codes
-    score: float | None = None
-SegmentLike = str | Image.Image | TextSegment | ImageSegment | AudioSegment | dict
+    codes: torch.Tensor  # image (h, w) or audio (Q, F) codes
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
@@ -136,10 +136,12 @@ def _tokenizer_candidates(export: Path, stage: str) -> list[Path]:
     return [export / stage, stage_dir / "tokenizer", stage_dir / "export", stage_dir]
 
 
-def _holds_tokenizer(folder: Path, modality: str) -> bool:
-    if modality == "text":
-        return (folder / "text.model").is_file()
+def _holds_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _holds_tokenizer(folder: Path, modality: str) -> bool:
+    return (folder / "text.model").is_file() if modality == "text" else _holds_weights(folder)
 
 
 def _load_class(kinds: dict[str, tuple[str, str]], folder: Path) -> Any:
@@ -185,10 +187,8 @@ def _check_tokenizer(modality: str, tok: Any, vocab: Vocabulary, where: Path) ->
 
 def _find_matcher(export: Path) -> Path | None:
     run = export.parent if export.name == "export" else export
-    for folder in (export / "image_matcher", run / "stages" / "image_matcher" / "matcher"):
-        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
-            return folder
-    return None
+    places = (export / "image_matcher", run / "stages" / "image_matcher" / "matcher")
+    return next((folder for folder in places if _holds_weights(folder)), None)
 
 
 def load(
@@ -425,12 +425,8 @@ class Pipeline:
             hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
             sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
             return self._best_texts(first, sampled, toks, rerank, n - 1, cfg.text_channel_weight)
-        vocode_kept_only = to == "audio" and n > 1  # the vocoder (Griffin-Lim) is most of a speech candidate's cost
-        results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step, render=not vocode_kept_only)
-        if n == 1:
-            return results
-        best = self._best_candidates(results, toks, n)
-        return [replace(self._render(b.codes, to), score=b.score) for b in best] if vocode_kept_only else best
+        results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step, render=n == 1)
+        return results if n == 1 else self._best_candidates(results, toks, n, to)
 
     def _sample(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
                 cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, render: bool = True
@@ -485,30 +481,34 @@ class Pipeline:
                 best[i] = replace(g, score=score)
         return best
 
-    def _best_candidates(self, outputs: list[GeneratedImage | GeneratedAudio | _Codes], toks: list[list[TokSegment]],
-                         n: int) -> list[GeneratedImage | GeneratedAudio | _Codes]:
+    def _best_candidates(self, candidates: list[_Codes], toks: list[list[TokSegment]], n: int, to: Target
+                         ) -> list[GeneratedImage | GeneratedAudio]:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate), or, for
         images with ``image_reranker: matcher``, the highest matcher score against the prompt's text (a prompt with
-        no text segment falls back to the model's score)."""
-        by_matcher = [isinstance(outputs[0], GeneratedImage) and self.config.image_reranker == "matcher"
+        no text segment falls back to the model's score); only the kept candidates are decoded (and the pictures the
+        matcher looks at)."""
+        by_matcher = [to == "image" and self.config.image_reranker == "matcher"
                       and any(isinstance(s, TextIds) for s in t) for t in toks]
         scores = torch.empty(len(toks), n, dtype=torch.float64)
+        rendered: dict[int, GeneratedImage | GeneratedAudio] = {}  # candidate index -> its decoded output
         matched = [i for i, m in enumerate(by_matcher) if m]
         if matched:
             if self.matcher is None:
                 raise PipelineError("generation.image_reranker is 'matcher' but this pipeline has no image matcher")
+            rendered = {i * n + k: self._render(candidates[i * n + k].codes, to) for i in matched for k in range(n)}
             words = {i: [int(t) for s in toks[i] if isinstance(s, TextIds) for t in s.ids] for i in matched}
             texts = [words[i] for i in matched for _ in range(n)]
-            pixels = np.stack([np.asarray(outputs[i * n + k].image.convert("RGB")) for i in matched for k in range(n)])
+            pixels = np.stack([np.asarray(g.image.convert("RGB")) for g in rendered.values()])
             scores[matched] = self.matcher.similarity(pixels, texts).double().view(len(matched), n)
         rest = [i for i, m in enumerate(by_matcher) if not m]
         if rest:
-            kept = [outputs[i * n + k] for i in rest for k in range(n)]
-            spans = [(ImageIds if isinstance(g, GeneratedImage) else AudioIds)(g.codes.cpu().numpy()) for g in kept]
+            span = ImageIds if to == "image" else AudioIds
+            spans = [span(candidates[i * n + k].codes.cpu().numpy()) for i in rest for k in range(n)]
             own = reverse_log_likelihood(self.model, self.vocab, spans, [toks[i] for i in rest for _ in range(n)])
             scores[rest] = own.double().view(len(rest), n)
-        best = scores.argmax(dim=1).tolist()
-        return [replace(outputs[i * n + k], score=float(scores[i, k])) for i, k in enumerate(best)]
+        kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
+        return [replace(rendered.get(j) or self._render(candidates[j].codes, to), score=float(scores[j // n, j % n]))
+                for j in kept]
 
     def _decode(self, generated: list[int], to: Target, finished: bool, render: bool = True) -> Generated | _Codes:
         v = self.vocab

@@ -40,6 +40,7 @@ from anyloom.training.parallel import cpu_has_amx
 from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
+from anyloom.training.weights import read_metadata
 
 EXPORT_DIR = "tokenizer"  # <run>/tokenizer: the exported ImageVQTokenizer (model.safetensors + config.json)
 CHECKPOINT = "image_tokenizer.safetensors"  # <run>/checkpoints/: training state, resumable
@@ -483,13 +484,7 @@ def _exported_model(state: TrainState) -> ImageVQTokenizer:
 
 
 def export_matches(folder: Path, config_fp: str) -> bool:
-    meta_file = folder / "model.safetensors"
-    if not meta_file.exists():
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(meta_file), framework="pt") as f:
-        return (f.metadata() or {}).get("fingerprint") == config_fp
+    return read_metadata(folder).get("fingerprint") == config_fp
 
 
 def train_image_tokenizer(

@@ -38,6 +38,7 @@ from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler
 from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
+from anyloom.training.weights import read_metadata
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,9 @@ def train_matcher(
         "train": str(train_manifest), "val": str(val_manifest),
     })
     report = run.path / "matcher_val.json"
-    if (out / "model.safetensors").is_file() and report.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == key:
-                done = json.loads(report.read_text())
-                return MatcherResult(out, done["val_top1"], done["steps"], up_to_date=True)
+    if report.is_file() and read_metadata(out).get("fingerprint") == key:
+        done = json.loads(report.read_text())
+        return MatcherResult(out, done["val_top1"], done["steps"], up_to_date=True)
 
     train = load_captioned_images(train_manifest, size)
     val = load_captioned_images(val_manifest, size)

@@ -50,6 +50,17 @@ def save_weights(
     return folder
 
 
+def read_metadata(folder: str | Path) -> dict[str, str]:
+    """The safetensors metadata of ``folder``'s weights (e.g. the fingerprint they were trained with); {} if none."""
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> SavedWeights:
     """Read a folder written by :func:`save_weights`; clear errors for missing or foreign folders."""
     folder = Path(folder)
@@ -57,10 +68,7 @@ def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> Save
         raise FileNotFoundError(f"{folder}: no {WEIGHTS} (expected a folder written by save_weights)")
     if not (folder / CONFIG).exists():
         raise FileNotFoundError(f"{folder}: {WEIGHTS} without {CONFIG}; cannot know what model it belongs to")
-    from safetensors import safe_open
-
-    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+    metadata = read_metadata(folder)
     state = load_file(str(folder / WEIGHTS), device=str(device))
     config = json.loads((folder / CONFIG).read_text())
     vocab = json.loads((folder / VOCAB).read_text()) if (folder / VOCAB).exists() else None
