@@ -31,6 +31,9 @@ class GenerationConfig:
     image_reranker: Literal["model", "matcher"] = "model"
     # the same for speech: the candidate under which the model's speech -> text direction finds the prompt most likely
     audio_candidates: int = 1
+    # ... plus this weight times the candidate's own mean log-likelihood per frame, log p(speech | prompt) / frames:
+    # of utterances that all map back to the prompt, the one the model finds most typical (0 = the reverse score alone)
+    audio_likelihood_weight: float = 0.0
     # text from an image or speech prompt: 1 = the greedy text alone; n > 1 adds n - 1 texts sampled at
     # text_candidate_temperature and keeps the one with the highest log p(text | prompt) + text_channel_weight *
     # log p(prompt | text), the reverse direction judging how well the text explains the prompt (a noisy channel)
@@ -47,6 +50,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
+        if self.audio_likelihood_weight < 0:
+            raise ValueError(f"audio_likelihood_weight must be >= 0, got {self.audio_likelihood_weight}")
         if self.text_candidate_temperature <= 0 or self.text_channel_weight < 0:
             raise ValueError(f"text_candidate_temperature must be > 0 and text_channel_weight >= 0, got "
                              f"{self.text_candidate_temperature} and {self.text_channel_weight}")

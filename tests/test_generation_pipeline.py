@@ -146,7 +146,7 @@ def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pi
         GenerationConfig(image_candidates=0)
 
 
-def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(pipe):
+def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(pipe, tiny_run):
     from anyloom.generation.rerank import reverse_log_likelihood
     from anyloom.sequences.interleave import AudioIds
 
@@ -164,6 +164,25 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
         # only the kept utterance is vocoded, after the pick: the same wave as the candidate decoded on its own
         assert b.sample_rate == pool[i * n + k].sample_rate and np.array_equal(b.wave, pool[i * n + k].wave)
     assert pipe.generate_batch(prompts[:1], to="audio", seed=2, max_audio_seconds=0.2)[0].score is None
+    # with audio_likelihood_weight w: + w * log p(speech | prompt) per frame, scored here by one full forward each
+    from anyloom.sequences.interleave import encode_document
+
+    w = 5.0
+    typical = load(tiny_run, device="cpu", config=replace(pipe.config, audio_likelihood_weight=w))
+    picked = typical.generate_batch(prompts, to="audio", seed=2, max_audio_seconds=0.2, candidates=n)
+    for i, b in enumerate(picked):
+        total = []
+        for k, g in enumerate(pool[i * n:(i + 1) * n]):
+            doc = encode_document([*toks[i], AudioIds(g.codes.numpy())], pipe.vocab, loss=[False] * len(toks[i]) + [True])
+            ids = torch.from_numpy(doc.ids)[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(pipe.model.logits(pipe.model(ids[:, :-1])).double(), -1)[0]
+            own = float(logp.gather(-1, ids[0, 1:, None])[:, 0][torch.from_numpy(doc.loss_mask[1:])].sum())
+            total.append(float(scores[i, k]) + w * own / g.codes.shape[-1])
+        k = int(np.argmax(total))
+        assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(total[k], abs=1e-3)
+    with pytest.raises(ValueError, match="audio_likelihood_weight"):
+        GenerationConfig(audio_likelihood_weight=-1.0)
 
 
 def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny_run, tmp_path):
@@ -186,6 +205,12 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
     for i, b in enumerate(best):
         k = int(scores[i].argmax())
         assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(scores[i, k]), abs=1e-5)
+    # pictures are decoded many per call: each one as it looks decoded alone (float rounding: at most one level)
+    from anyloom.decoders.images import decode_image_codes
+
+    for g in pool[:3]:
+        alone = np.asarray(decode_image_codes(pipe.image_tokenizer, g.codes[None])[0], dtype=np.int16)
+        assert np.abs(np.asarray(g.image, dtype=np.int16) - alone).max() <= 1
     # a prompt without text (speech -> image) cannot be matched: the model's own score picks for it
     speech = mpipe.generate("one blue star", to="audio", seed=1)
     assert isinstance(mpipe.generate(AudioSegment(speech.wave, 16000), to="image", candidates=2), GeneratedImage)
