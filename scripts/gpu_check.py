@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py                      # everything (~4 min on an H100/H200)
     python scripts/gpu_check.py --only correctness   # one part (repeatable): ceilings | correctness | tune |
-                                                     #   attention | ce | train
+                                                     #   attention | ce | train | generation
 
 Needs CUDA, torch and triton (xformers when it imports); nothing else of the project's dependencies.
 
@@ -20,6 +20,9 @@ Needs CUDA, torch and triton (xformers when it imports); nothing else of the pro
 - ``attention``: ``scripts/bench_transformer.py``'s attention benchmark (ours vs SDPA, FlexAttention on packed
   documents, and xformers if present).
 - ``ce``: fused linear + CE (Triton forward, chunked backward) vs the chunked PyTorch and naive paths: time, memory.
+- ``generation``: the trained world LM (``--export``) sampling text -> image as the evaluation does (CFG 2, min-p,
+  16 samples per prompt from one prefill): fp32 greedy equality of the eager and compiled decode steps, of shared
+  prefill and repeated prompts, and of CUDA and CPU; images/s eager, compiled, compiled under bf16 autocast.
 - ``train``: the real training loop (``train_lm``, one process, bf16 autocast) on random documents at 150M and
   1B, Triton attention vs SDPA (dense document mask), eager and per-block ``torch.compile``: tokens/s and MFU
   (6N FLOPs per token over the datasheet peak, as the loop logs it, and over the matmul ceiling measured here).
@@ -428,9 +431,100 @@ def train(quick: bool) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- generation with a trained world LM
+
+def _world_lm(export: Path, device: str):
+    from anyloom.config import build
+    from anyloom.sequences.vocab import Vocabulary
+    from anyloom.training.weights import load_weights
+    from anyloom.transformer.model import ModelConfig, Transformer
+
+    saved = load_weights(export)
+    model = Transformer(build(ModelConfig, saved.config, prefix=str(export / "config.json")))
+    model.load_state_dict(saved.state_dict, strict=False)
+    return model.to(device).eval(), Vocabulary.from_dict(saved.vocab)
+
+
+def _image_prompts(vocab, n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` text -> image prompts of 3-6 random text pieces (what a caption's ids look like to the engine) and
+    their unconditional twins (the condition dropped, as generation builds them)."""
+    import numpy as np
+
+    from anyloom.sequences.interleave import TextIds, encode_document
+
+    rng = np.random.default_rng(seed)
+    cond = [encode_document([TextIds(rng.integers(4, vocab.text_size, int(rng.integers(3, 7))))], vocab,
+                            bos=True, eos=False).ids.tolist() + [vocab.boi] for _ in range(n)]
+    return cond, [[vocab.bos, vocab.boi] for _ in range(n)]
+
+
+def generation(export: Path, device: str = "cuda", sizes=((32, 16), (512, 16)), prompts_checked: int = 64) -> dict:
+    """The world LM's text -> image sampling on the GPU, as the evaluation runs it (CFG 2, min-p 0.1, 16 samples per
+    prompt from one prefill): equality checks in fp32 greedy decoding (eager vs compiled step, shared prefill vs
+    repeated prompts, CUDA vs CPU), then images per second, eager and compiled, fp32 and bf16 autocast."""
+    from anyloom.generation.cfg import GuidanceConfig
+    from anyloom.generation.constraints import GrammarConfig, StreamGrammar
+    from anyloom.generation.engine import generate
+    from anyloom.generation.sampling import ModalitySampling, SamplingConfig
+
+    out: dict = {"export": str(export)}
+    model, vocab = _world_lm(export, device)
+    cpu_model, _ = _world_lm(export, "cpu")
+    grammar_cfg = GrammarConfig(allow_image=False, allow_audio=False, stop_after_span=True, max_audio_frames=1)
+    grammar = {d: StreamGrammar(vocab, grammar_cfg, device=d) for d in {device, "cpu"}}
+    budget = grammar["cpu"].image_span_cost - 1
+    greedy = ModalitySampling(image=SamplingConfig(temperature=0.0))
+    guidance = GuidanceConfig(image_scale=2.0)
+
+    def run(m, prompts, uncond, g, sampling, compile_mode="never", samples=1, seed=0):
+        dev = m.tok_embeddings.weight.device
+        return generate(m, prompts, g, budget, sampling, torch.Generator(device=dev).manual_seed(seed), guidance,
+                        uncond, None, compile_mode, samples=samples).sequences
+
+    cond, uncond = _image_prompts(vocab, prompts_checked, 0)
+    eager = run(model, cond, uncond, grammar[device], greedy)
+    compiled = run(model, cond, uncond, grammar[device], greedy, "always")
+    on_cpu = run(cpu_model, cond, uncond, grammar["cpu"], greedy)
+    shared = run(model, cond[:16], uncond[:16], grammar[device], greedy, samples=4)
+    repeated = run(model, [c for c in cond[:16] for _ in range(4)], [u for u in uncond[:16] for _ in range(4)],
+                   grammar[device], greedy)
+    same = lambda a, b: sum(x == y for x, y in zip(a, b)) / len(a)  # noqa: E731
+    out["greedy_fp32_same_sequences"] = {"compiled_vs_eager": same(compiled, eager), "cuda_vs_cpu": same(eager, on_cpu),
+                                         "shared_prefill_vs_repeated": same(shared, repeated)}
+    out["greedy_fp32_same_tokens_cuda_vs_cpu"] = sum(
+        x == y for a, b in zip(eager, on_cpu) for x, y in zip(a, b)) / sum(len(a) for a in eager)
+    print(out, flush=True)
+
+    sampling = ModalitySampling(image=SamplingConfig(temperature=1.0, top_p=1.0, min_p=0.1))
+    rows = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for prompts, samples in sizes:
+        c, u = _image_prompts(vocab, prompts, 1)
+        for compile_mode, dtype in (("never", None), ("always", None), ("always", torch.bfloat16)):
+            def once(c=c, u=u, compile_mode=compile_mode, dtype=dtype, samples=samples):
+                with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                    return run(model, c, u, grammar[device], sampling, compile_mode, samples)
+            once()  # warm-up (compiles)
+            sync()
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                seqs = once()
+                sync()
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times)
+            row = {"prompts": prompts, "samples": samples, "compile": compile_mode, "autocast": str(dtype),
+                   "seconds": t, "images_per_s": prompts * samples / t,
+                   "image_tokens_per_s": sum(len(q) for q in seqs) / t}
+            print(row, flush=True)
+            rows.append(row)
+    out["throughput"] = rows
+    return out
+
+
 # ---------------------------------------------------------------- main
 
-PARTS = ["ceilings", "correctness", "tune", "attention", "ce", "train"]
+PARTS = ["ceilings", "correctness", "tune", "attention", "ce", "train", "generation"]
 
 
 def _summary() -> None:
@@ -456,6 +550,13 @@ def _summary() -> None:
     for r in RESULT.get("attention", []):
         print(f"attn {r['impl']:8s} d{r['head_dim']:<3d} T{r['seq']:<6d} {r['layout']:7s} "
               f"fwd {r['fwd_tflops']:6.1f}  fwd+bwd {r['fwd_bwd_tflops']:6.1f} TFLOP/s")
+    gen = RESULT.get("generation", {})
+    if gen:
+        print("generation, greedy fp32, same sequences:", gen["greedy_fp32_same_sequences"])
+        for r in gen["throughput"]:
+            print(f"generate {r['prompts']:4d} prompts x {r['samples']} compile={r['compile']:6s} "
+                  f"autocast={r['autocast']:14s} {r['images_per_s']:8.0f} images/s "
+                  f"{r['image_tokens_per_s']:9.0f} tokens/s")
     for r in RESULT.get("train", []):
         if "error" in r:
             print(f"train {r['size']} {r['attention']} compile={r['compile']}: {r['error'].splitlines()[-1]}")
@@ -470,6 +571,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=PARTS, action="append")
     p.add_argument("--quick", action="store_true", help="fewer training runs")
+    p.add_argument("--export", default="runs/world/export", help="the trained LM the generation part samples from")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA device")
@@ -483,7 +585,8 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             RESULT[part] = {"ceilings": ceilings, "correctness": correctness, "tune": tune, "attention": attention,
-                            "ce": ce_speed, "train": lambda: train(a.quick)}[part]()
+                            "ce": ce_speed, "train": lambda: train(a.quick),
+                            "generation": lambda: generation(Path(a.export))}[part]()
         except Exception:  # noqa: BLE001 - report and go on to the next part
             RESULT[part + "_error"] = traceback.format_exc()
             print(RESULT[part + "_error"], flush=True)

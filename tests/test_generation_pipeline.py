@@ -173,7 +173,8 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
     for i, b in enumerate(picked):
         total = []
         for k, g in enumerate(pool[i * n:(i + 1) * n]):
-            doc = encode_document([*toks[i], AudioIds(g.codes.numpy())], pipe.vocab, loss=[False] * len(toks[i]) + [True])
+            doc = encode_document([*toks[i], AudioIds(g.codes.numpy())], pipe.vocab,
+                                  loss=[False] * len(toks[i]) + [True])
             ids = torch.from_numpy(doc.ids)[None]
             with torch.no_grad():
                 logp = torch.log_softmax(pipe.model.logits(pipe.model(ids[:, :-1])).double(), -1)[0]
