@@ -192,6 +192,28 @@ def _find_matcher(export: Path) -> Path | None:
     return next((folder for folder in places if _holds_weights(folder)), None)
 
 
+def load_lm(export: Path, device: str | torch.device = "cpu") -> tuple[Transformer, Vocabulary]:
+    """The LM of an export folder (``model.safetensors`` + ``config.json`` + ``vocab.json``) in eval mode on
+    ``device``, and its vocabulary; no tokenizers (``load`` adds them)."""
+    saved = load_weights(export, device="cpu")
+    if saved.vocab is None:
+        raise PipelineError(f"{export}: no vocab.json; the model's id space is unknown")
+    vocab = Vocabulary.from_dict(saved.vocab, source=str(export / "vocab.json"))
+    try:
+        model_cfg = build(ModelConfig, saved.config, prefix=str(export / "config.json"))
+    except ConfigError as e:
+        raise PipelineError(str(e)) from e
+    if model_cfg.vocab_size < vocab.size:
+        raise PipelineError(f"{export}: the model's vocab_size {model_cfg.vocab_size} is smaller than the "
+                            f"vocabulary ({vocab.size} ids)")
+    model = Transformer(model_cfg)
+    missing, unexpected = model.load_state_dict(saved.state_dict, strict=False)
+    if missing or unexpected:
+        raise PipelineError(f"{export / 'model.safetensors'}: weights do not match config.json: missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval(), vocab
+
+
 def load(
     path: str | Path,
     *,
@@ -209,23 +231,7 @@ def load(
     path = Path(path)
     export = find_export(path)
     dev = pick_device(device)
-    saved = load_weights(export, device="cpu")
-    if saved.vocab is None:
-        raise PipelineError(f"{export}: no vocab.json; the model's id space is unknown")
-    vocab = Vocabulary.from_dict(saved.vocab, source=str(export / "vocab.json"))
-    try:
-        model_cfg = build(ModelConfig, saved.config, prefix=str(export / "config.json"))
-    except ConfigError as e:
-        raise PipelineError(str(e)) from e
-    if model_cfg.vocab_size < vocab.size:
-        raise PipelineError(f"{export}: the model's vocab_size {model_cfg.vocab_size} is smaller than the "
-                            f"vocabulary ({vocab.size} ids)")
-    model = Transformer(model_cfg)
-    missing, unexpected = model.load_state_dict(saved.state_dict, strict=False)
-    if missing or unexpected:
-        raise PipelineError(f"{export / 'model.safetensors'}: weights do not match config.json: missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}")
-    model = model.to(dev).eval()
+    model, vocab = load_lm(export, dev)
 
     explicit = {"text": text_tokenizer, "image": image_tokenizer, "audio": audio_tokenizer}
     needed = {"text": True, "image": vocab.image_codebook_size > 0, "audio": vocab.audio_codebook_size > 0}
@@ -502,7 +508,7 @@ class Pipeline:
             rendered = dict(zip(looked_at, self._render_many([candidates[j].codes for j in looked_at], to)))
             words = {i: [int(t) for s in toks[i] if isinstance(s, TextIds) for t in s.ids] for i in matched}
             texts = [words[i] for i in matched for _ in range(n)]
-            pixels = np.stack([np.asarray(g.image.convert("RGB")) for g in rendered.values()])
+            pixels = np.stack([np.asarray(rendered[j].image.convert("RGB")) for j in looked_at])
             scores[matched] = self.matcher.similarity(pixels, texts).double().view(len(matched), n)
         rest = [i for i, m in enumerate(by_matcher) if not m]
         if rest:

@@ -4,7 +4,8 @@
     python scripts/gpu_check.py --only correctness   # one part (repeatable): ceilings | correctness | tune |
                                                      #   attention | ce | train | generation
 
-Needs CUDA, torch and triton (xformers when it imports); nothing else of the project's dependencies.
+Needs CUDA, torch and triton (xformers when it imports); the generation part also safetensors, einops, Pillow
+and PyYAML (it loads the LM through ``generation.pipeline.load_lm``); nothing else of the project's dependencies.
 
 - ``ceilings``: what this card really does (METHOD: measure, don't trust the datasheet): a bf16 8192^3 matmul on
   random data and a 2 GiB device-to-device copy (bytes read + written), each the median of ``do_bench``.
@@ -433,18 +434,6 @@ def train(quick: bool) -> list[dict]:
 
 # ---------------------------------------------------------------- generation with a trained world LM
 
-def _world_lm(export: Path, device: str):
-    from anyloom.config import build
-    from anyloom.sequences.vocab import Vocabulary
-    from anyloom.training.weights import load_weights
-    from anyloom.transformer.model import ModelConfig, Transformer
-
-    saved = load_weights(export)
-    model = Transformer(build(ModelConfig, saved.config, prefix=str(export / "config.json")))
-    model.load_state_dict(saved.state_dict, strict=False)
-    return model.to(device).eval(), Vocabulary.from_dict(saved.vocab)
-
-
 def _image_prompts(vocab, n: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
     """``n`` text -> image prompts of 3-6 random text pieces (what a caption's ids look like to the engine) and
     their unconditional twins (the condition dropped, as generation builds them)."""
@@ -465,11 +454,12 @@ def generation(export: Path, device: str = "cuda", sizes=((32, 16), (512, 16)), 
     from anyloom.generation.cfg import GuidanceConfig
     from anyloom.generation.constraints import GrammarConfig, StreamGrammar
     from anyloom.generation.engine import generate
+    from anyloom.generation.pipeline import load_lm
     from anyloom.generation.sampling import ModalitySampling, SamplingConfig
 
     out: dict = {"export": str(export)}
-    model, vocab = _world_lm(export, device)
-    cpu_model, _ = _world_lm(export, "cpu")
+    model, vocab = load_lm(export, device)
+    cpu_model, _ = load_lm(export, "cpu")
     grammar_cfg = GrammarConfig(allow_image=False, allow_audio=False, stop_after_span=True, max_audio_frames=1)
     grammar = {d: StreamGrammar(vocab, grammar_cfg, device=d) for d in {device, "cpu"}}
     budget = grammar["cpu"].image_span_cost - 1

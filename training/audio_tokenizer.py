@@ -51,7 +51,7 @@ from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.training.weights import load_weights, save_weights
+from anyloom.training.weights import load_weights, read_metadata, save_weights
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def train_audio_tokenizer(
         parts["discriminator"] = cfg.discriminator
     fp = fingerprint(parts)
     out = run.path / "tokenizer"
-    if (out / "config.json").exists() and load_weights(out).metadata.get("fingerprint") == fp:
+    if (out / "config.json").exists() and read_metadata(out).get("fingerprint") == fp:
         print(f"audio tokenizer: {out} is up to date (fingerprint {fp}); not retraining")
         return out
     tc = cfg.train
