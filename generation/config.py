@@ -29,6 +29,14 @@ class GenerationConfig:
     # who picks among image candidates: "model" (the LM's image -> prompt direction, above) or "matcher" (the run's
     # image-text matcher, generation/matcher.py, trained in the image_matcher stage: it looks at the decoded pixels)
     image_reranker: Literal["model", "matcher"] = "model"
+    # ... minus this weight times log of the candidate's round-trip error through the image tokenizer (the mean squared
+    # pixel change of decode(encode(picture)), generation/rerank.py): a picture the tokenizer cannot reproduce lies
+    # off the pictures it was trained on, and most such candidates are malformed (0 = the reranker's score alone)
+    image_round_trip_weight: float = 0.0
+    # ... plus this weight times the matcher's region consistency of the candidate (generation/matcher.py: the least
+    # sure object's log-probability of the shape / colour the picture's objects hold most; needs a matcher trained
+    # with region_keys): a picture with one object unlike the others scores low (0 = not used)
+    image_region_weight: float = 0.0
     # the same for speech: the candidate under which the model's speech -> text direction finds the prompt most likely
     audio_candidates: int = 1
     # ... plus this weight times the candidate's own mean log-likelihood per frame, log p(speech | prompt) / frames:
@@ -50,8 +58,9 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
-        if self.audio_likelihood_weight < 0:
-            raise ValueError(f"audio_likelihood_weight must be >= 0, got {self.audio_likelihood_weight}")
+        for name in ("audio_likelihood_weight", "image_round_trip_weight", "image_region_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.text_candidate_temperature <= 0 or self.text_channel_weight < 0:
             raise ValueError(f"text_candidate_temperature must be > 0 and text_channel_weight >= 0, got "
                              f"{self.text_candidate_temperature} and {self.text_channel_weight}")

@@ -12,8 +12,16 @@ pictures generation produces.
 - text side: the text tokenizer's ids -> embeddings + learned positions, averaged over the real tokens -> MLP ->
   unit vector;
 - score: the cosine times a learned scale (``similarity``), the logit the contrastive loss trained.
+- optional region head (``region_keys``, trained where the documents give object boxes and per-object labels in
+  their ``meta``, e.g. the world's ``shape`` and ``color``): its own small fully convolutional net, one cell per
+  4 x 4 pixels -> per cell an object/background logit and, per key, logits over the key's values.
+  ``consistency`` reads it: for each key, the value the picture's object cells hold most, then the least sure
+  object cell's log-probability of that value, summed over keys (0 = every object cell certain of one value; a
+  picture with one object of another shape or colour among the rest scores far lower). It looks at each object
+  where the global embedding above sums the whole picture, and needs no prompt.
 
-Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width.
+Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width, g x w region cells,
+K a key's values.
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ class MatcherConfig:
     # the cosines' scale in the loss: 0 = learned (from e^2.5); > 0 = fixed at this value (a low one keeps the loss
     # from pushing every cosine of a caption's pictures to the ceiling, docs/BENCHMARKS.md "Session 14")
     logit_scale: float = added_field(0.0)
+    # the region head: meta keys labelling each object box (empty = no head), each key's values (class order)
+    region_keys: tuple[str, ...] = added_field(())
+    region_values: tuple[tuple[str, ...], ...] = added_field(())
+    region_channels: int = added_field(64)
 
     def __post_init__(self) -> None:
         h, w = self.image_size
@@ -58,6 +70,13 @@ class MatcherConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.logit_scale < 0:
             raise ValueError(f"logit_scale must be 0 (learned) or > 0 (fixed), got {self.logit_scale}")
+        # region_values may be left empty in a recipe: the matcher stage fills them in from the training data
+        if self.region_values and (len(self.region_keys) != len(self.region_values)
+                                   or any(len(v) < 1 for v in self.region_values)):
+            raise ValueError(f"region_values needs one non-empty list of values per region key, got "
+                             f"{len(self.region_values)} for keys {tuple(self.region_keys)}")
+        if self.region_channels <= 0:
+            raise ValueError(f"region_channels must be > 0, got {self.region_channels}")
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -80,6 +99,49 @@ class ImageTextMatcher(nn.Module):
         fixed = cfg.logit_scale > 0
         start = math.log(cfg.logit_scale) if fixed else 2.5  # e^2.5 ~ 12: a usual starting scale when it is learned
         self.log_scale = nn.Parameter(torch.tensor(start), requires_grad=not fixed)
+        self.regions: nn.Sequential | None = None
+        if cfg.region_keys:
+            if not cfg.region_values:
+                raise ValueError(f"region keys {tuple(cfg.region_keys)} without their values: a matcher with a "
+                                 "region head is built by the image_matcher stage (which reads them from the data)")
+            c = cfg.region_channels
+            heads = 1 + sum(len(v) for v in cfg.region_values)  # object logit + each key's values
+            self.regions = nn.Sequential(
+                nn.PixelUnshuffle(2), _conv(12, c // 2, 1), _conv(c // 2, c, 2), _conv(c, c, 1), _conv(c, c, 1),
+                nn.Conv2d(c, heads, 1),
+            )
+
+    def region_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, 3, H, W) in [-1, 1] -> object logits (B, g, w) and, per region key, value logits (B, K, g, w)."""
+        if self.regions is None:
+            raise ValueError("this matcher has no region head (trained without region_keys)")
+        out = self.regions(images)
+        sizes = [len(v) for v in self.cfg.region_values]
+        obj, *per_key = torch.split(out, [1, *sizes], dim=1)
+        return obj[:, 0], list(per_key)
+
+    @torch.no_grad()
+    def consistency(self, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> torch.Tensor:
+        """(B,) floats <= 0: per region key, the least sure object cell's log-probability of the value the picture's
+        object cells hold most, summed over keys (module docstring). A picture with no cell judged an object
+        is read at its single most object-like cell."""
+        x = to_unit(images).to(self.text_pos.device)
+        was = self.training
+        self.eval()
+        scores = []
+        for start in range(0, len(x), batch_size):
+            obj, per_key = self.region_logits(x[start:start + batch_size])
+            flat = obj.flatten(1)  # (B, g*w)
+            is_obj = (flat > 0) | (flat == flat.amax(1, keepdim=True))  # at least one cell each
+            total = torch.zeros(len(flat), device=flat.device)
+            for logits in per_key:
+                logp = logits.flatten(2).log_softmax(1)  # (B, K, g*w)
+                held = (logp.exp() * is_obj[:, None]).sum(2).argmax(1)  # (B,) the dominant value
+                own = logp.gather(1, held[:, None, None].expand(-1, 1, logp.shape[2]))[:, 0]  # (B, g*w)
+                total += own.masked_fill(~is_obj, 0.0).amin(1)
+            scores.append(total)
+        self.train(was)
+        return torch.cat(scores).float().cpu()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) floats in [-1, 1] -> (B, D) unit vectors."""

@@ -45,7 +45,7 @@ from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
 from anyloom.generation.engine import StepEvent, generate
-from anyloom.generation.rerank import document_log_likelihood, reverse_log_likelihood
+from anyloom.generation.rerank import document_log_likelihood, reverse_log_likelihood, round_trip_error
 from anyloom.generation.sampling import SamplingConfig
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
@@ -58,6 +58,7 @@ TARGETS: tuple[str, ...] = ("text", "image", "audio")
 STAGES = {"text": "text_tokenizer", "image": "image_tokenizer", "audio": "audio_tokenizer"}
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
+ROUND_TRIP_FLOOR = 1e-6  # added to a round-trip error before its log (a picture reproduced exactly scores finite)
 
 # config.json "kind" -> (module, class) of tokenizers that satisfy the contracts in tokenizers/base.py
 IMAGE_KINDS = {"image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer")}
@@ -495,7 +496,9 @@ class Pipeline:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate) (for speech
         plus ``audio_likelihood_weight`` * log p(candidate | prompt) per frame), or, for images with ``image_reranker:
         matcher``, the highest matcher score against the prompt's text (a prompt with no text segment falls back to
-        the model's score); only the kept candidates are decoded (and the pictures the matcher looks at)."""
+        the model's score) plus ``image_region_weight`` * its region consistency; pictures minus
+        ``image_round_trip_weight`` * log of their round-trip error through the image tokenizer. Only the kept
+        candidates are decoded (and the pictures the matcher or the round trip looks at)."""
         by_matcher = [to == "image" and self.config.image_reranker == "matcher"
                       and any(isinstance(s, TextIds) for s in t) for t in toks]
         scores = torch.empty(len(toks), n, dtype=torch.float64)
@@ -510,6 +513,12 @@ class Pipeline:
             texts = [words[i] for i in matched for _ in range(n)]
             pixels = np.stack([np.asarray(rendered[j].image.convert("RGB")) for j in looked_at])
             scores[matched] = self.matcher.similarity(pixels, texts).double().view(len(matched), n)
+            if self.config.image_region_weight > 0:  # + w * region consistency (the matcher's region head)
+                if self.matcher.regions is None:
+                    raise PipelineError("generation.image_region_weight > 0 needs an image matcher with a region "
+                                        "head (image_matcher.model.region_keys); this run's has none")
+                region = self.matcher.consistency(pixels).double().view(len(matched), n)
+                scores[matched] += self.config.image_region_weight * region
         rest = [i for i, m in enumerate(by_matcher) if not m]
         if rest:
             span = ImageIds if to == "image" else AudioIds
@@ -523,6 +532,12 @@ class Pipeline:
                 frames = torch.tensor([s.codes.shape[-1] for s in spans], dtype=torch.float64)
                 own = own + weight * forward / frames
             scores[rest] = own.double().view(len(rest), n)
+        if to == "image" and self.config.image_round_trip_weight > 0:  # - w * log(round-trip error)
+            unseen = [j for j in range(len(candidates)) if j not in rendered]
+            rendered.update(zip(unseen, self._render_many([candidates[j].codes for j in unseen], to)))
+            pixels = np.stack([np.asarray(rendered[j].image.convert("RGB")) for j in range(len(candidates))])
+            error = round_trip_error(self.image_tokenizer, pixels)
+            scores -= self.config.image_round_trip_weight * torch.log(error + ROUND_TRIP_FLOOR).view(len(toks), n)
         kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
         unseen = [j for j in kept if j not in rendered]
         rendered.update(zip(unseen, self._render_many([candidates[j].codes for j in unseen], to)))

@@ -11,6 +11,11 @@ Captions are reranked the other way round, as a noisy channel: of the greedy cap
 one with the highest log p(caption | image) + w * log p(image | caption) is kept; the second term is the
 text -> image direction judging whether the caption explains the image (``generation/pipeline.py``).
 
+Pictures also get a score of their own, with no prompt: the round-trip error through the image tokenizer,
+how much decode(encode(picture)) changes it (``round_trip_error``). The tokenizer reproduces the kind of picture it
+was trained on almost exactly; a sampled picture with a malformed object, a speck or two shapes run together is
+off that manifold and changes more (an autoencoder's reconstruction error as an out-of-distribution score).
+
 Axis legend: N candidates, T score-document length, V vocabulary.
 """
 
@@ -18,9 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anyloom.generation.matcher import to_unit
 from anyloom.sequences.interleave import TokSegment, bidirectional_span_ids, encode_document
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.transformer.model import Transformer
@@ -79,4 +86,19 @@ def reverse_log_likelihood(
                                    [[False] + [True] * len(prompt) for prompt in prompts], batch_size)
 
 
-__all__ = ["document_log_likelihood", "reverse_log_likelihood"]
+@torch.no_grad()
+def round_trip_error(tokenizer, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """(N,) float64: mean squared change of each picture (N, H, W, 3) uint8 through ``tokenizer``'s encode then
+    decode, in [-1, 1] units (0 = reproduced exactly)."""
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"pixels must be (N, H, W, 3) uint8, got {pixels.shape} {pixels.dtype}")
+    device = next(tokenizer.parameters()).device
+    out = torch.empty(len(pixels), dtype=torch.float64)
+    for start in range(0, len(pixels), batch_size):
+        x = to_unit(pixels[start:start + batch_size]).to(device)  # (B, 3, H, W)
+        y = tokenizer.decode(tokenizer.encode(x).codes).float()
+        out[start:start + len(x)] = (y - x).square().mean(dim=(1, 2, 3)).double().cpu()
+    return out
+
+
+__all__ = ["document_log_likelihood", "reverse_log_likelihood", "round_trip_error"]

@@ -5,8 +5,10 @@ pick's quality for every k <= N (the first k of each prompt's draws), so one run
     python scripts/rerank_curves.py --run runs/world --split val --to audio --candidates 16 --seed 1
     python scripts/rerank_curves.py --run runs/world --split val --to image --candidates 16 --set image_cfg_scale=3
 
-``--to image``: text -> image on every item of the split, candidates picked by the run's image matcher; per k the
-pick's attribute accuracy, the share of unreadable picks, and the oracle (a right picture among the k).
+``--to image``: text -> image on every item of the split, candidates picked by the run's image matcher's score
+(+ the run's ``image_region_weight`` x its region consistency) - w * log(round-trip error through the image
+tokenizer), for each ``--weights`` w; per k and w the pick's attribute
+accuracy and the share of unreadable picks, and per k the oracle (a right picture among the k).
 ``--to audio``: text -> speech once per distinct caption (as the evaluation does), every candidate vocoded and
 transcribed by the ASR judge; per k the corpus WER (items weighted by how often their caption occurs) of the pick
 by log p(caption | speech) + w * log p(speech | caption) per frame, for each ``--weights`` w.
@@ -42,11 +44,13 @@ def _with_overrides(cfg, pairs: list[str]):
     return cfg
 
 
-def image_curves(pipe, items, n: int, seed: int, batch: int = 32) -> dict:
+def image_curves(pipe, items, n: int, seed: int, weights: list[float], batch: int = 32) -> dict:
     from anyloom.data.judge import judge_image
+    from anyloom.generation.pipeline import ROUND_TRIP_FLOOR
+    from anyloom.generation.rerank import round_trip_error
 
     cfg = pipe.config
-    ok, unreadable, scores = [], [], []
+    ok, unreadable, scores, errors = [], [], [], []
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         toks = [pipe.prompt_segments(it.caption) for it in chunk]
@@ -58,14 +62,21 @@ def image_curves(pipe, items, n: int, seed: int, batch: int = 32) -> dict:
             ok.append(r is not None and (r.count, r.color, r.shape) == (it.count, it.color, it.shape))
         words = [[int(t) for s in toks[j // n] for t in s.ids] for j in range(len(pictures))]
         scores += pipe.matcher.similarity(np.stack(pictures), words).tolist()
+        errors += round_trip_error(pipe.image_tokenizer, np.stack(pictures)).tolist()
+        region = pipe.config.image_region_weight
+        if region > 0:  # the matcher's region consistency, at the run's (or --set) weight, is part of every score
+            scores[-len(pictures):] = (np.array(scores[-len(pictures):])
+                                       + region * pipe.matcher.consistency(np.stack(pictures)).numpy()).tolist()
         print(f"{start + len(chunk)}/{len(items)} prompts", file=sys.stderr, flush=True)
-    ok, unreadable, s = (np.array(a).reshape(-1, n) for a in (ok, unreadable, scores))
+    ok, unreadable, s, e = (np.array(a).reshape(-1, n) for a in (ok, unreadable, scores, errors))
     rows = np.arange(len(ok))
     curve = {}
     for k in (k for k in KS if k <= n):
-        pick = s[:, :k].argmax(1)
-        curve[k] = {"accuracy": float(ok[rows, pick].mean()), "unreadable": float(unreadable[rows, pick].mean()),
-                    "oracle": float(ok[:, :k].any(1).mean())}
+        curve[k] = {"oracle": float(ok[:, :k].any(1).mean())}
+        for w in weights:
+            pick = (s[:, :k] - w * np.log(e[:, :k] + ROUND_TRIP_FLOOR)).argmax(1)
+            curve[k][f"w={w}"] = {"accuracy": float(ok[rows, pick].mean()),
+                                  "unreadable": float(unreadable[rows, pick].mean())}
     return {"single": float(ok.mean()), "single_unreadable": float(unreadable.mean()), "curve": curve}
 
 
@@ -107,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=16, help="candidates drawn per prompt (the largest k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="items of the split (0: all)")
-    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 1.0], help="speech: weights w to compare")
+    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 1.0],
+                   help="the second term's weights w to compare")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="generation key=value")
     args = p.parse_args(argv)
     if args.candidates < 1:
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     items = items_from_documents(read_manifest(world.split(args.split)).documents)
     items = items[:args.limit] if args.limit else items
     if args.to == "image":
-        result = image_curves(pipe, items, args.candidates, args.seed)
+        result = image_curves(pipe, items, args.candidates, args.seed, args.weights)
     else:
         result = audio_curves(pipe, items, args.candidates, args.seed, args.weights)
     result.update(run=str(run), split=args.split, to=args.to, candidates=args.candidates, seed=args.seed,

@@ -206,6 +206,45 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
     for i, b in enumerate(best):
         k = int(scores[i].argmax())
         assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(scores[i, k]), abs=1e-5)
+    # with image_round_trip_weight w: - w * log(round-trip error), each error recomputed here picture by picture
+    from anyloom.generation.pipeline import ROUND_TRIP_FLOOR
+    from anyloom.generation.rerank import round_trip_error
+
+    w, tok = 2.0, pipe.image_tokenizer
+    errors = []
+    for g in pool:
+        x = torch.from_numpy(np.asarray(g.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            errors.append(float((tok.decode(tok.encode(x).codes) - x).square().mean()))
+    errors = torch.tensor(errors, dtype=torch.float64).view(len(prompts), n)
+    assert torch.allclose(round_trip_error(tok, np.stack([np.asarray(g.image) for g in pool])).view(len(prompts), n),
+                          errors, rtol=1e-4)
+    total = scores.double() - w * torch.log(errors + ROUND_TRIP_FLOOR)
+    assert not torch.equal(total.argmax(1), scores.argmax(1))  # the second term changes a pick here
+    round_trip = load(tiny_run, device="cpu", config=replace(cfg, image_round_trip_weight=w), image_matcher=folder)
+    for i, b in enumerate(round_trip.generate_batch(prompts, to="image", seed=5, candidates=n)):
+        k = int(total[i].argmax())
+        assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(total[i, k]), abs=1e-3)
+    with pytest.raises(ValueError, match="image_round_trip_weight"):
+        GenerationConfig(image_round_trip_weight=-0.5)
+    # with image_region_weight r: + r * the matcher's region consistency (a random region head here)
+    torch.manual_seed(2)
+    regional = ImageTextMatcher(replace(matcher.cfg, region_keys=("shape",), region_values=(("a", "b", "c"),)))
+    regional.load_state_dict({**regional.state_dict(), **matcher.state_dict()})  # the same global matcher
+    rfolder = regional.save(tmp_path / "regional")
+    r = 3.0
+    consistency = regional.consistency(np.stack([np.asarray(g.image) for g in pool])).double().view(len(prompts), n)
+    total = scores.double() + r * consistency
+    by_region = load(tiny_run, device="cpu", config=replace(cfg, image_region_weight=r), image_matcher=rfolder)
+    for i, b in enumerate(by_region.generate_batch(prompts, to="image", seed=5, candidates=n)):
+        k = int(total[i].argmax())
+        assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(total[i, k]), abs=1e-3)
+    with pytest.raises(PipelineError, match="region head"):
+        mpipe.config = replace(cfg, image_region_weight=r)
+        mpipe.generate_batch(prompts, to="image", seed=5, candidates=n)
+    mpipe.config = cfg
+    with pytest.raises(ValueError, match="uint8"):
+        round_trip_error(tok, np.zeros((2, 16, 16, 3), dtype=np.float32))
     # pictures are decoded many per call: each one as it looks decoded alone (float rounding: at most one level)
     from anyloom.decoders.images import decode_image_codes
 

@@ -129,3 +129,55 @@ def test_a_manifest_without_pictures_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no document with both a text and an image"):
         train_matcher(MatcherStageConfig(model=SMALL, reconstructions=False), _Sized(), _Words(), path, path,
                       RunDir(tmp_path / "run"))
+
+
+def _boxed_manifest(folder: Path, name: str, n: int, seed: int, drop_key: bool = False) -> Path:
+    """Two same-colour 6 x 6 squares, one in the left and one in the right half, with their boxes and colour in
+    meta (the layout the world writes); the text is the colour."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60)}
+    lines = []
+    for i in range(n):
+        colour = str(rng.choice(list(colours)))
+        px = rng.integers(90, 130, (16, 16, 3)).astype(np.uint8)
+        boxes = []
+        for x0 in (int(rng.integers(0, 2)), 8 + int(rng.integers(0, 2))):
+            y0 = int(rng.integers(0, 10))
+            px[y0:y0 + 6, x0:x0 + 6] = colours[colour]
+            boxes.append([x0, y0, x0 + 6, y0 + 6])
+        Image.fromarray(px).save(folder / f"{name}{i}.png")
+        meta = {"boxes": boxes} if drop_key and i == 3 else {"color": colour, "boxes": boxes}
+        lines.append(json.dumps({"id": f"{name}-{i}", "segments": [{"text": colour}, {"image": f"{name}{i}.png"}],
+                                 "meta": meta}))
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_region_head_learns_object_labels_and_scores_an_odd_object_down(tmp_path):
+    train, val = _boxed_manifest(tmp_path, "train", 96, 0), _boxed_manifest(tmp_path, "val", 24, 1)
+    regional = replace(SMALL, region_keys=("color",), region_channels=16)
+    cfg = MatcherStageConfig(model=regional, steps=120, batch_size=32, reconstructions=False)
+    result = train_matcher(cfg, _Sized(), _Words(), train, val, RunDir(tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "matcher_val.json").read_text())["region_head"]
+    assert report["object_cells_right"] >= 0.85 and report["color_right_on_object_cells"] >= 0.9
+    m = ImageTextMatcher.load(result.folder)
+    assert m.cfg.region_values == (("blue", "green", "red"),)  # read from the data, sorted
+    # the global matcher is the one trained without the head: same steps, same batches, its own parameters
+    plain = train_matcher(replace(cfg, model=SMALL), _Sized(), _Words(), train, val, RunDir(tmp_path / "plain"))
+    alone = ImageTextMatcher.load(plain.folder).state_dict()
+    assert all(torch.equal(alone[k], v) for k, v in m.state_dict().items() if not k.startswith("regions."))
+    # two red squares vs a red and a blue one (never seen in training): the odd object costs consistency
+    same = np.full((2, 16, 16, 3), 110, dtype=np.uint8)
+    same[:, 4:10, 1:7] = (220, 40, 40)
+    same[:, 4:10, 9:15] = (220, 40, 40)
+    same[1, 4:10, 9:15] = (40, 70, 220)
+    score = m.consistency(same)
+    assert score[0] > -0.5 and score[1] < score[0] - 1.0
+    with pytest.raises(ValueError, match="no region head"):
+        ImageTextMatcher.load(plain.folder).consistency(same)
+    bad = _boxed_manifest(tmp_path, "bad", 8, 2, drop_key=True)
+    with pytest.raises(ValueError, match=r"bad-3.*meta\.color"):
+        train_matcher(cfg, _Sized(), _Words(), bad, val, RunDir(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="without their values"):
+        ImageTextMatcher(regional)

@@ -8,6 +8,12 @@ reconstructs it (what generation decodes; ``reconstructions: false`` keeps the o
 a batch of pictures against the distinct captions in it (two pictures of one caption are not each other's
 negatives), cross-entropy over the scaled cosines, AdamW with warmup + cosine -> the validation split's top-1:
 each held-out picture against every distinct caption of the train and val splits.
+With ``model.region_keys`` (e.g. ``[shape, color]``) the matcher's region head trains in the same steps on the same
+pictures (its own parameters, so the global matcher is the same with or without it): every 4 x 4-pixel cell whose
+centre lies in one of the document's ``meta.boxes`` is an object cell, labelled with the document's ``meta[key]``
+for each key; an object/background loss on every cell plus a cross-entropy per key on the object cells. Its
+validation report: the share of val cells whose object/background call is right and, per key, of object cells
+whose value is.
 
 The stage takes ~half a minute on two cores, so it has no mid-run checkpoints (an interrupted run starts over) and
 runs on the CPU whatever the LM uses.
@@ -75,6 +81,8 @@ class CaptionedImages:
     pixels: np.ndarray  # (N, H, W, 3) uint8
     texts: list[str]
     skipped: int  # documents without a text or an image segment
+    meta: list[dict] = field(default_factory=list)  # each kept document's meta
+    ids: list[str] = field(default_factory=list)  # each kept document's id
 
 
 def load_captioned_images(path: str | Path, image_size: tuple[int, int]) -> CaptionedImages:
@@ -82,7 +90,7 @@ def load_captioned_images(path: str | Path, image_size: tuple[int, int]) -> Capt
     from anyloom.data.document import ImageSegment, TextSegment
     from anyloom.data.manifest import read_manifest
 
-    pixels, texts, skipped = [], [], 0
+    pixels, texts, skipped, meta, ids = [], [], 0, [], []
     for doc in read_manifest(path).documents:
         text, image = doc.first(TextSegment), doc.first(ImageSegment)
         if text is None or image is None or not text.text.strip():
@@ -94,9 +102,65 @@ def load_captioned_images(path: str | Path, image_size: tuple[int, int]) -> Capt
                              f"pixels (the image tokenizer's size), got {px.shape} {px.dtype}")
         pixels.append(px)
         texts.append(text.text)
+        meta.append(doc.meta)
+        ids.append(doc.id)
     if not pixels:
         raise ValueError(f"{path}: no document with both a text and an image segment ({skipped} without)")
-    return CaptionedImages(np.stack(pixels), texts, skipped)
+    return CaptionedImages(np.stack(pixels), texts, skipped, meta, ids)
+
+
+REGION_CELL = 4  # pixels per region cell side (the region head's stride)
+
+
+def region_values(data: CaptionedImages, keys: tuple[str, ...], where: str) -> tuple[tuple[str, ...], ...]:
+    """Each key's distinct values over the documents' meta, sorted; a document without the key or its boxes is
+    named in the error."""
+    found: list[set[str]] = [set() for _ in keys]
+    for doc_id, meta in zip(data.ids, data.meta):
+        for i, key in enumerate(keys):
+            if key not in meta or "boxes" not in meta:
+                raise ValueError(f"{where}: document {doc_id!r}: the region head needs meta.boxes and meta.{key} "
+                                 f"(image_matcher.model.region_keys), got meta keys {sorted(meta)}")
+            found[i].add(str(meta[key]))
+    return tuple(tuple(sorted(v)) for v in found)
+
+
+def region_targets(data: CaptionedImages, keys: tuple[str, ...], values: tuple[tuple[str, ...], ...],
+                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, g, w) bool object cells (cell centre inside a box) and (N, keys) long value indices (-1: a value the
+    head was not built with, ignored by the loss)."""
+    h, w = data.pixels.shape[1:3]
+    cy = (np.arange(h // REGION_CELL) + 0.5) * REGION_CELL  # cell centres, pixels
+    cx = (np.arange(w // REGION_CELL) + 0.5) * REGION_CELL
+    cells = np.zeros((len(data.meta), len(cy), len(cx)), dtype=bool)
+    labels = np.full((len(data.meta), len(keys)), -1, dtype=np.int64)
+    for n, (doc_id, meta) in enumerate(zip(data.ids, data.meta)):
+        boxes = meta.get("boxes")
+        if not isinstance(boxes, list) or any(not isinstance(b, list) or len(b) != 4 for b in boxes):
+            raise ValueError(f"{where}: document {doc_id!r}: meta.boxes must be a list of [x0, y0, x1, y1] "
+                             f"pixel boxes, got {boxes!r}")
+        for x0, y0, x1, y1 in boxes:
+            cells[n] |= (cy[:, None] >= y0) & (cy[:, None] <= y1) & (cx[None, :] >= x0) & (cx[None, :] <= x1)
+        for i, key in enumerate(keys):
+            if key not in meta:
+                raise ValueError(f"{where}: document {doc_id!r}: no meta.{key} for the region head")
+            value = str(meta[key])
+            labels[n, i] = values[i].index(value) if value in values[i] else -1
+    return torch.from_numpy(cells), torch.from_numpy(labels)
+
+
+def region_loss(model: ImageTextMatcher, images: torch.Tensor, cells: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Object/background BCE on every cell + per key CE on the object cells; also the per-cell calls (for
+    accuracy): object (B, g, w) bool and per key the argmax value (B, g, w)."""
+    obj, per_key = model.region_logits(images)
+    loss = F.binary_cross_entropy_with_logits(obj, cells.float())
+    for i, logits in enumerate(per_key):
+        target = labels[:, i, None, None].expand_as(cells)  # (B, g, w)
+        keep = cells & (target >= 0)
+        if keep.any():
+            loss = loss + F.cross_entropy(logits.permute(0, 2, 3, 1)[keep], target[keep])
+    return loss, obj > 0, [lg.argmax(1) for lg in per_key]
 
 
 def _file_digest(folder: Path) -> str:
@@ -154,6 +218,11 @@ def train_matcher(
 
     train = load_captioned_images(train_manifest, size)
     val = load_captioned_images(val_manifest, size)
+    keys = tuple(mcfg.region_keys)
+    if keys:
+        mcfg = replace(mcfg, region_values=region_values(train, keys, str(train_manifest)))
+        cells, region_labels = region_targets(train, keys, mcfg.region_values, str(train_manifest))
+        val_cells, val_labels = region_targets(val, keys, mcfg.region_values, str(val_manifest))
     if train.skipped or val.skipped:
         print(f"image matcher: skipped {train.skipped} train / {val.skipped} val documents without a text and an "
               "image segment")
@@ -194,6 +263,12 @@ def train_matcher(
             own = F.one_hot(target, len(present)).T.bool()  # (U, B): caption u is picture b's
             by_text = logits.T  # (U, B)
             loss = 0.5 * loss + 0.5 * (by_text.logsumexp(1) - by_text.masked_fill(~own, -torch.inf).logsumexp(1)).mean()
+        if keys:  # the region head has its own parameters: its loss leaves the global matcher's gradients alone
+            c = cells[idx]
+            if cfg.hflip:
+                c = torch.where(flip[:, None, None], c.flip(-1), c)
+            region, _, _ = region_loss(model, x, c, region_labels[idx])
+            loss = loss + region
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -210,15 +285,29 @@ def train_matcher(
     pool = sorted(set(train.texts) | set(val.texts))
     top1, confusions = retrieval_top1(model, val_images, val.texts, pool, encode)
     logger.log(step, val_top1=top1, train_seconds=round(seconds, 1))
+    region_report = {}
+    if keys:
+        model.eval()
+        with torch.no_grad():
+            calls = [region_loss(model, val_images[s:s + 512], val_cells[s:s + 512], val_labels[s:s + 512])
+                     for s in range(0, len(val_images), 512)]
+        is_obj = torch.cat([c[1] for c in calls])
+        region_report = {"object_cells_right": float((is_obj == val_cells).float().mean())}
+        for i, key in enumerate(keys):
+            value = torch.cat([c[2][i] for c in calls])
+            target = val_labels[:, i, None, None].expand_as(val_cells)
+            region_report[f"{key}_right_on_object_cells"] = float((value == target)[val_cells].float().mean())
+        print("image matcher region head (val): " + ", ".join(f"{k} {v:.3f}" for k, v in region_report.items()))
     logger.close()
     model.save(out, metadata={"fingerprint": key, "steps": str(step)})
     report.write_text(json.dumps({
         "val_top1": top1, "steps": step, "train_seconds": round(seconds, 1), "val_items": len(val.texts),
         "captions": len(pool), "skipped_documents": {"train": train.skipped, "val": val.skipped},
         "most_confused": [{"caption": a, "read_as": b, "count": c} for (a, b), c in confusions.most_common(10)],
+        "region_head": region_report,
     }, indent=2) + "\n")
     return MatcherResult(out, top1, step)
 
 
-__all__ = ["MatcherStageConfig", "MatcherResult", "CaptionedImages", "load_captioned_images", "retrieval_top1",
-           "train_matcher"]
+__all__ = ["MatcherStageConfig", "MatcherResult", "CaptionedImages", "load_captioned_images", "region_loss",
+           "region_targets", "region_values", "retrieval_top1", "train_matcher"]
