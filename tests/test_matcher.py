@@ -161,6 +161,8 @@ def test_region_head_learns_object_labels_and_scores_an_odd_object_down(tmp_path
     result = train_matcher(cfg, _Sized(), _Words(), train, val, RunDir(tmp_path / "run"))
     report = json.loads((tmp_path / "run" / "matcher_val.json").read_text())["region_head"]
     assert report["object_cells_right"] >= 0.85 and report["color_right_on_object_cells"] >= 0.9
+    again = train_matcher(cfg, _Sized(), _Words(), train, val, RunDir(tmp_path / "run"))
+    assert again.up_to_date
     m = ImageTextMatcher.load(result.folder)
     assert m.cfg.region_values == (("blue", "green", "red"),)  # read from the data, sorted
     # the global matcher is the one trained without the head: same steps, same batches, its own parameters

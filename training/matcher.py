@@ -293,10 +293,10 @@ def train_matcher(
                      for s in range(0, len(val_images), 512)]
         is_obj = torch.cat([c[1] for c in calls])
         region_report = {"object_cells_right": float((is_obj == val_cells).float().mean())}
-        for i, key in enumerate(keys):
+        for i, name in enumerate(keys):
             value = torch.cat([c[2][i] for c in calls])
             target = val_labels[:, i, None, None].expand_as(val_cells)
-            region_report[f"{key}_right_on_object_cells"] = float((value == target)[val_cells].float().mean())
+            region_report[f"{name}_right_on_object_cells"] = float((value == target)[val_cells].float().mean())
         print("image matcher region head (val): " + ", ".join(f"{k} {v:.3f}" for k, v in region_report.items()))
     logger.close()
     model.save(out, metadata={"fingerprint": key, "steps": str(step)})
