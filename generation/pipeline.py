@@ -45,7 +45,13 @@ from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
 from anyloom.generation.engine import StepEvent, generate
-from anyloom.generation.rerank import document_log_likelihood, reverse_log_likelihood, round_trip_error
+from anyloom.generation.rerank import (
+    ROUND_TRIP_FLOOR,
+    document_log_likelihood,
+    per_frame_log_likelihood,
+    reverse_log_likelihood,
+    round_trip_error,
+)
 from anyloom.generation.sampling import SamplingConfig
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
@@ -58,7 +64,6 @@ TARGETS: tuple[str, ...] = ("text", "image", "audio")
 STAGES = {"text": "text_tokenizer", "image": "image_tokenizer", "audio": "audio_tokenizer"}
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
-ROUND_TRIP_FLOOR = 1e-6  # added to a round-trip error before its log (a picture reproduced exactly scores finite)
 
 # config.json "kind" -> (module, class) of tokenizers that satisfy the contracts in tokenizers/base.py
 IMAGE_KINDS = {"image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer")}
@@ -503,21 +508,32 @@ class Pipeline:
                       and any(isinstance(s, TextIds) for s in t) for t in toks]
         scores = torch.empty(len(toks), n, dtype=torch.float64)
         rendered: dict[int, GeneratedImage | GeneratedAudio] = {}  # candidate index -> its decoded output
+        arrays: dict[int, np.ndarray] = {}  # candidate index -> its picture as (H, W, 3) uint8
+
+        def render(indices: list[int]) -> None:  # decode the candidates of ``indices`` not decoded yet
+            missing = [j for j in indices if j not in rendered]
+            rendered.update(zip(missing, self._render_many([candidates[j].codes for j in missing], to)))
+
+        def pixels(indices: list[int]) -> np.ndarray:  # (len(indices), H, W, 3) uint8
+            render(indices)
+            for j in indices:
+                if j not in arrays:
+                    arrays[j] = np.asarray(rendered[j].image.convert("RGB"))
+            return np.stack([arrays[j] for j in indices])
+
         matched = [i for i, m in enumerate(by_matcher) if m]
         if matched:
             if self.matcher is None:
                 raise PipelineError("generation.image_reranker is 'matcher' but this pipeline has no image matcher")
-            looked_at = [i * n + k for i in matched for k in range(n)]
-            rendered = dict(zip(looked_at, self._render_many([candidates[j].codes for j in looked_at], to)))
+            looked_at = pixels([i * n + k for i in matched for k in range(n)])
             words = {i: [int(t) for s in toks[i] if isinstance(s, TextIds) for t in s.ids] for i in matched}
             texts = [words[i] for i in matched for _ in range(n)]
-            pixels = np.stack([np.asarray(rendered[j].image.convert("RGB")) for j in looked_at])
-            scores[matched] = self.matcher.similarity(pixels, texts).double().view(len(matched), n)
+            scores[matched] = self.matcher.similarity(looked_at, texts).double().view(len(matched), n)
             if self.config.image_region_weight > 0:  # + w * region consistency (the matcher's region head)
                 if self.matcher.regions is None:
                     raise PipelineError("generation.image_region_weight > 0 needs an image matcher with a region "
                                         "head (image_matcher.model.region_keys); this run's has none")
-                region = self.matcher.consistency(pixels).double().view(len(matched), n)
+                region = self.matcher.consistency(looked_at).double().view(len(matched), n)
                 scores[matched] += self.config.image_region_weight * region
         rest = [i for i, m in enumerate(by_matcher) if not m]
         if rest:
@@ -527,20 +543,13 @@ class Pipeline:
             own = reverse_log_likelihood(self.model, self.vocab, spans, prompts)
             weight = self.config.audio_likelihood_weight if to == "audio" else 0.0
             if weight > 0:  # + w * log p(speech | prompt) per frame
-                forward = document_log_likelihood(self.model, self.vocab, [[*p, s] for p, s in zip(prompts, spans)],
-                                                  [[False] * len(p) + [True] for p in prompts])
-                frames = torch.tensor([s.codes.shape[-1] for s in spans], dtype=torch.float64)
-                own = own + weight * forward / frames
+                own = own + weight * per_frame_log_likelihood(self.model, self.vocab, spans, prompts)
             scores[rest] = own.double().view(len(rest), n)
         if to == "image" and self.config.image_round_trip_weight > 0:  # - w * log(round-trip error)
-            unseen = [j for j in range(len(candidates)) if j not in rendered]
-            rendered.update(zip(unseen, self._render_many([candidates[j].codes for j in unseen], to)))
-            pixels = np.stack([np.asarray(rendered[j].image.convert("RGB")) for j in range(len(candidates))])
-            error = round_trip_error(self.image_tokenizer, pixels)
+            error = round_trip_error(self.image_tokenizer, pixels(list(range(len(candidates)))))
             scores -= self.config.image_round_trip_weight * torch.log(error + ROUND_TRIP_FLOOR).view(len(toks), n)
         kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
-        unseen = [j for j in kept if j not in rendered]
-        rendered.update(zip(unseen, self._render_many([candidates[j].codes for j in unseen], to)))
+        render(kept)
         return [replace(rendered[j], score=float(scores[j // n, j % n])) for j in kept]
 
     def _decode(self, generated: list[int], to: Target, finished: bool) -> GeneratedText | _Codes:

@@ -86,6 +86,25 @@ def reverse_log_likelihood(
                                    [[False] + [True] * len(prompt) for prompt in prompts], batch_size)
 
 
+def per_frame_log_likelihood(
+    model: Transformer,
+    vocab: Vocabulary,
+    spans: Sequence[TokSegment],
+    prompts: Sequence[Sequence[TokSegment]],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(N,) float64: log p(span | prompt) of each generated audio span after its prompt, divided by the span's frames
+    (its last code axis): the model's confidence in the utterance, comparable across lengths."""
+    if len(spans) != len(prompts):
+        raise ValueError(f"{len(spans)} spans for {len(prompts)} prompts")
+    forward = document_log_likelihood(model, vocab, [[*p, s] for p, s in zip(prompts, spans)],
+                                      [[False] * len(p) + [True] for p in prompts], batch_size)
+    return forward / torch.tensor([s.codes.shape[-1] for s in spans], dtype=torch.float64)
+
+
+ROUND_TRIP_FLOOR = 1e-6  # added to a round-trip error before its log (a picture reproduced exactly scores finite)
+
+
 @torch.no_grad()
 def round_trip_error(tokenizer, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """(N,) float64: mean squared change of each picture (N, H, W, 3) uint8 through ``tokenizer``'s encode then
@@ -101,4 +120,5 @@ def round_trip_error(tokenizer, pixels: np.ndarray, batch_size: int = 256) -> to
     return out
 
 
-__all__ = ["document_log_likelihood", "reverse_log_likelihood", "round_trip_error"]
+__all__ = ["ROUND_TRIP_FLOOR", "document_log_likelihood", "per_frame_log_likelihood", "reverse_log_likelihood",
+           "round_trip_error"]

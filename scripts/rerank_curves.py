@@ -46,11 +46,10 @@ def _with_overrides(cfg, pairs: list[str]):
 
 def image_curves(pipe, items, n: int, seed: int, weights: list[float], batch: int = 32) -> dict:
     from anyloom.data.judge import judge_image
-    from anyloom.generation.pipeline import ROUND_TRIP_FLOOR
-    from anyloom.generation.rerank import round_trip_error
+    from anyloom.generation.rerank import ROUND_TRIP_FLOOR, round_trip_error
 
     cfg = pipe.config
-    ok, unreadable, scores, errors = [], [], [], []
+    ok, unreadable, scores, errors, regions = [], [], [], [], []
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         toks = [pipe.prompt_segments(it.caption) for it in chunk]
@@ -61,14 +60,15 @@ def image_curves(pipe, items, n: int, seed: int, weights: list[float], batch: in
             unreadable.append(r is None)
             ok.append(r is not None and (r.count, r.color, r.shape) == (it.count, it.color, it.shape))
         words = [[int(t) for s in toks[j // n] for t in s.ids] for j in range(len(pictures))]
-        scores += pipe.matcher.similarity(np.stack(pictures), words).tolist()
-        errors += round_trip_error(pipe.image_tokenizer, np.stack(pictures)).tolist()
-        region = pipe.config.image_region_weight
-        if region > 0:  # the matcher's region consistency, at the run's (or --set) weight, is part of every score
-            scores[-len(pictures):] = (np.array(scores[-len(pictures):])
-                                       + region * pipe.matcher.consistency(np.stack(pictures)).numpy()).tolist()
+        stacked = np.stack(pictures)
+        scores += pipe.matcher.similarity(stacked, words).tolist()
+        errors += round_trip_error(pipe.image_tokenizer, stacked).tolist()
+        if cfg.image_region_weight > 0:  # the matcher's region consistency, at the run's (or --set) weight
+            regions += pipe.matcher.consistency(stacked).tolist()
         print(f"{start + len(chunk)}/{len(items)} prompts", file=sys.stderr, flush=True)
     ok, unreadable, s, e = (np.array(a).reshape(-1, n) for a in (ok, unreadable, scores, errors))
+    if regions:  # part of every score
+        s = s + cfg.image_region_weight * np.array(regions).reshape(-1, n)
     rows = np.arange(len(ok))
     curve = {}
     for k in (k for k in KS if k <= n):
@@ -82,7 +82,7 @@ def image_curves(pipe, items, n: int, seed: int, weights: list[float], batch: in
 
 def audio_curves(pipe, items, n: int, seed: int, weights: list[float]) -> dict:
     from anyloom.data.asr import SpeechJudge, word_error_rate
-    from anyloom.generation.rerank import document_log_likelihood, reverse_log_likelihood
+    from anyloom.generation.rerank import per_frame_log_likelihood, reverse_log_likelihood
     from anyloom.sequences.interleave import AudioIds
 
     counts = Counter(it.caption for it in items)
@@ -92,9 +92,7 @@ def audio_curves(pipe, items, n: int, seed: int, weights: list[float]) -> dict:
     spans = [AudioIds(c.codes.cpu().numpy()) for c in codes]
     prompts = [toks[j // n] for j in range(len(spans))]
     reverse = reverse_log_likelihood(pipe.model, pipe.vocab, spans, prompts).numpy().reshape(-1, n)
-    forward = document_log_likelihood(pipe.model, pipe.vocab, [[*p, s] for p, s in zip(prompts, spans)],
-                                      [[False] * len(p) + [True] for p in prompts]).numpy()
-    per_frame = (forward / np.array([s.codes.shape[-1] for s in spans])).reshape(-1, n)
+    per_frame = per_frame_log_likelihood(pipe.model, pipe.vocab, spans, prompts).numpy().reshape(-1, n)
     judge = SpeechJudge()
     heard = np.array([judge.transcribe_one(g.wave, g.sample_rate)
                       for g in pipe._render_many([c.codes for c in codes], "audio")], dtype=object).reshape(-1, n)

@@ -112,17 +112,10 @@ def load_captioned_images(path: str | Path, image_size: tuple[int, int]) -> Capt
 REGION_CELL = 4  # pixels per region cell side (the region head's stride)
 
 
-def region_values(data: CaptionedImages, keys: tuple[str, ...], where: str) -> tuple[tuple[str, ...], ...]:
-    """Each key's distinct values over the documents' meta, sorted; a document without the key or its boxes is
-    named in the error."""
-    found: list[set[str]] = [set() for _ in keys]
-    for doc_id, meta in zip(data.ids, data.meta):
-        for i, key in enumerate(keys):
-            if key not in meta or "boxes" not in meta:
-                raise ValueError(f"{where}: document {doc_id!r}: the region head needs meta.boxes and meta.{key} "
-                                 f"(image_matcher.model.region_keys), got meta keys {sorted(meta)}")
-            found[i].add(str(meta[key]))
-    return tuple(tuple(sorted(v)) for v in found)
+def region_values(data: CaptionedImages, keys: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Each key's distinct values over the documents' meta, sorted (documents without the key are named by
+    ``region_targets``)."""
+    return tuple(tuple(sorted({str(meta[key]) for meta in data.meta if key in meta})) for key in keys)
 
 
 def region_targets(data: CaptionedImages, keys: tuple[str, ...], values: tuple[tuple[str, ...], ...],
@@ -143,7 +136,8 @@ def region_targets(data: CaptionedImages, keys: tuple[str, ...], values: tuple[t
             cells[n] |= (cy[:, None] >= y0) & (cy[:, None] <= y1) & (cx[None, :] >= x0) & (cx[None, :] <= x1)
         for i, key in enumerate(keys):
             if key not in meta:
-                raise ValueError(f"{where}: document {doc_id!r}: no meta.{key} for the region head")
+                raise ValueError(f"{where}: document {doc_id!r}: no meta.{key} for the region head "
+                                 f"(image_matcher.model.region_keys), got meta keys {sorted(meta)}")
             value = str(meta[key])
             labels[n, i] = values[i].index(value) if value in values[i] else -1
     return torch.from_numpy(cells), torch.from_numpy(labels)
@@ -220,9 +214,10 @@ def train_matcher(
     val = load_captioned_images(val_manifest, size)
     keys = tuple(mcfg.region_keys)
     if keys:
-        mcfg = replace(mcfg, region_values=region_values(train, keys, str(train_manifest)))
-        cells, region_labels = region_targets(train, keys, mcfg.region_values, str(train_manifest))
-        val_cells, val_labels = region_targets(val, keys, mcfg.region_values, str(val_manifest))
+        values = region_values(train, keys)
+        cells, region_labels = region_targets(train, keys, values, str(train_manifest))  # names a bad document
+        val_cells, val_labels = region_targets(val, keys, values, str(val_manifest))
+        mcfg = replace(mcfg, region_values=values)
     if train.skipped or val.skipped:
         print(f"image matcher: skipped {train.skipped} train / {val.skipped} val documents without a text and an "
               "image segment")
