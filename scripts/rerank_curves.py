@@ -12,6 +12,8 @@ accuracy and the share of unreadable picks, and per k the oracle (a right pictur
 ``--to audio``: text -> speech once per distinct caption (as the evaluation does), every candidate vocoded and
 transcribed by the ASR judge; per k the corpus WER (items weighted by how often their caption occurs) of the pick
 by log p(caption | speech) + w * log p(speech | caption) per frame, for each ``--weights`` w.
+``--eval-draw`` seeds the image batches as the evaluation does (its i-th batch of 32 with seed + i; the curves'
+default is seed + the batch's first item), so the same run, seed and candidates give the evaluation's own draw.
 ``--set key=value`` overrides the run's ``generation:`` settings (YAML values; ``image.min_p=0.2`` for a sampling
 field).
 Writes ``<run>/rerank_curves_<to>_<split>_seed<seed>.json`` and prints it.
@@ -44,16 +46,18 @@ def _with_overrides(cfg, pairs: list[str]):
     return cfg
 
 
-def image_curves(pipe, items, n: int, seed: int, weights: list[float], batch: int = 32) -> dict:
+def image_curves(pipe, items, n: int, seed: int, weights: list[float], eval_draw: bool = False,
+                 batch: int = 32) -> dict:
     from anyloom.data.judge import judge_image
     from anyloom.generation.rerank import ROUND_TRIP_FLOOR, round_trip_error
 
     cfg = pipe.config
     ok, unreadable, scores, errors, regions = [], [], [], [], []
-    for start in range(0, len(items), batch):
+    for call, start in enumerate(range(0, len(items), batch)):
         chunk = items[start:start + batch]
         toks = [pipe.prompt_segments(it.caption) for it in chunk]
-        codes = pipe._sample(toks, "image", n, cfg, seed + start, None, None, render=False)
+        batch_seed = seed + (call if eval_draw else start)  # the evaluation seeds its i-th batch with seed + i
+        codes = pipe._sample(toks, "image", n, cfg, batch_seed, None, None, render=False)
         pictures = [np.asarray(g.image.convert("RGB")) for g in pipe._render_many([c.codes for c in codes], "image")]
         for j, p in enumerate(pictures):
             it, r = chunk[j // n], judge_image(p)
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 1.0],
                    help="the second term's weights w to compare")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="generation key=value")
+    p.add_argument("--eval-draw", action="store_true",
+                   help="images: seed the batches as the evaluation does (with --seed = the run's generation.seed and "
+                        "--candidates = its image_candidates, the evaluation's own draw)")
     args = p.parse_args(argv)
     if args.candidates < 1:
         p.error("--candidates must be >= 1")
@@ -143,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     items = items_from_documents(read_manifest(world.split(args.split)).documents)
     items = items[:args.limit] if args.limit else items
     if args.to == "image":
-        result = image_curves(pipe, items, args.candidates, args.seed, args.weights)
+        result = image_curves(pipe, items, args.candidates, args.seed, args.weights, args.eval_draw)
     else:
         result = audio_curves(pipe, items, args.candidates, args.seed, args.weights)
     result.update(run=str(run), split=args.split, to=args.to, candidates=args.candidates, seed=args.seed,
-                  items=len(items), overrides=args.overrides)
+                  items=len(items), overrides=args.overrides, eval_draw=args.eval_draw)
     out = run / f"rerank_curves_{args.to}_{args.split}_seed{args.seed}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
