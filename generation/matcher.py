@@ -19,6 +19,11 @@ pictures generation produces.
   object cell's log-probability of that value, summed over keys (0 = every object cell certain of one value; a
   picture with one object of another shape or colour among the rest scores far lower). It looks at each object
   where the global embedding above sums the whole picture, and needs no prompt.
+  With ``region_contact`` the head also gives each cell a contact logit: two objects touching there (the world keeps
+  objects >= 2 px apart; the LM sometimes draws two squares run together into one rectangle, which the judge then
+  counts as one). It is trained on copy-paste pictures (``anyloom.training.matcher.touching_copies``: a document's
+  object copied so it touches another) against the clean ones, and ``consistency`` adds log(1 - p) of the picture's
+  most contact-like cell.
 
 Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width, g x w region cells,
 K a key's values.
@@ -58,6 +63,8 @@ class MatcherConfig:
     region_keys: tuple[str, ...] = added_field(())
     region_values: tuple[tuple[str, ...], ...] = added_field(())
     region_channels: int = added_field(64)
+    # the region head's contact logit per cell (objects touching there); needs region_keys (the boxes' head)
+    region_contact: bool = added_field(False)
 
     def __post_init__(self) -> None:
         h, w = self.image_size
@@ -77,6 +84,9 @@ class MatcherConfig:
                              f"{len(self.region_values)} for keys {tuple(self.region_keys)}")
         if self.region_channels <= 0:
             raise ValueError(f"region_channels must be > 0, got {self.region_channels}")
+        if self.region_contact and not self.region_keys:
+            raise ValueError("region_contact needs the region head: set region_keys too (the documents' meta keys "
+                             "labelling each object box)")
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -105,32 +115,36 @@ class ImageTextMatcher(nn.Module):
                 raise ValueError(f"region keys {tuple(cfg.region_keys)} without their values: a matcher with a "
                                  "region head is built by the image_matcher stage (which reads them from the data)")
             c = cfg.region_channels
-            heads = 1 + sum(len(v) for v in cfg.region_values)  # object logit + each key's values
+            # object logit + each key's values (+ the contact logit)
+            heads = 1 + sum(len(v) for v in cfg.region_values) + int(cfg.region_contact)
             self.regions = nn.Sequential(
                 nn.PixelUnshuffle(2), _conv(12, c // 2, 1), _conv(c // 2, c, 2), _conv(c, c, 1), _conv(c, c, 1),
                 nn.Conv2d(c, heads, 1),
             )
 
-    def region_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(B, 3, H, W) in [-1, 1] -> object logits (B, g, w) and, per region key, value logits (B, K, g, w)."""
+    def region_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """(B, 3, H, W) in [-1, 1] -> object logits (B, g, w), per region key value logits (B, K, g, w), and the
+        contact logits (B, g, w) (None without ``region_contact``)."""
         if self.regions is None:
             raise ValueError("this matcher has no region head (trained without region_keys)")
         out = self.regions(images)
         sizes = [len(v) for v in self.cfg.region_values]
-        obj, *per_key = torch.split(out, [1, *sizes], dim=1)
-        return obj[:, 0], list(per_key)
+        obj, *per_key = torch.split(out, [1, *sizes, *([1] if self.cfg.region_contact else [])], dim=1)
+        contact = per_key.pop()[:, 0] if self.cfg.region_contact else None
+        return obj[:, 0], list(per_key), contact
 
     @torch.no_grad()
     def consistency(self, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> torch.Tensor:
         """(B,) floats <= 0: per region key, the least sure object cell's log-probability of the value the picture's
-        object cells hold most, summed over keys (module docstring). A picture with no cell judged an object
-        is read at its single most object-like cell."""
+        object cells hold most, summed over keys, plus log(1 - p) of the most contact-like cell with
+        ``region_contact`` (module docstring). A picture with no cell judged an object is read at its single most
+        object-like cell."""
         x = to_unit(images).to(self.text_pos.device)
         was = self.training
         self.eval()
         scores = []
         for start in range(0, len(x), batch_size):
-            obj, per_key = self.region_logits(x[start:start + batch_size])
+            obj, per_key, contact = self.region_logits(x[start:start + batch_size])
             flat = obj.flatten(1)  # (B, g*w)
             is_obj = (flat > 0) | (flat == flat.amax(1, keepdim=True))  # at least one cell each
             total = torch.zeros(len(flat), device=flat.device)
@@ -139,6 +153,8 @@ class ImageTextMatcher(nn.Module):
                 held = (logp.exp() * is_obj[:, None]).sum(2).argmax(1)  # (B,) the dominant value
                 own = logp.gather(1, held[:, None, None].expand(-1, 1, logp.shape[2]))[:, 0]  # (B, g*w)
                 total += own.masked_fill(~is_obj, 0.0).amin(1)
+            if contact is not None:
+                total -= F.softplus(contact.flatten(1).amax(1))  # log(1 - sigmoid(the largest contact logit))
             scores.append(total)
         self.train(was)
         return torch.cat(scores).float().cpu()

@@ -12,7 +12,13 @@ import torch
 from PIL import Image
 
 from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig
-from anyloom.training.matcher import MatcherStageConfig, train_matcher
+from anyloom.training.matcher import (
+    MatcherStageConfig,
+    box_cells,
+    load_captioned_images,
+    touching_copies,
+    train_matcher,
+)
 from anyloom.training.run import RunDir
 
 SMALL = MatcherConfig(image_size=(16, 16), channels=(8, 8, 16), hidden=32, dim=16, text_vocab=50, max_text_tokens=4)
@@ -183,3 +189,68 @@ def test_region_head_learns_object_labels_and_scores_an_odd_object_down(tmp_path
         train_matcher(cfg, _Sized(), _Words(), bad, val, RunDir(tmp_path / "bad"))
     with pytest.raises(ValueError, match="without their values"):
         ImageTextMatcher(regional)
+
+
+def _single_square_manifest(folder: Path, name: str, n: int, seed: int) -> Path:
+    """One 5 x 5 square per 16 x 16 picture (red or blue), its box and colour in meta."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 40, 40), "blue": (40, 70, 220)}
+    lines = []
+    for i in range(n):
+        colour = str(rng.choice(list(colours)))
+        px = np.full((16, 16, 3), int(rng.integers(90, 130)), dtype=np.uint8)
+        x0, y0 = (int(v) for v in rng.integers(1, 11, 2))
+        px[y0:y0 + 5, x0:x0 + 5] = colours[colour]
+        Image.fromarray(px).save(folder / f"{name}{i}.png")
+        lines.append(json.dumps({"id": f"{name}-{i}", "segments": [{"text": colour}, {"image": f"{name}{i}.png"}],
+                                 "meta": {"color": colour, "boxes": [[x0, y0, x0 + 5, y0 + 5]]}}))
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_touching_copies_place_a_copy_against_an_object_and_change_nothing_else(tmp_path):
+    data = load_captioned_images(_single_square_manifest(tmp_path, "t", 20, 0), (16, 16))
+    copies = touching_copies(data, 30, np.random.default_rng(0), "t.jsonl")
+    assert copies.pixels.shape == (30, 16, 16, 3) and copies.contact.shape == copies.cells.shape == (30, 4, 4)
+    for px, src, cells, contact in zip(copies.pixels, copies.source, copies.cells, copies.contact):
+        before = data.pixels[src]
+        changed = np.argwhere((px != before).any(-1))
+        assert len(changed) >= 10  # a 5 x 5 square drawn (partly over its neighbour)
+        x0, y0, x1, y1 = data.meta[src]["boxes"][0]
+        # the copy lies within 2 px of the square it copies (it touches or overlaps it) and has its colour
+        gaps = np.maximum(np.maximum(x0 - changed[:, 1] - 1, changed[:, 1] - x1 + 1),
+                          np.maximum(y0 - changed[:, 0] - 1, changed[:, 0] - y1 + 1))
+        assert gaps.min() <= 2
+        assert (np.abs(px[changed[:, 0], changed[:, 1]].astype(int) - before[y0, x0]).max(-1) <= 2).mean() > 0.5
+        assert contact.any() and cells.sum() > box_cells([[x0, y0, x1, y1]], 16, 16).sum() - 1
+    with pytest.raises(ValueError, match="no document has meta.boxes"):
+        touching_copies(replace(data, meta=[{} for _ in data.meta]), 3, np.random.default_rng(0), "t.jsonl")
+    crowded = replace(data, meta=[{"boxes": [[0, 0, 16, 16]]} for _ in data.meta])  # no room anywhere
+    with pytest.raises(ValueError, match=r"t\.jsonl: made only 0 of 3 touching copies"):
+        touching_copies(crowded, 3, np.random.default_rng(0), "t.jsonl")
+    with pytest.raises(ValueError, match="region_contact needs the region head"):
+        MatcherConfig(region_contact=True)
+
+
+def test_region_contact_learns_to_flag_two_objects_run_together(tmp_path):
+    train = _single_square_manifest(tmp_path, "train", 96, 0)
+    val = _single_square_manifest(tmp_path, "val", 32, 1)
+    regional = replace(SMALL, region_keys=("color",), region_channels=16)
+    contact = replace(regional, region_contact=True)
+    cfg = MatcherStageConfig(model=contact, steps=150, batch_size=32, reconstructions=False, contact_copies=96,
+                             contact_batch=16)
+    result = train_matcher(cfg, _Sized(), _Words(), train, val, RunDir(tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "matcher_val.json").read_text())["region_head"]
+    assert report["contact_clean_pictures_right"] >= 0.8 and report["contact_touching_copies_found"] >= 0.8
+    m = ImageTextMatcher.load(result.folder)
+    # the global matcher is the same as without the contact logit (the copies only reach the region head)
+    plain = ImageTextMatcher.load(train_matcher(replace(cfg, model=regional), _Sized(), _Words(), train, val,
+                                                RunDir(tmp_path / "plain")).folder).state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in m.state_dict().items() if not k.startswith("regions."))
+    # one red square vs two run together into a 5 x 10 bar (never seen as such in training)
+    pics = np.full((2, 16, 16, 3), 110, dtype=np.uint8)
+    pics[:, 5:10, 3:8] = (220, 40, 40)
+    pics[1, 5:10, 8:13] = (220, 40, 40)
+    score = m.consistency(pics)
+    assert score[1] < score[0] - 1.0

@@ -13,7 +13,10 @@ pictures (its own parameters, so the global matcher is the same with or without 
 centre lies in one of the document's ``meta.boxes`` is an object cell, labelled with the document's ``meta[key]``
 for each key; an object/background loss on every cell plus a cross-entropy per key on the object cells. Its
 validation report: the share of val cells whose object/background call is right and, per key, of object cells
-whose value is.
+whose value is. With ``model.region_contact`` each step's region batch also holds ``contact_batch`` touching copies
+(``touching_copies``: one of a training document's objects copied against another, reconstructed like the rest);
+their contact cells are the contact logit's positives, every other cell of every picture its negatives. Its report:
+the share of clean val pictures with no cell called touching, and of touching val copies with one.
 
 The stage takes ~half a minute on two cores, so it has no mid-run checkpoints (an interrupted run starts over) and
 runs on the CPU whatever the LM uses.
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anyloom.config import fingerprint
+from anyloom.config import added_field, fingerprint
 from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig, to_unit
 from anyloom.training.diffusion_decoder import freeze, reconstruct
 from anyloom.training.metrics import MetricsLogger
@@ -67,9 +70,13 @@ class MatcherStageConfig:
     max_seconds: float = 0  # > 0: stop after this much training time (shared CPUs)
     encode_batch_size: int = 256
     seed: int = 0
+    # with model.region_contact: touching copies made from the train split (``touching_copies``) and how many of
+    # them join each step's region-head batch (the clean pictures' cells are the contact logit's negatives)
+    contact_copies: int = added_field(4000)
+    contact_batch: int = added_field(32)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "encode_batch_size"):
+        for name in ("steps", "batch_size", "log_every", "encode_batch_size", "contact_copies", "contact_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_seconds < 0:
@@ -118,22 +125,29 @@ def region_values(data: CaptionedImages, keys: tuple[str, ...]) -> tuple[tuple[s
     return tuple(tuple(sorted({str(meta[key]) for meta in data.meta if key in meta})) for key in keys)
 
 
+def box_cells(boxes: list, h: int, w: int) -> np.ndarray:
+    """(h / REGION_CELL, w / REGION_CELL) bool: the cells whose centre lies in one of the (x0, y0, x1, y1) boxes."""
+    cy = (np.arange(h // REGION_CELL) + 0.5) * REGION_CELL  # cell centres, pixels
+    cx = (np.arange(w // REGION_CELL) + 0.5) * REGION_CELL
+    cells = np.zeros((len(cy), len(cx)), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        cells |= (cy[:, None] >= y0) & (cy[:, None] <= y1) & (cx[None, :] >= x0) & (cx[None, :] <= x1)
+    return cells
+
+
 def region_targets(data: CaptionedImages, keys: tuple[str, ...], values: tuple[tuple[str, ...], ...],
                    where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, g, w) bool object cells (cell centre inside a box) and (N, keys) long value indices (-1: a value the
     head was not built with, ignored by the loss)."""
     h, w = data.pixels.shape[1:3]
-    cy = (np.arange(h // REGION_CELL) + 0.5) * REGION_CELL  # cell centres, pixels
-    cx = (np.arange(w // REGION_CELL) + 0.5) * REGION_CELL
-    cells = np.zeros((len(data.meta), len(cy), len(cx)), dtype=bool)
+    cells = np.zeros((len(data.meta), h // REGION_CELL, w // REGION_CELL), dtype=bool)
     labels = np.full((len(data.meta), len(keys)), -1, dtype=np.int64)
     for n, (doc_id, meta) in enumerate(zip(data.ids, data.meta)):
         boxes = meta.get("boxes")
         if not isinstance(boxes, list) or any(not isinstance(b, list) or len(b) != 4 for b in boxes):
             raise ValueError(f"{where}: document {doc_id!r}: meta.boxes must be a list of [x0, y0, x1, y1] "
                              f"pixel boxes, got {boxes!r}")
-        for x0, y0, x1, y1 in boxes:
-            cells[n] |= (cy[:, None] >= y0) & (cy[:, None] <= y1) & (cx[None, :] >= x0) & (cx[None, :] <= x1)
+        cells[n] = box_cells(boxes, h, w)
         for i, key in enumerate(keys):
             if key not in meta:
                 raise ValueError(f"{where}: document {doc_id!r}: no meta.{key} for the region head "
@@ -143,12 +157,86 @@ def region_targets(data: CaptionedImages, keys: tuple[str, ...], values: tuple[t
     return torch.from_numpy(cells), torch.from_numpy(labels)
 
 
-def region_loss(model: ImageTextMatcher, images: torch.Tensor, cells: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Object/background BCE on every cell + per key CE on the object cells; also the per-cell calls (for
-    accuracy): object (B, g, w) bool and per key the argmax value (B, g, w)."""
-    obj, per_key = model.region_logits(images)
+@dataclass
+class TouchingCopies:
+    pixels: np.ndarray  # (M, H, W, 3) uint8
+    source: np.ndarray  # (M,) the document each copy was made from
+    cells: np.ndarray  # (M, g, w) bool object cells (the source's boxes and the copy's)
+    contact: np.ndarray  # (M, g, w) bool cells where the copy touches the object it was placed against
+
+
+def touching_copies(data: CaptionedImages, count: int, rng: np.random.Generator, where: str,
+                    min_gap: float = 2.0, gap_range: tuple[float, float] = (-1.5, 1.0)) -> TouchingCopies:
+    """Pictures with two objects run together, for the region head's contact logit: copy one of a document's
+    objects (its box, blended in by how far each pixel is from the background towards the object's colour) so that
+    it lands ``gap_range`` pixels from another object's box (the world keeps objects ``min_gap`` apart; touching or
+    overlapping is what the LM's malformed pictures do), >= ``min_gap`` from all others and inside the picture; the
+    contact cells are those the two boxes, grown by 2 px, share. Boxes as validated by ``region_targets``."""
+    n, h, w, _ = data.pixels.shape
+    usable = [i for i, meta in enumerate(data.meta) if meta.get("boxes")]
+    if not usable:
+        raise ValueError(f"{where}: no document has meta.boxes to make touching copies from (region_contact)")
+    pixels, source, cells, contact = [], [], [], []
+    cell_y = np.arange(h // REGION_CELL)[:, None] * REGION_CELL  # cell top / left edges, pixels
+    cell_x = np.arange(w // REGION_CELL)[None, :] * REGION_CELL
+    tries = 0
+    while len(pixels) < count:
+        tries += 1
+        if tries > 50 * count:
+            raise ValueError(f"{where}: made only {len(pixels)} of {count} touching copies in {tries - 1} tries: "
+                             "the documents' objects leave no room to place a copy")
+        doc = usable[int(rng.integers(len(usable)))]
+        boxes = [tuple(float(v) for v in b) for b in data.meta[doc]["boxes"]]
+        a = boxes[int(rng.integers(len(boxes)))]
+        target = int(rng.integers(len(boxes)))
+        b = boxes[target]
+        wa, ha = a[2] - a[0], a[3] - a[1]
+        side, gap = int(rng.integers(4)), float(rng.uniform(*gap_range))
+        along_y = rng.uniform(b[1] - ha + 3, b[3] - 3)  # sliding along the side, overlapping it by >= 3 px
+        along_x = rng.uniform(b[0] - wa + 3, b[2] - 3)
+        x0, y0 = [(b[2] + gap, along_y), (b[0] - gap - wa, along_y),  # right of b, left of b,
+                  (along_x, b[3] + gap), (along_x, b[1] - gap - ha)][side]  # below b, above b
+        sx, sy = int(round(x0 - a[0])), int(round(y0 - a[1]))  # whole pixels: the copy keeps its anti-aliasing
+        moved = (a[0] + sx, a[1] + sy, a[2] + sx, a[3] + sy)
+        if moved[0] < 0.5 or moved[1] < 0.5 or moved[2] > w - 0.5 or moved[3] > h - 0.5:
+            continue
+        if any(not (moved[2] + min_gap <= o[0] or o[2] + min_gap <= moved[0] or moved[3] + min_gap <= o[1]
+                    or o[3] + min_gap <= moved[1]) for i, o in enumerate(boxes) if i != target):
+            continue
+        px = data.pixels[doc].astype(np.float64)
+        background = np.median(np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]]), axis=0)  # (3,)
+        bx0, by0 = max(int(np.floor(a[0])) - 1, 0), max(int(np.floor(a[1])) - 1, 0)
+        bx1, by1 = min(int(np.ceil(a[2])) + 1, w), min(int(np.ceil(a[3])) + 1, h)
+        patch = px[by0:by1, bx0:bx1]
+        far = np.linalg.norm(patch - background, axis=-1)
+        if far.max() < 30:  # nothing there to copy (an object the colour of the background)
+            continue
+        color = patch[far >= 0.8 * far.max()].mean(0)
+        towards = color - background
+        alpha = np.clip(((patch - background) * towards).sum(-1) / max(float(towards @ towards), 1e-6), 0.0, 1.0)
+        dy0, dx0 = max(by0 + sy, 0), max(bx0 + sx, 0)
+        dy1, dx1 = min(by1 + sy, h), min(bx1 + sx, w)
+        al = alpha[dy0 - by0 - sy:dy1 - by0 - sy, dx0 - bx0 - sx:dx1 - bx0 - sx, None]
+        px[dy0:dy1, dx0:dx1] = px[dy0:dy1, dx0:dx1] * (1 - al) + color * al
+        pixels.append(np.clip(np.rint(px), 0, 255).astype(np.uint8))
+        source.append(doc)
+        cells.append(box_cells([*boxes, moved], h, w))
+        zx0, zy0 = max(moved[0], b[0]) - 2, max(moved[1], b[1]) - 2
+        zx1, zy1 = min(moved[2], b[2]) + 2, min(moved[3], b[3]) + 2
+        contact.append((cell_y + REGION_CELL > zy0) & (cell_y < zy1) & (cell_x + REGION_CELL > zx0) & (cell_x < zx1))
+    return TouchingCopies(np.stack(pixels), np.array(source), np.stack(cells), np.stack(contact))
+
+
+def region_loss(model: ImageTextMatcher, images: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor,
+                contact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Object/background BCE on every cell + per key CE on the object cells (+ the contact BCE on every cell with
+    ``region_contact``, ``contact`` (B, g, w) bool, None = no cell touches); also the per-cell calls (for accuracy):
+    object (B, g, w) bool and per key the argmax value (B, g, w)."""
+    obj, per_key, touch = model.region_logits(images)
     loss = F.binary_cross_entropy_with_logits(obj, cells.float())
+    if touch is not None:
+        target = torch.zeros_like(touch) if contact is None else contact.float()
+        loss = loss + F.binary_cross_entropy_with_logits(touch, target)
     for i, logits in enumerate(per_key):
         target = labels[:, i, None, None].expand_as(cells)  # (B, g, w)
         keep = cells & (target >= 0)
@@ -218,6 +306,10 @@ def train_matcher(
         cells, region_labels = region_targets(train, keys, values, str(train_manifest))  # names a bad document
         val_cells, val_labels = region_targets(val, keys, values, str(val_manifest))
         mcfg = replace(mcfg, region_values=values)
+    if mcfg.region_contact:  # their own generators: the global matcher's batches are the same with or without them
+        copies = touching_copies(train, cfg.contact_copies, np.random.default_rng(cfg.seed), str(train_manifest))
+        val_copies = touching_copies(val, len(val.pixels), np.random.default_rng(cfg.seed + 1), str(val_manifest))
+        copy_rng = torch.Generator().manual_seed(cfg.seed + 1)
     if train.skipped or val.skipped:
         print(f"image matcher: skipped {train.skipped} train / {val.skipped} val documents without a text and an "
               "image segment")
@@ -231,6 +323,12 @@ def train_matcher(
                                  "matcher: reconstructions (val)")
     else:
         images, val_images = to_unit(train.pixels), to_unit(val.pixels)
+    if mcfg.region_contact:
+        copy_images, val_copy_images = (
+            reconstruct(image_tokenizer, to_unit(c.pixels), cfg.encode_batch_size, f"matcher: touching copies ({s})")
+            if cfg.reconstructions else to_unit(c.pixels) for c, s in ((copies, "train"), (val_copies, "val")))
+        copy_cells, copy_contact = torch.from_numpy(copies.cells), torch.from_numpy(copies.contact)
+        copy_labels = region_labels[torch.from_numpy(copies.source)]
     encode = text_tokenizer.encode
     vocab = sorted(set(train.texts))
     caption_index = {t: i for i, t in enumerate(vocab)}
@@ -259,10 +357,20 @@ def train_matcher(
             by_text = logits.T  # (U, B)
             loss = 0.5 * loss + 0.5 * (by_text.logsumexp(1) - by_text.masked_fill(~own, -torch.inf).logsumexp(1)).mean()
         if keys:  # the region head has its own parameters: its loss leaves the global matcher's gradients alone
-            c = cells[idx]
+            c, region_x, region_y, contact = cells[idx], x, region_labels[idx], None
             if cfg.hflip:
                 c = torch.where(flip[:, None, None], c.flip(-1), c)
-            region, _, _ = region_loss(model, x, c, region_labels[idx])
+            if mcfg.region_contact:  # the clean pictures' cells touch nowhere; the copies' contact cells do
+                j = torch.randint(0, len(copy_images), (cfg.contact_batch,), generator=copy_rng)
+                cx, cc, ct = copy_images[j], copy_cells[j], copy_contact[j]
+                if cfg.hflip:
+                    cflip = torch.rand(len(j), generator=copy_rng) < 0.5
+                    cx = torch.where(cflip[:, None, None, None], cx.flip(-1), cx)
+                    cc, ct = (torch.where(cflip[:, None, None], t.flip(-1), t) for t in (cc, ct))
+                region_x, region_y = torch.cat([x, cx]), torch.cat([region_y, copy_labels[j]])
+                contact = torch.cat([torch.zeros_like(c), ct])
+                c = torch.cat([c, cc])
+            region, _, _ = region_loss(model, region_x, c, region_y, contact)
             loss = loss + region
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,6 +400,12 @@ def train_matcher(
             value = torch.cat([c[2][i] for c in calls])
             target = val_labels[:, i, None, None].expand_as(val_cells)
             region_report[f"{name}_right_on_object_cells"] = float((value == target)[val_cells].float().mean())
+        if mcfg.region_contact:  # a picture is called touching when its most contact-like cell's logit is > 0
+            with torch.no_grad():
+                touching = [torch.cat([model.region_logits(pics[s:s + 512])[2].flatten(1).amax(1) > 0
+                                       for s in range(0, len(pics), 512)]) for pics in (val_images, val_copy_images)]
+            region_report["contact_clean_pictures_right"] = float((~touching[0]).float().mean())
+            region_report["contact_touching_copies_found"] = float(touching[1].float().mean())
         print("image matcher region head (val): " + ", ".join(f"{k} {v:.3f}" for k, v in region_report.items()))
     logger.close()
     model.save(out, metadata={"fingerprint": key, "steps": str(step)})
@@ -304,5 +418,6 @@ def train_matcher(
     return MatcherResult(out, top1, step)
 
 
-__all__ = ["MatcherStageConfig", "MatcherResult", "CaptionedImages", "load_captioned_images", "region_loss",
-           "region_targets", "region_values", "retrieval_top1", "train_matcher"]
+__all__ = ["MatcherStageConfig", "MatcherResult", "CaptionedImages", "TouchingCopies", "box_cells",
+           "load_captioned_images", "region_loss", "region_targets", "region_values", "retrieval_top1",
+           "touching_copies", "train_matcher"]
