@@ -24,6 +24,9 @@ pictures generation produces.
   counts as one). It is trained on copy-paste pictures (``anyloom.training.matcher.touching_copies``: a document's
   object copied so it touches another) against the clean ones, and ``consistency`` adds log(1 - p) of the picture's
   most contact-like cell.
+  ``region_colorblind`` keys (the world's ``shape``) are read by a second net of the same form that sees only each
+  pixel's distance from the picture's background (``colorless``): a head that sees colour learns which shapes come
+  in which colours, and reads a colour-shape pair held out of training (a red star) as unsure or as another shape.
 
 Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width, g x w region cells,
 K a key's values.
@@ -65,6 +68,9 @@ class MatcherConfig:
     region_channels: int = added_field(64)
     # the region head's contact logit per cell (objects touching there); needs region_keys (the boxes' head)
     region_contact: bool = added_field(False)
+    # region keys read by a colour-blind head: it sees each pixel's distance from the picture's background only, so
+    # it cannot tie them to colours (the world's shape: colour-shape pairs held out of training are read as well)
+    region_colorblind: tuple[str, ...] = added_field(())
 
     def __post_init__(self) -> None:
         h, w = self.image_size
@@ -87,10 +93,31 @@ class MatcherConfig:
         if self.region_contact and not self.region_keys:
             raise ValueError("region_contact needs the region head: set region_keys too (the documents' meta keys "
                              "labelling each object box)")
+        unknown = [k for k in self.region_colorblind if k not in self.region_keys]
+        if unknown:
+            raise ValueError(f"region_colorblind key {unknown[0]!r} is not one of region_keys "
+                             f"{tuple(self.region_keys)}")
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+def _region_net(channels_in: int, c: int, heads: int) -> nn.Sequential:
+    """A fully convolutional cell reader: 2x2 space-to-depth of ``channels_in / 4`` channels -> one cell per
+    4 x 4 pixels -> ``heads`` logits per cell."""
+    return nn.Sequential(nn.PixelUnshuffle(2), _conv(channels_in, c // 2, 1), _conv(c // 2, c, 2), _conv(c, c, 1),
+                         _conv(c, c, 1), nn.Conv2d(c, heads, 1))
+
+
+def colorless(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 1, H, W) in [0, 1]: each pixel's distance from the median colour of the
+    picture's border (its background), over the picture's largest such distance. Object shapes stay; which colour
+    they are does not."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values  # (B, 3)
+    distance = (images - background[:, :, None, None]).norm(dim=1, keepdim=True)
+    return distance / distance.flatten(1).amax(1).clamp(min=1e-3)[:, None, None, None]
 
 
 class ImageTextMatcher(nn.Module):
@@ -110,28 +137,35 @@ class ImageTextMatcher(nn.Module):
         start = math.log(cfg.logit_scale) if fixed else 2.5  # e^2.5 ~ 12: a usual starting scale when it is learned
         self.log_scale = nn.Parameter(torch.tensor(start), requires_grad=not fixed)
         self.regions: nn.Sequential | None = None
+        self.blind_regions: nn.Sequential | None = None
         if cfg.region_keys:
             if not cfg.region_values:
                 raise ValueError(f"region keys {tuple(cfg.region_keys)} without their values: a matcher with a "
                                  "region head is built by the image_matcher stage (which reads them from the data)")
             c = cfg.region_channels
-            # object logit + each key's values (+ the contact logit)
-            heads = 1 + sum(len(v) for v in cfg.region_values) + int(cfg.region_contact)
-            self.regions = nn.Sequential(
-                nn.PixelUnshuffle(2), _conv(12, c // 2, 1), _conv(c // 2, c, 2), _conv(c, c, 1), _conv(c, c, 1),
-                nn.Conv2d(c, heads, 1),
-            )
+            seeing = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k not in cfg.region_colorblind]
+            blind = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k in cfg.region_colorblind]
+            # object logit + each colour-seeing key's values (+ the contact logit)
+            self.regions = _region_net(12, c, 1 + sum(seeing) + int(cfg.region_contact))
+            # the colour-blind keys' values, from the one-channel distance map (colorless)
+            self.blind_regions = _region_net(4, c, sum(blind)) if blind else None
 
     def region_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """(B, 3, H, W) in [-1, 1] -> object logits (B, g, w), per region key value logits (B, K, g, w), and the
         contact logits (B, g, w) (None without ``region_contact``)."""
         if self.regions is None:
             raise ValueError("this matcher has no region head (trained without region_keys)")
+        cfg = self.cfg
         out = self.regions(images)
-        sizes = [len(v) for v in self.cfg.region_values]
-        obj, *per_key = torch.split(out, [1, *sizes, *([1] if self.cfg.region_contact else [])], dim=1)
-        contact = per_key.pop()[:, 0] if self.cfg.region_contact else None
-        return obj[:, 0], list(per_key), contact
+        seeing = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k not in cfg.region_colorblind]
+        obj, *seen = torch.split(out, [1, *seeing, *([1] if cfg.region_contact else [])], dim=1)
+        contact = seen.pop()[:, 0] if cfg.region_contact else None
+        blind: list[torch.Tensor] = []
+        if self.blind_regions is not None:
+            sizes = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k in cfg.region_colorblind]
+            blind = list(torch.split(self.blind_regions(colorless(images)), sizes, dim=1))
+        per_key = [blind.pop(0) if k in cfg.region_colorblind else seen.pop(0) for k in cfg.region_keys]
+        return obj[:, 0], per_key, contact
 
     @torch.no_grad()
     def consistency(self, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> torch.Tensor:

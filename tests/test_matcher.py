@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig
+from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig, colorless, to_unit
 from anyloom.training.matcher import (
     MatcherStageConfig,
     box_cells,
@@ -254,3 +254,25 @@ def test_region_contact_learns_to_flag_two_objects_run_together(tmp_path):
     pics[1, 5:10, 8:13] = (220, 40, 40)
     score = m.consistency(pics)
     assert score[1] < score[0] - 1.0
+
+
+def test_colorblind_region_keys_read_shapes_without_colour(tmp_path):
+    pics = np.full((2, 16, 16, 3), 110, dtype=np.uint8)
+    pics[0, 4:10, 3:9] = (220, 40, 40)
+    pics[1, 4:10, 3:9] = (40, 70, 220)  # the same square in another colour
+    x = to_unit(pics)
+    maps = colorless(x)
+    assert maps.shape == (2, 1, 16, 16) and torch.allclose(maps[0], maps[1], atol=1e-6)
+    assert maps[0, 0, 5, 5] == 1 and maps[0, 0, 0, 0] == 0
+    torch.manual_seed(0)
+    cfg = replace(SMALL, region_keys=("shape", "color"), region_values=(("circle", "square"), ("blue", "red")),
+                  region_channels=16, region_colorblind=("shape",), region_contact=True)
+    m = ImageTextMatcher(cfg).eval()
+    obj, (shape, colour), contact = m.region_logits(x)
+    assert shape.shape == colour.shape == (2, 2, 4, 4) and obj.shape == contact.shape == (2, 4, 4)
+    assert torch.allclose(shape[0], shape[1], atol=1e-5)  # the shape head cannot see the colour
+    assert not torch.allclose(colour[0], colour[1], atol=1e-3)
+    again = ImageTextMatcher.load(m.save(tmp_path / "m"))
+    assert torch.equal(again.consistency(pics), m.consistency(pics))
+    with pytest.raises(ValueError, match="region_colorblind key 'size' is not one of region_keys"):
+        replace(cfg, region_colorblind=("size",))

@@ -70,6 +70,8 @@ def test_recipe_switches_the_data_stage_and_world_is_unchanged(emoji):
     om = load_recipe("openmoji")
     assert om.image_matcher.model.region_keys == () and om.generation.image_region_weight == 0.0
     assert load_recipe("world").image_matcher.model.region_contact and not om.image_matcher.model.region_contact
+    assert load_recipe("world").image_matcher.model.region_colorblind == ("shape",)
+    assert om.image_matcher.model.region_colorblind == ()
     assert isinstance(paths, OpenMojiPaths) and data_splits(paths) == ("train", "val", "test")
     assert paths.counts["test"] == len(items) == 20 and paths.counts["train"] == 20
     with pytest.raises(ValueError, match="no split 'compositional'"):
