@@ -79,7 +79,7 @@ def _place(rng: np.random.Generator, count: int, size: int) -> list[tuple[float,
                 x0 = float(rng.uniform(1, size - 1 - side))
                 y0 = float(rng.uniform(1, size - 1 - side))
                 box = (x0, y0, x0 + side, y0 + side)
-                if all(_apart(box, b) for b in boxes):
+                if all(boxes_apart(box, b) for b in boxes):
                     boxes.append(box)
                     break
             else:
@@ -90,8 +90,10 @@ def _place(rng: np.random.Generator, count: int, size: int) -> list[tuple[float,
     raise RuntimeError(f"could not place {count} objects on a {size}px canvas")
 
 
-def _apart(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
-    return a[2] + MIN_GAP <= b[0] or b[2] + MIN_GAP <= a[0] or a[3] + MIN_GAP <= b[1] or b[3] + MIN_GAP <= a[1]
+def boxes_apart(a: tuple[float, float, float, float], b: tuple[float, float, float, float],
+                gap: float = MIN_GAP) -> bool:
+    """Whether the (x0, y0, x1, y1) boxes ``a`` and ``b`` keep at least ``gap`` pixels between them on some axis."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
 def render_scene(rng: np.random.Generator, caption: Caption, image_size: int = 32, supersample: int = 4) -> Scene:
@@ -118,4 +120,4 @@ def render_scene(rng: np.random.Generator, caption: Caption, image_size: int = 3
                  background=tuple(int(round(v)) for v in np.clip(base, 0, 255)))
 
 
-__all__ = ["Scene", "render_scene", "shape_outline", "draw_shape_mask", "MIN_GAP"]
+__all__ = ["Scene", "render_scene", "shape_outline", "draw_shape_mask", "boxes_apart", "MIN_GAP"]

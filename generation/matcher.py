@@ -138,17 +138,18 @@ class ImageTextMatcher(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(start), requires_grad=not fixed)
         self.regions: nn.Sequential | None = None
         self.blind_regions: nn.Sequential | None = None
+        # each region key's number of values, split by which net reads it (region_keys order within each)
+        self._seeing = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k not in cfg.region_colorblind]
+        self._blind = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k in cfg.region_colorblind]
         if cfg.region_keys:
             if not cfg.region_values:
                 raise ValueError(f"region keys {tuple(cfg.region_keys)} without their values: a matcher with a "
                                  "region head is built by the image_matcher stage (which reads them from the data)")
             c = cfg.region_channels
-            seeing = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k not in cfg.region_colorblind]
-            blind = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k in cfg.region_colorblind]
             # object logit + each colour-seeing key's values (+ the contact logit)
-            self.regions = _region_net(12, c, 1 + sum(seeing) + int(cfg.region_contact))
+            self.regions = _region_net(12, c, 1 + sum(self._seeing) + int(cfg.region_contact))
             # the colour-blind keys' values, from the one-channel distance map (colorless)
-            self.blind_regions = _region_net(4, c, sum(blind)) if blind else None
+            self.blind_regions = _region_net(4, c, sum(self._blind)) if self._blind else None
 
     def region_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """(B, 3, H, W) in [-1, 1] -> object logits (B, g, w), per region key value logits (B, K, g, w), and the
@@ -157,13 +158,11 @@ class ImageTextMatcher(nn.Module):
             raise ValueError("this matcher has no region head (trained without region_keys)")
         cfg = self.cfg
         out = self.regions(images)
-        seeing = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k not in cfg.region_colorblind]
-        obj, *seen = torch.split(out, [1, *seeing, *([1] if cfg.region_contact else [])], dim=1)
+        obj, *seen = torch.split(out, [1, *self._seeing, *([1] if cfg.region_contact else [])], dim=1)
         contact = seen.pop()[:, 0] if cfg.region_contact else None
         blind: list[torch.Tensor] = []
         if self.blind_regions is not None:
-            sizes = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k in cfg.region_colorblind]
-            blind = list(torch.split(self.blind_regions(colorless(images)), sizes, dim=1))
+            blind = list(torch.split(self.blind_regions(colorless(images)), self._blind, dim=1))
         per_key = [blind.pop(0) if k in cfg.region_colorblind else seen.pop(0) for k in cfg.region_keys]
         return obj[:, 0], per_key, contact
 

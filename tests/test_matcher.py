@@ -83,6 +83,12 @@ class _Sized:
     image_size = (16, 16)
 
 
+def _write_manifest(folder: Path, name: str, lines: list[str]) -> Path:
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _manifest(folder: Path, name: str, n: int, seed: int) -> Path:
     """Documents 'colour side': a coloured square on the left or right half of a noisy grey picture; one document
     has no image (counted as skipped)."""
@@ -98,9 +104,7 @@ def _manifest(folder: Path, name: str, n: int, seed: int) -> Path:
         Image.fromarray(px).save(folder / f"{name}{i}.png")
         lines.append(json.dumps({"segments": [{"text": f"{colour} {side}"}, {"image": f"{name}{i}.png"}]}))
     lines.append(json.dumps({"segments": [{"text": "red left"}]}))
-    path = folder / f"{name}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write_manifest(folder, name, lines)
 
 
 def test_training_learns_the_captions_and_is_skipped_when_up_to_date(tmp_path):
@@ -155,9 +159,7 @@ def _boxed_manifest(folder: Path, name: str, n: int, seed: int, drop_key: bool =
         meta = {"boxes": boxes} if drop_key and i == 3 else {"color": colour, "boxes": boxes}
         lines.append(json.dumps({"id": f"{name}-{i}", "segments": [{"text": colour}, {"image": f"{name}{i}.png"}],
                                  "meta": meta}))
-    path = folder / f"{name}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write_manifest(folder, name, lines)
 
 
 def test_region_head_learns_object_labels_and_scores_an_odd_object_down(tmp_path):
@@ -204,9 +206,7 @@ def _single_square_manifest(folder: Path, name: str, n: int, seed: int) -> Path:
         Image.fromarray(px).save(folder / f"{name}{i}.png")
         lines.append(json.dumps({"id": f"{name}-{i}", "segments": [{"text": colour}, {"image": f"{name}{i}.png"}],
                                  "meta": {"color": colour, "boxes": [[x0, y0, x0 + 5, y0 + 5]]}}))
-    path = folder / f"{name}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _write_manifest(folder, name, lines)
 
 
 def test_touching_copies_place_a_copy_against_an_object_and_change_nothing_else(tmp_path):

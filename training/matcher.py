@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from anyloom.config import added_field, fingerprint
+from anyloom.data.render import MIN_GAP, boxes_apart
 from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig, to_unit
 from anyloom.training.diffusion_decoder import freeze, reconstruct
 from anyloom.training.metrics import MetricsLogger
@@ -166,13 +167,13 @@ class TouchingCopies:
 
 
 def touching_copies(data: CaptionedImages, count: int, rng: np.random.Generator, where: str,
-                    min_gap: float = 2.0, gap_range: tuple[float, float] = (-1.5, 1.0)) -> TouchingCopies:
+                    min_gap: float = MIN_GAP, gap_range: tuple[float, float] = (-1.5, 1.0)) -> TouchingCopies:
     """Pictures with two objects run together, for the region head's contact logit: copy one of a document's
     objects (its box, blended in by how far each pixel is from the background towards the object's colour) so that
     it lands ``gap_range`` pixels from another object's box (the world keeps objects ``min_gap`` apart; touching or
     overlapping is what the LM's malformed pictures do), >= ``min_gap`` from all others and inside the picture; the
     contact cells are those the two boxes, grown by 2 px, share. Boxes as validated by ``region_targets``."""
-    n, h, w, _ = data.pixels.shape
+    h, w = data.pixels.shape[1:3]
     usable = [i for i, meta in enumerate(data.meta) if meta.get("boxes")]
     if not usable:
         raise ValueError(f"{where}: no document has meta.boxes to make touching copies from (region_contact)")
@@ -200,8 +201,7 @@ def touching_copies(data: CaptionedImages, count: int, rng: np.random.Generator,
         moved = (a[0] + sx, a[1] + sy, a[2] + sx, a[3] + sy)
         if moved[0] < 0.5 or moved[1] < 0.5 or moved[2] > w - 0.5 or moved[3] > h - 0.5:
             continue
-        if any(not (moved[2] + min_gap <= o[0] or o[2] + min_gap <= moved[0] or moved[3] + min_gap <= o[1]
-                    or o[3] + min_gap <= moved[1]) for i, o in enumerate(boxes) if i != target):
+        if not all(boxes_apart(moved, o, min_gap) for i, o in enumerate(boxes) if i != target):
             continue
         px = data.pixels[doc].astype(np.float64)
         background = np.median(np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]]), axis=0)  # (3,)
@@ -228,10 +228,11 @@ def touching_copies(data: CaptionedImages, count: int, rng: np.random.Generator,
 
 
 def region_loss(model: ImageTextMatcher, images: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor,
-                contact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                contact: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
     """Object/background BCE on every cell + per key CE on the object cells (+ the contact BCE on every cell with
     ``region_contact``, ``contact`` (B, g, w) bool, None = no cell touches); also the per-cell calls (for accuracy):
-    object (B, g, w) bool and per key the argmax value (B, g, w)."""
+    object (B, g, w) bool, per key the argmax value (B, g, w), and the contact logits (B, g, w) or None."""
     obj, per_key, touch = model.region_logits(images)
     loss = F.binary_cross_entropy_with_logits(obj, cells.float())
     if touch is not None:
@@ -242,7 +243,12 @@ def region_loss(model: ImageTextMatcher, images: torch.Tensor, cells: torch.Tens
         keep = cells & (target >= 0)
         if keep.any():
             loss = loss + F.cross_entropy(logits.permute(0, 2, 3, 1)[keep], target[keep])
-    return loss, obj > 0, [lg.argmax(1) for lg in per_key]
+    return loss, obj > 0, [lg.argmax(1) for lg in per_key], touch
+
+
+def _flip_where(flip: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the items of the batch ``t`` (B, ..., W) where ``flip`` (B,) is set."""
+    return torch.where(flip.view(-1, *[1] * (t.ndim - 1)), t.flip(-1), t)
 
 
 def _file_digest(folder: Path) -> str:
@@ -317,16 +323,16 @@ def train_matcher(
     rng = torch.Generator().manual_seed(cfg.seed)
     if cfg.reconstructions:
         freeze(image_tokenizer)
-        images = reconstruct(image_tokenizer, to_unit(train.pixels), cfg.encode_batch_size,
-                             "matcher: reconstructions (train)")
-        val_images = reconstruct(image_tokenizer, to_unit(val.pixels), cfg.encode_batch_size,
-                                 "matcher: reconstructions (val)")
-    else:
-        images, val_images = to_unit(train.pixels), to_unit(val.pixels)
+
+    def as_trained(pixels: np.ndarray, desc: str) -> torch.Tensor:  # what the matcher trains on and is scored on
+        x = to_unit(pixels)
+        return reconstruct(image_tokenizer, x, cfg.encode_batch_size, f"matcher: {desc}") if cfg.reconstructions else x
+
+    images = as_trained(train.pixels, "reconstructions (train)")
+    val_images = as_trained(val.pixels, "reconstructions (val)")
     if mcfg.region_contact:
-        copy_images, val_copy_images = (
-            reconstruct(image_tokenizer, to_unit(c.pixels), cfg.encode_batch_size, f"matcher: touching copies ({s})")
-            if cfg.reconstructions else to_unit(c.pixels) for c, s in ((copies, "train"), (val_copies, "val")))
+        copy_images = as_trained(copies.pixels, "touching copies (train)")
+        val_copy_images = as_trained(val_copies.pixels, "touching copies (val)")
         copy_cells, copy_contact = torch.from_numpy(copies.cells), torch.from_numpy(copies.contact)
         copy_labels = region_labels[torch.from_numpy(copies.source)]
     encode = text_tokenizer.encode
@@ -348,7 +354,7 @@ def train_matcher(
         x = images[idx]
         if cfg.hflip:
             flip = torch.rand(bs, generator=rng) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = _flip_where(flip, x)
         present, target = torch.unique(labels[idx], return_inverse=True)  # (U,), (B,)
         logits = model.logits(model.encode_images(x), model.encode_texts(ids[present], mask[present]))  # (B, U)
         loss = F.cross_entropy(logits, target)
@@ -359,18 +365,17 @@ def train_matcher(
         if keys:  # the region head has its own parameters: its loss leaves the global matcher's gradients alone
             c, region_x, region_y, contact = cells[idx], x, region_labels[idx], None
             if cfg.hflip:
-                c = torch.where(flip[:, None, None], c.flip(-1), c)
+                c = _flip_where(flip, c)
             if mcfg.region_contact:  # the clean pictures' cells touch nowhere; the copies' contact cells do
                 j = torch.randint(0, len(copy_images), (cfg.contact_batch,), generator=copy_rng)
                 cx, cc, ct = copy_images[j], copy_cells[j], copy_contact[j]
                 if cfg.hflip:
                     cflip = torch.rand(len(j), generator=copy_rng) < 0.5
-                    cx = torch.where(cflip[:, None, None, None], cx.flip(-1), cx)
-                    cc, ct = (torch.where(cflip[:, None, None], t.flip(-1), t) for t in (cc, ct))
+                    cx, cc, ct = (_flip_where(cflip, t) for t in (cx, cc, ct))
                 region_x, region_y = torch.cat([x, cx]), torch.cat([region_y, copy_labels[j]])
                 contact = torch.cat([torch.zeros_like(c), ct])
                 c = torch.cat([c, cc])
-            region, _, _ = region_loss(model, region_x, c, region_y, contact)
+            region, *_ = region_loss(model, region_x, c, region_y, contact)
             loss = loss + region
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,11 +406,12 @@ def train_matcher(
             target = val_labels[:, i, None, None].expand_as(val_cells)
             region_report[f"{name}_right_on_object_cells"] = float((value == target)[val_cells].float().mean())
         if mcfg.region_contact:  # a picture is called touching when its most contact-like cell's logit is > 0
+            clean = torch.cat([c[3].flatten(1).amax(1) > 0 for c in calls])
             with torch.no_grad():
-                touching = [torch.cat([model.region_logits(pics[s:s + 512])[2].flatten(1).amax(1) > 0
-                                       for s in range(0, len(pics), 512)]) for pics in (val_images, val_copy_images)]
-            region_report["contact_clean_pictures_right"] = float((~touching[0]).float().mean())
-            region_report["contact_touching_copies_found"] = float(touching[1].float().mean())
+                found = torch.cat([model.region_logits(val_copy_images[s:s + 512])[2].flatten(1).amax(1) > 0
+                                   for s in range(0, len(val_copy_images), 512)])
+            region_report["contact_clean_pictures_right"] = float((~clean).float().mean())
+            region_report["contact_touching_copies_found"] = float(found.float().mean())
         print("image matcher region head (val): " + ", ".join(f"{k} {v:.3f}" for k, v in region_report.items()))
     logger.close()
     model.save(out, metadata={"fingerprint": key, "steps": str(step)})
