@@ -1,21 +1,25 @@
 """anyloom: tokenized early-fusion any-to-any generative models.
 
-The component folders live at the repository root (``tokenizers/``, ``transformer/``, ``decoders/``, ...)
-and import as ``anyloom.<folder>``. The root itself is never put on ``sys.path``: ``tokenizers/`` would
-shadow Hugging Face's ``tokenizers`` package there, which is why it has no ``__init__.py`` (a namespace
-portion loses to a regular package) and why the root joins this package's search path instead.
-Install with ``make setup`` (an editable install of this checkout).
+The components live in folders at the repository root (``tokenizers/``, ``transformer/``, ``decoders/``,
+``world/``, ...); the packaging maps each onto a subpackage (``pyproject.toml``, ``[tool.setuptools]
+package-dir``), so they import as ``anyloom.tokenizers``, ``anyloom.transformer``, ... from an editable
+install (``make setup``) and from a built wheel alike. This folder holds what every component shares: typed
+recipes (``config``), safetensors weights with their config (``weights``), progress bars (``progress``) and
+device choice (``device``).
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anyloom.generation.pipeline import Pipeline
 
 __version__ = "0.1.0"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-__path__.append(str(REPO_ROOT))  # anyloom.tokenizers -> <repo>/tokenizers, anyloom.transformer -> ...
 
-
-def load(path, **kwargs):  # noqa: ANN001, ANN201 (typed in anyloom.generation.pipeline.load)
+def load(path: str | Path, **kwargs: Any) -> Pipeline:
     """``anyloom.load("runs/world")`` -> a generation Pipeline; see :func:`anyloom.generation.pipeline.load`."""
     from anyloom.generation.pipeline import load as _load
 

@@ -1,1 +1,3 @@
-"""Data: the embedded world (generator and judges), user manifests, and the document type they produce."""
+"""Data: the document type every dataset produces, user manifests (JSONL, webdataset shards) and OpenMoji.
+
+The embedded world has its own package, ``anyloom.world``."""

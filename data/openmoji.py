@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from anyloom.config import fingerprint, to_dict
-from anyloom.training.progress import progress
+from anyloom.progress import progress
 
 GENERATOR_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-SPEECH_BLOCK = 64  # espeak-ng is reloaded at each block start (see anyloom.data.speech)
+SPEECH_BLOCK = 64  # espeak-ng is reloaded at each block start (see anyloom.world.speech)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _generate(cfg: OpenMojiConfig, out: Path) -> dict[str, int]:
 
     espeak = None
     if cfg.with_speech:
-        from anyloom.data.speech import SAMPLE_RATE, Voice, get_espeak, postprocess, wav_bytes
+        from anyloom.world.speech import SAMPLE_RATE, Voice, get_espeak, postprocess, wav_bytes
 
         espeak = get_espeak()
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}

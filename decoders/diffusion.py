@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from anyloom.config import build
-from anyloom.training.weights import load_weights, save_weights
+from anyloom.weights import load_weights, save_weights
 
 if TYPE_CHECKING:  # diffusers costs seconds to import: only when a decoder is built
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -160,7 +160,7 @@ class DiffusionDecoder(nn.Module):
         return (cond + x * self.residual_std).clamp(-1.0, 1.0)
 
     def save(self, folder: str | Path) -> Path:
-        """model.safetensors + config.json (see anyloom.training.weights)."""
+        """model.safetensors + config.json (see anyloom.weights)."""
         return save_weights(folder, self.state_dict(), self.cfg, metadata={"kind": "diffusion_decoder"})
 
     @classmethod

@@ -111,7 +111,7 @@ class JudgeAgreement:
 
 def judge_agreement(originals: np.ndarray, recons: np.ndarray) -> JudgeAgreement:
     """Does the world judge read the same caption (count, colour, shape) from both? None == None counts too."""
-    from anyloom.data.judge import judge_images
+    from anyloom.world.judge import judge_images
 
     _check_pair(originals, recons)
     a, b = judge_images(originals), judge_images(recons)

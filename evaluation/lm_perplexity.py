@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from anyloom.progress import progress
 from anyloom.sequences.interleave import TokenStream, bidirectional_span_ids
 from anyloom.sequences.mixture import ItemSource, MixtureConfig, TaskMixture
 from anyloom.sequences.packing import ListSource, PackedLoader
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.training.lm import MODALITIES, accumulate_loss_sums, loss_metrics
-from anyloom.training.progress import progress
 
 
 @dataclass

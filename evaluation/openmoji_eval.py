@@ -1,7 +1,7 @@
 """Judge an any-to-any model on OpenMoji (emoji pictures, their Unicode names, the names spoken).
 
 The world's judges read shapes and a caption grammar; emoji need others. The model is seen through the same
-:class:`~anyloom.evaluation.world_eval.AnyToAny` protocol, so a perfect fake generator scores 100% and a
+:class:`~anyloom.world.evaluate.AnyToAny` protocol, so a perfect fake generator scores 100% and a
 constant one scores chance, and a real run is scored unchanged.
 
 Metrics (``eval.json``; the test split at the top level, other splits under their names):
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from anyloom.evaluation.world_eval import AnyToAny, _batches, _normalise, eval_speech_to_text
+from anyloom.world.evaluate import AnyToAny, _batches, _normalise, eval_speech_to_text
 
 DIRECTIONS = ("t2i", "i2t", "a2t")
 
@@ -88,7 +88,7 @@ def eval_name_to_image(model: AnyToAny, items: list[EmojiItem], batch_size: int 
 
 
 def eval_image_to_name(model: AnyToAny, items: list[EmojiItem], batch_size: int = 64) -> dict[str, float]:
-    from anyloom.data.asr import word_error_rate
+    from anyloom.world.asr import word_error_rate
 
     if not items:
         raise ValueError("image->name: no items to evaluate")

@@ -1,6 +1,6 @@
 """`make eval RUN=runs/<name>`: score a trained run on the world's held-out splits and write ``eval.json``.
 
-The generation API (``anyloom.generation.pipeline``) is wrapped as an :class:`~anyloom.evaluation.world_eval.AnyToAny`
+The generation API (``anyloom.generation.pipeline``) is wrapped as an :class:`~anyloom.world.evaluate.AnyToAny`
 model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.*`` and ``audio_tokenizer.*``, and
 the LM's held-out perplexity per modality under ``lm.*`` (``lm.ppl.text``, ``lm.ppl.image``, ``lm.ppl.audio``;
 see ``anyloom.evaluation.lm_perplexity``).
@@ -18,7 +18,7 @@ import numpy as np
 
 from anyloom.data.openmoji import OpenMojiPaths
 from anyloom.evaluation import openmoji_eval
-from anyloom.evaluation.world_eval import evaluate_world, items_from_documents
+from anyloom.world.evaluate import evaluate_world, items_from_documents
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,10 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
     """``image_judge``: add the world judge's agreement (``image_tokenizer.detector_agreement``; world images only)."""
     import torch
 
-    from anyloom.data.asr import word_error_rate
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.evaluation.image_metrics import evaluate_reconstructions
     from anyloom.training.image_tokenizer import reconstruct
+    from anyloom.world.asr import word_error_rate
 
     out: dict[str, float] = {}
     tok = pipe.image_tokenizer
@@ -161,10 +161,10 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: 
     section, so `make eval ... generation.image.temperature=0.5` scores exactly those sampling settings."""
     import soundfile as sf
 
-    from anyloom.data.asr import SpeechJudge
     from anyloom.data.manifest import read_manifest
     from anyloom.generation.pipeline import load
     from anyloom.training.run import RunDir
+    from anyloom.world.asr import SpeechJudge
 
     run = RunDir(run_path)
     pipe = load(run.path, config=generation)

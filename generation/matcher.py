@@ -46,7 +46,7 @@ from einops import rearrange
 from torch import nn
 
 from anyloom.config import added_field, build, to_dict
-from anyloom.training.weights import load_weights, save_weights
+from anyloom.weights import load_weights, save_weights
 
 KIND = "image_text_matcher"
 

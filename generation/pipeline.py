@@ -29,7 +29,6 @@ for classifier-free guidance is ``<bos>`` + that marker (condition dropout train
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from PIL import Image
 
 from anyloom.config import ConfigError, build
 from anyloom.data.document import AudioSegment, ImageSegment, TextSegment
+from anyloom.device import pick_device
 from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
@@ -55,25 +55,16 @@ from anyloom.generation.rerank import (
 from anyloom.generation.sampling import SamplingConfig
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
-from anyloom.training.device import pick_device
-from anyloom.training.weights import load_weights
+from anyloom.tokenizers import registry
+from anyloom.tokenizers.registry import TokenizerFolderError, holds_tokenizer, holds_weights
 from anyloom.transformer.model import ModelConfig, Transformer
+from anyloom.weights import load_weights
 
 Target = Literal["text", "image", "audio"]
 TARGETS: tuple[str, ...] = ("text", "image", "audio")
 STAGES = {"text": "text_tokenizer", "image": "image_tokenizer", "audio": "audio_tokenizer"}
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
-
-# config.json "kind" -> (module, class) of tokenizers that satisfy the contracts in tokenizers/base.py
-IMAGE_KINDS = {"image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer")}
-AUDIO_KINDS = {
-    "anyloom.mel_rvq": ("anyloom.tokenizers.audio_mel", "MelTokenizer"),
-    "anyloom.seanet_codec": ("anyloom.tokenizers.audio_codec", "WaveCodec"),  # trained here, or imported EnCodec
-    "anyloom.dac": ("anyloom.tokenizers.audio_dac", "DacCodec"),  # imported (tokenizers/audio_importers.py)
-    "anyloom.mimi": ("anyloom.tokenizers.audio_mimi", "MimiCodec"),  # imported (tokenizers/audio_importers.py)
-}
-
 
 class PipelineError(ValueError):
     """A run or export folder that cannot be loaded, or a prompt that cannot be encoded; names what is wrong."""
@@ -143,38 +134,12 @@ def _tokenizer_candidates(export: Path, stage: str) -> list[Path]:
     return [export / stage, stage_dir / "tokenizer", stage_dir / "export", stage_dir]
 
 
-def _holds_weights(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def _holds_tokenizer(folder: Path, modality: str) -> bool:
-    return (folder / "text.model").is_file() if modality == "text" else _holds_weights(folder)
-
-
-def _load_class(kinds: dict[str, tuple[str, str]], folder: Path) -> Any:
-    import importlib
-
-    try:
-        kind = json.loads((folder / "config.json").read_text()).get("kind")
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{folder / 'config.json'}: not valid JSON ({e})") from e
-    if kind not in kinds:
-        raise PipelineError(f"{folder / 'config.json'}: tokenizer kind {kind!r} is unknown; known: {sorted(kinds)}")
-    module, name = kinds[kind]
-    return getattr(importlib.import_module(module), name)
-
-
 def load_tokenizer(modality: str, folder: str | Path, device: torch.device | str = "cpu") -> Any:
-    """Load one exported tokenizer folder (text: TextTokenizer; image/audio: by the ``kind`` in config.json)."""
-    folder = Path(folder)
-    if not _holds_tokenizer(folder, modality):
-        raise PipelineError(f"{folder}: not an exported {modality} tokenizer folder")
-    if modality == "text":
-        from anyloom.tokenizers.text import TextTokenizer
-
-        return TextTokenizer.load(folder)
-    cls = _load_class(IMAGE_KINDS if modality == "image" else AUDIO_KINDS, folder)
-    return cls.load(folder, device=device)
+    """One exported tokenizer folder (:func:`anyloom.tokenizers.registry.load_tokenizer`); errors as PipelineError."""
+    try:
+        return registry.load_tokenizer(modality, folder, device)
+    except TokenizerFolderError as e:
+        raise PipelineError(str(e)) from e
 
 
 def _check_tokenizer(modality: str, tok: Any, vocab: Vocabulary, where: Path) -> None:
@@ -195,7 +160,7 @@ def _check_tokenizer(modality: str, tok: Any, vocab: Vocabulary, where: Path) ->
 def _find_matcher(export: Path) -> Path | None:
     run = export.parent if export.name == "export" else export
     places = (export / "image_matcher", run / "stages" / "image_matcher" / "matcher")
-    return next((folder for folder in places if _holds_weights(folder)), None)
+    return next((folder for folder in places if holds_weights(folder)), None)
 
 
 def load_lm(export: Path, device: str | torch.device = "cpu") -> tuple[Transformer, Vocabulary]:
@@ -246,7 +211,7 @@ def load(
         if explicit[modality] is not None:
             folder = Path(explicit[modality])
         else:
-            found = [c for c in _tokenizer_candidates(export, stage) if _holds_tokenizer(c, modality)]
+            found = [c for c in _tokenizer_candidates(export, stage) if holds_tokenizer(c, modality)]
             if not found:
                 if needed[modality]:
                     tried = ", ".join(str(c) for c in _tokenizer_candidates(export, stage))

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from anyloom.data.openmoji import OpenMojiConfig
-from anyloom.data.world import WorldConfig
 from anyloom.evaluation.run_eval import EvalConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
@@ -24,8 +23,9 @@ from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
 from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.model import ModelConfig
+from anyloom.world.dataset import WorldConfig
 
-# The stages of the chain behind `make train`, in the only order they can run (scripts/pipeline.py).
+# The stages of the chain behind `make train`, in the only order they can run (training/chain.py).
 STAGES = ("world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
           "pretokenize", "lm", "export", "eval")
 Stage = Literal["world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",

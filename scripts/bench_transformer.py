@@ -93,7 +93,7 @@ def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512,
                 threads: int = 2) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from anyloom.training.progress import progress
+    from anyloom.progress import progress
     from anyloom.transformer.model import ModelConfig, Transformer
 
     torch.set_num_threads(threads)

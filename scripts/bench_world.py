@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from anyloom.data.asr import SpeechJudge, word_error_rate
-from anyloom.data.judge import judge_image
 from anyloom.data.manifest import read_manifest
-from anyloom.data.world import WorldConfig, build_world
-from anyloom.training.progress import progress
+from anyloom.progress import progress
+from anyloom.world.asr import SpeechJudge, word_error_rate
+from anyloom.world.dataset import WorldConfig, build_world
+from anyloom.world.judge import judge_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +85,8 @@ def robustness(n: int) -> dict[str, dict[str, float]]:
     import numpy as np
     from scipy import ndimage
 
-    from anyloom.data.render import render_scene
-    from anyloom.data.world import sample_caption
+    from anyloom.world.dataset import sample_caption
+    from anyloom.world.render import render_scene
 
     cfg = WorldConfig()
     out = {}
@@ -111,7 +111,7 @@ def robustness(n: int) -> dict[str, dict[str, float]]:
 
 
 def _caption(doc):
-    from anyloom.data.captions import Caption
+    from anyloom.world.captions import Caption
 
     return Caption(count=doc.meta["count"], color=doc.meta["color"], shape=doc.meta["shape"])
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
               f"or python scripts/export.py --run {run})", file=sys.stderr)
         return 2
     from anyloom.evaluation.run_eval import evaluate_run
-    from anyloom.scripts.pipeline import build_data
+    from anyloom.training.chain import build_data
 
     evaluate_run(run, recipe.eval, build_data(recipe), generation=recipe.generation)
     print((run / "eval.md").read_text())

@@ -36,8 +36,8 @@ from anyloom.generation.pipeline import (
     PipelineError,
     load,
 )
+from anyloom.progress import progress
 from anyloom.sequences.vocab import VocabularyError
-from anyloom.training.progress import progress
 
 EXTENSIONS = {"image": "png", "audio": "wav", "text": "txt"}
 ENTRY_KEYS = {"segments", "to", "seed"}

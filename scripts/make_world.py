@@ -17,8 +17,8 @@ import time
 
 from anyloom.config import ConfigError, build, parse_override, set_dotted
 from anyloom.data.openmoji import OpenMojiConfig, build_openmoji
-from anyloom.data.world import SPLITS, build_world
 from anyloom.recipes import load_recipe
+from anyloom.world.dataset import SPLITS, build_world
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,8 @@ def _with_overrides(cfg, pairs: list[str]):
 
 def image_curves(pipe, items, n: int, seed: int, weights: list[float], eval_draw: bool = False,
                  batch: int = 32) -> dict:
-    from anyloom.data.judge import judge_image
     from anyloom.generation.rerank import ROUND_TRIP_FLOOR, round_trip_error
+    from anyloom.world.judge import judge_image
 
     cfg = pipe.config
     ok, unreadable, scores, errors, regions = [], [], [], [], []
@@ -85,9 +85,9 @@ def image_curves(pipe, items, n: int, seed: int, weights: list[float], eval_draw
 
 
 def audio_curves(pipe, items, n: int, seed: int, weights: list[float]) -> dict:
-    from anyloom.data.asr import SpeechJudge, word_error_rate
     from anyloom.generation.rerank import per_frame_log_likelihood, reverse_log_likelihood
     from anyloom.sequences.interleave import AudioIds
+    from anyloom.world.asr import SpeechJudge, word_error_rate
 
     counts = Counter(it.caption for it in items)
     captions = sorted(counts)
@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--candidates must be >= 1")
 
     from anyloom.data.manifest import read_manifest
-    from anyloom.evaluation.world_eval import items_from_documents
     from anyloom.generation.pipeline import PipelineError, load
     from anyloom.recipes import build_recipe
-    from anyloom.scripts.pipeline import build_data
+    from anyloom.training.chain import build_data
+    from anyloom.world.evaluate import items_from_documents
 
     run = Path(args.run)
     if not (run / "recipe.yaml").is_file():

@@ -3,7 +3,7 @@
     python scripts/train.py --recipe world optim.lr=1e-3 train.steps=200
     python scripts/train.py --recipe world pipeline.stages=[world,text_tokenizer]
 
-Stages and where their outputs go: scripts/pipeline.py. Running the same command again resumes: finished
+Stages and where their outputs go: training/chain.py. Running the same command again resumes: finished
 stages are skipped (their outputs are keyed on their configs) and the LM continues from its last checkpoint.
 """
 
@@ -14,7 +14,7 @@ import sys
 
 from anyloom.config import ConfigError
 from anyloom.recipes import load_recipe
-from anyloom.scripts.pipeline import run_pipeline
+from anyloom.training.chain import run_pipeline
 from anyloom.training.distributed import is_main
 from anyloom.training.run import RunDir
 

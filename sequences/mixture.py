@@ -27,6 +27,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from anyloom.progress import progress
 from anyloom.sequences.interleave import (
     AudioIds,
     ImageIds,
@@ -39,7 +40,6 @@ from anyloom.sequences.interleave import (
 )
 from anyloom.sequences.shards import KIND_AUDIO, KIND_IMAGE, KIND_TEXT
 from anyloom.sequences.vocab import Vocabulary
-from anyloom.training.progress import progress
 
 Kind = Literal["text", "image", "audio"]
 _KIND_INDEX = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO}

@@ -30,6 +30,7 @@ import torch
 
 from anyloom.config import fingerprint, to_dict
 from anyloom.data.document import AudioSegment, Document, ImageSegment, TextSegment
+from anyloom.progress import progress
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment
 from anyloom.sequences.shards import (
     FORMAT_VERSION,
@@ -40,7 +41,6 @@ from anyloom.sequences.shards import (
     write_index,
     write_shard,
 )
-from anyloom.training.progress import progress
 
 META = "build.json"  # written first: marks the folder as a shard cache and records the key being built
 

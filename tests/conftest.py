@@ -30,9 +30,9 @@ def tmp_recipes(tmp_path):
 def tiny_world(tmp_path_factory):
     """A tiny world (tens of items per split, with speech), generated once per test session.
 
-    Returns ``anyloom.data.world.WorldPaths``: ``.dir``, manifests ``.train .val .test .compositional``.
+    Returns ``anyloom.world.dataset.WorldPaths``: ``.dir``, manifests ``.train .val .test .compositional``.
     """
-    from anyloom.data.world import WorldConfig, build_world
+    from anyloom.world.dataset import WorldConfig, build_world
 
     cfg = WorldConfig(n_train=48, n_val=16, n_test=16, n_compositional=16,
                       root=str(tmp_path_factory.mktemp("world")))

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from anyloom.training.audio_discriminator import (
+from anyloom.tokenizers.audio_discriminator import (
     DiscriminatorConfig,
     MultiScaleSTFTDiscriminator,
     discriminator_loss,
@@ -139,7 +139,7 @@ def _speech_manifest(folder, n: int):
 
 
 def _disc_state(folder) -> dict[str, torch.Tensor]:
-    from anyloom.training.weights import load_weights
+    from anyloom.weights import load_weights
 
     return {k: v for k, v in load_weights(folder).state_dict.items() if k.startswith("disc")}
 
@@ -148,7 +148,7 @@ def test_codec_trains_with_the_discriminator_and_resumes(tmp_path):
     from anyloom.tokenizers.audio_codec import WaveCodec
     from anyloom.training.audio_tokenizer import train_audio_tokenizer
     from anyloom.training.run import RunDir
-    from anyloom.training.weights import load_weights
+    from anyloom.weights import load_weights
 
     manifest = _speech_manifest(tmp_path / "data", 3)
     stage = _stage(steps=6, start_step=2)

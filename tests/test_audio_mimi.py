@@ -85,7 +85,7 @@ def test_mimi_parity(tiny_mimi, tmp_path):
     assert torch.equal(ours.encode(wave[:, :208], 16000).codes, codes[..., :13])
 
     # and the import survives our own save/load, also through the generation pipeline's kind registry
-    from anyloom.generation.pipeline import load_tokenizer
+    from anyloom.tokenizers.registry import load_tokenizer
 
     reloaded = load_tokenizer("audio", ours.save(tmp_path / "ours"))
     assert isinstance(reloaded, MimiCodec) and torch.equal(reloaded.encode(wave, 16000).codes, codes)

@@ -146,7 +146,7 @@ def test_save_load_round_trip(mel_tok, tmp_path):
 
 
 def test_load_refuses_a_foreign_folder(tmp_path):
-    from anyloom.training.weights import save_weights
+    from anyloom.weights import save_weights
 
     save_weights(tmp_path / "x", {"w": torch.zeros(1)}, {"kind": "something_else"})
     with pytest.raises(ValueError, match="kind"):

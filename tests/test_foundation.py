@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pytest
 import torch
 
-from anyloom import REPO_ROOT
 from anyloom.config import ConfigError, build, config_diff, fingerprint, to_dict
 from anyloom.recipes import available, load_recipe
 from anyloom.recipes.schema import Recipe
@@ -21,7 +21,9 @@ from anyloom.training.metrics import MetricsLogger, read_metrics
 from anyloom.training.optim import OptimConfig, lr_factor
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.training.weights import load_weights, save_weights
+from anyloom.weights import load_weights, save_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_namespace_does_not_shadow_hf_tokenizers():
@@ -35,9 +37,48 @@ def test_namespace_does_not_shadow_hf_tokenizers():
 def test_components_import_as_anyloom_namespace():
     import anyloom.recipes
     import anyloom.training.run
+    import anyloom.world
 
     assert anyloom.recipes.__file__.startswith(str(REPO_ROOT / "recipes"))
     assert anyloom.training.run.__file__.startswith(str(REPO_ROOT / "training"))
+    assert anyloom.world.__file__.startswith(str(REPO_ROOT / "world"))
+
+
+@pytest.mark.parametrize("name", ["anyloom.anyloom", "anyloom.tests", "anyloom.docs", "anyloom.examples",
+                                  "anyloom.scripts"])
+def test_only_the_components_are_importable(name):
+    import importlib
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(name)
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_from_anywhere(tmp_path):
+    # a non-editable wheel into a fresh environment; this environment's site-packages (torch etc.) is added to its
+    # path by a .pth line, so its editable install (a finder that a site directory's .pth files activate) stays off
+    wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheel_dir), str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheel_dir.glob("anyloom-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    outer = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
+    Path(site, "outer_packages.pth").write_text(outer + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "-q", str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr
+    code = ("import anyloom, anyloom.tokenizers.registry, anyloom.transformer.kernels.rmsnorm, anyloom.world.dataset, "
+            "anyloom.training.chain, anyloom.recipes\n"
+            "from anyloom.recipes import load_recipe\n"
+            "assert load_recipe('world').image_tokenizer.steps > 0\n"
+            "print(anyloom.__file__, anyloom.tokenizers.registry.__file__)")
+    out = subprocess.run([py, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert str(REPO_ROOT) not in out.stdout and "site-packages/anyloom" in out.stdout
 
 
 def write(path, text):

@@ -20,7 +20,6 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from anyloom import REPO_ROOT
 from anyloom.data.document import AudioSegment
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.pipeline import GeneratedAudio, GeneratedImage, GeneratedText, PipelineError, load
@@ -29,8 +28,10 @@ from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelTokenizer, MelToke
 from anyloom.tokenizers.image_quantizers import QuantizerConfig
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer
 from anyloom.tokenizers.text import TextTokenizer
-from anyloom.training.weights import save_weights
 from anyloom.transformer.model import ModelConfig, Transformer
+from anyloom.weights import save_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CAPTIONS = [f"{n} {c} {s}" for n in ("one", "two", "three") for c in ("red", "blue") for s in ("circles", "stars")]
 

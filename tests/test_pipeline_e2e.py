@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from anyloom.scripts.pipeline import run_pipeline
+    from anyloom.training.chain import run_pipeline
 
     root = tmp_path_factory.mktemp("e2e")
     recipe = load_recipe("world_tiny", [f"run.out_dir={root}/runs", f"world.root={root}/world"])
@@ -66,8 +66,8 @@ def test_memorised_captions_come_back_exactly(tiny_run):
     """image -> text on training items: a memorised world must caption its own images."""
     from anyloom.data.manifest import read_manifest
     from anyloom.evaluation.run_eval import PipelineModel
-    from anyloom.evaluation.world_eval import eval_image_to_text, items_from_documents
     from anyloom.generation.pipeline import load
+    from anyloom.world.evaluate import eval_image_to_text, items_from_documents
 
     _, run, ctx, _ = tiny_run
     items = items_from_documents(read_manifest(ctx.artifacts["world"].train).documents[:8])
@@ -76,7 +76,7 @@ def test_memorised_captions_come_back_exactly(tiny_run):
 
 
 def test_rerun_skips_finished_stages(tiny_run):
-    from anyloom.scripts.pipeline import run_pipeline
+    from anyloom.training.chain import run_pipeline
 
     recipe, run, _, _ = tiny_run
     stages = ["world", "text_tokenizer", "image_tokenizer", "image_matcher", "audio_tokenizer", "pretokenize"]
@@ -89,7 +89,7 @@ def test_rerun_skips_finished_stages(tiny_run):
 
 def test_train_seed_seeds_the_lm_alone(tiny_run, monkeypatch):
     import anyloom.training.lm as lm
-    from anyloom.scripts.pipeline import Context, stage_lm
+    from anyloom.training.chain import Context, stage_lm
 
     recipe, run, _, _ = tiny_run
     seen = {}

@@ -92,7 +92,7 @@ def test_bench_aggregator_writes_the_contract_keys(tmp_path, monkeypatch):
     """scripts/bench.py gathers the parts' outputs (their real formats, faked here) into bench.json + a PNG."""
     from pathlib import Path
 
-    from anyloom.scripts import bench
+    import bench
 
     def fake_run(cmd: list[str]) -> str:
         script = Path(cmd[1]).name

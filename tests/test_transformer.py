@@ -312,8 +312,8 @@ def test_grid_positions_need_their_vocabulary_fields():
 
 
 def test_lm_stage_fills_grid_fields_from_the_vocabulary():
-    from anyloom.scripts.pipeline import lm_model_config
     from anyloom.sequences.vocab import Vocabulary
+    from anyloom.training.chain import lm_model_config
 
     vocab = Vocabulary.build(24, 16, 8, 1, (2, 3))
     cfg = lm_model_config(replace(DEBUG, grid_positions=True), vocab)
@@ -380,8 +380,8 @@ def test_code_factors_cached_decode_equals_full_forward():
 
 
 def test_code_factors_are_checked_and_filled_by_the_lm_stage():
-    from anyloom.scripts.pipeline import lm_model_config
     from anyloom.sequences.vocab import Vocabulary
+    from anyloom.training.chain import lm_model_config
 
     for bad in ((4, 8), (36, 1)):
         with pytest.raises(ValueError, match="must multiply to the number of code ids"):

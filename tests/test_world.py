@@ -11,8 +11,16 @@ import soundfile as sf
 from PIL import Image
 
 from anyloom.config import ConfigError, build
-from anyloom.data.captions import COLORS, NUMBER_WORDS, SHAPES, Caption, caption_jsgf, caption_vocabulary, parse_caption
-from anyloom.data.world import SPLITS, WorldConfig, build_world, generate_block
+from anyloom.world.captions import (
+    COLORS,
+    NUMBER_WORDS,
+    SHAPES,
+    Caption,
+    caption_jsgf,
+    caption_vocabulary,
+    parse_caption,
+)
+from anyloom.world.dataset import SPLITS, WorldConfig, build_world, generate_block
 
 
 def _lines(path: Path) -> list[dict]:
@@ -150,7 +158,7 @@ def test_bytes_do_not_depend_on_workers(tmp_path):
 def test_speech_block_does_not_depend_on_history(tmp_path):
     # espeak-ng carries hidden state from one utterance to the next; a block must reset it, so that the
     # same block made after different histories (other processes, earlier blocks) has the same bytes.
-    from anyloom.data.speech import Voice, get_espeak
+    from anyloom.world.speech import Voice, get_espeak
 
     cfg = WorldConfig(n_train=66)
     (tmp_path / "a" / "images").mkdir(parents=True)
@@ -183,7 +191,7 @@ def test_openmoji_option(tmp_path):
 
 
 def test_make_world_cli(tmp_path, capsys):
-    from anyloom.scripts.make_world import main
+    from make_world import main
 
     assert main(["world.n_tran=3"]) == 2
     assert "did you mean 'world.n_train'" in capsys.readouterr().err

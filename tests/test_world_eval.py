@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anyloom.data.captions import COLORS, NUMBER_WORDS, SHAPES, parse_caption
 from anyloom.data.manifest import read_manifest
-from anyloom.data.render import render_scene
-from anyloom.evaluation.world_eval import evaluate_world, items_from_documents
+from anyloom.world.captions import COLORS, NUMBER_WORDS, SHAPES, parse_caption
+from anyloom.world.evaluate import evaluate_world, items_from_documents
+from anyloom.world.render import render_scene
 
 
 class PerfectModel:

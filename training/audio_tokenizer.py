@@ -36,22 +36,22 @@ import torch
 import torch.nn.functional as F_
 
 from anyloom.config import fingerprint
+from anyloom.progress import progress
 from anyloom.tokenizers.audio_codec import WaveCodec, WaveCodecConfig
 from anyloom.tokenizers.audio_common import prepare_wave
-from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelTokenizer, MelTokenizerConfig
-from anyloom.training.audio_discriminator import (
+from anyloom.tokenizers.audio_discriminator import (
     DiscriminatorConfig,
     MultiScaleSTFTDiscriminator,
     discriminator_loss,
     feature_matching_loss,
     generator_loss,
 )
+from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelTokenizer, MelTokenizerConfig
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
-from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.training.weights import load_weights, read_metadata, save_weights
+from anyloom.weights import load_weights, read_metadata, save_weights
 
 
 @dataclass(frozen=True)
@@ -380,8 +380,8 @@ def train_audio_tokenizer(
     results: dict[str, float] = {"audio_tokenizer.steps": step, "audio_tokenizer.train_seconds": trained_seconds,
                                  "audio_tokenizer.train_cpu_seconds": trained_cpu}
     if tc.eval_items:
-        from anyloom.data.asr import SpeechJudge, word_error_rate
         from anyloom.evaluation.audio_metrics import evaluate_reconstruction
+        from anyloom.world.asr import SpeechJudge, word_error_rate
 
         n = tc.eval_items
         report = evaluate_reconstruction(model, val.waves[:n], val.sample_rate, val.texts[:n], SpeechJudge(),
@@ -399,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from anyloom.config import ConfigError
-    from anyloom.data.asr import SpeechJudge, word_error_rate
-    from anyloom.data.world import WorldConfig, build_world
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.recipes import load_recipe
+    from anyloom.world.asr import SpeechJudge, word_error_rate
+    from anyloom.world.dataset import WorldConfig, build_world
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--recipe", default="audio_tokenizer")

@@ -24,12 +24,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
+from anyloom.device import pick_device
 from anyloom.evaluation.image_metrics import judge_agreement, psnr
+from anyloom.progress import progress
 from anyloom.tokenizers.base import ImageTokenizer
-from anyloom.training.device import pick_device
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
-from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
 
@@ -371,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from anyloom.config import to_dict
-    from anyloom.data.world import WorldConfig, build_world
     from anyloom.recipes import load_recipe
     from anyloom.tokenizers.image_vq import ImageVQTokenizer
+    from anyloom.world.dataset import WorldConfig, build_world
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--recipe", default="diffusion_decoder")

@@ -33,14 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anyloom.config import added_field, fingerprint, to_dict
+from anyloom.progress import progress
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, budget_position, build_optimizer, lr_factor
 from anyloom.training.parallel import cpu_has_amx
-from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.training.weights import read_metadata
+from anyloom.weights import read_metadata
 
 EXPORT_DIR = "tokenizer"  # <run>/tokenizer: the exported ImageVQTokenizer (model.safetensors + config.json)
 CHECKPOINT = "image_tokenizer.safetensors"  # <run>/checkpoints/: training state, resumable
@@ -612,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     """Build the world, train the recipe's image tokenizer on it, and score it on a split (default: test)."""
     import argparse
 
-    from anyloom.data.world import WorldConfig, build_world
     from anyloom.evaluation.image_metrics import evaluate_reconstructions
     from anyloom.recipes import load_recipe
+    from anyloom.world.dataset import WorldConfig, build_world
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--recipe", default="image_tokenizer")

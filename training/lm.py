@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from anyloom.config import to_dict
+from anyloom.progress import progress
 from anyloom.training import faults
 from anyloom.training.checkpoint import Checkpointer
 from anyloom.training.metrics import MetricsLogger
@@ -42,7 +43,6 @@ from anyloom.training.parallel import (
     init_distributed,
     set_gradient_sync,
 )
-from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
 from anyloom.training.stability import StabilityGuard

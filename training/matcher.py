@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 
 from anyloom.config import added_field, fingerprint
-from anyloom.data.render import MIN_GAP, boxes_apart
 from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig, to_unit
+from anyloom.progress import progress
 from anyloom.training.diffusion_decoder import freeze, reconstruct
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler
-from anyloom.training.progress import progress
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.training.weights import read_metadata
+from anyloom.weights import read_metadata
+from anyloom.world.render import MIN_GAP, boxes_apart
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from anyloom.training.device import pick_device
+from anyloom.device import pick_device
 
 
 @dataclass(frozen=True)

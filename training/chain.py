@@ -1,0 +1,325 @@
+"""The recipe chain behind `make train`: each stage reads its own recipe slice and is skipped when up to date.
+
+    world -> text_tokenizer -> image_tokenizer -> image_matcher -> audio_tokenizer -> pretokenize -> lm -> export
+          -> eval
+
+(plus an optional ``diffusion_decoder`` stage after ``image_tokenizer``: recipes/diffusion_decoder.yaml).
+The image matcher reranks text->image candidates (``generation.image_reranker``); it needs only the two tokenizers.
+
+Where things go (``run`` = ``runs/<name>/``):
+
+- world: ``<world.root>/<fingerprint>/`` (shared by every run with the same world config);
+- tokenizers: ``run/stages/<stage>/tokenizer/`` (each stage a run directory of its own: metrics, samples);
+- the image matcher: ``run/stages/image_matcher/matcher/`` (+ ``matcher_val.json`` beside it);
+- token shards: ``run/tokens/<split>/`` (cached on the tokenizers' and the data's hashes);
+- the LM: ``run/checkpoints/`` (DCP, resumable), ``run/metrics.jsonl``; ``run/export/`` after export;
+- evaluation: ``run/eval.json``, ``run/samples/eval/``; the stage timing table: ``run/summary.md``.
+
+Under torchrun only the ``lm`` stage runs on every rank; rank 0 runs the other stages while the others wait
+for its marker file (the process group belongs to the LM stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anyloom.config import fingerprint, to_dict
+from anyloom.recipes.schema import STAGES, Recipe
+from anyloom.training.distributed import is_main, world_size
+from anyloom.training.run import RunDir
+
+SPLITS = ("train", "val", "test", "compositional")
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run: RunDir
+    artifacts: dict[str, Any] = field(default_factory=dict)  # what earlier stages produced
+    timings: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _need(ctx: Context, key: str, stage: str) -> Any:
+    if key not in ctx.artifacts:
+        raise RuntimeError(f"stage '{stage}' needs '{key}', which an earlier stage produces; add that stage to "
+                           f"pipeline.stages (order: {', '.join(STAGES)})")
+    return ctx.artifacts[key]
+
+
+def _text_segments(manifest: Path) -> list[str]:
+    """Caption texts of a JSONL manifest, without decoding its images and audio."""
+    texts = []
+    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{manifest}:{lineno}: not a JSON object ({e.msg})") from e
+            texts += [s["text"] for s in doc.get("segments", []) if isinstance(s, dict) and "text" in s]
+    return texts
+
+
+def build_data(recipe: Recipe) -> Any:
+    """The data stage's output: OpenMoji when the recipe has an ``openmoji`` section, else the world.
+
+    Both have ``dir``, ``train``/``val``/``test`` manifests and ``split(name)``; the world also has ``compositional``.
+    """
+    if recipe.openmoji is not None:
+        from anyloom.data.openmoji import build_openmoji
+
+        return build_openmoji(recipe.openmoji)
+    from anyloom.world.dataset import build_world
+
+    return build_world(recipe.world)
+
+
+def data_splits(data: Any) -> tuple[str, ...]:
+    """The splits the data stage wrote (OpenMoji has no compositional hold-out)."""
+    from anyloom.data.openmoji import SPLITS as OPENMOJI_SPLITS
+    from anyloom.data.openmoji import OpenMojiPaths
+
+    return OPENMOJI_SPLITS if isinstance(data, OpenMojiPaths) else SPLITS
+
+
+# ---- stages --------------------------------------------------------------------------------------------------
+def stage_world(ctx: Context) -> str:
+    paths = build_data(ctx.recipe)  # the stage keeps its name "world" whatever it builds (run caches, summaries)
+    ctx.artifacts["world"] = paths
+    return str(paths.dir)
+
+
+def stage_text_tokenizer(ctx: Context) -> str:
+    from anyloom.tokenizers.text import TextTokenizer
+
+    world = _need(ctx, "world", "text_tokenizer")
+    out = ctx.run.stage("text_tokenizer").path / "tokenizer"
+    stamp = out / "trained_on.json"
+    key = fingerprint({"config": ctx.recipe.text_tokenizer, "data": str(world.dir)})
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        ctx.artifacts["text_tokenizer"] = out
+        return f"{out} (up to date)"
+    tok = TextTokenizer.train(_text_segments(Path(world.train)), config=ctx.recipe.text_tokenizer)
+    tok.save(out)
+    stamp.write_text(json.dumps({"key": key}) + "\n")
+    ctx.artifacts["text_tokenizer"] = out
+    return f"{out} ({tok.vocab_size} pieces)"
+
+
+def stage_image_tokenizer(ctx: Context) -> str:
+    from anyloom.training.image_tokenizer import train_image_tokenizer
+
+    world = _need(ctx, "world", "image_tokenizer")
+    out = train_image_tokenizer(ctx.recipe.image_tokenizer, world.train, world.val, ctx.run.stage("image_tokenizer"))
+    ctx.artifacts["image_tokenizer"] = out
+    return str(out)
+
+
+def stage_diffusion_decoder(ctx: Context) -> str:
+    from anyloom.tokenizers.registry import load_tokenizer
+    from anyloom.training.diffusion_decoder import train_diffusion_decoder
+
+    world = _need(ctx, "world", "diffusion_decoder")
+    tokenizer = load_tokenizer("image", _need(ctx, "image_tokenizer", "diffusion_decoder"))
+    out = train_diffusion_decoder(ctx.recipe.diffusion_decoder, tokenizer, world.train, world.val,
+                                  ctx.run.stage("diffusion_decoder"))
+    ctx.artifacts["diffusion_decoder"] = out
+    return str(out)
+
+
+def stage_image_matcher(ctx: Context) -> str:
+    from anyloom.tokenizers.registry import load_tokenizer
+    from anyloom.training.matcher import train_matcher
+
+    world = _need(ctx, "world", "image_matcher")
+    image_folder = _need(ctx, "image_tokenizer", "image_matcher")
+    text = load_tokenizer("text", _need(ctx, "text_tokenizer", "image_matcher"))
+    result = train_matcher(ctx.recipe.image_matcher, load_tokenizer("image", image_folder), text, world.train,
+                           world.val, ctx.run.stage("image_matcher"), image_tokenizer_folder=image_folder)
+    ctx.artifacts["image_matcher"] = result.folder
+    state = "up to date, " if result.up_to_date else ""
+    return f"{result.folder} ({state}{result.steps} steps, val top-1 {result.val_top1:.3f})"
+
+
+def stage_audio_tokenizer(ctx: Context) -> str:
+    from anyloom.training.audio_tokenizer import train_audio_tokenizer
+
+    world = _need(ctx, "world", "audio_tokenizer")
+    out = train_audio_tokenizer(ctx.recipe.audio_tokenizer, world.train, world.val, ctx.run.stage("audio_tokenizer"),
+                                seed=ctx.recipe.run.seed)
+    ctx.artifacts["audio_tokenizer"] = out
+    return str(out)
+
+
+def load_tokenizers(ctx: Context) -> dict[str, Any]:
+    from anyloom.tokenizers.registry import load_tokenizer
+
+    return {m: load_tokenizer(m, _need(ctx, f"{m}_tokenizer", "pretokenize")) for m in ("text", "image", "audio")}
+
+
+def stage_pretokenize(ctx: Context) -> str:
+    from anyloom.data.manifest import read_manifest
+    from anyloom.sequences.pretokenize import pretokenize
+    from anyloom.sequences.vocab import Vocabulary
+
+    world = _need(ctx, "world", "pretokenize")
+    toks = load_tokenizers(ctx)
+    seq = ctx.recipe.sequences
+    vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"], image_row_end=seq.image_row_end,
+                                       audio_pattern=seq.audio_pattern, bidirectional=seq.bidirectional)
+    counts = {}
+    for split in data_splits(world):
+        manifest = Path(world.split(split))
+        if not manifest.is_file() or not manifest.read_text().strip():
+            continue
+        docs = read_manifest(manifest).documents
+        result = pretokenize(docs, ctx.run.path / "tokens" / split, text=toks["text"], image=toks["image"],
+                             audio=toks["audio"], config=seq.pretokenize, data_key=f"{world.dir.name}/{split}")
+        counts[split] = len(result.shards)
+    vocab.save(ctx.run.path / "vocab.json")
+    ctx.artifacts["vocab"] = vocab
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) + f" items; vocabulary {vocab.size} ids"
+
+
+def lm_model_config(model: Any, vocab: Any) -> Any:
+    """The recipe's model config ``model`` with exactly the vocabulary size the tokenizers produced and, with
+    ``model.grid_positions``, the image code ids, <boi> and codes per image that grid positions are read from (with
+    ``model.code_factors``, the image code ids the factors describe)."""
+    model = dataclasses.replace(model, vocab_size=vocab.size)
+    if model.code_factors:
+        if vocab.image_codebook_size == 0:
+            raise ValueError("model.code_factors: the vocabulary has no image codes to factorise")
+        model = dataclasses.replace(model, grid_token_range=vocab.image_range)
+        model.check_code_factors()
+    if not model.grid_positions:
+        return model
+    if vocab.image_codebook_size == 0:
+        raise ValueError("model.grid_positions: the vocabulary has no image codes to give grid positions to")
+    if vocab.image_row_end:
+        raise ValueError("model.grid_positions with image_row_end: row ends break the run of codes a grid "
+                         "position is counted along; use one or the other")
+    return dataclasses.replace(model, grid_token_range=vocab.image_range, grid_start_token=vocab.boi,
+                               grid_size=vocab.image_tokens_per_image)
+
+
+def stage_lm(ctx: Context) -> str:
+    from anyloom.sequences.interleave import bidirectional_span_ids
+    from anyloom.sequences.mixture import TaskMixture
+    from anyloom.sequences.packing import PackedLoader
+    from anyloom.sequences.shards import TokenShards
+    from anyloom.sequences.vocab import Vocabulary
+    from anyloom.training.lm import micro_batch_size, train_lm
+
+    r = ctx.recipe
+    quantizer = r.image_tokenizer.model.quantizer
+    if r.model.code_factors and quantizer.kind == "fsq" and list(r.model.code_factors) != list(quantizer.fsq_levels):
+        raise ValueError(f"model.code_factors {list(r.model.code_factors)} must be the image tokenizer's FSQ levels "
+                         f"(image_tokenizer.model.quantizer.fsq_levels {list(quantizer.fsq_levels)}), in that order")
+    seed = r.run.seed if r.train.seed is None else r.train.seed
+    vocab = ctx.artifacts.get("vocab") or Vocabulary.load(ctx.run.path / "vocab.json")
+    mixture = TaskMixture(TokenShards(ctx.run.path / "tokens" / "train"), vocab, r.sequences.mixture)
+
+    def make_loader(rank: int, ranks: int) -> PackedLoader:
+        return PackedLoader(mixture, r.train.seq_len, micro_batch_size(r.train, ranks), rank=rank, world_size=ranks,
+                            seed=seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad,
+                            span_rule=functools.partial(bidirectional_span_ids, vocab))
+
+    result = train_lm(lm_model_config(r.model, vocab), r.optim, r.train, r.parallel, ctx.run, make_loader,
+                      vocab.to_dict(), seed, device=r.run.device)
+    ctx.artifacts["lm"] = result
+    if getattr(result, "interrupted", False):
+        raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")
+    budget = f" (stopped by train.max_seconds={r.train.max_seconds:g})" if result.budget_spent else ""
+    return f"step {result.step}{budget}"
+
+
+def stage_export(ctx: Context) -> str:
+    from anyloom.training.checkpoint import latest_checkpoint
+    from anyloom.training.export import export
+
+    ckpt = latest_checkpoint(ctx.run.checkpoints)
+    if ckpt is None:
+        raise RuntimeError(f"{ctx.run.checkpoints}: no complete checkpoint to export; run the 'lm' stage first")
+    out = export(ckpt, ctx.run.path / "export")
+    ctx.artifacts["export"] = out
+    return f"{out} (from {ckpt.name})"
+
+
+def stage_eval(ctx: Context) -> str:
+    from anyloom.evaluation.run_eval import evaluate_run
+
+    scores = evaluate_run(ctx.run.path, ctx.recipe.eval, world=_need(ctx, "world", "eval"),
+                          generation=ctx.recipe.generation)
+    headline = {k: scores.get(k, {}) for k in ("t2i", "i2t", "a2t", "t2a")}
+    parts = [f"{d}: " + ", ".join(f"{m}={v:.3f}" for m, v in s.items() if isinstance(v, float) and m != "n")
+             for d, s in headline.items() if s]
+    return "; ".join(parts) or "no directions evaluated"
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Context], str]] = {
+    "world": stage_world,
+    "text_tokenizer": stage_text_tokenizer,
+    "image_tokenizer": stage_image_tokenizer,
+    "diffusion_decoder": stage_diffusion_decoder,
+    "image_matcher": stage_image_matcher,
+    "audio_tokenizer": stage_audio_tokenizer,
+    "pretokenize": stage_pretokenize,
+    "lm": stage_lm,
+    "export": stage_export,
+    "eval": stage_eval,
+}
+assert tuple(STAGE_FUNCTIONS) == STAGES
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+def _wait_for(marker: Path, timeout_s: float = 24 * 3600) -> None:
+    start = time.time()
+    while not marker.exists():
+        if time.time() - start > timeout_s:
+            raise TimeoutError(f"rank {os.environ.get('RANK')}: rank 0 did not finish the data stages ({marker})")
+        time.sleep(2)
+
+
+def summary_markdown(ctx: Context) -> str:
+    total = sum(t["seconds"] for t in ctx.timings)
+    lines = [f"# Run {ctx.run.path}", "", "| stage | seconds | result |", "|---|---:|---|"]
+    lines += [f"| {t['stage']} | {t['seconds']:.1f} | {t['result']} |" for t in ctx.timings]
+    lines += [f"| **total** | {total:.1f} | |", ""]
+    eval_file = ctx.run.path / "eval.json"
+    if eval_file.is_file():
+        lines += ["## eval.json", "", "```json", eval_file.read_text().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def run_pipeline(recipe: Recipe, run: RunDir, log: Callable[[str], None] = print) -> Context:
+    """Run the recipe's ``pipeline.stages`` in order; print a line per stage and write ``summary.md``."""
+    ctx = Context(recipe, run)
+    stages = list(recipe.pipeline.stages)
+    distributed = world_size() > 1
+    # One marker per torchrun invocation (TORCHELASTIC_RUN_ID), so a marker left by an earlier run never counts.
+    marker = run.path / f".data_ready-{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}-{fingerprint(to_dict(recipe))}"
+    for i, name in enumerate(stages, 1):
+        on_all_ranks = name == "lm"
+        if distributed and not on_all_ranks and not is_main():
+            continue
+        if distributed and on_all_ranks and not is_main():
+            _wait_for(marker)  # the lm stage reads rank 0's vocab.json and token shards from the run directory
+        if distributed and on_all_ranks and is_main():
+            marker.write_text("ready\n")
+        log(f"[{i}/{len(stages)}] {name} ...")
+        t0 = time.time()
+        result = STAGE_FUNCTIONS[name](ctx)
+        seconds = time.time() - t0
+        ctx.timings.append({"stage": name, "seconds": round(seconds, 1), "result": result})
+        log(f"[{i}/{len(stages)}] {name}: {result} ({seconds:.1f} s)")
+        if is_main():
+            (run.path / "summary.md").write_text(summary_markdown(ctx))
+            (run.path / "timings.json").write_text(json.dumps(ctx.timings, indent=2) + "\n")
+    return ctx
