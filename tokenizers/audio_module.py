@@ -2,7 +2,7 @@
 the check every ``decode`` makes on its codes, frame counts for zero-padded batches, and persistence.
 
 Subclasses (``MelTokenizer``, ``WaveCodec``, ``DacCodec``, ``MimiCodec``) set ``KIND`` (the ``kind`` in
-config.json that ``generation.pipeline.load_tokenizer`` dispatches on) and ``CONFIG`` (their config dataclass),
+config.json that ``tokenizers.registry`` dispatches on) and ``CONFIG`` (their config dataclass),
 keep their config in ``self.cfg``, and override ``sample_rate`` / ``samples_per_frame`` where their config
 names them differently. Saved folders are ``model.safetensors`` + ``config.json`` (training.weights).
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from anyloom.config import build, to_dict
-from anyloom.training.weights import load_weights, save_weights
+from anyloom.weights import load_weights, save_weights
 
 
 class AudioCodecModule(nn.Module):

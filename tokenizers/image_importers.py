@@ -112,7 +112,7 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str 
 def save_imported(model: nn.Module, folder: str | Path, kind: str) -> Path:
     """An imported tokenizer -> ``folder`` (safetensors + config.json with ``kind`` beside the config fields)."""
     from anyloom.config import to_dict
-    from anyloom.training.weights import save_weights
+    from anyloom.weights import save_weights
 
     return save_weights(folder, model.state_dict(), {"kind": kind, **to_dict(model.cfg)})
 
@@ -120,7 +120,7 @@ def save_imported(model: nn.Module, folder: str | Path, kind: str) -> Path:
 def load_imported(cls: type, config_cls: type, folder: str | Path, kind: str) -> Any:
     """The inverse of :func:`save_imported`: refuses a folder of another kind, checks every key and shape."""
     from anyloom.config import build
-    from anyloom.training.weights import load_weights
+    from anyloom.weights import load_weights
 
     saved = load_weights(folder)
     config = dict(saved.config)

@@ -270,13 +270,13 @@ class ImageVQTokenizer(nn.Module):
         return self.encode(torch.cat(batch).to(next(self.parameters()).device))
 
     def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        from anyloom.training.weights import save_weights
+        from anyloom.weights import save_weights
 
         return save_weights(folder, self.state_dict(), {"kind": "image_vq", **to_dict(self.cfg)}, metadata=metadata)
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> ImageVQTokenizer:
-        from anyloom.training.weights import load_weights
+        from anyloom.weights import load_weights
 
         saved = load_weights(folder, device=device)
         config = dict(saved.config)
