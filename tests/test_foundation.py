@@ -58,8 +58,13 @@ def test_wheel_installs_and_imports_from_anywhere(tmp_path):
     # a non-editable wheel into a fresh environment; this environment's site-packages (torch etc.) is added to its
     # path by a .pth line, so its editable install (a finder that a site directory's .pth files activate) stays off
     wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
+    import shutil
+
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info next to the sources
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".*", "runs", "data_cache", "build", "*.egg-info",
+                                                                     "__pycache__", "docs", "tests"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheel_dir), str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+                            "-w", str(wheel_dir), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     (wheel,) = wheel_dir.glob("anyloom-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
