@@ -52,20 +52,16 @@ train: setup
 	    --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) scripts/train.py --recipe "$(RECIPE)" $(ARGS); fi
 
 generate: setup
-	@test -f scripts/generate.py || { echo "make generate: generation is not built yet (issue #9)" >&2; exit 2; }
 	$(PY) scripts/generate.py --run "$(RUN)" $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(IMAGE),--image "$(IMAGE)") \
 	    $(if $(AUDIO),--audio "$(AUDIO)") $(if $(TO),--to $(TO)) $(GEN_ARGS)
 
 eval: setup
-	@test -f scripts/evaluate.py || { echo "make eval: evaluation is not built yet (issue #10)" >&2; exit 2; }
 	$(PY) scripts/evaluate.py --run "$(RUN)" $(ARGS)
 
 bench: setup
-	@test -f scripts/bench.py || { echo "make bench: the benchmark harness is not built yet (issue #10)" >&2; exit 2; }
 	$(PY) scripts/bench.py $(ARGS)
 
 compare: setup
-	@test -f scripts/compare.py || { echo "make compare: run comparison is not built yet (issue #10)" >&2; exit 2; }
 	$(PY) scripts/compare.py $(RUNS)
 
 test: setup

@@ -1,4 +1,5 @@
-"""The generation slice of a recipe (``generation:``): per-modality sampling defaults, guidance, lengths, seed.
+"""The generation slice of a recipe (``generation:``): per-modality sampling defaults, guidance, reranking, lengths,
+seed.
 
 The defaults are starting points, not tuned values: text greedy (captions and transcripts are judged exactly),
 images and speech sampled with a nucleus, classifier-free guidance on for image and audio spans (the task mixture
@@ -8,12 +9,31 @@ picks whether the decode step runs under ``torch.compile`` (``anyloom.generation
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.engine import COMPILE_MODES, CompileMode
 from anyloom.generation.sampling import ModalitySampling, SamplingConfig
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """One reranking term: a scorer's name (``anyloom.generation.scorers``: built in or a plug-in) and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        from anyloom.generation.scorers import scorer_names
+
+        if self.name not in scorer_names():
+            near = difflib.get_close_matches(self.name, scorer_names(), n=1, cutoff=0.5)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"scorer {self.name!r} is unknown{hint}; known: {', '.join(scorer_names())}")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"scorer {self.name!r}: weight must be a finite number, got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -23,31 +43,18 @@ class GenerationConfig:
     audio: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.8, top_p=0.9))
     image_cfg_scale: float = 2.0  # 1 = no guidance
     audio_cfg_scale: float = 1.5
-    # self-reranking (generation/rerank.py): sample this many images per prompt and keep the one under which the
-    # model finds the prompt most likely (image -> prompt direction); 1 = the first sample, no reranking
+    # reranking (generation/scorers.py): sample this many candidates per prompt and keep the one with the highest
+    # weighted sum of the listed scorers; 1 = the first sample, no reranking
     image_candidates: int = 1
-    # who picks among image candidates: "model" (the LM's image -> prompt direction, above) or "matcher" (the run's
-    # image-text matcher, generation/matcher.py, trained in the image_matcher stage: it looks at the decoded pixels)
-    image_reranker: Literal["model", "matcher"] = "model"
-    # ... minus this weight times log of the candidate's round-trip error through the image tokenizer (the mean squared
-    # pixel change of decode(encode(picture)), generation/rerank.py): a picture the tokenizer cannot reproduce lies
-    # off the pictures it was trained on, and most such candidates are malformed (0 = the reranker's score alone)
-    image_round_trip_weight: float = 0.0
-    # ... plus this weight times the matcher's region consistency of the candidate (generation/matcher.py: the least
-    # sure object's log-probability of the shape / colour the picture's objects hold most; needs a matcher trained
-    # with region_keys): a picture with one object unlike the others scores low (0 = not used)
-    image_region_weight: float = 0.0
-    # the same for speech: the candidate under which the model's speech -> text direction finds the prompt most likely
+    image_scorers: tuple[ScorerSpec, ...] = (ScorerSpec("lm_reverse"),)
     audio_candidates: int = 1
-    # ... plus this weight times the candidate's own mean log-likelihood per frame, log p(speech | prompt) / frames:
-    # of utterances that all map back to the prompt, the one the model finds most typical (0 = the reverse score alone)
-    audio_likelihood_weight: float = 0.0
-    # text from an image or speech prompt: 1 = the greedy text alone; n > 1 adds n - 1 texts sampled at
-    # text_candidate_temperature and keeps the one with the highest log p(text | prompt) + text_channel_weight *
-    # log p(prompt | text), the reverse direction judging how well the text explains the prompt (a noisy channel)
+    audio_scorers: tuple[ScorerSpec, ...] = (ScorerSpec("lm_reverse"),)
+    # text from an image or speech prompt: the greedy text and text_candidates - 1 texts sampled at
+    # text_candidate_temperature (a text-only prompt keeps its greedy text); the default scorers are a noisy channel,
+    # log p(text | prompt) + 0.3 * log p(prompt | text)
     text_candidates: int = 1
     text_candidate_temperature: float = 1.5
-    text_channel_weight: float = 0.3
+    text_scorers: tuple[ScorerSpec, ...] = (ScorerSpec("lm_forward"), ScorerSpec("lm_reverse", 0.3))
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
@@ -58,22 +65,26 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {self.max_text_tokens}")
-        for name in ("audio_likelihood_weight", "image_round_trip_weight", "image_region_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.text_candidate_temperature <= 0 or self.text_channel_weight < 0:
-            raise ValueError(f"text_candidate_temperature must be > 0 and text_channel_weight >= 0, got "
-                             f"{self.text_candidate_temperature} and {self.text_channel_weight}")
+        if self.text_candidate_temperature <= 0:
+            raise ValueError(f"text_candidate_temperature must be > 0, got {self.text_candidate_temperature}")
+        for name in ("image_scorers", "audio_scorers", "text_scorers"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty: list at least one scorer (e.g. [{{name: lm_reverse}}])")
         for name in ("image_candidates", "audio_candidates", "text_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales
-        if self.image_reranker not in ("model", "matcher"):
-            raise ValueError(f"image_reranker must be 'model' or 'matcher', got {self.image_reranker!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+
+    def scorers(self, to: str) -> tuple[ScorerSpec, ...]:
+        """The reranking terms of target modality ``to``."""
+        return {"text": self.text_scorers, "image": self.image_scorers, "audio": self.audio_scorers}[to]
+
+    def candidates(self, to: str) -> int:
+        return {"text": self.text_candidates, "image": self.image_candidates, "audio": self.audio_candidates}[to]
 
     @property
     def sampling(self) -> ModalitySampling:

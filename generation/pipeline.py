@@ -19,7 +19,7 @@ Each tokenizer is looked up, in order, in ``<export>/<stage>/``, ``<run>/stages/
 files (``text.model``; ``config.json`` + ``model.safetensors`` whose ``kind`` names a known image or audio
 tokenizer). A modality the vocabulary does not have needs no tokenizer.
 Explicit folders can be passed instead (``load(path, image_tokenizer="...")``).
-The image-text matcher that reranks text->image candidates (``generation.image_reranker: matcher``) is looked up
+The image-text matcher that the ``matcher`` scorer uses (``generation.image_scorers``) is looked up
 in ``<export>/image_matcher/`` and ``<run>/stages/image_matcher/matcher/`` (or passed as ``image_matcher=``).
 
 Prompts are built like the training templates (``anyloom.sequences.mixture``): ``<bos>``, the condition
@@ -45,14 +45,8 @@ from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
 from anyloom.generation.engine import StepEvent, generate
-from anyloom.generation.rerank import (
-    ROUND_TRIP_FLOOR,
-    document_log_likelihood,
-    per_frame_log_likelihood,
-    reverse_log_likelihood,
-    round_trip_error,
-)
 from anyloom.generation.sampling import SamplingConfig
+from anyloom.generation.scorers import Candidates, Scorer, ScorerError, build_scorer
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.tokenizers import registry
@@ -75,16 +69,14 @@ class GeneratedText:
     text: str
     ids: list[int]  # text-tokenizer ids (no special tokens)
     finished: bool  # the model ended it (False: it reached max_text_tokens, where eos is forced)
-    score: float | None = None  # with reranking: log p(text | prompt) + w * log p(prompt | text) of the kept text
+    score: float | None = None  # with reranking: the kept text's weighted sum of the text scorers
 
 
 @dataclass
 class GeneratedImage:
     image: Image.Image
     codes: torch.Tensor  # (h, w) image-tokenizer codes
-    # with reranking, the kept candidate's score: log p(prompt | this image) (image_reranker "model") or the image-text
-    # matcher's scaled cosine with the prompt's text ("matcher")
-    score: float | None = None
+    score: float | None = None  # with reranking: the kept candidate's weighted sum of the image scorers
 
 
 @dataclass
@@ -92,7 +84,7 @@ class GeneratedAudio:
     wave: np.ndarray  # (T,) float32 mono in [-1, 1]
     sample_rate: int
     codes: torch.Tensor  # (Q, F) audio-tokenizer codes
-    score: float | None = None  # with self-reranking: log p(prompt | this audio), the best of the candidates
+    score: float | None = None  # with reranking: the kept utterance's weighted sum of the audio scorers
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
@@ -240,11 +232,15 @@ def load(
         if image_tok is not None and tuple(matcher.cfg.image_size) != tuple(image_tok.image_size):
             raise PipelineError(f"{folder}: the matcher reads {tuple(matcher.cfg.image_size)} pictures but the image "
                                 f"tokenizer decodes {tuple(image_tok.image_size)}; the folder belongs to another run")
-    elif config.image_reranker == "matcher" and vocab.image_codebook_size > 0:
-        raise PipelineError(f"generation.image_reranker is 'matcher' but {path} has no image matcher (looked in "
-                            f"{export / 'image_matcher'} and <run>/stages/image_matcher/matcher); run the "
-                            "image_matcher stage, pass image_matcher=..., or set generation.image_reranker: model")
-    return Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config, matcher)
+    pipe = Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config, matcher)
+    for to in TARGETS:  # every listed scorer can serve this pipeline: refused now, not after minutes of sampling
+        if to == "text" or tokenizers[to] is not None:
+            try:
+                pipe.scorers(to)
+            except PipelineError as e:
+                where = f"{export / 'image_matcher'} and <run>/stages/image_matcher/matcher"
+                raise PipelineError(f"{path}: {e}" + (f" (looked in {where})" if matcher is None else "")) from e
+    return pipe
 
 
 def _recipe_generation_config(export: Path) -> GenerationConfig:
@@ -276,7 +272,7 @@ class Pipeline:
         matcher: Any | None = None,
     ) -> None:
         self.model = model
-        self.matcher = matcher  # an ImageTextMatcher (generation/matcher.py) or None
+        self.matcher = matcher  # an ImageTextMatcher (generation/matcher.py) or None; scorers may use it
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
@@ -375,14 +371,14 @@ class Pipeline:
         ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``cfg_scale`` override the config for the target modality;
         ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with. ``candidates``
         (default: the config's ``image_candidates`` / ``audio_candidates`` / ``text_candidates``) reranks: images
-        and audio sample that many outputs per prompt and keep the one the model maps back to the prompt best;
-        text keeps the greedy output or one of ``candidates - 1`` sampled ones by a noisy-channel score (text from
-        an image or speech prompt; a text-only prompt keeps its greedy output). See ``generation/rerank.py``.
+        and audio sample that many outputs per prompt and keep the one with the highest weighted sum of the
+        config's scorers for the target (``generation/scorers.py``); text keeps the greedy output or one of
+        ``candidates - 1`` sampled ones the same way (text from an image or speech prompt; a text-only prompt keeps
+        its greedy output).
         """
         self._opener(to)  # an unknown target or a missing tokenizer: refused before anything runs
         cfg = self.config
-        n = candidates if candidates is not None else {"image": cfg.image_candidates, "audio": cfg.audio_candidates,
-                                                          "text": cfg.text_candidates}[to]
+        n = candidates if candidates is not None else cfg.candidates(to)
         if n < 1:
             raise PipelineError(f"candidates must be >= 1, got {n}")
         toks = [self.prompt_segments(p) for p in prompts]
@@ -402,7 +398,7 @@ class Pipeline:
                 return first
             hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
             sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
-            return self._best_texts(first, sampled, toks, rerank, n - 1, cfg.text_channel_weight)
+            return self._best_texts(first, sampled, toks, rerank, n - 1)
         results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step, render=n == 1)
         return results if n == 1 else self._best_candidates(results, toks, n, to)
 
@@ -439,10 +435,25 @@ class Pipeline:
             return decoded
         return self._render_many([c.codes for c in decoded], to)
 
+    def scorers(self, to: Target) -> list[Scorer]:
+        """The config's scorers for target ``to``, built for this pipeline (PipelineError when one cannot serve it)."""
+        specs = self.config.scorers(to)
+        try:
+            return [build_scorer(spec.name, self, to, where=f"generation.{to}_scorers") for spec in specs]
+        except ScorerError as e:
+            raise PipelineError(str(e)) from e
+
+    def score(self, candidates: Candidates) -> torch.Tensor:
+        """(N,) float64: each candidate's weighted sum of the config's scorers for its target, in the listed order."""
+        total = torch.zeros(len(candidates), dtype=torch.float64)
+        for spec, scorer in zip(self.config.scorers(candidates.to), self.scorers(candidates.to)):
+            total += spec.weight * scorer(candidates)
+        return total
+
     def _best_texts(self, first: list[GeneratedText], sampled: list[GeneratedText], toks: list[list[TokSegment]],
-                    rerank: list[int], m: int, weight: float) -> list[GeneratedText]:
+                    rerank: list[int], m: int) -> list[GeneratedText]:
         """For each prompt in ``rerank``: of its first text and its ``m`` sampled ones (duplicates scored once), the
-        one with the highest log p(text | prompt) + ``weight`` * log p(prompt | text)."""
+        one with the highest score (:meth:`score`)."""
         pool: dict[int, list[GeneratedText]] = {}
         for j, i in enumerate(rerank):
             seen = {tuple(first[i].ids): first[i]}
@@ -451,10 +462,7 @@ class Pipeline:
             pool[i] = list(seen.values())
         flat = [(i, g) for i in rerank for g in pool[i]]
         texts = [TextIds(np.asarray(g.ids, dtype=np.int64)) for _, g in flat]
-        forward = document_log_likelihood(self.model, self.vocab, [[*toks[i], t] for (i, _), t in zip(flat, texts)],
-                                          [[False] * len(toks[i]) + [True] for i, _ in flat])
-        channel = reverse_log_likelihood(self.model, self.vocab, texts, [toks[i] for i, _ in flat])
-        scores = (forward + weight * channel).tolist()
+        scores = self.score(Candidates("text", toks, [i for i, _ in flat], texts)).tolist()
         best = list(first)
         for (i, g), score in zip(flat, scores):
             if best[i].score is None or score > best[i].score:
@@ -463,59 +471,15 @@ class Pipeline:
 
     def _best_candidates(self, candidates: list[_Codes], toks: list[list[TokSegment]], n: int, to: Target
                          ) -> list[GeneratedImage | GeneratedAudio]:
-        """Of each prompt's ``n`` consecutive candidates, the one with the highest log p(prompt | candidate) (for speech
-        plus ``audio_likelihood_weight`` * log p(candidate | prompt) per frame), or, for images with ``image_reranker:
-        matcher``, the highest matcher score against the prompt's text (a prompt with no text segment falls back to
-        the model's score) plus ``image_region_weight`` * its region consistency; pictures minus
-        ``image_round_trip_weight`` * log of their round-trip error through the image tokenizer. Only the kept
-        candidates are decoded (and the pictures the matcher or the round trip looks at)."""
-        by_matcher = [to == "image" and self.config.image_reranker == "matcher"
-                      and any(isinstance(s, TextIds) for s in t) for t in toks]
-        scores = torch.empty(len(toks), n, dtype=torch.float64)
-        rendered: dict[int, GeneratedImage | GeneratedAudio] = {}  # candidate index -> its decoded output
-        arrays: dict[int, np.ndarray] = {}  # candidate index -> its picture as (H, W, 3) uint8
-
-        def render(indices: list[int]) -> None:  # decode the candidates of ``indices`` not decoded yet
-            missing = [j for j in indices if j not in rendered]
-            rendered.update(zip(missing, self._render_many([candidates[j].codes for j in missing], to)))
-
-        def pixels(indices: list[int]) -> np.ndarray:  # (len(indices), H, W, 3) uint8
-            render(indices)
-            for j in indices:
-                if j not in arrays:
-                    arrays[j] = np.asarray(rendered[j].image.convert("RGB"))
-            return np.stack([arrays[j] for j in indices])
-
-        matched = [i for i, m in enumerate(by_matcher) if m]
-        if matched:
-            if self.matcher is None:
-                raise PipelineError("generation.image_reranker is 'matcher' but this pipeline has no image matcher")
-            looked_at = pixels([i * n + k for i in matched for k in range(n)])
-            words = {i: [int(t) for s in toks[i] if isinstance(s, TextIds) for t in s.ids] for i in matched}
-            texts = [words[i] for i in matched for _ in range(n)]
-            scores[matched] = self.matcher.similarity(looked_at, texts).double().view(len(matched), n)
-            if self.config.image_region_weight > 0:  # + w * region consistency (the matcher's region head)
-                if self.matcher.regions is None:
-                    raise PipelineError("generation.image_region_weight > 0 needs an image matcher with a region "
-                                        "head (image_matcher.model.region_keys); this run's has none")
-                region = self.matcher.consistency(looked_at).double().view(len(matched), n)
-                scores[matched] += self.config.image_region_weight * region
-        rest = [i for i, m in enumerate(by_matcher) if not m]
-        if rest:
-            span = ImageIds if to == "image" else AudioIds
-            spans = [span(candidates[i * n + k].codes.cpu().numpy()) for i in rest for k in range(n)]
-            prompts = [toks[i] for i in rest for _ in range(n)]
-            own = reverse_log_likelihood(self.model, self.vocab, spans, prompts)
-            weight = self.config.audio_likelihood_weight if to == "audio" else 0.0
-            if weight > 0:  # + w * log p(speech | prompt) per frame
-                own = own + weight * per_frame_log_likelihood(self.model, self.vocab, spans, prompts)
-            scores[rest] = own.double().view(len(rest), n)
-        if to == "image" and self.config.image_round_trip_weight > 0:  # - w * log(round-trip error)
-            error = round_trip_error(self.image_tokenizer, pixels(list(range(len(candidates)))))
-            scores -= self.config.image_round_trip_weight * torch.log(error + ROUND_TRIP_FLOOR).view(len(toks), n)
+        """Of each prompt's ``n`` consecutive candidates, the one with the highest score (:meth:`score`). Only the
+        kept candidates are decoded, and those a scorer looks at (each one once)."""
+        span = ImageIds if to == "image" else AudioIds
+        pool = Candidates(to, toks, [i for i in range(len(toks)) for _ in range(n)],
+                          [span(c.codes.cpu().numpy()) for c in candidates],
+                          decode=lambda indices: self._render_many([candidates[j].codes for j in indices], to))
+        scores = self.score(pool).view(len(toks), n)
         kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
-        render(kept)
-        return [replace(rendered[j], score=float(scores[j // n, j % n])) for j in kept]
+        return [replace(out, score=float(scores[j // n, j % n])) for j, out in zip(kept, pool.outputs(kept))]
 
     def _decode(self, generated: list[int], to: Target, finished: bool) -> GeneratedText | _Codes:
         v = self.vocab

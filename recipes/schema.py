@@ -60,7 +60,7 @@ class Recipe:
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
     diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
     image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
-    # the image-text matcher that reranks text->image candidates (generation.image_reranker: matcher)
+    # the image-text matcher that scores text->image candidates (the "matcher" scorer of generation.image_scorers)
     image_matcher: MatcherStageConfig = field(default_factory=MatcherStageConfig)
     world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
     # the data stage builds OpenMoji instead of the world when this section is set (recipes/openmoji.yaml)

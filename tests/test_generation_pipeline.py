@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from anyloom.data.document import AudioSegment
-from anyloom.generation.config import GenerationConfig
+from anyloom.generation.config import GenerationConfig, ScorerSpec
 from anyloom.generation.pipeline import GeneratedAudio, GeneratedImage, GeneratedText, PipelineError, load
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelTokenizer, MelTokenizerConfig
@@ -169,7 +169,8 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
     from anyloom.sequences.interleave import encode_document
 
     w = 5.0
-    typical = load(tiny_run, device="cpu", config=replace(pipe.config, audio_likelihood_weight=w))
+    scorers = (ScorerSpec("lm_reverse"), ScorerSpec("lm_forward_per_frame", w))
+    typical = load(tiny_run, device="cpu", config=replace(pipe.config, audio_scorers=scorers))
     picked = typical.generate_batch(prompts, to="audio", seed=2, max_audio_seconds=0.2, candidates=n)
     for i, b in enumerate(picked):
         total = []
@@ -183,8 +184,12 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
             total.append(float(scores[i, k]) + w * own / g.codes.shape[-1])
         k = int(np.argmax(total))
         assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(total[k], abs=1e-3)
-    with pytest.raises(ValueError, match="audio_likelihood_weight"):
-        GenerationConfig(audio_likelihood_weight=-1.0)
+    with pytest.raises(ValueError, match="did you mean 'lm_forward_per_frame'"):
+        ScorerSpec("lm_forward_perframe")
+    with pytest.raises(ValueError, match="audio_scorers is empty"):
+        GenerationConfig(audio_scorers=())
+    with pytest.raises(PipelineError, match="'round_trip' scorer scores image candidates, not audio"):
+        load(tiny_run, device="cpu", config=replace(pipe.config, audio_scorers=(ScorerSpec("round_trip"),)))
 
 
 def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny_run, tmp_path):
@@ -194,7 +199,7 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
     matcher = ImageTextMatcher(MatcherConfig(image_size=(16, 16), channels=(8, 8, 8), hidden=16, dim=16,
                                              text_vocab=pipe.text_tokenizer.vocab_size))
     folder = matcher.save(tmp_path / "matcher")
-    cfg = replace(pipe.config, image_reranker="matcher")
+    cfg = replace(pipe.config, image_scorers=(ScorerSpec("matcher"),))
     with pytest.raises(PipelineError, match="no image matcher"):
         load(tiny_run, device="cpu", config=cfg)  # the tiny run has no image_matcher stage
     mpipe = load(tiny_run, device="cpu", config=cfg, image_matcher=folder)
@@ -208,8 +213,7 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
         k = int(scores[i].argmax())
         assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(scores[i, k]), abs=1e-5)
     # with image_round_trip_weight w: - w * log(round-trip error), each error recomputed here picture by picture
-    from anyloom.generation.pipeline import ROUND_TRIP_FLOOR
-    from anyloom.generation.rerank import round_trip_error
+    from anyloom.generation.rerank import ROUND_TRIP_FLOOR, round_trip_error
 
     w, tok = 2.0, pipe.image_tokenizer
     errors = []
@@ -222,28 +226,11 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
                           errors, rtol=1e-4)
     total = scores.double() - w * torch.log(errors + ROUND_TRIP_FLOOR)
     assert not torch.equal(total.argmax(1), scores.argmax(1))  # the second term changes a pick here
-    round_trip = load(tiny_run, device="cpu", config=replace(cfg, image_round_trip_weight=w), image_matcher=folder)
+    with_round_trip = replace(cfg, image_scorers=(ScorerSpec("matcher"), ScorerSpec("round_trip", w)))
+    round_trip = load(tiny_run, device="cpu", config=with_round_trip, image_matcher=folder)
     for i, b in enumerate(round_trip.generate_batch(prompts, to="image", seed=5, candidates=n)):
         k = int(total[i].argmax())
         assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(total[i, k]), abs=1e-3)
-    with pytest.raises(ValueError, match="image_round_trip_weight"):
-        GenerationConfig(image_round_trip_weight=-0.5)
-    # with image_region_weight r: + r * the matcher's region consistency (a random region head here)
-    torch.manual_seed(2)
-    regional = ImageTextMatcher(replace(matcher.cfg, region_keys=("shape",), region_values=(("a", "b", "c"),)))
-    regional.load_state_dict({**regional.state_dict(), **matcher.state_dict()})  # the same global matcher
-    rfolder = regional.save(tmp_path / "regional")
-    r = 3.0
-    consistency = regional.consistency(np.stack([np.asarray(g.image) for g in pool])).double().view(len(prompts), n)
-    total = scores.double() + r * consistency
-    by_region = load(tiny_run, device="cpu", config=replace(cfg, image_region_weight=r), image_matcher=rfolder)
-    for i, b in enumerate(by_region.generate_batch(prompts, to="image", seed=5, candidates=n)):
-        k = int(total[i].argmax())
-        assert torch.equal(b.codes, pool[i * n + k].codes) and b.score == pytest.approx(float(total[i, k]), abs=1e-3)
-    with pytest.raises(PipelineError, match="region head"):
-        mpipe.config = replace(cfg, image_region_weight=r)
-        mpipe.generate_batch(prompts, to="image", seed=5, candidates=n)
-    mpipe.config = cfg
     with pytest.raises(ValueError, match="uint8"):
         round_trip_error(tok, np.zeros((2, 16, 16, 3), dtype=np.float32))
     # pictures are decoded many per call: each one as it looks decoded alone (float rounding: at most one level)
@@ -255,12 +242,41 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
     # a prompt without text (speech -> image) cannot be matched: the model's own score picks for it
     speech = mpipe.generate("one blue star", to="audio", seed=1)
     assert isinstance(mpipe.generate(AudioSegment(speech.wave, 16000), to="image", candidates=2), GeneratedImage)
-    with pytest.raises(ValueError, match="image_reranker"):
-        GenerationConfig(image_reranker="clip")
+    with pytest.raises(ValueError, match="scorer 'clip' is unknown"):
+        GenerationConfig(image_scorers=({"name": "clip"},))
+    with pytest.raises(PipelineError, match="region head"):  # the world's scorer needs the world's matcher head
+        load(tiny_run, device="cpu", config=replace(cfg, image_scorers=(ScorerSpec("world_regions"),)),
+             image_matcher=folder)
     for i, changed in enumerate(({"text_vocab": pipe.text_tokenizer.vocab_size + 7}, {"image_size": (32, 32)})):
         other = ImageTextMatcher(replace(matcher.cfg, **changed))
         with pytest.raises(PipelineError, match="belongs to another run"):
             load(tiny_run, device="cpu", config=cfg, image_matcher=other.save(tmp_path / f"other{i}"))
+
+
+def test_a_scorer_is_a_small_contract(pipe, tiny_run, monkeypatch):
+    """A dataset's own scorer: a class built with the pipeline, called with the candidates, (N,) scores; the pick is
+    the highest weighted score, and the pictures it looked at are decoded once."""
+    from anyloom.generation import scorers
+
+    class Brightness:
+        targets = ("image",)
+
+        def __init__(self, pipeline):
+            self.calls = 0
+
+        def __call__(self, candidates):
+            return torch.from_numpy(candidates.pixels().reshape(len(candidates), -1).mean(1)).double()
+
+    monkeypatch.setitem(scorers.BUILTIN, "brightness", Brightness)  # as an installed package's entry point would
+    bright = load(tiny_run, device="cpu", config=replace(pipe.config, image_scorers=(ScorerSpec("brightness", 2.0),)))
+    n = 3
+    pool = bright.generate_batch(["two red circles"] * n, to="image", seed=5)  # the same draws
+    best = bright.generate("two red circles", to="image", seed=5, candidates=n)
+    means = [np.asarray(g.image, dtype=np.float64).mean() for g in pool]
+    k = int(np.argmax(means))
+    assert torch.equal(best.codes, pool[k].codes) and best.score == pytest.approx(2.0 * means[k])
+    with pytest.raises(PipelineError, match="scores image candidates, not text"):
+        load(tiny_run, device="cpu", config=replace(pipe.config, text_scorers=(ScorerSpec("brightness"),)))
 
 
 def test_noisy_channel_caption_reranking(pipe):
@@ -269,7 +285,8 @@ def test_noisy_channel_caption_reranking(pipe):
     text."""
     from anyloom.sequences.interleave import TextIds, encode_document
 
-    w, n, hot, seed = pipe.config.text_channel_weight, 5, pipe.config.text_candidate_temperature, 3
+    assert [(s.name, s.weight) for s in pipe.config.text_scorers] == [("lm_forward", 1.0), ("lm_reverse", 0.3)]
+    w, n, hot, seed = 0.3, 5, pipe.config.text_candidate_temperature, 3
     image = pipe.generate("two red circles", to="image", seed=0).image
     prompts = [[image], "two red"]
     greedy = pipe.generate_batch(prompts, to="text", max_text_tokens=5)
@@ -291,7 +308,7 @@ def test_noisy_channel_caption_reranking(pipe):
                                                                                [False, True]) for t in texts]
     k = int(np.argmax(scores))
     assert tuple(got[0].ids) == texts[k] and got[0].score == pytest.approx(scores[k], abs=1e-3)
-    for bad in ({"text_candidates": 0}, {"text_candidate_temperature": 0.0}, {"text_channel_weight": -1.0}):
+    for bad in ({"text_candidates": 0}, {"text_candidate_temperature": 0.0}):
         with pytest.raises(ValueError, match="text_c"):
             GenerationConfig(**bad)
 

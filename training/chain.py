@@ -4,7 +4,7 @@
           -> eval
 
 (plus an optional ``diffusion_decoder`` stage after ``image_tokenizer``: recipes/diffusion_decoder.yaml).
-The image matcher reranks text->image candidates (``generation.image_reranker``); it needs only the two tokenizers.
+The image matcher scores text->image candidates (``generation.image_scorers``); it needs only the two tokenizers.
 
 Where things go (``run`` = ``runs/<name>/``):
 
