@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from anyloom.progress import progress
+
 
 @dataclass
 class ImageCodes:
@@ -58,3 +60,33 @@ class AudioTokenizer(Protocol):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, Q, F) -> wave (B, T) float at ``sample_rate``."""
         ...
+
+
+@dataclass
+class Reconstructions:
+    images: torch.Tensor  # (N, 3, H, W) float in [-1, 1] on the CPU: decode(encode(x))
+    codes: torch.Tensor  # (N, h, w) int64 on the CPU: the codes they were decoded from
+
+
+@torch.no_grad()
+def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int = 256, desc: str = ""
+                ) -> Reconstructions:
+    """decode(encode(x)) of (N, 3, H, W) ``images`` in [-1, 1], ``batch_size`` at a time (a progress bar named
+    ``desc``). A torch tokenizer runs in eval mode on its own device (an EMA codebook in training mode would update
+    itself on every encode) and is left in the mode it was in."""
+    module = tokenizer if isinstance(tokenizer, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    param = next(module.parameters(), None) if module is not None else None
+    device = param.device if param is not None else images.device
+    if module is not None:
+        module.eval()
+    recons, codes = [], []
+    try:
+        for i in progress(range(0, len(images), batch_size), desc=desc):
+            c = tokenizer.encode(images[i : i + batch_size].to(device)).codes
+            recons.append(tokenizer.decode(c).float().cpu())
+            codes.append(c.cpu())
+    finally:
+        if module is not None:
+            module.train(was_training)
+    return Reconstructions(images=torch.cat(recons), codes=torch.cat(codes))

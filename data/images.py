@@ -1,0 +1,92 @@
+"""Pictures from a manifest: every trainer that learns from images (image tokenizer, diffusion decoder, image-text
+matcher) reads its splits through :func:`load_images`.
+
+    load_images(manifest, image_size)                     every image segment, documents in order
+    load_images(manifest, image_size, captioned=True)     each document's first (text, image) pair, with its meta
+
+Two ways to meet a bad document. ``strict=True`` (the default): the manifest reader raises at the first
+unreadable document, and a picture of another size than ``image_size`` is an error naming its file.
+``strict=False``: unreadable documents are skipped and counted (their reasons kept), and the reader resizes every
+picture to ``image_size``. Either way documents without what was asked for (an image; with ``captioned`` a
+non-blank text too) are counted as skipped.
+
+Axis legend: N pictures, H/W image size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from anyloom.data.document import Document, ImageSegment, TextSegment
+from anyloom.data.manifest import read_manifest
+
+MAX_REASONS = 20  # skip messages kept per set (the count covers them all)
+
+
+@dataclass
+class ImageSet:
+    pixels: np.ndarray  # (N, H, W, 3) uint8, in document order
+    skipped: int  # documents skipped: unreadable (strict=False) or without what was asked for
+    reasons: list[str] = field(default_factory=list)  # the reader's skip messages ("file:line: why"), the first 20
+    captions: list[str] = field(default_factory=list)  # captioned=True: each picture's text
+    meta: list[dict] = field(default_factory=list)  # captioned=True: each picture's document meta
+    ids: list[str] = field(default_factory=list)  # captioned=True: each picture's document id
+
+
+def _checked(px: np.ndarray, image_size: tuple[int, int], manifest: str | Path, name: str) -> np.ndarray:
+    """``px`` if it is (H, W, 3) uint8 of ``image_size``; else an error naming the manifest and the picture."""
+    px = np.asarray(px)
+    if px.dtype != np.uint8 or px.ndim != 3 or px.shape[2] != 3:
+        raise ValueError(f"{manifest}: {name}: expected (H, W, 3) uint8 pixels, got {px.shape} {px.dtype}")
+    if tuple(px.shape[:2]) != tuple(image_size):
+        raise ValueError(f"{manifest}: {name}: image is {px.shape[0]}x{px.shape[1]}, the tokenizer and decoder "
+                         f"expect {image_size[0]}x{image_size[1]} (H x W)")
+    return px
+
+
+def _caption_pair(doc: Document) -> tuple[TextSegment, ImageSegment] | None:
+    text, image = doc.first(TextSegment), doc.first(ImageSegment)
+    if text is None or image is None or not text.text.strip():
+        return None
+    return text, image
+
+
+def load_images(manifest: str | Path, image_size: tuple[int, int], *, limit: int = 0, strict: bool = True,
+                captioned: bool = False) -> ImageSet:
+    """The pictures of ``manifest`` (see the module docstring); ``limit`` > 0 keeps the first ``limit``."""
+    size = tuple(image_size)
+    result = read_manifest(manifest, strict=strict, image_size=None if strict else size)
+    out = ImageSet(pixels=np.zeros((0, *size, 3), np.uint8), skipped=len(result.skipped),
+                   reasons=[f"{s.source}: {s.reason}" for s in result.skipped[:MAX_REASONS]])
+    pixels: list[np.ndarray] = []
+    for doc in result.documents:
+        if captioned:
+            pair = _caption_pair(doc)
+            if pair is None:
+                out.skipped += 1
+                continue
+            text, image = pair
+            pixels.append(_checked(image.pixels, size, manifest, image.path or doc.id))
+            out.captions.append(text.text)
+            out.meta.append(doc.meta)
+            out.ids.append(doc.id)
+        else:
+            segments = [s for s in doc.segments if isinstance(s, ImageSegment)]
+            out.skipped += not segments
+            for seg in segments:
+                pixels.append(_checked(seg.pixels, size, manifest, seg.path or doc.id))
+                if limit and len(pixels) >= limit:
+                    break
+        if limit and len(pixels) >= limit:
+            break
+    if not pixels:
+        wanted = "document with both a text and an image segment" if captioned else "readable image segments"
+        raise ValueError(f"{manifest}: no {wanted} ({result.summary}, {out.skipped} skipped in all)")
+    out.pixels = np.stack(pixels[:limit] if limit else pixels)
+    return out
+
+
+__all__ = ["ImageSet", "load_images"]
