@@ -8,6 +8,27 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def _gpu_missing() -> str | None:
+    """Why tests marked ``gpu`` cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (torch.cuda.is_available() is False)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs triton (pip install '.[gpu]')"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, on a machine without CUDA or triton (``make test`` on a
+    GPU machine runs them)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    reason = _gpu_missing() if gpu_items else None
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny convs spend their time in thread synchronisation when the shared machine is loaded: a module that

@@ -25,6 +25,7 @@ triton 3.9, sm_90, bf16, d64 and d128).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anyloom.transformer.kernels import register_bf16_autocast
+from anyloom.transformer.kernels.tuning import Tile, tile_for, tuned_tiles
 
 try:
     import triton
@@ -66,24 +68,32 @@ def _block_doc_min_max(q_doc: Tensor, k_doc: Tensor, bm: int, bn: int) -> tuple[
     return per_block(q_doc, bm, big).amin(-1), per_block(k_doc, bn, -big).amax(-1)
 
 
-# (BM, BN, num_warps, num_stages) per kernel and head-dim bucket (the smallest bucket >= the head dim).
-# 64 and 128: the fastest of 6 candidates each on an H200 (triton 3.6), ``python scripts/gpu_check.py --only tune``
-# (docs/BENCHMARKS.md); a sweep overwrites them for its own run. 256: not measured, sized to fit shared memory.
-CONFIGS: dict[str, dict[int, tuple[int, int, int, int]]] = {
+# Default (BM, BN, num_warps, num_stages) per kernel and head-dim bucket (the smallest bucket >= the head dim).
+# 64 and 128: the fastest of 6 candidates each on an H200 (triton 3.6; docs/BENCHMARKS.md). 256: not measured,
+# sized to fit shared memory. Tiles measured on the GPU at hand (``python scripts/bench_gpu.py --only tune``)
+# replace them through the tuning file (``anyloom.transformer.kernels.tuning``).
+CONFIGS: dict[str, dict[int, Tile]] = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)},
     "bwd": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 8, 1)},
 }
 
 
-def _config(kind: str, d: int, f32: bool) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BD, num_warps, num_stages) for ``kind`` ("fwd" | "bwd") at head dim d; one config, no autotune
+def _config(kind: str, d: int, f32: bool, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BD, num_warps, num_stages) for ``kind`` ("fwd" | "bwd") at head dim d on ``device``: the tuning
+    file's tile for this GPU where it has one, else ``CONFIGS``; one config, no autotune
     (multi-config autotune fails in the interpreter). fp32 inputs (a correctness path, not a fast one) run
     unpipelined: pipelined fp32 tiles at head dim 128 need more shared memory than a Hopper SM has."""
     bd = max(16, triton.next_power_of_2(d))
     if INTERPRET:
         return 16, 16, bd, 1, 1
-    bm, bn, warps, stages = CONFIGS[kind][min(b for b in CONFIGS[kind] if b >= bd)]
+    tuned = tuned_tiles("flash_attention", _gpu_name(device)).get(kind, {})
+    bm, bn, warps, stages = tile_for(CONFIGS[kind], tuned, bd)
     return bm, bn, bd, warps, 1 if f32 else stages
+
+
+@functools.cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
 
 
 def _first_key_block(qmin: Tensor, kmax: Tensor) -> Tensor:
@@ -269,7 +279,7 @@ if triton is not None:
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
         f32 = INTERPRET or q.dtype == torch.float32
-        bm, bn, bd, warps, stages = _config("fwd", d, f32)
+        bm, bn, bd, warps, stages = _config("fwd", d, f32, q.device)
         o = torch.empty_like(q)
         lse = torch.empty((b, hq, tq), dtype=torch.float32, device=q.device)
         klo = _first_key_block(*_block_doc_min_max(q_doc, k_doc, bm, bn))
@@ -296,7 +306,7 @@ if triton is not None:
         b, hq, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
         f32 = INTERPRET or q.dtype == torch.float32
-        bm, bn, bd, warps, stages = _config("bwd", d, f32)
+        bm, bn, bd, warps, stages = _config("bwd", d, f32, q.device)
         delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, Hq, Tq)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         qmin, kmax = _block_doc_min_max(q_doc, k_doc, bm, bn)
