@@ -71,9 +71,12 @@ def _read(path: Path, mtime_ns: int) -> dict[str, dict[str, Tiles]]:
 def tuned_tiles(kernel: str, gpu: str, path: Path | None = None) -> Tiles:
     """The tiles measured for ``kernel`` on ``gpu`` (forced ones first); empty where nothing was measured."""
     path = path or tuning_file()
-    found: Tiles = {}
-    if path.is_file():
-        found = {k: dict(v) for k, v in _read(path, path.stat().st_mtime_ns).get(gpu, {}).get(kernel, {}).items()}
+    try:  # one stat per kernel launch: a file written by a sweep applies from the next launch on
+        mtime_ns = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        found: Tiles = {}
+    else:
+        found = {k: dict(v) for k, v in _read(path, mtime_ns).get(gpu, {}).get(kernel, {}).items()}
     for kind, buckets in (_forced.get() or {}).get(kernel, {}).items():
         found.setdefault(kind, {}).update(buckets)
     return found
