@@ -4,8 +4,9 @@
 
 Each ``--variant`` is a space-separated list of recipe overrides on ``--recipe`` (default: world); "" is the
 recipe as it is. A step is what the stage's loop does for one batch: forward, the stage's reconstruction
-objective (edge focus included; under bf16 autocast with ``image_tokenizer.mixed_precision=amx`` on an AMX
-CPU), backward, gradient clipping, AdamW; no data loading, metrics or checkpoints,
+objective (edge focus and pixel-weight plug-ins included; under bf16 autocast with
+``image_tokenizer.mixed_precision=amx`` on an AMX CPU), backward, gradient clipping, AdamW; no data loading, metrics
+or checkpoints,
 and random pixels (the time does not depend on them). The variants take turns (``--rounds`` rounds of
 ``--steps`` steps each) so that a machine slowing down affects them alike; the report is the best and the
 median round per variant, and each variant's best relative to the first one's.
@@ -25,7 +26,7 @@ import torch
 
 from anyloom.recipes import load_recipe
 from anyloom.tokenizers.image_vq import ImageVQTokenizer
-from anyloom.training.image_tokenizer import ImageTokenizerStageConfig, reconstruction_objective
+from anyloom.training.image_tokenizer import ImageTokenizerStageConfig, ReconstructionObjective
 from anyloom.training.optim import build_optimizer
 
 
@@ -37,11 +38,12 @@ def make_step(cfg: ImageTokenizerStageConfig, seed: int = 0) -> Callable[[], Non
     x = (torch.rand(cfg.batch_size, 3, h, w) * 2 - 1).contiguous(memory_format=cfg.memory_format)
 
     autocast = cfg.autocast()
+    objective = ReconstructionObjective(cfg)
 
     def step() -> None:
         with autocast():
             fwd = model(x)
-            loss = reconstruction_objective(fwd.recon.float(), x, cfg).total + fwd.quant_loss
+            loss = objective(fwd.recon.float(), x).total + fwd.quant_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)

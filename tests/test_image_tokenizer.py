@@ -259,10 +259,11 @@ def test_training_improves_and_skips_when_done(tmp_path):
     assert np.mean(losses[-2:]) < 0.75 * np.mean(losses[:2])  # 0.56 -> 0.32 when written
     final = [r for r in records if "final_val_psnr" in r][0]
     model = ImageVQTokenizer.load(out)
-    from anyloom.training.image_tokenizer import load_images, quick_scores
+    from anyloom.data.images import load_images
+    from anyloom.training.image_tokenizer import quick_scores
 
     # the exported model reproduces the logged score, and reconstructs better than the untrained one
-    val_px = load_images(val, (16, 16)).pixels
+    val_px = load_images(val, (16, 16), strict=False).pixels
     assert abs(quick_scores(model, val_px).psnr - final["final_val_psnr"]) < 1e-6
     torch.manual_seed(0)
     assert final["final_val_psnr"] > quick_scores(ImageVQTokenizer(tiny("vq", patch=2)).eval(), val_px).psnr + 3.0
@@ -414,7 +415,8 @@ def test_edge_focus_weights_outlines_golden(tmp_path):
 
 
 def test_thin_focus_weights_one_pixel_gaps_golden():
-    from anyloom.training.image_tokenizer import reconstruction_objective, thin_map
+    from anyloom.training.image_tokenizer import ReconstructionObjective
+    from anyloom.world.focus import thin_map
 
     x = -torch.ones(1, 3, 8, 8)
     x[:, 0, :, 1:4] = 1.0  # an object in columns 1-3 ...
@@ -429,18 +431,22 @@ def test_thin_focus_weights_one_pixel_gaps_golden():
     assert thin_map(line, scale=0.5)[0, 0, 4, 3].item() == pytest.approx(0.4)
     assert thin_map(-torch.ones(2, 3, 8, 8), 0.5).abs().sum().item() == 0.0
 
-    # an error in the gap weighs more with the thin focus than with the edge focus alone
+    # an error in the gap weighs more with the thin plug-in than with the edge focus alone
     closed = x.clone()
     closed[:, 0, :, 4] = 1.0  # the reconstruction closes the gap
-    edge_only = reconstruction_objective(closed, x, _stage(edge_focus=2.0, edge_scale=0.5)).l1.item()
-    thin = reconstruction_objective(closed, x, _stage(edge_focus=2.0, edge_scale=0.5, thin_focus=6.0)).l1.item()
+    edge_only = ReconstructionObjective(_stage(edge_focus=2.0, edge_scale=0.5))(closed, x).l1.item()
+    thin_cfg = _stage(edge_focus=2.0, edge_scale=0.5, pixel_weights=[{"name": "world_thin", "weight": 6.0,
+                                                                      "scale": 0.5}])
+    thin = ReconstructionObjective(thin_cfg)(closed, x).l1.item()
     assert thin > edge_only > 0
     # only column 4 is wrong (by 2 in one of 3 channels); every other column is within a pixel of an edge (weight
     # 1 + 2), the gap weighs 1 + 2 + 6
     assert edge_only == pytest.approx(2 / 3 * 3 / (8 * 3))
     assert thin == pytest.approx(2 / 3 * 9 / (9 + 7 * 3))
-    with pytest.raises(ValueError, match="thin_focus"):
-        _stage(thin_focus=-1.0)
+    with pytest.raises(ValueError, match="weight"):
+        _stage(pixel_weights=[{"name": "world_thin", "weight": -1.0}])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        _stage(pixel_weights=[{"name": "world_thin", "scale": 0.0}])
 
 
 def test_step_benchmark_times_recipe_variants(capsys, monkeypatch):
@@ -493,7 +499,8 @@ def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch
 
 
 def test_gap_focus_weights_narrow_background_gaps_golden():
-    from anyloom.training.image_tokenizer import gap_map, reconstruction_objective
+    from anyloom.training.image_tokenizer import ReconstructionObjective
+    from anyloom.world.focus import gap_map
 
     x = -torch.ones(1, 3, 12, 12)  # a dark background ...
     x[:, 0, 2:10, 2:5] = 1.0  # ... a red object in columns 2-4 ...
@@ -512,13 +519,130 @@ def test_gap_focus_weights_narrow_background_gaps_golden():
     faint[:, 0, 2:10, 7:10] = -0.8  # the second object is only 0.2 from the background: not an object
     assert gap_map(faint, radius=2, threshold=0.35).sum().item() == 0.0
 
-    # an error in the gap weighs 1 + gap_focus more than the same error elsewhere on the background
+    # an error in the gap weighs 1 + the plug-in's weight more than the same error elsewhere on the background
     bled = x.clone()
     bled[:, 0, 2:10, 5:7] = 0.0  # the reconstruction bleeds half-way into the gap
-    plain = reconstruction_objective(bled, x, _stage()).l1.item()
-    gap = reconstruction_objective(bled, x, _stage(gap_focus=4.0)).l1.item()
+    plain = ReconstructionObjective(_stage())(bled, x).l1.item()
+    gap = ReconstructionObjective(_stage(pixel_weights=[{"name": "world_gaps", "weight": 4.0}]))(bled, x).l1.item()
     assert plain == pytest.approx(16 / (12 * 12 * 3))
     assert gap == pytest.approx(16 * 5 / ((12 * 12 + 16 * 4) * 3))
-    for bad in ({"gap_focus": -1.0}, {"gap_radius": 0}, {"gap_threshold": 0.0}):
-        with pytest.raises(ValueError, match="gap_focus"):
-            _stage(**bad)
+    for bad in ({"weight": -1.0}, {"radius": 0}, {"threshold": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _stage(pixel_weights=[{"name": "world_gaps", **bad}])
+
+
+def test_pixel_weight_plugins_are_named_checked_and_complete():
+    from anyloom.config import ConfigError, build, fingerprint
+    from anyloom.plugins import PluginError
+    from anyloom.training.image_tokenizer import ImageTokenizerStageConfig
+
+    with pytest.raises(PluginError, match=r"'world_gap' is not a known anyloom.pixel_weights plug-in \(did you mean "
+                                          r"'world_gaps'\?\); known: world_gaps, world_thin"):
+        _stage(pixel_weights=[{"name": "world_gap"}])
+    with pytest.raises(ConfigError, match=r"unknown key 'pixel_weights\[0\]\.raduis' \(world_gaps\); did you mean "
+                                          r"'pixel_weights\[0\]\.radius'"):
+        build(ImageTokenizerStageConfig, {"pixel_weights": [{"name": "world_gaps", "raduis": 3}]}, "image_tokenizer")
+    with pytest.raises(ConfigError, match=r"pixel_weights\[1\]\.radius: expected an integer"):
+        build(ImageTokenizerStageConfig, {"pixel_weights": [{"name": "world_thin"}, {"name": "world_gaps",
+                                                                                      "radius": "2"}]})
+    # each entry is stored complete (options with their defaults): one setting, one fingerprint
+    short = _stage(pixel_weights=[{"name": "world_gaps", "weight": 8}])
+    assert short.pixel_weights == ({"name": "world_gaps", "weight": 8.0, "radius": 2, "threshold": 0.35},)
+    assert fingerprint(short) == fingerprint(_stage(pixel_weights=list(short.pixel_weights)))
+    assert fingerprint(_stage()) == fingerprint(_stage(pixel_weights=[]))  # none listed: the old fingerprint
+
+
+def _old_pixel_weights(target, edge_focus, edge_scale, thin_focus, gap_focus, gap_radius, gap_threshold):
+    """The weights as the stage computed them when thin_focus/gap_focus were its own settings (the reference)."""
+    import torch.nn.functional as F
+
+    from anyloom.training.image_tokenizer import edge_map
+
+    def ridge(prev, mid, nxt):
+        return torch.maximum(torch.minimum(prev - mid, nxt - mid), torch.minimum(mid - prev, mid - nxt))
+
+    weights = 1.0 + edge_focus * edge_map(target, edge_scale)
+    if thin_focus:
+        rx = ridge(target[..., :, :-2], target[..., :, 1:-1], target[..., :, 2:]).amax(dim=1, keepdim=True)
+        ry = ridge(target[..., :-2, :], target[..., 1:-1, :], target[..., 2:, :]).amax(dim=1, keepdim=True)
+        thin = (torch.maximum(F.pad(rx, (1, 1)), F.pad(ry, (0, 0, 1, 1))) / edge_scale).clamp(0.0, 1.0)
+        weights = weights + thin_focus * thin
+    if gap_focus:
+        b, c = target.shape[:2]
+        border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., :, 0], target[..., :, -1]], dim=-1)
+        background = border.median(dim=-1).values.view(b, c, 1, 1)
+        objects = ((target - background).pow(2).sum(dim=1, keepdim=True).sqrt() > gap_threshold).to(target.dtype)
+        k, r = 2 * gap_radius + 1, gap_radius
+        closed = -F.max_pool2d(-F.pad(F.max_pool2d(objects, k, stride=1, padding=r), (r,) * 4), k, stride=1)
+        weights = weights + gap_focus * closed * (1.0 - objects)
+    return weights
+
+
+@pytest.mark.parametrize("edge_focus, thin, gap", [(8.0, 0.0, 8.0), (2.0, 6.0, 0.0), (0.0, 3.0, 5.0), (1.5, 2.5, 4.0)])
+def test_pixel_weight_plugins_equal_the_old_formula_bit_for_bit(edge_focus, thin, gap):
+    from anyloom.training.image_tokenizer import ReconstructionObjective, reconstruction_losses
+
+    g = torch.Generator().manual_seed(0)
+    x = -torch.ones(8, 3, 16, 16)  # plain backgrounds with random boxes, as the world draws them, plus noise
+    for i in range(8):
+        for _ in range(3):
+            r, c, h, w = torch.randint(0, 12, (4,), generator=g).tolist()
+            x[i, :, r : r + h % 5 + 1, c : c + w % 5 + 1] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    x = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    entries = ([{"name": "world_thin", "weight": thin, "scale": 0.3}] if thin else []) + (
+        [{"name": "world_gaps", "weight": gap, "radius": 1, "threshold": 0.4}] if gap else [])
+    got = ReconstructionObjective(_stage(edge_focus=edge_focus, edge_scale=0.3, pixel_weights=entries))
+    expected = _old_pixel_weights(x, edge_focus, 0.3, thin, gap, 1, 0.4)
+    assert torch.equal(got.pixel_weights(x), expected)
+    recon = x.flip(-1)
+    l1, l2 = reconstruction_losses(recon, x, expected)
+    terms = got(recon, x)
+    assert torch.equal(terms.l1, l1) and torch.equal(terms.l2, l2)
+
+
+def test_image_set_loader_counts_skips_and_names_the_bad_file_and_line(tmp_path):
+    from anyloom.data.images import load_images
+
+    m = _manifest(tmp_path, 3, 0)  # 3 pictures, then a document without one
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")
+    lines[1:1] = ["{not json", json.dumps({"segments": [{"image": "broken.png"}]}),
+                  json.dumps({"segments": [{"text": "small"}, {"image": "small.png"}]})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    lenient = load_images(m, (16, 16), strict=False)
+    # lines 2 and 3 are unreadable, line 7 has no image; small.png is resized, the rest kept in order
+    assert lenient.skipped == 3 and lenient.pixels.shape == (4, 16, 16, 3) and lenient.pixels.dtype == np.uint8
+    assert lenient.reasons[0].endswith("m.jsonl:2: malformed JSON: Expecting property name enclosed in double "
+                                       "quotes at column 2")
+    assert lenient.reasons[1] == f"{m}:3: corrupt image: {tmp_path / 'broken.png'}: not a recognised image format"
+    assert len(lenient.reasons) == 2
+    assert np.array_equal(load_images(m, (16, 16), strict=False, limit=2).pixels, lenient.pixels[:2])
+    with pytest.raises(ValueError, match=r"m.jsonl:2: malformed JSON"):
+        load_images(m, (16, 16))
+    lines[1:3] = []
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"small.png: image is 8x8, the tokenizer and decoder expect 16x16"):
+        load_images(m, (16, 16))
+    lines[1:2] = []
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    strict = load_images(m, (16, 16), captioned=True)
+    assert strict.skipped == 1 and strict.captions == ["a square"] * 3 and len(strict.ids) == len(strict.meta) == 3
+    assert np.array_equal(strict.pixels, lenient.pixels[[0, 2, 3]])
+    (tmp_path / "none.jsonl").write_text(json.dumps({"segments": [{"text": "no image"}]}) + "\n")
+    with pytest.raises(ValueError, match="none.jsonl: no readable image segments"):
+        load_images(tmp_path / "none.jsonl", (16, 16))
+
+
+def test_reconstruct_batches_equal_one_batch_and_keep_the_mode():
+    from anyloom.tokenizers.base import reconstruct
+
+    torch.manual_seed(0)
+    model = ImageVQTokenizer(tiny("fsq"))
+    x = images(5)
+    whole, batched = reconstruct(model, x, batch_size=5), reconstruct(model, x, batch_size=2, desc="test")
+    assert model.training  # evaluated in eval mode, handed back as it came
+    assert torch.equal(whole.images, batched.images) and torch.equal(whole.codes, batched.codes)
+    model.eval()
+    codes = model.encode(x).codes
+    assert torch.equal(batched.codes, codes) and torch.equal(batched.images, model.decode(codes))

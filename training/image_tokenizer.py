@@ -2,10 +2,12 @@
 
     train_image_tokenizer(cfg, train_manifest, val_manifest, run) -> folder with the exported tokenizer
 
-One step reads top to bottom: sample a batch, forward, loss (L1 + L2, optionally weighted towards the original's
-outlines, 1-pixel ridges and narrow gaps between objects [+ gradient-difference L1] + quantizer aux [+ adaptive-
-weighted hinge GAN after ``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision: amx`` on an
-AMX CPU), backward, clip, step, EMA update, log. Checkpoints are one safetensors file plus a JSON sidecar (never
+The loop: ``load_data`` (both splits in memory), ``build_state`` (model, optimizers [, discriminator, EMA]), then
+``train_step`` per batch, with validation scores, sample grids and checkpoints every so many steps, and ``export``.
+One step reads top to bottom: forward, loss (L1 + L2, optionally weighted per pixel towards the original's outlines
+and by a dataset's pixel-weight plug-ins, see ``PixelWeights`` [+ gradient-difference L1] + quantizer aux [+
+adaptive-weighted hinge GAN after ``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision:
+amx`` on an AMX CPU), backward, clip, step, EMA update. Checkpoints are one safetensors file plus a JSON sidecar (never
 pickle); a run with a checkpoint resumes from it and, because every batch is drawn from a generator seeded by (seed,
 step), continues exactly as an uninterrupted run would. The export is skipped when ``<run>/tokenizer`` already holds a
 tokenizer trained with the same config fingerprint.
@@ -16,6 +18,8 @@ Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -23,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -32,8 +36,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from anyloom.config import added_field, fingerprint, to_dict
+from anyloom.config import added_field, build, fingerprint, to_dict
+from anyloom.data.images import load_images
+from anyloom.plugins import load_plugin
 from anyloom.progress import progress
+from anyloom.tokenizers.base import reconstruct
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, budget_position, build_optimizer, lr_factor
@@ -45,6 +52,60 @@ from anyloom.weights import read_metadata
 EXPORT_DIR = "tokenizer"  # <run>/tokenizer: the exported ImageVQTokenizer (model.safetensors + config.json)
 CHECKPOINT = "image_tokenizer.safetensors"  # <run>/checkpoints/: training state, resumable
 CHECKPOINT_META = "image_tokenizer.json"
+
+
+PIXEL_WEIGHTS = "anyloom.pixel_weights"  # the plug-in group of per-pixel loss weights (anyloom.plugins)
+
+
+class PixelWeights(Protocol):
+    """A per-pixel weight map of the reconstruction loss that a dataset brings as a plug-in (``PIXEL_WEIGHTS``).
+
+    Built once with its ``Options`` (a frozen dataclass of its settings: the recipe entry's keys besides ``name`` and
+    ``weight``); called with the target batch (B, C, H, W) in [-1, 1], it returns (B, 1, H, W) weights.
+    """
+
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None: ...
+
+    def __call__(self, target: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class PixelWeightTerm:
+    """One entry of ``pixel_weights``, checked: the plug-in's name, its weight and its typed options."""
+
+    name: str
+    weight: float
+    options: Any  # the plug-in's Options
+
+    def entry(self) -> dict[str, Any]:
+        """The recipe entry, flat and complete: name, weight and every option."""
+        return {"name": self.name, "weight": self.weight, **to_dict(self.options)}
+
+    def build(self) -> PixelWeights:
+        return load_plugin(PIXEL_WEIGHTS, self.name)(self.options)
+
+
+def pixel_weight_term(entry: dict[str, Any], index: int) -> PixelWeightTerm:
+    """Entry ``index`` of a recipe's ``pixel_weights`` ({name, weight = 1.0, the plug-in's options}), typed; an unknown
+    plug-in, option or type fails naming the entry and the nearest valid name."""
+    where = f"pixel_weights[{index}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError(f"{where}: expected a mapping with a plug-in name, like {{name: world_gaps, weight: 8.0}}, "
+                         f"got {entry!r}")
+    options = dict(entry)
+    name, weight = options.pop("name"), options.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+        raise ValueError(f"{where}.weight: expected a finite number >= 0, got {weight!r}")
+    plugin = load_plugin(PIXEL_WEIGHTS, name, where=where)
+    known = ["name", "weight", *(f.name for f in dataclasses.fields(plugin.Options))]
+    for key in options:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where}.{near[0]}'?" if near else f"; valid keys: {', '.join(known)}"
+            raise ValueError(f"unknown key '{where}.{key}' ({name}){hint}")
+    return PixelWeightTerm(name=name, weight=float(weight), options=build(plugin.Options, options, prefix=where))
 
 
 @dataclass(frozen=True)
@@ -76,30 +137,21 @@ class ImageTokenizerStageConfig:
     # of a world image) count 1 + edge_focus times. 0: plain means.
     edge_focus: float = 0.0
     edge_scale: float = 0.25  # neighbour difference (in [-1, 1] units) counted as a full edge
-    # Thin-feature focus, on top of edge_focus: pixels of the original that stand out from BOTH neighbours along a
-    # row or a column in the same direction (a 1-pixel background gap between two objects, a thin line or tip;
-    # see thin_map, saturating at edge_scale) count 1 + edge_focus + thin_focus times. Aimed at the world's nearly
-    # touching objects, whose gap a blurred reconstruction closes. 0: off.
-    thin_focus: float = added_field(0.0)
-    # Gap focus, on top of edge_focus: background pixels of the original inside gaps between objects (or an object
-    # and itself) at most 2 * gap_radius pixels wide count 1 + edge_focus + gap_focus times (see gap_map). Aimed at
-    # the world's objects 2 px apart, which a reconstruction that bleeds colour into the gap merges. 0: off.
-    gap_focus: float = added_field(0.0)
-    gap_radius: int = added_field(2)
-    # a pixel this far (RGB distance in [-1, 1] units; the judge's 45 of 255 is 0.35) from the median border colour
-    # is an object pixel for gap_map
-    gap_threshold: float = added_field(0.35)
+    # Per-pixel loss weights that a dataset brings as plug-ins (group anyloom.pixel_weights), added on top of the
+    # edge focus in the listed order: [{name: world_gaps, weight: 8.0, radius: 2}] weighs L1/L2 per pixel by
+    # 1 + edge_focus * edge_map + 8.0 * (the plug-in's map); keys besides name and weight are the plug-in's options.
+    pixel_weights: tuple[dict[str, Any], ...] = added_field(())
     # Code smoothness (FSQ only): weight of the mean |level difference| between neighbouring code cells (straight-
     # through to the encoder), so a flat background gets one code instead of several near-identical ones (fewer
     # code changes for the LM to predict). Measured on the world at 0.03: the LM's image loss fell, its
-    # text->image accuracy fell too (docs/BENCHMARKS.md, "Image tokenizer: session 9"). 0: off.
+    # text->image accuracy fell too (docs/experiments/2026-11-26-image-tokenizer-fixed-steps.md). 0: off.
     code_smoothness: float = 0.0
     gan: GANConfig = field(default_factory=GANConfig)
     ema_decay: float = 0.0  # > 0: keep an EMA of the parameters and export it instead of the raw ones
     channels_last: bool = True  # faster convs on CPU
     # "amx": the forward pass and the losses under CPU bf16 autocast when the CPU has AMX tiles (oneDNN runs the
     # convs on them; fp32 master weights and AdamW state, FSQ rounds in fp32, the export is fp32); "fp32"
-    # everywhere else and on a CPU without AMX. Measured: docs/BENCHMARKS.md, "Image tokenizer: session 11".
+    # everywhere else and on a CPU without AMX (docs/experiments/2026-11-27-image-tokenizer-bf16-and-gap-focus.md).
     mixed_precision: Literal["fp32", "amx"] = "fp32"
     threads: int = 2  # torch.set_num_threads for the loop
     seed: int = 0
@@ -127,11 +179,6 @@ class ImageTokenizerStageConfig:
             raise ValueError("l1_weight and l2_weight must be >= 0 and not both 0")
         if self.edge_weight < 0:
             raise ValueError(f"edge_weight must be >= 0, got {self.edge_weight}")
-        if self.thin_focus < 0:
-            raise ValueError(f"thin_focus must be >= 0, got {self.thin_focus}")
-        if self.gap_focus < 0 or self.gap_radius < 1 or self.gap_threshold <= 0:
-            raise ValueError(f"gap_focus must be >= 0, gap_radius >= 1 and gap_threshold > 0, got {self.gap_focus}, "
-                             f"{self.gap_radius}, {self.gap_threshold}")
         if self.edge_focus < 0 or self.edge_scale <= 0:
             raise ValueError(f"edge_focus must be >= 0 and edge_scale > 0, got {self.edge_focus}, {self.edge_scale}")
         if self.code_smoothness < 0:
@@ -139,6 +186,10 @@ class ImageTokenizerStageConfig:
         if self.code_smoothness and self.model.quantizer.kind != "fsq":
             raise ValueError(f"code_smoothness acts on FSQ levels; model.quantizer.kind is "
                              f"{self.model.quantizer.kind!r} (set it to fsq or code_smoothness to 0)")
+        # each entry typed and complete (the plug-in's options typed, defaults filled in): typos fail here, and
+        # two spellings of one setting have one fingerprint
+        object.__setattr__(self, "pixel_weights",
+                           tuple(pixel_weight_term(entry, i).entry() for i, entry in enumerate(self.pixel_weights)))
 
     @property
     def bf16_autocast(self) -> bool:
@@ -157,34 +208,6 @@ class ImageTokenizerStageConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class ImageSet:
-    pixels: np.ndarray  # (N, H, W, 3) uint8
-    skipped: int  # documents the manifest reader skipped (corrupt files, bad lines) or without an image
-    reasons: list[str] = field(default_factory=list)  # the reader's skip messages ("file:line: why"), first 20
-
-
-def load_images(manifest: str | Path, image_size: tuple[int, int], limit: int | None = None) -> ImageSet:
-    """Every image segment of a manifest as one uint8 array, converted to RGB and resized by the reader."""
-    from anyloom.data.document import ImageSegment
-    from anyloom.data.manifest import read_manifest
-
-    result = read_manifest(manifest, strict=False, image_size=tuple(image_size))
-    out: list[np.ndarray] = []
-    without = 0
-    for doc in result.documents:
-        images = [s.pixels for s in doc.segments if isinstance(s, ImageSegment)]
-        without += not images
-        out.extend(images)
-        if limit is not None and len(out) >= limit:
-            out = out[:limit]
-            break
-    if not out:
-        raise ValueError(f"{manifest}: no readable image segments ({result.summary})")
-    reasons = [f"{s.source}: {s.reason}" for s in result.skipped[:20]]
-    return ImageSet(pixels=np.stack(out), skipped=len(result.skipped) + without, reasons=reasons)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -224,40 +247,6 @@ def edge_map(target: torch.Tensor, scale: float) -> torch.Tensor:
     return (F.max_pool2d(g, 3, stride=1, padding=1) / scale).clamp(max=1.0)
 
 
-def thin_map(target: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, 1, H, W) in [0, 1]: how far each pixel of (B, C, H, W) ``target`` stands out from both its left and right
-    (or both its upper and lower) neighbours in the same direction, largest over channels, saturating at ``scale``.
-
-    A 1-pixel gap between two objects or a 1-pixel line scores fully; a step edge scores 0 (one neighbour is on the
-    pixel's own side); border pixels score 0.
-    """
-    def ridge(prev: torch.Tensor, mid: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(torch.minimum(prev - mid, nxt - mid), torch.minimum(mid - prev, mid - nxt))
-
-    rx = ridge(target[..., :, :-2], target[..., :, 1:-1], target[..., :, 2:]).amax(dim=1, keepdim=True)
-    ry = ridge(target[..., :-2, :], target[..., 1:-1, :], target[..., 2:, :]).amax(dim=1, keepdim=True)
-    r = torch.maximum(F.pad(rx, (1, 1)), F.pad(ry, (0, 0, 1, 1)))  # (B, 1, H, W)
-    return (r / scale).clamp(0.0, 1.0)
-
-
-def gap_map(target: torch.Tensor, radius: int, threshold: float) -> torch.Tensor:
-    """(B, 1, H, W) in {0, 1}: background pixels of (B, C, H, W) ``target`` that a morphological closing of its
-    objects fills, i.e. gaps and notches at most ``2 * radius`` pixels wide between object pixels.
-
-    Object pixels are those farther than ``threshold`` (Euclidean over channels) from the image's median border
-    colour; the closing is a (2 * radius + 1)^2 square dilation followed by the same erosion (outside the image
-    counts as background for the erosion: a strip between an object and the image border is not a gap).
-    """
-    b, c = target.shape[:2]
-    border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., :, 0], target[..., :, -1]], dim=-1)
-    background = border.median(dim=-1).values.view(b, c, 1, 1)
-    objects = ((target - background).pow(2).sum(dim=1, keepdim=True).sqrt() > threshold).to(target.dtype)
-    k = 2 * radius + 1
-    dilated = F.max_pool2d(objects, k, stride=1, padding=radius)
-    closed = -F.max_pool2d(-F.pad(dilated, (radius,) * 4), k, stride=1)  # outside the image is background
-    return closed * (1.0 - objects)
-
-
 def reconstruction_losses(recon: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1, L2) means over pixels and channels, weighted per pixel by (B, 1, H, W) ``weights`` if given."""
@@ -285,21 +274,31 @@ class Reconstruction:
     edge: torch.Tensor  # gradient-difference L1 (zero when edge_weight is 0)
 
 
-def reconstruction_objective(recon: torch.Tensor, target: torch.Tensor, cfg: ImageTokenizerStageConfig
-                             ) -> Reconstruction:
-    """The stage's reconstruction loss of ``recon`` against ``target`` (B, 3, H, W): L1/L2 weighted by the edge, thin
-    and gap focus (+ edge L1)."""
-    weights = None
-    if cfg.edge_focus or cfg.thin_focus or cfg.gap_focus:
-        weights = 1.0 + cfg.edge_focus * edge_map(target, cfg.edge_scale)
-        if cfg.thin_focus:
-            weights = weights + cfg.thin_focus * thin_map(target, cfg.edge_scale)
-        if cfg.gap_focus:
-            weights = weights + cfg.gap_focus * gap_map(target, cfg.gap_radius, cfg.gap_threshold)
-    l1, l2 = reconstruction_losses(recon, target, weights)
-    edge = gradient_l1(recon, target) if cfg.edge_weight else torch.zeros(())
-    total = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge
-    return Reconstruction(total=total, l1=l1, l2=l2, edge=edge)
+class ReconstructionObjective:
+    """The stage's reconstruction loss of ``recon`` against ``target`` (B, 3, H, W): L1 and L2 weighted per pixel by
+    the edge focus and the recipe's pixel-weight plug-ins [+ gradient-difference L1]. Built once per loop."""
+
+    def __init__(self, cfg: ImageTokenizerStageConfig) -> None:
+        self.cfg = cfg
+        terms = [pixel_weight_term(entry, i) for i, entry in enumerate(cfg.pixel_weights)]
+        self.terms = [(t.weight, t.build()) for t in terms if t.weight]  # weight 0: the term is off
+
+    def pixel_weights(self, target: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, H, W): 1 + edge_focus * edge_map, plus each plug-in's weight times its map in the listed order;
+        None (plain means) without edge focus and plug-ins."""
+        if not self.cfg.edge_focus and not self.terms:
+            return None
+        weights = 1.0 + self.cfg.edge_focus * edge_map(target, self.cfg.edge_scale)
+        for weight, term in self.terms:
+            weights = weights + weight * term(target)
+        return weights
+
+    def __call__(self, recon: torch.Tensor, target: torch.Tensor) -> Reconstruction:
+        cfg = self.cfg
+        l1, l2 = reconstruction_losses(recon, target, self.pixel_weights(target))
+        edge = gradient_l1(recon, target) if cfg.edge_weight else torch.zeros(())
+        total = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.edge_weight * edge
+        return Reconstruction(total=total, l1=l1, l2=l2, edge=edge)
 
 
 # ------------------------------------------------------------------------------------ discriminator
@@ -344,29 +343,14 @@ class ReconstructionScores:
     code_change_rate: float  # neighbouring cells with different codes (evaluation.image_metrics.code_change_rate)
 
 
-@torch.no_grad()
-def reconstruct(model: ImageVQTokenizer, pixels: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, torch.Tensor]:
-    """uint8 (N, H, W, 3) -> (reconstructions (N, H, W, 3) uint8, codes (N, h, w)) in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    recons, codes = [], []
-    for i in range(0, len(pixels), batch_size):
-        x = uint8_to_float(pixels[i : i + batch_size]).to(device)
-        c = model.encode(x).codes
-        recons.append(float_to_uint8(model.decode(c)))
-        codes.append(c.cpu())
-    model.train(was_training)
-    return np.concatenate(recons), torch.cat(codes)
-
-
 def quick_scores(model: ImageVQTokenizer, pixels: np.ndarray) -> ReconstructionScores:
     from anyloom.evaluation.image_metrics import code_change_rate, codebook_stats, psnr
 
-    recon, codes = reconstruct(model, pixels)
-    stats = codebook_stats(codes, model.codebook_size)
-    return ReconstructionScores(psnr=float(psnr(pixels, recon).mean()), codebook_usage=stats.usage,
-                                perplexity=stats.perplexity, code_change_rate=code_change_rate(codes))
+    rec = reconstruct(model, uint8_to_float(pixels))
+    stats = codebook_stats(rec.codes, model.codebook_size)
+    return ReconstructionScores(psnr=float(psnr(pixels, float_to_uint8(rec.images)).mean()),
+                                codebook_usage=stats.usage, perplexity=stats.perplexity,
+                                code_change_rate=code_change_rate(rec.codes))
 
 
 def save_grid(originals: np.ndarray, recons: np.ndarray, path: Path, scale: int = 2) -> np.ndarray:
@@ -487,6 +471,126 @@ def export_matches(folder: Path, config_fp: str) -> bool:
     return read_metadata(folder).get("fingerprint") == config_fp
 
 
+@dataclass
+class StageData:
+    train: torch.Tensor  # (N, 3, H, W) float in [-1, 1], all in memory: the world is small
+    val: np.ndarray  # (N_val, H, W, 3) uint8, the first val_images of the validation split
+    fixed: np.ndarray  # (8, H, W, 3) uint8: the validation pictures of every sample grid
+
+
+def load_data(cfg: ImageTokenizerStageConfig, train_manifest: str | Path, val_manifest: str | Path,
+              logger: MetricsLogger) -> StageData:
+    """Both splits' pictures, resized to the model's size; unreadable documents are skipped, counted and named."""
+    image_size = tuple(cfg.model.image_size)
+    train = load_images(train_manifest, image_size, strict=False)
+    val = load_images(val_manifest, image_size, limit=cfg.val_images, strict=False)
+    logger.log(0, train_images=len(train.pixels), train_skipped=train.skipped, val_images=len(val.pixels),
+               val_skipped=val.skipped)
+    print(f"image tokenizer: {len(train.pixels)} training images ({train.skipped} documents skipped), "
+          f"{len(val.pixels)} validation images ({val.skipped} skipped)")
+    for reason in train.reasons + val.reasons:
+        print(f"  skipped {reason}")
+    return StageData(train=uint8_to_float(train.pixels), val=val.pixels, fixed=val.pixels[:8])
+
+
+def build_state(cfg: ImageTokenizerStageConfig) -> TrainState:
+    """A fresh model (and discriminator) with their optimizers, in the loop's memory layout."""
+    model = ImageVQTokenizer(cfg.model).to(memory_format=cfg.memory_format)
+    disc = disc_opt = None
+    if cfg.gan.enabled:
+        disc = PatchDiscriminator(cfg.gan).to(memory_format=cfg.memory_format)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim), disc=disc, disc_optimizer=disc_opt,
+                      ema=_ema_init(model) if cfg.ema_decay > 0 else None)
+
+
+@dataclass
+class StepOutput:
+    """What one step logs."""
+
+    loss: torch.Tensor  # the generator's objective
+    terms: Reconstruction
+    quant_loss: torch.Tensor
+    code_smoothness: torch.Tensor
+    grad_norm: torch.Tensor  # before clipping
+    gan: dict[str, float] | None = None  # g_loss, d_loss, gan_weight once the discriminator has joined
+
+    def record(self, lr: float, elapsed_s: float) -> dict[str, float]:
+        out = dict(loss=self.loss.item(), l1=self.terms.l1.item(), l2=self.terms.l2.item(),
+                   edge=self.terms.edge.item(), quant_loss=self.quant_loss.item(),
+                   code_smoothness=self.code_smoothness.item(), lr=lr, grad_norm=float(self.grad_norm),
+                   elapsed_s=round(elapsed_s, 2))
+        return {**out, **(self.gan or {})}
+
+
+def train_step(state: TrainState, x: torch.Tensor, cfg: ImageTokenizerStageConfig,
+               objective: ReconstructionObjective, autocast: Callable[[], contextlib.AbstractContextManager]
+               ) -> StepOutput:
+    """One optimizer step on batch ``x`` (B, 3, H, W): forward, losses, backward, clip, step [, discriminator step],
+    EMA update."""
+    model, disc = state.model, state.disc
+    with autocast():
+        fwd = model(x)
+        recon = fwd.recon.float()  # the losses in fp32 whatever the convs ran in
+        terms = objective(recon, x)
+        loss = terms.total + fwd.quant_loss
+        smooth = torch.zeros(())
+        if cfg.code_smoothness:
+            smooth = code_smoothness_loss(fwd.levels)
+            loss = loss + cfg.code_smoothness * smooth
+        gan_on = disc is not None and state.step >= cfg.gan.start_step
+        if gan_on:
+            g_loss = -disc(recon).float().mean()
+            d_weight = cfg.gan.weight * adaptive_gan_weight(terms.total, g_loss, model.decoder.conv_out.weight)
+            loss = loss + d_weight * g_loss
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+    state.optimizer.step()
+
+    gan = None
+    if gan_on:
+        with autocast():
+            d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+        state.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        state.disc_optimizer.step()
+        gan = dict(g_loss=g_loss.item(), d_loss=d_loss.item(), gan_weight=float(d_weight))
+    if state.ema is not None:
+        _ema_update(state.ema, model, cfg.ema_decay)
+    state.step += 1
+    return StepOutput(loss=loss, terms=terms, quant_loss=fwd.quant_loss, code_smoothness=smooth, grad_norm=grad_norm,
+                      gan=gan)
+
+
+def log_scores(logger: MetricsLogger, step: int, model: ImageVQTokenizer, pixels: np.ndarray, prefix: str) -> None:
+    """PSNR and code statistics of ``model`` on ``pixels``, logged as ``<prefix>_psnr`` etc."""
+    s = quick_scores(model, pixels)
+    logger.log(step, **{f"{prefix}_psnr": s.psnr, f"{prefix}_codebook_usage": s.codebook_usage,
+                        f"{prefix}_perplexity": s.perplexity, f"{prefix}_code_change_rate": s.code_change_rate})
+
+
+def save_samples(model: ImageVQTokenizer, pixels: np.ndarray, path: Path) -> np.ndarray:
+    """A grid of ``pixels`` over their reconstructions, saved to ``path``; returns the grid."""
+    recon = reconstruct(model, uint8_to_float(pixels)).images
+    return save_grid(pixels, float_to_uint8(recon), path)
+
+
+def export(state: TrainState, cfg: ImageTokenizerStageConfig, data: StageData, run: RunDir, logger: MetricsLogger,
+           config_fp: str, train_seconds: float) -> Path:
+    """Score and save the final model (the EMA one when enabled) to ``<run>/tokenizer``."""
+    final = _exported_model(state).to(memory_format=torch.contiguous_format).eval()
+    save_samples(final, data.fixed, run.samples / "recon_final.png")
+    s = quick_scores(final, data.val)
+    logger.log(state.step, final_val_psnr=s.psnr, final_val_codebook_usage=s.codebook_usage,
+               final_val_perplexity=s.perplexity, final_val_code_change_rate=s.code_change_rate,
+               train_seconds=round(train_seconds, 1))
+    logger.close()
+    out = run.path / EXPORT_DIR
+    final.save(out, metadata={"fingerprint": config_fp, "steps": str(state.step), "config": json.dumps(to_dict(cfg))})
+    return out
+
+
 def train_image_tokenizer(
     cfg: ImageTokenizerStageConfig, train_manifest: str | Path, val_manifest: str | Path, run: RunDir
 ) -> Path:
@@ -498,114 +602,45 @@ def train_image_tokenizer(
         return out
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    image_size = tuple(cfg.model.image_size)
-    train = load_images(train_manifest, image_size)
-    val = load_images(val_manifest, image_size, limit=cfg.val_images)
     logger = MetricsLogger(run)
-    logger.log(0, train_images=len(train.pixels), train_skipped=train.skipped, val_images=len(val.pixels),
-               val_skipped=val.skipped)
-    print(f"image tokenizer: {len(train.pixels)} training images ({train.skipped} documents skipped), "
-          f"{len(val.pixels)} validation images ({val.skipped} skipped)")
-    for reason in train.reasons + val.reasons:
-        print(f"  skipped {reason}")
-    train_x = uint8_to_float(train.pixels)  # (N, 3, H, W) in [-1, 1], all in memory: the world is small
-
-    model = ImageVQTokenizer(cfg.model)
-    memory_format = cfg.memory_format
-    model = model.to(memory_format=memory_format)
-    disc = disc_opt = None
-    if cfg.gan.enabled:
-        disc = PatchDiscriminator(cfg.gan).to(memory_format=memory_format)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    state = TrainState(model=model, optimizer=build_optimizer(model, cfg.optim), disc=disc, disc_optimizer=disc_opt,
-                       ema=_ema_init(model) if cfg.ema_decay > 0 else None)
+    data = load_data(cfg, train_manifest, val_manifest, logger)
+    state = build_state(cfg)
     if load_checkpoint(state, run.checkpoints, config_fp):
         print(f"image tokenizer: resuming from step {state.step} ({run.checkpoints / CHECKPOINT})")
-    last_layer = model.decoder.conv_out.weight
-    fixed = val.pixels[:8]
-
+    objective = ReconstructionObjective(cfg)
     autocast = cfg.autocast()  # the forward pass and the losses (the generator's and the discriminator's)
+
     bar = progress(total=cfg.steps, initial=state.step, desc="image tokenizer", unit="step")
     t0 = time.time()
     while state.step < cfg.steps:
-        step = state.step
         # with a time budget, progress is the larger of the step and time fractions (see max_seconds)
-        position = budget_position(step, time.time() - t0, cfg.steps, cfg.max_seconds)
+        position = budget_position(state.step, time.time() - t0, cfg.steps, cfg.max_seconds)
         if position >= cfg.steps:  # step < cfg.steps here: the clock got there first
-            print(f"image tokenizer: stopping at step {step}/{cfg.steps}: the {cfg.max_seconds:.0f} s budget is spent")
+            print(f"image tokenizer: stopping at step {state.step}/{cfg.steps}: the {cfg.max_seconds:.0f} s budget "
+                  "is spent")
             break
         lr = cfg.optim.lr * lr_factor(position, cfg.steps, cfg.optim)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        x = train_x[batch_indices(len(train_x), cfg.batch_size, cfg.seed, step)]
-        x = x.contiguous(memory_format=memory_format)
-
-        with autocast():
-            fwd = model(x)
-            recon = fwd.recon.float()  # the losses in fp32 whatever the convs ran in
-            terms = reconstruction_objective(recon, x, cfg)
-            loss = terms.total + fwd.quant_loss
-            smooth = torch.zeros(())
-            if cfg.code_smoothness:
-                smooth = code_smoothness_loss(fwd.levels)
-                loss = loss + cfg.code_smoothness * smooth
-            gan_on = disc is not None and step >= cfg.gan.start_step
-            g_loss = d_weight = torch.zeros(())
-            if gan_on:
-                g_loss = -disc(recon).float().mean()
-                d_weight = cfg.gan.weight * adaptive_gan_weight(terms.total, g_loss, last_layer)
-                loss = loss + d_weight * g_loss
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-        state.optimizer.step()
-
-        d_loss = torch.zeros(())
-        if gan_on:
-            with autocast():
-                d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_opt.step()
-        if state.ema is not None:
-            _ema_update(state.ema, model, cfg.ema_decay)
-        state.step += 1
+        x = data.train[batch_indices(len(data.train), cfg.batch_size, cfg.seed, state.step)]
+        result = train_step(state, x.contiguous(memory_format=cfg.memory_format), cfg, objective, autocast)
         bar.update(1)
 
-        done = state.step == cfg.steps
-        if state.step % cfg.log_every == 0 or done:
-            record = dict(loss=loss.item(), l1=terms.l1.item(), l2=terms.l2.item(), edge=terms.edge.item(),
-                          quant_loss=fwd.quant_loss.item(), code_smoothness=smooth.item(), lr=lr,
-                          grad_norm=float(grad_norm),
-                          elapsed_s=round(time.time() - t0, 2))
-            if gan_on:
-                record.update(g_loss=g_loss.item(), d_loss=d_loss.item(), gan_weight=float(d_weight))
-            logger.log(state.step, **record)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if state.step % cfg.eval_every == 0 or done:
-            s = quick_scores(model, val.pixels)
-            logger.log(state.step, val_psnr=s.psnr, val_codebook_usage=s.codebook_usage, val_perplexity=s.perplexity,
-                       val_code_change_rate=s.code_change_rate)
-        if (cfg.sample_every and state.step % cfg.sample_every == 0) or done:
-            recon, _ = reconstruct(model, fixed)
-            grid = save_grid(fixed, recon, run.samples / f"recon_{state.step:06d}.png")
-            logger.image("image_tokenizer/reconstructions", state.step, grid)
-        if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or done:
+        step, done = state.step, state.step == cfg.steps
+        if step % cfg.log_every == 0 or done:
+            logger.log(step, **result.record(lr, time.time() - t0))
+            bar.set_postfix(loss=f"{result.loss.item():.4f}")
+        if step % cfg.eval_every == 0 or done:
+            log_scores(logger, step, state.model, data.val, "val")
+        if (cfg.sample_every and step % cfg.sample_every == 0) or done:
+            grid = save_samples(state.model, data.fixed, run.samples / f"recon_{step:06d}.png")
+            logger.image("image_tokenizer/reconstructions", step, grid)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or done:
             save_checkpoint(state, run.checkpoints, config_fp)
     bar.close()
     if state.step < cfg.steps:  # stopped by the time budget: keep the last state resumable
         save_checkpoint(state, run.checkpoints, config_fp)
-
-    final = _exported_model(state).to(memory_format=torch.contiguous_format).eval()
-    recon, _ = reconstruct(final, fixed)
-    save_grid(fixed, recon, run.samples / "recon_final.png")
-    s = quick_scores(final, val.pixels)
-    logger.log(state.step, final_val_psnr=s.psnr, final_val_codebook_usage=s.codebook_usage,
-               final_val_perplexity=s.perplexity, final_val_code_change_rate=s.code_change_rate,
-               train_seconds=round(time.time() - t0, 1))
-    logger.close()
-    final.save(out, metadata={"fingerprint": config_fp, "steps": str(state.step), "config": json.dumps(to_dict(cfg))})
-    return out
+    return export(state, cfg, data, run, logger, config_fp, time.time() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,9 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - t0) / 60
     if args.eval_split != "none":
         model = ImageVQTokenizer.load(folder)
-        images = load_images(world.split(args.eval_split), model.image_size).pixels
-        recon, codes = reconstruct(model, images)
-        report = evaluate_reconstructions(images, recon, codes, model.codebook_size)
+        images = load_images(world.split(args.eval_split), model.image_size, strict=False).pixels
+        rec = reconstruct(model, uint8_to_float(images), desc=f"reconstructions ({args.eval_split})")
+        recon = float_to_uint8(rec.images)
+        report = evaluate_reconstructions(images, recon, rec.codes, model.codebook_size)
         scores = report.as_eval()
         run.write_json(f"eval_{args.eval_split}.json", {**scores, "split": args.eval_split, "images": report.images,
                                                          "train_minutes": round(minutes, 2)})
