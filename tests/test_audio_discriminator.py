@@ -138,10 +138,16 @@ def _speech_manifest(folder, n: int):
     return folder / "m.jsonl"
 
 
-def _disc_state(folder) -> dict[str, torch.Tensor]:
-    from anyloom.weights import load_weights
+def _checkpoint(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
 
-    return {k: v for k, v in load_weights(folder).state_dict.items() if k.startswith("disc")}
+    from anyloom.training.snapshots import TENSORS
+
+    return load_file(str(folder / TENSORS))
+
+
+def _disc_state(folder) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in _checkpoint(folder).items() if k.startswith(("model.disc.", "optim.disc_optim."))}
 
 
 def test_codec_trains_with_the_discriminator_and_resumes(tmp_path):
@@ -160,21 +166,21 @@ def test_codec_trains_with_the_discriminator_and_resumes(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("d_loss", "g_adv", "g_feat", "loss")), r
         assert r["g_feat"] > 0
     before, after = _disc_state(run.checkpoints / "step_0000003"), _disc_state(run.checkpoints / "step_0000006")
-    weights = sorted(k for k in after if k.startswith("disc."))
-    assert weights == sorted(k for k in before if k.startswith("disc.")) and weights
-    assert any(k.startswith("disc_optim.") for k in after)
+    weights = sorted(k for k in after if k.startswith("model.disc."))
+    assert weights == sorted(k for k in before if k.startswith("model.disc.")) and weights
+    assert any(k.startswith("optim.disc_optim.") for k in after)
     assert any(not torch.equal(before[k], after[k]) for k in weights)  # steps 3..5 moved the discriminator
     # the discriminator is training state only: the export is the codec alone
     assert set(load_weights(folder).state_dict) == set(WaveCodec(stage.codec).state_dict())
 
     # crash after step 3 (the discriminator has had one update): the resumed run restores it and its Adam
     # state, and ends exactly where the whole run ended
-    final_model = {k: v for k, v in load_weights(run.checkpoints / "step_0000006").state_dict.items()
-                   if k.startswith("model.")}
+    final_model = {k: v for k, v in _checkpoint(run.checkpoints / "step_0000006").items()
+                   if k.startswith("model.model.")}
     shutil.rmtree(run.path / "tokenizer")
     shutil.rmtree(run.checkpoints / "step_0000006")
     train_audio_tokenizer(stage, manifest, manifest, run)
-    resumed = load_weights(run.checkpoints / "step_0000006").state_dict
+    resumed = _checkpoint(run.checkpoints / "step_0000006")
     for k, v in after.items():
         assert torch.equal(resumed[k], v), k
     for k, v in final_model.items():

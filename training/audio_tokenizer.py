@@ -9,9 +9,8 @@
    commitment), backward, clip, step, log (metrics.jsonl + tensorboard, a progress bar); the waveform codec
    can add EnCodec's multi-scale STFT discriminator (``discriminator.enabled``, ``audio_discriminator.py``):
    adversarial + feature-matching terms for the codec, then a discriminator step of its own optimizer;
-3. save resumable checkpoints (safetensors: model + AdamW state, and the discriminator + its Adam state when
-   enabled; the step in config.json) and WAV samples
-   (original and reconstruction, also to tensorboard);
+3. save resumable checkpoints (``training/snapshots.py``: model + AdamW state, and the discriminator + its Adam
+   state when enabled) and WAV samples (original and reconstruction, also to tensorboard);
 4. export the tokenizer to ``run.path / "tokenizer"`` with its config fingerprint, and score it on the
    validation speech (SI-SNR, mel distance, STOI/PESQ when installed, ASR-judge WER) into ``eval.json``.
 
@@ -24,8 +23,6 @@ Run it alone on the world:  ``python -m anyloom.training.audio_tokenizer --recip
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -51,7 +48,8 @@ from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.weights import load_weights, read_metadata, save_weights
+from anyloom.training.snapshots import Snapshots, TrainingLoop
+from anyloom.weights import load_weights, read_metadata
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def codebook_perplexity(codes: torch.Tensor, codebook_size: int) -> list[float]:
     return out
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------
+# -- training ---------------------------------------------------------------------------------------------
 @dataclass
 class Adversary:
     """The discriminator and its optimizer: training state, checkpointed with the codec, never exported."""
@@ -198,52 +196,132 @@ class Adversary:
     opt: torch.optim.Optimizer
 
 
-def _optim_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{pid}.{name}": torch.as_tensor(value)
-            for pid, s in opt.state_dict()["state"].items() for name, value in s.items()}
+@dataclass
+class AudioTrainer:
+    """What a training step needs: the model, its training windows' source and its optimizer(s)."""
+
+    cfg: AudioTokenizerStageConfig
+    model: MelTokenizer | WaveCodec
+    corpus: torch.Tensor  # (M, N) normalised log-mel frames (mel_rvq), or (N,) samples (seanet_codec)
+    crop: int  # mel frames (whole code frames) or samples per training window
+    opt: torch.optim.Optimizer
+    adversary: Adversary | None = None
+    wave_loss: WaveformLoss | None = None  # seanet_codec only
+    seed: int = 0
+
+    @property
+    def waveform(self) -> bool:
+        return self.wave_loss is not None
 
 
-def _load_optim(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    opt_state = opt.state_dict()
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith(prefix + "."):
-            _, pid, name = k.split(".", 2)
-            per_param.setdefault(int(pid), {})[name] = v
-    opt_state["state"] = per_param
-    opt.load_state_dict(opt_state)
+@dataclass
+class StepOutput:
+    """One step's losses and what its log line reads (tensors detached by the logging)."""
+
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    result: object  # the model's forward result (codes, losses, reconstruction)
+    target: torch.Tensor  # the batch: (B, M, frames) normalised mel or (B, T) wave
+    grad_norm: torch.Tensor
+    mel_l1: torch.Tensor | None = None  # seanet_codec
+    gan: dict[str, torch.Tensor] = field(default_factory=dict)  # d_loss, g_adv, g_feat when adversarial
 
 
-def _save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, fp: str,
-                     keep_last: int, adversary: Adversary | None = None) -> None:
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update(_optim_tensors("optim", opt))
-    if adversary is not None:
-        state.update({f"disc.{k}": v for k, v in adversary.disc.state_dict().items()})
-        state.update(_optim_tensors("disc_optim", adversary.opt))
-    folder = run.checkpoints / f"step_{step:07d}"
-    save_weights(folder, state, {"step": step, "fingerprint": fp})  # config.json last: marks it complete
-    done = sorted(p for p in run.checkpoints.glob("step_*") if (p / "config.json").exists())
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def audio_tokenizer_fingerprint(cfg: AudioTokenizerStageConfig, train_manifest: str | Path, seed: int) -> str:
+    """Only what shapes this kind's result: editing the other kind's section must not force a retrain."""
+    model_cfg = cfg.codec if cfg.kind == "seanet_codec" else cfg.mel
+    parts = {"kind": cfg.kind, "model": model_cfg, "optim": cfg.optim, "train": cfg.train, "seed": seed,
+             "train_manifest": str(train_manifest)}
+    if cfg.discriminator.enabled:  # only then: runs without it keep the fingerprints they had
+        parts["discriminator"] = cfg.discriminator
+    return fingerprint(parts)
 
 
-def _latest_checkpoint(run: RunDir, fp: str) -> Path | None:
-    for folder in sorted(run.checkpoints.glob("step_*"), reverse=True):
-        if (folder / "config.json").exists() and json.loads((folder / "config.json").read_text())["fingerprint"] == fp:
-            return folder
-    return None
+def build_trainer(cfg: AudioTokenizerStageConfig, train: SpeechSet, model: MelTokenizer | WaveCodec, seed: int,
+                  device: str | torch.device) -> AudioTrainer:
+    """The training windows' source (log-mel computed once and normalised, or the concatenated waves), the
+    optimizer, and the discriminator when enabled (built in this order: the order of random draws)."""
+    tc = cfg.train
+    crop_frames = max(1, int(round(tc.crop_seconds * model.frame_rate)))
+    wave_loss = None
+    if cfg.kind == "seanet_codec":
+        corpus = torch.from_numpy(np.concatenate(train.waves)).to(device)  # (N,) samples
+        crop = crop_frames * model.samples_per_frame
+        wave_loss = WaveformLoss(model.sample_rate).to(device)
+        if cfg.discriminator.enabled and crop < cfg.discriminator.min_samples:
+            raise ValueError(f"audio_tokenizer.train.crop_seconds {tc.crop_seconds} gives {crop} samples, shorter "
+                             f"than the discriminator's largest n_fft {cfg.discriminator.min_samples}")
+    else:
+        corpus = mel_corpus(model, train.waves).to(device)
+        model.fit_normalization(corpus[None])
+        corpus = model.normalize(corpus[None])[0]
+        crop = crop_frames * cfg.mel.downsample  # mel frames of whole code frames
+    opt = build_optimizer(model, cfg.optim)
+    adversary = None
+    if cfg.discriminator.enabled:
+        disc = MultiScaleSTFTDiscriminator(cfg.discriminator).to(device)
+        adversary = Adversary(disc, torch.optim.Adam(disc.parameters(), lr=cfg.discriminator.lr,
+                                                     betas=cfg.discriminator.betas))
+    return AudioTrainer(cfg, model, corpus, crop, opt, adversary, wave_loss, seed)
 
 
-def _load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     adversary: Adversary | None = None) -> int:
-    saved = load_weights(folder)
-    model.load_state_dict({k[6:]: v for k, v in saved.state_dict.items() if k.startswith("model.")})
-    _load_optim("optim", opt, saved.state_dict)
-    if adversary is not None:  # the fingerprint covers the discriminator config: its weights are there
-        adversary.disc.load_state_dict({k[5:]: v for k, v in saved.state_dict.items() if k.startswith("disc.")})
-        _load_optim("disc_optim", adversary.opt, saved.state_dict)
-    return int(saved.config["step"])
+def train_step(t: AudioTrainer, step: int) -> StepOutput:
+    """Draw the step's windows, forward, loss, backward, clip, step; then the discriminator's step."""
+    cfg, tc, model = t.cfg, t.cfg.train, t.model
+    torch.manual_seed(t.seed * 1_000_003 + step)  # vector-quantize's k-means / dead-code draws
+    g = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+    for group in t.opt.param_groups:
+        group["lr"] = cfg.optim.lr * lr_factor(step, tc.steps, cfg.optim)
+    adversary = t.adversary if t.adversary is not None and step >= cfg.discriminator.start_step else None
+    mel_l1, gan = None, {}
+    if t.waveform:
+        target = wave_crops(t.corpus, tc.batch_size, t.crop, g)  # (B, T)
+        result = model(target)
+        fake = result.wave[:, : target.shape[-1]]
+        recon_loss, mel_l1 = t.wave_loss(fake, target)
+        loss = recon_loss + result.quantizer_loss
+        if adversary is not None:
+            dc = cfg.discriminator
+            with torch.no_grad():
+                real_out = adversary.disc(target)  # feature-matching targets
+            adversary.disc.requires_grad_(False)  # this backward feeds the codec only: skip D's weight grads
+            fake_out = adversary.disc(fake)
+            adversary.disc.requires_grad_(True)
+            gan["g_adv"] = generator_loss(fake_out.logits, dc.loss)
+            gan["g_feat"] = feature_matching_loss(real_out.features, fake_out.features)
+            loss = loss + dc.adversarial_weight * gan["g_adv"] + dc.feature_weight * gan["g_feat"]
+    else:
+        target = sample_crops(t.corpus, tc.batch_size, t.crop, g)  # (B, M, frames)
+        result = model(target)
+        recon_loss = F_.l1_loss(result.recon, target)
+        loss = recon_loss + result.commit_loss
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+    t.opt.step()
+    t.opt.zero_grad(set_to_none=True)
+    if adversary is not None:  # then the discriminator, on the same batch against the (detached) reconstruction
+        d_loss = discriminator_loss(adversary.disc(target).logits, adversary.disc(fake.detach()).logits,
+                                    cfg.discriminator.loss)
+        d_loss.backward()
+        adversary.opt.step()
+        adversary.opt.zero_grad(set_to_none=True)
+        gan = {"d_loss": d_loss, **gan}
+    return StepOutput(loss, recon_loss, result, target, grad_norm, mel_l1, gan)
+
+
+def step_record(t: AudioTrainer, out: StepOutput, cpu_seconds: float) -> dict[str, float]:
+    """The step's log line: losses, mel L1 in natural-log units, commitment, codebook perplexity per level."""
+    if t.waveform:
+        nats, commit = float(out.mel_l1.detach()), float(out.result.quantizer_loss.detach())
+    else:  # L1 in natural-log mel units: undo the per-bin scaling
+        nats = float(((out.result.recon.detach() - out.target).abs() * t.model.mel_std[None, :, None]).mean())
+        commit = float(out.result.commit_loss.detach())
+    usage = codebook_perplexity(out.result.codes, t.model.codebook_size)
+    return dict(loss=out.loss.item(), recon=out.recon_loss.item(), mel_l1_nats=nats, commit=commit,
+                **{k: v.item() for k, v in out.gan.items()}, grad_norm=float(out.grad_norm),
+                lr=t.opt.param_groups[0]["lr"],
+                cpu_seconds=cpu_seconds,  # steadier than wall time on a shared machine
+                **{f"perplexity_q{q}": u for q, u in enumerate(usage)})
 
 
 def _write_samples(model: MelTokenizer | WaveCodec, speech: SpeechSet, run: RunDir, logger: MetricsLogger, step: int,
@@ -258,136 +336,63 @@ def _write_samples(model: MelTokenizer | WaveCodec, speech: SpeechSet, run: RunD
     model.train()
 
 
+def evaluate_tokenizer(model: MelTokenizer | WaveCodec, val: SpeechSet, items: int) -> dict[str, float]:
+    """Reconstruction scores on the first ``items`` validation utterances (SI-SNR, mel distance, ASR WER...)."""
+    from anyloom.evaluation.audio_metrics import evaluate_reconstruction
+    from anyloom.world.asr import SpeechJudge, word_error_rate
+
+    report = evaluate_reconstruction(model, val.waves[:items], val.sample_rate, val.texts[:items], SpeechJudge(),
+                                     word_error_rate)
+    return report.as_eval()
+
+
 def train_audio_tokenizer(
     cfg: AudioTokenizerStageConfig, train_manifest: str | Path, val_manifest: str | Path, run: RunDir,
     seed: int = 0, device: str | torch.device = "cpu",
 ) -> Path:
     """Train (or reuse) the audio tokenizer; returns the exported folder (``MelTokenizer.load`` or
     ``WaveCodec.load`` reads it, by ``kind`` in its config.json)."""
-    # only what shapes this kind's result: editing the other kind's section must not force a retrain
-    model_cfg = cfg.codec if cfg.kind == "seanet_codec" else cfg.mel
-    parts = {"kind": cfg.kind, "model": model_cfg, "optim": cfg.optim, "train": cfg.train, "seed": seed,
-             "train_manifest": str(train_manifest)}
-    if cfg.discriminator.enabled:  # only then: runs without it keep the fingerprints they had
-        parts["discriminator"] = cfg.discriminator
-    fp = fingerprint(parts)
+    fp = audio_tokenizer_fingerprint(cfg, train_manifest, seed)
     out = run.path / "tokenizer"
     if (out / "config.json").exists() and read_metadata(out).get("fingerprint") == fp:
         print(f"audio tokenizer: {out} is up to date (fingerprint {fp}); not retraining")
         return out
     tc = cfg.train
     seed_everything(seed)
-    waveform = cfg.kind == "seanet_codec"
-    model = (WaveCodec(cfg.codec) if waveform else MelTokenizer(cfg.mel)).to(device)
-    codebook_size = model.codebook_size
+    model = (WaveCodec(cfg.codec) if cfg.kind == "seanet_codec" else MelTokenizer(cfg.mel)).to(device)
     train = load_speech(train_manifest, model.sample_rate, tc.max_train_items)
     val = load_speech(val_manifest, model.sample_rate, max(tc.eval_items, tc.num_samples))
     print(f"audio tokenizer: {len(train.waves)} training utterances ({train.skipped} documents without audio "
           f"skipped), {len(val.waves)} validation")
-    crop_frames = max(1, int(round(tc.crop_seconds * model.frame_rate)))
-    if waveform:
-        corpus = torch.from_numpy(np.concatenate(train.waves)).to(device)  # (N,) samples
-        crop = crop_frames * model.samples_per_frame
-        wave_loss = WaveformLoss(model.sample_rate).to(device)
-        if cfg.discriminator.enabled and crop < cfg.discriminator.min_samples:
-            raise ValueError(f"audio_tokenizer.train.crop_seconds {tc.crop_seconds} gives {crop} samples, shorter "
-                             f"than the discriminator's largest n_fft {cfg.discriminator.min_samples}")
-    else:
-        corpus = mel_corpus(model, train.waves).to(device)
-        model.fit_normalization(corpus[None])
-        corpus = model.normalize(corpus[None])[0]
-        crop = crop_frames * cfg.mel.downsample  # mel frames of whole code frames
-
-    opt = build_optimizer(model, cfg.optim)
-    adversary = None
-    if cfg.discriminator.enabled:
-        disc = MultiScaleSTFTDiscriminator(cfg.discriminator).to(device)
-        adversary = Adversary(disc, torch.optim.Adam(disc.parameters(), lr=cfg.discriminator.lr,
-                                                     betas=cfg.discriminator.betas))
+    t = build_trainer(cfg, train, model, seed, device)
+    snapshots = Snapshots(run.checkpoints, fp, keep_last=tc.keep_last, name="audio tokenizer",
+                          models={"model": model, **({"disc": t.adversary.disc} if t.adversary else {})},
+                          optimizers={"optim": t.opt, **({"disc_optim": t.adversary.opt} if t.adversary else {})})
     logger = MetricsLogger(run)
-    start = 0
-    latest = _latest_checkpoint(run, fp)
-    if latest is not None:
-        start = _load_checkpoint(latest, model, opt, adversary)
-        print(f"audio tokenizer: resumed from {latest} at step {start}")
+    start = snapshots.resume()
     model.train()
-    t0, cpu0, step = time.time(), time.process_time(), start
-    bar = progress(range(start, tc.steps), total=tc.steps, initial=start, desc="audio tokenizer")
-    for step in bar:
-        if tc.max_seconds and time.time() - t0 > tc.max_seconds:
-            print(f"audio tokenizer: stopping at step {step}/{tc.steps}: the {tc.max_seconds:.0f} s budget is spent")
-            break
-        torch.manual_seed(seed * 1_000_003 + step)  # vector-quantize's k-means / dead-code draws
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        for group in opt.param_groups:
-            group["lr"] = cfg.optim.lr * lr_factor(step, tc.steps, cfg.optim)
-        adversarial = adversary is not None and step >= cfg.discriminator.start_step
-        if waveform:
-            wave = wave_crops(corpus, tc.batch_size, crop, g)  # (B, T)
-            result = model(wave)
-            fake = result.wave[:, : wave.shape[-1]]
-            recon_loss, mel_l1 = wave_loss(fake, wave)
-            loss = recon_loss + result.quantizer_loss
-            if adversarial:
-                dc = cfg.discriminator
-                with torch.no_grad():
-                    real_out = adversary.disc(wave)  # feature-matching targets
-                adversary.disc.requires_grad_(False)  # this backward feeds the codec only: skip D's weight grads
-                fake_out = adversary.disc(fake)
-                adversary.disc.requires_grad_(True)
-                g_adv = generator_loss(fake_out.logits, dc.loss)
-                g_feat = feature_matching_loss(real_out.features, fake_out.features)
-                loss = loss + dc.adversarial_weight * g_adv + dc.feature_weight * g_feat
-        else:
-            mel = sample_crops(corpus, tc.batch_size, crop, g)  # (B, M, frames)
-            result = model(mel)
-            recon_loss = F_.l1_loss(result.recon, mel)
-            loss = recon_loss + result.commit_loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if adversarial:  # then the discriminator, on the same batch against the (detached) reconstruction
-            d_loss = discriminator_loss(adversary.disc(wave).logits, adversary.disc(fake.detach()).logits,
-                                        cfg.discriminator.loss)
-            d_loss.backward()
-            adversary.opt.step()
-            adversary.opt.zero_grad(set_to_none=True)
+    loop = TrainingLoop("audio tokenizer", tc.steps, start=start, max_seconds=tc.max_seconds)
+    for step in loop:
+        outcome = train_step(t, step)
         if step % tc.log_every == 0 or step == tc.steps - 1:
-            if waveform:
-                nats, commit = float(mel_l1.detach()), float(result.quantizer_loss.detach())
-            else:  # L1 in natural-log mel units: undo the per-bin scaling
-                nats = float(((result.recon.detach() - mel).abs() * model.mel_std[None, :, None]).mean())
-                commit = float(result.commit_loss.detach())
-            usage = codebook_perplexity(result.codes, codebook_size)
-            gan = dict(d_loss=d_loss.item(), g_adv=g_adv.item(), g_feat=g_feat.item()) if adversarial else {}
-            logger.log(step, loss=loss.item(), recon=recon_loss.item(), mel_l1_nats=nats, commit=commit, **gan,
-                       grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"],
-                       cpu_seconds=time.process_time() - cpu0,  # steadier than wall time on a shared machine
-                       **{f"perplexity_q{q}": u for q, u in enumerate(usage)})
-            bar.set_postfix(loss=f"{loss.item():.3f}", nats=f"{nats:.3f}")
-        if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0:
-            _save_checkpoint(run, step + 1, model, opt, fp, tc.keep_last, adversary)
-        if tc.sample_every and (step + 1) % tc.sample_every == 0:
+            record = step_record(t, outcome, loop.cpu_seconds)
+            logger.log(step, **record)
+            loop.set_postfix(loss=f"{record['loss']:.3f}", nats=f"{record['mel_l1_nats']:.3f}")
+        if loop.due(tc.ckpt_every, step + 1):
+            snapshots.save(step + 1)
+        if loop.due(tc.sample_every, step + 1):
             _write_samples(model, val, run, logger, step + 1, tc.num_samples)
-    else:
-        step = tc.steps
-    trained_seconds, trained_cpu = time.time() - t0, time.process_time() - cpu0
-    _save_checkpoint(run, step, model, opt, fp, tc.keep_last, adversary)
+    step, trained_seconds, trained_cpu = loop.done, loop.elapsed, loop.cpu_seconds
+    snapshots.save(step)
     _write_samples(model, val, run, logger, step, tc.num_samples)
     model.eval()
     model.save(out, metadata={"fingerprint": fp, "steps": str(step), "train_seconds": f"{trained_seconds:.1f}"})
     results: dict[str, float] = {"audio_tokenizer.steps": step, "audio_tokenizer.train_seconds": trained_seconds,
                                  "audio_tokenizer.train_cpu_seconds": trained_cpu}
     if tc.eval_items:
-        from anyloom.evaluation.audio_metrics import evaluate_reconstruction
-        from anyloom.world.asr import SpeechJudge, word_error_rate
-
-        n = tc.eval_items
-        report = evaluate_reconstruction(model, val.waves[:n], val.sample_rate, val.texts[:n], SpeechJudge(),
-                                         word_error_rate)
-        results.update(report.as_eval())
-        logger.log(step, **{k.split(".", 1)[1]: v for k, v in report.as_eval().items()})
+        scores = evaluate_tokenizer(model, val, tc.eval_items)
+        results.update(scores)
+        logger.log(step, **{k.split(".", 1)[1]: v for k, v in scores.items()})
     run.write_json("eval.json", results)
     print("audio tokenizer: " + json.dumps({k: round(v, 4) for k, v in results.items()}))
     return out
