@@ -7,10 +7,10 @@ The loop: ``load_data`` (both splits in memory), ``build_state`` (model, optimiz
 One step reads top to bottom: forward, loss (L1 + L2, optionally weighted per pixel towards the original's outlines
 and by a dataset's pixel-weight plug-ins, see ``PixelWeights`` [+ gradient-difference L1] + quantizer aux [+
 adaptive-weighted hinge GAN after ``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision:
-amx`` on an AMX CPU), backward, clip, step, EMA update. Checkpoints are one safetensors file plus a JSON sidecar (never
-pickle); a run with a checkpoint resumes from it and, because every batch is drawn from a generator seeded by (seed,
-step), continues exactly as an uninterrupted run would. The export is skipped when ``<run>/tokenizer`` already holds a
-tokenizer trained with the same config fingerprint.
+amx`` on an AMX CPU), backward, clip, step, EMA update. Checkpoints are the small-model trainers' format
+(``training/snapshots.py``); a run with a checkpoint of its config resumes from it and, because every batch is drawn
+from a generator seeded by (seed, step), continues exactly as an uninterrupted run would. The export is skipped when
+``<run>/tokenizer`` already holds a tokenizer trained with the same config fingerprint.
 
 Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
 """
@@ -33,13 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anyloom.config import added_field, build, fingerprint, to_dict
 from anyloom.data.images import load_images
 from anyloom.plugins import load_plugin
-from anyloom.progress import progress
 from anyloom.tokenizers.base import reconstruct
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
@@ -47,11 +45,10 @@ from anyloom.training.optim import OptimConfig, budget_position, build_optimizer
 from anyloom.training.parallel import cpu_has_amx
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
+from anyloom.training.snapshots import Snapshots, TrainingLoop
 from anyloom.weights import read_metadata
 
 EXPORT_DIR = "tokenizer"  # <run>/tokenizer: the exported ImageVQTokenizer (model.safetensors + config.json)
-CHECKPOINT = "image_tokenizer.safetensors"  # <run>/checkpoints/: training state, resumable
-CHECKPOINT_META = "image_tokenizer.json"
 
 
 PIXEL_WEIGHTS = "anyloom.pixel_weights"  # the plug-in group of per-pixel loss weights (anyloom.plugins)
@@ -364,7 +361,7 @@ def save_grid(originals: np.ndarray, recons: np.ndarray, path: Path, scale: int 
     return grid
 
 
-# -------------------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------------------ training state
 
 
 @dataclass
@@ -377,67 +374,17 @@ class TrainState:
     step: int = 0  # optimizer steps done
 
 
-def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{prefix}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, sd["param_groups"]
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(state: TrainState, folder: Path, config_fp: str) -> Path:
-    tensors = {f"model.{k}": v for k, v in state.model.state_dict().items()}
-    opt_t, groups = _optimizer_tensors("opt", state.optimizer)
-    tensors.update(opt_t)
-    meta: dict = {"step": state.step, "fingerprint": config_fp, "param_groups": groups}
+def snapshots(state: TrainState, folder: Path, config_fp: str) -> Snapshots:
+    """The trainer's checkpoints (``training/snapshots.py``): model, optimizer [, discriminator and its optimizer]
+    [, EMA copies], with the global generator that VQ dead-code re-seeding draws from."""
+    models: dict[str, nn.Module] = {"tokenizer": state.model}
+    optimizers = {"tokenizer": state.optimizer}
     if state.disc is not None and state.disc_optimizer is not None:
-        tensors.update({f"disc.{k}": v for k, v in state.disc.state_dict().items()})
-        d_t, d_groups = _optimizer_tensors("dopt", state.disc_optimizer)
-        tensors.update(d_t)
-        meta["disc_param_groups"] = d_groups
-    if state.ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
-    tensors["rng.torch"] = torch.get_rng_state()  # VQ dead-code re-seeding draws from the global generator
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
-    (folder / (CHECKPOINT_META + ".tmp")).write_text(json.dumps(meta) + "\n")
-    # The JSON names the step; it is renamed last, so a crash between the two leaves the old pair readable.
-    tmp.replace(folder / CHECKPOINT)
-    (folder / (CHECKPOINT_META + ".tmp")).replace(folder / CHECKPOINT_META)
-    return folder / CHECKPOINT
-
-
-def load_checkpoint(state: TrainState, folder: Path, config_fp: str) -> bool:
-    """Restore ``state`` from ``folder`` if it holds a checkpoint of this config; False when there is none."""
-    if not (folder / CHECKPOINT).exists() or not (folder / CHECKPOINT_META).exists():
-        return False
-    meta = json.loads((folder / CHECKPOINT_META).read_text())
-    if meta.get("fingerprint") != config_fp:
-        raise ValueError(f"{folder / CHECKPOINT}: written by a different image_tokenizer config "
-                         f"({meta.get('fingerprint')} != {config_fp}); use a new run directory or delete it")
-    tensors = load_file(str(folder / CHECKPOINT))
-    state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    _load_optimizer(state.optimizer, "opt", tensors, meta["param_groups"])
-    if state.disc is not None and state.disc_optimizer is not None:
-        state.disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
-        _load_optimizer(state.disc_optimizer, "dopt", tensors, meta["disc_param_groups"])
-    if state.ema is not None:
-        for k in state.ema:
-            state.ema[k].copy_(tensors[f"ema.{k}"])
-    torch.set_rng_state(tensors["rng.torch"])
-    state.step = int(meta["step"])
-    return True
+        models["discriminator"], optimizers["discriminator"] = state.disc, state.disc_optimizer
+    # parameter names hold dots, which separate a checkpoint's key parts: "ema/decoder/conv_out/weight"
+    ema = {"ema/" + k.replace(".", "/"): v for k, v in (state.ema or {}).items()}
+    return Snapshots(folder, config_fp, keep_last=1, name="image tokenizer", models=models, optimizers=optimizers,
+                     tensors=ema)
 
 
 # -------------------------------------------------------------------------------------------- loop
@@ -605,42 +552,35 @@ def train_image_tokenizer(
     logger = MetricsLogger(run)
     data = load_data(cfg, train_manifest, val_manifest, logger)
     state = build_state(cfg)
-    if load_checkpoint(state, run.checkpoints, config_fp):
-        print(f"image tokenizer: resuming from step {state.step} ({run.checkpoints / CHECKPOINT})")
+    snaps = snapshots(state, run.checkpoints, config_fp)
+    state.step = snaps.resume()
     objective = ReconstructionObjective(cfg)
     autocast = cfg.autocast()  # the forward pass and the losses (the generator's and the discriminator's)
 
-    bar = progress(total=cfg.steps, initial=state.step, desc="image tokenizer", unit="step")
-    t0 = time.time()
-    while state.step < cfg.steps:
-        # with a time budget, progress is the larger of the step and time fractions (see max_seconds)
-        position = budget_position(state.step, time.time() - t0, cfg.steps, cfg.max_seconds)
-        if position >= cfg.steps:  # step < cfg.steps here: the clock got there first
-            print(f"image tokenizer: stopping at step {state.step}/{cfg.steps}: the {cfg.max_seconds:.0f} s budget "
-                  "is spent")
-            break
+    loop = TrainingLoop("image tokenizer", cfg.steps, start=state.step, max_seconds=cfg.max_seconds)
+    for step in loop:  # stops early once the max_seconds budget is spent
+        # with a time budget, the schedule follows the larger of the step and time fractions (see max_seconds)
+        position = budget_position(step, loop.elapsed, cfg.steps, cfg.max_seconds)
         lr = cfg.optim.lr * lr_factor(position, cfg.steps, cfg.optim)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        x = data.train[batch_indices(len(data.train), cfg.batch_size, cfg.seed, state.step)]
+        x = data.train[batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
         result = train_step(state, x.contiguous(memory_format=cfg.memory_format), cfg, objective, autocast)
-        bar.update(1)
 
-        step, done = state.step, state.step == cfg.steps
-        if step % cfg.log_every == 0 or done:
-            logger.log(step, **result.record(lr, time.time() - t0))
-            bar.set_postfix(loss=f"{result.loss.item():.4f}")
-        if step % cfg.eval_every == 0 or done:
-            log_scores(logger, step, state.model, data.val, "val")
-        if (cfg.sample_every and step % cfg.sample_every == 0) or done:
-            grid = save_samples(state.model, data.fixed, run.samples / f"recon_{step:06d}.png")
-            logger.image("image_tokenizer/reconstructions", step, grid)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or done:
-            save_checkpoint(state, run.checkpoints, config_fp)
-    bar.close()
-    if state.step < cfg.steps:  # stopped by the time budget: keep the last state resumable
-        save_checkpoint(state, run.checkpoints, config_fp)
-    return export(state, cfg, data, run, logger, config_fp, time.time() - t0)
+        done = state.step
+        if loop.due(cfg.log_every, done) or done == cfg.steps:
+            logger.log(done, **result.record(lr, loop.elapsed))
+            loop.set_postfix(loss=f"{result.loss.item():.4f}")
+        if loop.due(cfg.eval_every, done) or done == cfg.steps:
+            log_scores(logger, done, state.model, data.val, "val")
+        if loop.due(cfg.sample_every, done) or done == cfg.steps:
+            grid = save_samples(state.model, data.fixed, run.samples / f"recon_{done:06d}.png")
+            logger.image("image_tokenizer/reconstructions", done, grid)
+        if loop.due(cfg.ckpt_every, done) or done == cfg.steps:
+            snaps.save(done)
+    if loop.stopped_early:  # by the time budget: keep the last state resumable
+        snaps.save(state.step)
+    return export(state, cfg, data, run, logger, config_fp, loop.elapsed)
 
 
 def main(argv: list[str] | None = None) -> int:
