@@ -24,7 +24,6 @@ from anyloom.tokenizers.base import AudioCodes, AudioTokenizer, ImageCodes, Imag
 from anyloom.training.diffusion_decoder import (
     DiffusionDecoderStageConfig,
     compare_decoders,
-    load_manifest_images,
     to_uint8,
     train_diffusion_decoder_on_images,
 )
@@ -326,7 +325,9 @@ def test_recipe_section_builds_and_typos_name_the_key():
         load_recipe("diffusion_decoder", ["diffusion_decoder.model.inference_step=3"])
 
 
-def test_manifest_images_skip_imageless_documents_and_refuse_other_sizes(tmp_path):
+def test_the_trainer_reads_every_image_segment_and_refuses_other_sizes(tmp_path):
+    from anyloom.data.images import load_images
+
     pixels = palette_images(2, seed=4)
     Image.fromarray(pixels[0]).save(tmp_path / "a.png")
     Image.fromarray(pixels[1]).save(tmp_path / "b.png")
@@ -337,9 +338,9 @@ def test_manifest_images_skip_imageless_documents_and_refuse_other_sizes(tmp_pat
         {"segments": [{"image": "b.png"}]},
     ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    got = load_manifest_images(tmp_path / "m.jsonl", (16, 16))
+    got = load_images(tmp_path / "m.jsonl", (16, 16))
     assert got.skipped == 1 and np.array_equal(got.pixels, pixels)
-    assert len(load_manifest_images(tmp_path / "m.jsonl", (16, 16), limit=1).pixels) == 1
+    assert len(load_images(tmp_path / "m.jsonl", (16, 16), limit=1).pixels) == 1
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "x", "segments": [{"image": "small.png"}]}) + "\n")
     with pytest.raises(ValueError, match=r"small.png: image is 8x8, the tokenizer and decoder expect 16x16"):
-        load_manifest_images(tmp_path / "bad.jsonl", (16, 16))
+        load_images(tmp_path / "bad.jsonl", (16, 16))

@@ -128,7 +128,11 @@ def test_loading_never_unpickles(tmp_path):
 def test_loop_counts_steps_and_stops_on_budget(capsys):
     loop = TrainingLoop("t", 5, start=2)
     assert list(loop) == [2, 3, 4] and loop.done == 5 and not loop.stopped_early
-    loop = TrainingLoop("t", 1000, max_seconds=1e-9)
-    assert list(loop) == [] and loop.stopped_early and loop.done == 0
+    loop = TrainingLoop("t", 1000, max_seconds=1e-9)  # the budget is checked after a step: one step runs
+    assert list(loop) == [0] and loop.stopped_early and loop.done == 1
     assert "budget is spent" in capsys.readouterr().out
+    asked = TrainingLoop("t", 1000, max_seconds=1e-9)
+    lasts = [asked.finishing(step + 1) for step in asked]  # a trainer asking before its periodic work
+    assert lasts == [True] and asked.done == 1 and capsys.readouterr().out.count("budget") == 1
     assert [d for d in range(1, 8) if loop.due(3, d)] == [3, 6] and not loop.due(0, 3)
+    assert [TrainingLoop("t", 3).finishing(d) for d in (1, 3)] == [False, True]

@@ -2,7 +2,7 @@
 
 Reads top to bottom: images from manifests -> each image's VQ reconstruction, computed once up front
 (the tokenizer is frozen, so this is the "tokenize offline" step) -> DDPM loss, backward, clip, step, log;
-periodic checkpoints (safetensors, resumable: model, optimizer, step and the data/noise RNG) and sample
+periodic checkpoints (``training/snapshots.py``: model, optimizer, step and the data/noise RNG) and sample
 PNG grids (original | VQ decoder | diffusion decoder) with held-out PSNR of both decoders.
 
 Entry: :func:`train_diffusion_decoder` (manifests) or :func:`train_diffusion_decoder_on_images` (arrays).
@@ -10,28 +10,30 @@ Entry: :func:`train_diffusion_decoder` (manifests) or :func:`train_diffusion_dec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
+from anyloom.config import fingerprint
+from anyloom.data.images import load_images
 from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
 from anyloom.device import pick_device
 from anyloom.evaluation.image_metrics import judge_agreement, psnr
 from anyloom.progress import progress
-from anyloom.tokenizers.base import ImageTokenizer
+from anyloom.tokenizers.base import ImageTokenizer, reconstruct
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
+from anyloom.training.snapshots import Snapshots, TrainingLoop
 
 
 @dataclass(frozen=True)
@@ -66,46 +68,6 @@ class DiffusionDecoderStageConfig:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
 
 
-@dataclass
-class ImageSet:
-    pixels: np.ndarray  # (N, H, W, 3) uint8
-    skipped: int  # documents without an image segment
-
-
-def load_manifest_images(path: str | Path, image_size: tuple[int, int], limit: int = 0) -> ImageSet:
-    """Every image segment of a manifest, checked against ``image_size``; text/audio-only documents are
-    skipped and counted. ``limit`` > 0 keeps the first ``limit`` images."""
-    from anyloom.data.document import ImageSegment
-    from anyloom.data.manifest import read_manifest
-
-    documents = read_manifest(path).documents
-    images, skipped = [], 0
-    for doc in documents:
-        segs = [s for s in doc.segments if isinstance(s, ImageSegment)]
-        if not segs:
-            skipped += 1
-            continue
-        for seg in segs:
-            px = np.asarray(seg.pixels)
-            if px.dtype != np.uint8 or px.ndim != 3 or px.shape[2] != 3:
-                raise ValueError(
-                    f"{path}: {seg.path or doc.id}: expected (H, W, 3) uint8 pixels, got {px.shape} {px.dtype}"
-                )
-            if tuple(px.shape[:2]) != tuple(image_size):
-                raise ValueError(
-                    f"{path}: {seg.path or doc.id}: image is {px.shape[0]}x{px.shape[1]}, the tokenizer and "
-                    f"decoder expect {image_size[0]}x{image_size[1]} (H x W)"
-                )
-            images.append(px)
-            if limit and len(images) >= limit:
-                break
-        if limit and len(images) >= limit:
-            break
-    if not images:
-        raise ValueError(f"{path}: no image segments ({skipped} documents without images)")
-    return ImageSet(pixels=np.stack(images), skipped=skipped)
-
-
 def to_float(pixels: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
     return rearrange(torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0, "n h w c -> n c h w")
@@ -124,16 +86,6 @@ def freeze(tokenizer: ImageTokenizer) -> ImageTokenizer:
     return tokenizer
 
 
-@torch.no_grad()
-def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int, desc: str) -> torch.Tensor:
-    """The frozen tokenizer's reconstruction decode(encode(x)) of (N, 3, H, W) images, in batches."""
-    out = []
-    for i in progress(range(0, len(images), batch_size), desc=desc):
-        codes = tokenizer.encode(images[i : i + batch_size]).codes
-        out.append(tokenizer.decode(codes).float().cpu())
-    return torch.cat(out)
-
-
 def _grid(rows: list[np.ndarray]) -> Image.Image:
     """Rows of (H, W, 3) uint8 columns -> one image, 2-pixel gaps."""
     h, w = rows[0][0].shape[:2]
@@ -145,48 +97,13 @@ def _grid(rows: list[np.ndarray]) -> Image.Image:
     return canvas
 
 
-# -- checkpoints: model weights (save_weights layout) + optimizer tensors + a JSON of counters ------------
-
-
-def _save_checkpoint(
-    folder: Path, model: DiffusionDecoder, opt: torch.optim.Optimizer, step: int, rng: torch.Generator
-) -> None:
-    tmp = folder.with_name("tmp_" + folder.name)  # not matched by step_*
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    sd = opt.state_dict()
-    tensors = {"rng": rng.get_state()}
-    for idx, state in sd["state"].items():
-        for k, v in state.items():
-            tensors[f"state.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous().clone()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": sd["param_groups"]}) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # a folder named step_* is always complete
-
-
-def _latest_checkpoint(run: RunDir) -> Path | None:
-    done = sorted(p for p in run.checkpoints.glob("step_*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def _load_checkpoint(folder: Path, model: DiffusionDecoder, opt: torch.optim.Optimizer, rng: torch.Generator) -> int:
-    saved = DiffusionDecoder.load(folder)
-    if saved.cfg != model.cfg:
-        raise ValueError(f"{folder}: checkpoint config {saved.cfg} differs from the recipe's {model.cfg}")
-    model.load_state_dict(saved.state_dict())
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    rng.set_state(tensors.pop("rng"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"])
-
-
-# -- the loop ---------------------------------------------------------------------------------------------
+def decoder_fingerprint(cfg: DiffusionDecoderStageConfig, images: torch.Tensor, cond: torch.Tensor) -> str:
+    """The stage config (not where it runs) and a digest of the training pairs: a checkpoint resumes only on the
+    same images and the same frozen tokenizer's reconstructions of them."""
+    digest = hashlib.sha256()
+    for t in (images, cond):
+        digest.update(t.contiguous().numpy().tobytes())
+    return fingerprint({"config": replace(cfg, device=""), "data": digest.hexdigest()[:16]})
 
 
 def train_diffusion_decoder_on_images(
@@ -211,18 +128,18 @@ def train_diffusion_decoder_on_images(
 
     images = to_float(train_pixels)  # (N, 3, H, W)
     val = to_float(val_pixels[: cfg.val_images])
-    cond = reconstruct(image_tokenizer, images, cfg.encode_batch_size, "VQ reconstructions (train)")
-    val_cond = reconstruct(image_tokenizer, val, cfg.encode_batch_size, "VQ reconstructions (val)")
+    cond = reconstruct(image_tokenizer, images, cfg.encode_batch_size, "VQ reconstructions (train)").images
+    val_cond = reconstruct(image_tokenizer, val, cfg.encode_batch_size, "VQ reconstructions (val)").images
 
     model = DiffusionDecoder(mcfg).to(device)
     model.residual_std.fill_(float((images - cond).std().clamp_min(1e-3)))
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.steps, cfg.optim)
-    start = 0
-    latest = _latest_checkpoint(run)
-    if latest is not None:
-        start = _load_checkpoint(latest, model, opt, rng)
-        # put the schedule at step `start` exactly as an uninterrupted run has it (LambdaLR: base * factor)
+    snapshots = Snapshots(run.checkpoints, decoder_fingerprint(cfg, images, cond), keep_last=cfg.keep_last,
+                          name="diffusion decoder", models={"model": model}, optimizers={"optim": opt},
+                          generators={"data": rng})
+    start = snapshots.resume()
+    if start:  # put the schedule at step `start` exactly as an uninterrupted run has it (LambdaLR: base * factor)
         sched.last_epoch = start
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * lr_factor(start, cfg.steps, cfg.optim)
@@ -231,8 +148,8 @@ def train_diffusion_decoder_on_images(
     bs = min(cfg.batch_size, n)
 
     model.train()
-    t_start = time.perf_counter()
-    for step in progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="diffusion decoder"):
+    loop = TrainingLoop("diffusion decoder", cfg.steps, start=start, max_seconds=cfg.max_seconds)
+    for step in loop:
         idx = torch.randint(0, n, (bs,), generator=rng)
         x, c = images[idx].to(device), cond[idx].to(device)
         out = model.loss(x, c, generator=rng)
@@ -242,22 +159,17 @@ def train_diffusion_decoder_on_images(
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t_start >= cfg.max_seconds
-        last = done == cfg.steps or out_of_time
-        if done % cfg.log_every == 0 or last:
+        last = loop.finishing(done)  # the last step (or the time budget is spent): log, save and sample now
+        if loop.due(cfg.log_every, done) or last:
             logger.log(done, loss=out.loss.item(), grad_norm=float(grad_norm), lr=sched.get_last_lr()[0])
-        if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or last):
-            _save_checkpoint(run.checkpoints / f"step_{done:07d}", model, opt, done, rng)
-            for old in sorted(run.checkpoints.glob("step_*"))[: -cfg.keep_last]:
-                shutil.rmtree(old)
-        if (cfg.sample_every and done % cfg.sample_every == 0) or last:
+        if cfg.ckpt_every and (loop.due(cfg.ckpt_every, done) or last):
+            snapshots.save(done)
+        if loop.due(cfg.sample_every, done) or last:
             model.eval()
             write_samples(model, val, val_cond, run, done, logger, cfg.sample_images)
             model.train()
-        if out_of_time:
-            logger.log(done, stopped_early=True, train_seconds=round(time.perf_counter() - t_start, 1))
-            print(f"diffusion decoder: max_seconds={cfg.max_seconds} reached after {done}/{cfg.steps} steps")
-            break
+    if loop.stopped_early:
+        logger.log(loop.done, stopped_early=True, train_seconds=round(loop.elapsed, 1))
     logger.close()
     final = model.save(run.path / "decoder")
     return final
@@ -299,8 +211,11 @@ def train_diffusion_decoder(
 ) -> Path:
     """Train on the images of two JSONL manifests (see :func:`train_diffusion_decoder_on_images`)."""
     size = tuple(cfg.model.image_size)
-    train = load_manifest_images(train_manifest, size, cfg.max_train_images)
-    val = load_manifest_images(val_manifest, size, cfg.val_images)
+    train = load_images(train_manifest, size, limit=cfg.max_train_images)
+    val = load_images(val_manifest, size, limit=cfg.val_images)
+    for path, split in ((train_manifest, train), (val_manifest, val)):
+        if not len(split.pixels):
+            raise ValueError(f"{path}: no image segments ({split.skipped} documents without images)")
     if train.skipped or val.skipped:
         print(f"diffusion decoder: skipped {train.skipped} train / {val.skipped} val documents without images")
     return train_diffusion_decoder_on_images(cfg, image_tokenizer, train.pixels, val.pixels, run)
@@ -402,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = train_diffusion_decoder(cfg, tokenizer, world.train, world.val, run)
     if args.eval_split != "none":
         model = DiffusionDecoder.load(weights, device=pick_device(cfg.device))
-        pixels = load_manifest_images(world.split(args.eval_split), tuple(cfg.model.image_size), args.eval_items)
+        pixels = load_images(world.split(args.eval_split), tuple(cfg.model.image_size), limit=args.eval_items)
         results = {}
         try:
             step_counts = [int(v) for v in args.eval_steps.split(",") if v.strip()] or [model.cfg.inference_steps]
@@ -420,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "DiffusionDecoderStageConfig",
-    "ImageSet",
-    "load_manifest_images",
     "compare_decoders",
     "freeze",
     "DecoderComparison",

@@ -19,7 +19,7 @@ Usage::
                       models={"model": model}, optimizers={"optim": opt}, generators={"data": g})
     start = snaps.resume()            # the step to start from: 0 without a usable checkpoint
     loop = TrainingLoop("audio tokenizer", steps, start=start, max_seconds=600)
-    for step in loop:                 # stops at ``steps`` or when the time budget is spent (and says so)
+    for step in loop:                 # stops at ``steps`` or once the time budget is spent (and says so)
         ...                           # the trainer's own step: its random draws and float operations
         if loop.due(ckpt_every, step + 1):
             snaps.save(step + 1)
@@ -282,10 +282,11 @@ class Snapshots:
 class TrainingLoop:
     """The step loop of the small-model trainers: a progress bar, an optional wall-clock budget and "is it due".
 
-    Iterating yields the step index (steps done before it, from ``start``); the loop stops at ``steps`` or, with
-    ``max_seconds`` > 0, before a step once that much time has passed since the loop began (it says so and sets
-    ``stopped_early``). It draws no random numbers and touches no tensors: the trainer's own step keeps its order
-    of random draws and float operations.
+    Iterating yields the step index (the steps done before it, from ``start``) until ``steps``. With
+    ``max_seconds`` > 0 the budget is checked after each step: a trainer that must know before its periodic work
+    (to save or sample on the last step) asks :meth:`finishing`; otherwise the loop checks once the body is done.
+    Either way the loop then ends, says so and sets ``stopped_early``. It draws no random numbers and touches no
+    tensors: the trainer's own step keeps its order of random draws and float operations.
     """
 
     def __init__(self, name: str, steps: int, *, start: int = 0, max_seconds: float = 0.0):
@@ -297,6 +298,7 @@ class TrainingLoop:
         self.t0 = time.time()
         self.cpu0 = time.process_time()
         self.bar = None
+        self._checked = -1  # the step count whose budget check has been made
 
     @property
     def elapsed(self) -> float:
@@ -308,21 +310,25 @@ class TrainingLoop:
         """CPU seconds of this process since the loop began (steadier than wall time on a shared machine)."""
         return time.process_time() - self.cpu0
 
-    def budget_spent(self) -> bool:
-        return bool(self.max_seconds) and self.elapsed > self.max_seconds
+    def finishing(self, done: int) -> bool:
+        """After ``done`` steps: is this the last step (``steps`` reached, or the time budget spent)?"""
+        if self._checked != done:
+            self._checked = done
+            if done < self.steps and self.max_seconds and self.elapsed >= self.max_seconds:
+                self.stopped_early = True
+                print(f"{self.name}: stopping after step {done}/{self.steps}: the {self.max_seconds:g} s budget is "
+                      "spent")
+        return done >= self.steps or self.stopped_early
 
     def __iter__(self) -> Iterator[int]:
         self.t0, self.cpu0 = time.time(), time.process_time()
         self.bar = progress(range(self.start, self.steps), total=self.steps, initial=self.start, desc=self.name)
         try:
             for step in self.bar:
-                if self.budget_spent():
-                    self.stopped_early = True
-                    print(f"{self.name}: stopping at step {step}/{self.steps}: the {self.max_seconds:.0f} s budget "
-                          "is spent")
-                    return
                 yield step
                 self.done = step + 1
+                if self.finishing(self.done):
+                    return
         finally:
             self.bar.close()
 
