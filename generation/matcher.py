@@ -3,7 +3,7 @@
 Why it exists: text->image samples several pictures per prompt and keeps one. The LM's own reverse direction
 (log p(prompt | picture), ``generation/rerank.py``) reads a malformed object as the prompt's; a separate
 discriminative model that looks at the decoded *pixels* has other blind spots, and picks better (measured in
-docs/BENCHMARKS.md, "Session 14: the image matcher"). It is trained in the chain's ``image_matcher`` stage
+docs/experiments/2026-11-27-image-matcher.md). It is trained in the chain's ``image_matcher`` stage
 (``anyloom.training.matcher``) on the training split's pictures as the image tokenizer reconstructs them, the
 pictures generation produces.
 
@@ -12,24 +12,10 @@ pictures generation produces.
 - text side: the text tokenizer's ids -> embeddings + learned positions, averaged over the real tokens -> MLP ->
   unit vector;
 - score: the cosine times a learned scale (``similarity``), the logit the contrastive loss trained.
-- optional region head (``region_keys``, trained where the documents give object boxes and per-object labels in
-  their ``meta``, e.g. the world's ``shape`` and ``color``): its own small fully convolutional net, one cell per
-  4 x 4 pixels -> per cell an object/background logit and, per key, logits over the key's values.
-  ``consistency`` reads it: for each key, the value the picture's object cells hold most, then the least sure
-  object cell's log-probability of that value, summed over keys (0 = every object cell certain of one value; a
-  picture with one object of another shape or colour among the rest scores far lower). It looks at each object
-  where the global embedding above sums the whole picture, and needs no prompt.
-  With ``region_contact`` the head also gives each cell a contact logit: two objects touching there (the world keeps
-  objects >= 2 px apart; the LM sometimes draws two squares run together into one rectangle, which the judge then
-  counts as one). It is trained on copy-paste pictures (``anyloom.training.matcher.touching_copies``: a document's
-  object copied so it touches another) against the clean ones, and ``consistency`` adds log(1 - p) of the picture's
-  most contact-like cell.
-  ``region_colorblind`` keys (the world's ``shape``) are read by a second net of the same form that sees only each
-  pixel's distance from the picture's background (``colorless``): a head that sees colour learns which shapes come
-  in which colours, and reads a colour-shape pair held out of training (a red star) as unsure or as another shape.
+- optional head (``head``): a plug-in's extra reader of the same pictures (``MatcherHead`` below; e.g. the world's
+  region head, ``anyloom.world.regions``), trained in the matcher's steps on its own parameters and saved with it.
 
-Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width, g x w region cells,
-K a key's values.
+Axis legend: B images, T texts (or T = B when paired), L text length, D embedding width.
 """
 
 from __future__ import annotations
@@ -38,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,10 +32,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from anyloom.config import added_field, build, to_dict
+from anyloom.config import ConfigError, added_field, build, to_dict
+from anyloom.plugins import load_plugin
 from anyloom.weights import load_weights, save_weights
 
 KIND = "image_text_matcher"
+HEAD_GROUP = "anyloom.matcher_heads"  # the entry point group of matcher heads (anyloom/plugins.py)
 
 
 @dataclass(frozen=True)
@@ -60,17 +49,8 @@ class MatcherConfig:
     text_vocab: int = 512  # the text tokenizer's vocabulary size
     max_text_tokens: int = 32  # longer texts are cut (the matcher reads captions and names)
     # the cosines' scale in the loss: 0 = learned (from e^2.5); > 0 = fixed at this value (a low one keeps the loss
-    # from pushing every cosine of a caption's pictures to the ceiling, docs/BENCHMARKS.md "Session 14")
+    # from pushing every cosine of a caption's pictures to the ceiling, docs/experiments/2026-11-27-image-matcher.md)
     logit_scale: float = added_field(0.0)
-    # the region head: meta keys labelling each object box (empty = no head), each key's values (class order)
-    region_keys: tuple[str, ...] = added_field(())
-    region_values: tuple[tuple[str, ...], ...] = added_field(())
-    region_channels: int = added_field(64)
-    # the region head's contact logit per cell (objects touching there); needs region_keys (the boxes' head)
-    region_contact: bool = added_field(False)
-    # region keys read by a colour-blind head: it sees each pixel's distance from the picture's background only, so
-    # it cannot tie them to colours (the world's shape: colour-shape pairs held out of training are read as well)
-    region_colorblind: tuple[str, ...] = added_field(())
 
     def __post_init__(self) -> None:
         h, w = self.image_size
@@ -83,47 +63,59 @@ class MatcherConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.logit_scale < 0:
             raise ValueError(f"logit_scale must be 0 (learned) or > 0 (fixed), got {self.logit_scale}")
-        # region_values may be left empty in a recipe: the matcher stage fills them in from the training data
-        if self.region_values and (len(self.region_keys) != len(self.region_values)
-                                   or any(len(v) < 1 for v in self.region_values)):
-            raise ValueError(f"region_values needs one non-empty list of values per region key, got "
-                             f"{len(self.region_values)} for keys {tuple(self.region_keys)}")
-        if self.region_channels <= 0:
-            raise ValueError(f"region_channels must be > 0, got {self.region_channels}")
-        if self.region_contact and not self.region_keys:
-            raise ValueError("region_contact needs the region head: set region_keys too (the documents' meta keys "
-                             "labelling each object box)")
-        unknown = [k for k in self.region_colorblind if k not in self.region_keys]
-        if unknown:
-            raise ValueError(f"region_colorblind key {unknown[0]!r} is not one of region_keys "
-                             f"{tuple(self.region_keys)}")
+
+
+class MatcherHead(nn.Module):
+    """The contract of a matcher head: an extra reader of the matcher's pictures that a plug-in brings (registered
+    in the entry point group ``anyloom.matcher_heads``; a recipe names it in ``image_matcher.head``).
+
+    - ``Config``: its typed options, a frozen dataclass (the recipe's head section less ``name``, and whatever the
+      head's trainer completes from the training data);
+    - ``__init__(config)``: its nets. The matcher builds it after its own nets, so the global nets' initial weights
+      are the same with or without a head;
+    - ``trainer(config, train, val, seed, where)``, a classmethod: its training side, an
+      ``anyloom.training.matcher.HeadTrainer`` (what it adds to each step's loss, what it reports on validation).
+
+    It is saved in the matcher's safetensors file (parameters ``head.*``); config.json records its name and config.
+    """
+
+    Config: ClassVar[type]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str  # the plug-in's entry point name (anyloom.matcher_heads)
+    config: Any  # its typed options: an instance of the plug-in's ``Config``
+
+
+def head_class(name: str, where: str = "") -> type[MatcherHead]:
+    """The matcher head registered as ``name``; an unknown name fails with the known ones."""
+    return load_plugin(HEAD_GROUP, name, where=where)
+
+
+def head_spec(section: dict[str, Any] | None, where: str = "head") -> HeadSpec | None:
+    """A head section ``{name: <plug-in>, <its options>...}`` (a recipe's or a saved config.json's) -> its typed
+    spec (None for no section). An unknown name or option fails naming it (``where`` prefixes the key)."""
+    if section is None:
+        return None
+    options = dict(section)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"missing required value '{where}.name' (str): the head's plug-in "
+                          f"({HEAD_GROUP}), got {name!r}")
+    cls = head_class(name, where=f"{where}.name")
+    return HeadSpec(name, build(cls.Config, options, prefix=where))
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.SiLU())
 
 
-def _region_net(channels_in: int, c: int, heads: int) -> nn.Sequential:
-    """A fully convolutional cell reader: 2x2 space-to-depth of ``channels_in / 4`` channels -> one cell per
-    4 x 4 pixels -> ``heads`` logits per cell."""
-    return nn.Sequential(nn.PixelUnshuffle(2), _conv(channels_in, c // 2, 1), _conv(c // 2, c, 2), _conv(c, c, 1),
-                         _conv(c, c, 1), nn.Conv2d(c, heads, 1))
-
-
-def colorless(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1, H, W) in [0, 1]: each pixel's distance from the median colour of the
-    picture's border (its background), over the picture's largest such distance. Object shapes stay; which colour
-    they are does not."""
-    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
-    background = border.median(dim=2).values  # (B, 3)
-    distance = (images - background[:, :, None, None]).norm(dim=1, keepdim=True)
-    return distance / distance.flatten(1).amax(1).clamp(min=1e-3)[:, None, None, None]
-
-
 class ImageTextMatcher(nn.Module):
-    def __init__(self, cfg: MatcherConfig):
+    def __init__(self, cfg: MatcherConfig, head: HeadSpec | None = None):
         super().__init__()
         self.cfg = cfg
+        self.head_spec = head
         c1, c2, c3 = cfg.channels
         h, w = cfg.image_size
         self.image_net = nn.Sequential(
@@ -136,61 +128,8 @@ class ImageTextMatcher(nn.Module):
         fixed = cfg.logit_scale > 0
         start = math.log(cfg.logit_scale) if fixed else 2.5  # e^2.5 ~ 12: a usual starting scale when it is learned
         self.log_scale = nn.Parameter(torch.tensor(start), requires_grad=not fixed)
-        self.regions: nn.Sequential | None = None
-        self.blind_regions: nn.Sequential | None = None
-        # each region key's number of values, split by which net reads it (region_keys order within each)
-        self._seeing = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k not in cfg.region_colorblind]
-        self._blind = [len(v) for k, v in zip(cfg.region_keys, cfg.region_values) if k in cfg.region_colorblind]
-        if cfg.region_keys:
-            if not cfg.region_values:
-                raise ValueError(f"region keys {tuple(cfg.region_keys)} without their values: a matcher with a "
-                                 "region head is built by the image_matcher stage (which reads them from the data)")
-            c = cfg.region_channels
-            # object logit + each colour-seeing key's values (+ the contact logit)
-            self.regions = _region_net(12, c, 1 + sum(self._seeing) + int(cfg.region_contact))
-            # the colour-blind keys' values, from the one-channel distance map (colorless)
-            self.blind_regions = _region_net(4, c, sum(self._blind)) if self._blind else None
-
-    def region_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-        """(B, 3, H, W) in [-1, 1] -> object logits (B, g, w), per region key value logits (B, K, g, w), and the
-        contact logits (B, g, w) (None without ``region_contact``)."""
-        if self.regions is None:
-            raise ValueError("this matcher has no region head (trained without region_keys)")
-        cfg = self.cfg
-        out = self.regions(images)
-        obj, *seen = torch.split(out, [1, *self._seeing, *([1] if cfg.region_contact else [])], dim=1)
-        contact = seen.pop()[:, 0] if cfg.region_contact else None
-        blind: list[torch.Tensor] = []
-        if self.blind_regions is not None:
-            blind = list(torch.split(self.blind_regions(colorless(images)), self._blind, dim=1))
-        per_key = [blind.pop(0) if k in cfg.region_colorblind else seen.pop(0) for k in cfg.region_keys]
-        return obj[:, 0], per_key, contact
-
-    @torch.no_grad()
-    def consistency(self, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> torch.Tensor:
-        """(B,) floats <= 0: per region key, the least sure object cell's log-probability of the value the picture's
-        object cells hold most, summed over keys, plus log(1 - p) of the most contact-like cell with
-        ``region_contact`` (module docstring). A picture with no cell judged an object is read at its single most
-        object-like cell."""
-        x = to_unit(images).to(self.text_pos.device)
-        was = self.training
-        self.eval()
-        scores = []
-        for start in range(0, len(x), batch_size):
-            obj, per_key, contact = self.region_logits(x[start:start + batch_size])
-            flat = obj.flatten(1)  # (B, g*w)
-            is_obj = (flat > 0) | (flat == flat.amax(1, keepdim=True))  # at least one cell each
-            total = torch.zeros(len(flat), device=flat.device)
-            for logits in per_key:
-                logp = logits.flatten(2).log_softmax(1)  # (B, K, g*w)
-                held = (logp.exp() * is_obj[:, None]).sum(2).argmax(1)  # (B,) the dominant value
-                own = logp.gather(1, held[:, None, None].expand(-1, 1, logp.shape[2]))[:, 0]  # (B, g*w)
-                total += own.masked_fill(~is_obj, 0.0).amin(1)
-            if contact is not None:
-                total -= F.softplus(contact.flatten(1).amax(1))  # log(1 - sigmoid(the largest contact logit))
-            scores.append(total)
-        self.train(was)
-        return torch.cat(scores).float().cpu()
+        # last: its initial weights draw after the global nets' (which are then the same with or without it)
+        self.head: MatcherHead | None = head_class(head.name)(head.config) if head is not None else None
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) floats in [-1, 1] -> (B, D) unit vectors."""
@@ -245,7 +184,10 @@ class ImageTextMatcher(nn.Module):
         return (self.log_scale.exp() * (i * t).sum(-1)).float().cpu()
 
     def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        return save_weights(folder, self.state_dict(), {"kind": KIND, **to_dict(self.cfg)}, metadata=metadata)
+        config = {"kind": KIND, **to_dict(self.cfg)}
+        if self.head_spec is not None:
+            config["head"] = {"name": self.head_spec.name, **to_dict(self.head_spec.config)}
+        return save_weights(folder, self.state_dict(), config, metadata=metadata)
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> ImageTextMatcher:
@@ -253,7 +195,9 @@ class ImageTextMatcher(nn.Module):
         config = dict(saved.config)
         if config.pop("kind", None) != KIND:
             raise ValueError(f"{folder}: config.json is not an image-text matcher's (kind {KIND!r})")
-        model = cls(build(MatcherConfig, config, prefix=f"{folder}/config.json"))
+        where = f"{folder}/config.json"
+        head = head_spec(config.pop("head", None), where=f"{where}:head")
+        model = cls(build(MatcherConfig, config, prefix=where), head)
         model.load_state_dict(saved.state_dict)
         return model.to(device).eval()
 
@@ -270,4 +214,5 @@ def to_unit(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x.float()
 
 
-__all__ = ["ImageTextMatcher", "MatcherConfig", "to_unit"]
+__all__ = ["HEAD_GROUP", "HeadSpec", "ImageTextMatcher", "MatcherConfig", "MatcherHead", "head_class", "head_spec",
+           "to_unit"]

@@ -243,7 +243,7 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
     speech = mpipe.generate("one blue star", to="audio", seed=1)
     assert isinstance(mpipe.generate(AudioSegment(speech.wave, 16000), to="image", candidates=2), GeneratedImage)
     with pytest.raises(ValueError, match="scorer 'clip' is unknown"):
-        GenerationConfig(image_scorers=({"name": "clip"},))
+        ScorerSpec("clip")
     with pytest.raises(PipelineError, match="region head"):  # the world's scorer needs the world's matcher head
         load(tiny_run, device="cpu", config=replace(cfg, image_scorers=(ScorerSpec("world_regions"),)),
              image_matcher=folder)
@@ -251,6 +251,28 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
         other = ImageTextMatcher(replace(matcher.cfg, **changed))
         with pytest.raises(PipelineError, match="belongs to another run"):
             load(tiny_run, device="cpu", config=cfg, image_matcher=other.save(tmp_path / f"other{i}"))
+    # the world's scorer reads the region head the world's matcher carries: the pick is its consistency's argmax,
+    # and a weighted sum adds it to the matcher's score in the listed order
+    from anyloom.generation.matcher import HeadSpec
+    from anyloom.world.regions import RegionOptions
+
+    torch.manual_seed(2)
+    regions = RegionOptions(keys=("shape", "color"), values=(("circle", "star"), ("blue", "red")), channels=8,
+                            contact=True, colorblind=("shape",))
+    world_matcher = ImageTextMatcher(replace(matcher.cfg), HeadSpec("world_regions", regions))
+    world_folder = world_matcher.save(tmp_path / "world_matcher")
+    pixels = np.stack([np.asarray(g.image) for g in pool])
+    consistency = ImageTextMatcher.load(world_folder).head.consistency(pixels).double().view(len(prompts), n)
+    similarity = ImageTextMatcher.load(world_folder).similarity(pixels, texts).double().view(len(prompts), n)
+    assert len(set(consistency[0].tolist())) == n
+    for scorers, expected in (((ScorerSpec("world_regions"),), consistency),
+                              ((ScorerSpec("matcher"), ScorerSpec("world_regions", 2.0)),
+                               similarity + 2.0 * consistency)):
+        wpipe = load(tiny_run, device="cpu", config=replace(cfg, image_scorers=scorers), image_matcher=world_folder)
+        for i, b in enumerate(wpipe.generate_batch(prompts, to="image", seed=5, candidates=n)):
+            k = int(expected[i].argmax())
+            assert torch.equal(b.codes, pool[i * n + k].codes)
+            assert b.score == pytest.approx(float(expected[i, k]), abs=1e-4)
 
 
 def test_a_scorer_is_a_small_contract(pipe, tiny_run, monkeypatch):

@@ -65,13 +65,13 @@ def test_recipe_switches_the_data_stage_and_world_is_unchanged(emoji):
     paths, items = emoji
     assert load_recipe("world").openmoji is None
     assert load_recipe("openmoji").openmoji is not None
-    # the world's region head needs object boxes, which OpenMoji documents do not have
-    assert load_recipe("world").image_matcher.model.region_keys == ("shape", "color")
-    om = load_recipe("openmoji")
-    assert om.image_matcher.model.region_keys == () and om.generation.image_region_weight == 0.0
-    assert load_recipe("world").image_matcher.model.region_contact and not om.image_matcher.model.region_contact
-    assert load_recipe("world").image_matcher.model.region_colorblind == ("shape",)
-    assert om.image_matcher.model.region_colorblind == ()
+    # the world's region head (a world plug-in) needs object boxes, which OpenMoji documents do not have
+    world, om = load_recipe("world"), load_recipe("openmoji")
+    assert world.image_matcher.head["name"] == "world_regions"
+    assert world.image_matcher.head["keys"] == ["shape", "color"]
+    assert om.image_matcher.head is None
+    assert "world_regions" in {s.name for s in world.generation.image_scorers}
+    assert "world_regions" not in {s.name for s in om.generation.image_scorers}
     assert isinstance(paths, OpenMojiPaths) and data_splits(paths) == ("train", "val", "test")
     assert paths.counts["test"] == len(items) == 20 and paths.counts["train"] == 20
     with pytest.raises(ValueError, match="no split 'compositional'"):
