@@ -93,7 +93,7 @@ def code_change_rate(codes: torch.Tensor | np.ndarray) -> float:
     A flat background the tokenizer spells with one code changes nowhere; every change is a token that carries
     something the LM has to predict. Reconstruction numbers do not show it. Lowering it on purpose (the image
     tokenizer's ``code_smoothness``) lowered the LM's image loss but not its text->image accuracy
-    (docs/BENCHMARKS.md, "Image tokenizer: session 9"): a description of the codes, not a target."""
+    (docs/experiments/2026-11-26-image-tokenizer-fixed-steps.md): a description of the codes, not a target."""
     c = torch.as_tensor(codes)
     if c.ndim != 3 or c.shape[1] * c.shape[2] < 2:
         raise ValueError(f"code_change_rate: expected (N, h, w) code maps with h*w >= 2, got {tuple(c.shape)}")

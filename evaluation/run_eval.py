@@ -133,15 +133,16 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
 
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.evaluation.image_metrics import evaluate_reconstructions
-    from anyloom.training.image_tokenizer import reconstruct
+    from anyloom.tokenizers.base import reconstruct
+    from anyloom.tokenizers.image_vq import float_to_uint8, uint8_to_float
     from anyloom.world.asr import word_error_rate
 
     out: dict[str, float] = {}
     tok = pipe.image_tokenizer
     if tok is not None and items and items[0].pixels is not None:
         originals = np.stack([it.pixels for it in items])
-        with torch.no_grad():
-            recons, codes = reconstruct(tok, originals)
+        rec = reconstruct(tok, uint8_to_float(originals), desc="image tokenizer: reconstructions")
+        recons, codes = float_to_uint8(rec.images), rec.codes
         report = evaluate_reconstructions(originals, recons, codes, tok.codebook_size, judge=image_judge).as_eval()
         if not image_judge:
             del report["image_tokenizer.detector_agreement"]  # NaN: the world judge does not read other pictures

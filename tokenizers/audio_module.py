@@ -4,7 +4,7 @@ the check every ``decode`` makes on its codes, frame counts for zero-padded batc
 Subclasses (``MelTokenizer``, ``WaveCodec``, ``DacCodec``, ``MimiCodec``) set ``KIND`` (the ``kind`` in
 config.json that ``tokenizers.registry`` dispatches on) and ``CONFIG`` (their config dataclass),
 keep their config in ``self.cfg``, and override ``sample_rate`` / ``samples_per_frame`` where their config
-names them differently. Saved folders are ``model.safetensors`` + ``config.json`` (training.weights).
+names them differently. Saved folders are ``model.safetensors`` + ``config.json`` (anyloom.weights).
 
 Axis legend: B batch, Q codebooks, F frames.
 """

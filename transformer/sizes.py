@@ -5,7 +5,7 @@ tests/test_transformer.py against the models themselves (built on the meta devic
 
     name        dim  layers heads kv  ffn    tied   params @ V=65,536    @ V=4,096
     debug        64     2     4    2   192   no        8,487,296          622,976  (every test uses it)
-    world-small 128     4     4    4   352   no       17,581,440        1,852,800  (world recipe to session 9)
+    world-small 128     4     4    4   352   no       17,581,440        1,852,800  (an earlier world recipe)
     world-tiny  256     4     4    4   704   no       36,768,512        5,311,232
     150M        768    16    12    4  2048   yes     151,022,336      103,836,416
     1B         2048    16    32    8  8192   yes   1,107,365,888      981,536,768  (Llama-3.2-1B shape)
