@@ -129,7 +129,6 @@ def sample_sheet(captions: list[str], images: list[np.ndarray], path: Path, colu
 
 def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judge: bool = True) -> dict[str, float]:
     """``image_judge``: add the world judge's agreement (``image_tokenizer.detector_agreement``; world images only)."""
-    import torch
 
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.evaluation.image_metrics import evaluate_reconstructions

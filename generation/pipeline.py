@@ -219,7 +219,7 @@ def load(
     matcher = None
     folder = Path(image_matcher) if image_matcher is not None else _find_matcher(export)
     if folder is not None:
-        from anyloom.generation.matcher import ImageTextMatcher
+        from anyloom.matcher.model import ImageTextMatcher
 
         try:
             matcher = ImageTextMatcher.load(folder, device=dev)
@@ -272,7 +272,7 @@ class Pipeline:
         matcher: Any | None = None,
     ) -> None:
         self.model = model
-        self.matcher = matcher  # an ImageTextMatcher (generation/matcher.py) or None; scorers may use it
+        self.matcher = matcher  # an ImageTextMatcher (matcher/model.py) or None; scorers may use it
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer

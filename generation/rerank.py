@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anyloom.generation.matcher import to_unit
+from anyloom.matcher.model import to_unit
 from anyloom.sequences.interleave import TokSegment, bidirectional_span_ids, encode_document
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.transformer.model import Transformer

@@ -19,7 +19,7 @@ The generic scorers are below; a dataset brings its own through the ``anyloom.sc
 - ``lm_forward``: log p(candidate | prompt), the model's confidence in the candidate itself;
 - ``lm_forward_per_frame``: the same per audio frame (utterances of different lengths compare);
 - ``matcher``: the image-text matcher's score of the picture against the prompt's text
-  (``generation/matcher.py``); a prompt with no text falls back to ``lm_reverse``;
+  (``matcher/model.py``); a prompt with no text falls back to ``lm_reverse``;
 - ``round_trip``: minus the log of the picture's round-trip error through the image tokenizer (pictures it cannot
   reproduce lie off what it was trained on, and most of those are malformed).
 

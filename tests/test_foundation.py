@@ -35,6 +35,7 @@ def test_namespace_does_not_shadow_hf_tokenizers():
 
 
 def test_components_import_as_anyloom_namespace():
+    import anyloom.matcher.model
     import anyloom.recipes
     import anyloom.training.run
     import anyloom.world
@@ -42,6 +43,7 @@ def test_components_import_as_anyloom_namespace():
     assert anyloom.recipes.__file__.startswith(str(REPO_ROOT / "recipes"))
     assert anyloom.training.run.__file__.startswith(str(REPO_ROOT / "training"))
     assert anyloom.world.__file__.startswith(str(REPO_ROOT / "world"))
+    assert anyloom.matcher.model.__file__.startswith(str(REPO_ROOT / "matcher"))
 
 
 @pytest.mark.parametrize("name", ["anyloom.anyloom", "anyloom.tests", "anyloom.docs", "anyloom.examples",

@@ -193,7 +193,7 @@ def test_speech_reranking_keeps_the_utterance_that_maps_back_to_the_prompt_best(
 
 
 def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny_run, tmp_path):
-    from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig
+    from anyloom.matcher.model import ImageTextMatcher, MatcherConfig
 
     torch.manual_seed(1)
     matcher = ImageTextMatcher(MatcherConfig(image_size=(16, 16), channels=(8, 8, 8), hidden=16, dim=16,
@@ -253,7 +253,7 @@ def test_matcher_reranking_keeps_the_image_the_matcher_scores_highest(pipe, tiny
             load(tiny_run, device="cpu", config=cfg, image_matcher=other.save(tmp_path / f"other{i}"))
     # the world's scorer reads the region head the world's matcher carries: the pick is its consistency's argmax,
     # and a weighted sum adds it to the matcher's score in the listed order
-    from anyloom.generation.matcher import HeadSpec
+    from anyloom.matcher.model import HeadSpec
     from anyloom.world.regions import RegionOptions
 
     torch.manual_seed(2)

@@ -1,4 +1,4 @@
-"""The image-text matcher (generation/matcher.py) and its training stage (training/matcher.py)."""
+"""The image-text matcher (matcher/model.py) and its training stage (training/matcher.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from anyloom.config import ConfigError
-from anyloom.generation.matcher import ImageTextMatcher, MatcherConfig
+from anyloom.matcher.model import ImageTextMatcher, MatcherConfig
 from anyloom.plugins import PluginError
 from anyloom.training.matcher import MatcherStageConfig, train_matcher
 from anyloom.training.run import RunDir

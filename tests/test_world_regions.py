@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from test_matcher import SMALL, _Sized, _Words, _write_manifest
 
-from anyloom.generation.matcher import HeadSpec, ImageTextMatcher, to_unit
+from anyloom.matcher.model import HeadSpec, ImageTextMatcher, to_unit
 from anyloom.training.matcher import MatcherStageConfig, load_pairs, train_matcher
 from anyloom.training.run import RunDir
 from anyloom.world.regions import RegionHead, RegionOptions, box_cells, colorless, touching_copies

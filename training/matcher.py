@@ -1,4 +1,4 @@
-"""Training the image-text matcher (``anyloom.generation.matcher``) that reranks text->image candidates.
+"""Training the image-text matcher (``anyloom.matcher.model``) that reranks text->image candidates.
 
     train_matcher(cfg, image_tokenizer, text_tokenizer, train_manifest, val_manifest, run) -> folder of the matcher
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from anyloom.config import added_field, fingerprint, to_dict
 from anyloom.data.images import ImageSet, load_images
-from anyloom.generation.matcher import (
+from anyloom.matcher.model import (
     HeadSpec,
     ImageTextMatcher,
     MatcherConfig,

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anyloom.data.images import ImageSet
-from anyloom.generation.matcher import MatcherHead, to_unit
+from anyloom.matcher.model import MatcherHead, to_unit
 from anyloom.world.background import border_median
 from anyloom.world.render import MIN_GAP, boxes_apart
 
