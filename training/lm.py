@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from anyloom.config import to_dict
 from anyloom.progress import progress
@@ -45,11 +46,12 @@ from anyloom.training.parallel import (
 )
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
-from anyloom.training.stability import StabilityGuard
+from anyloom.training.stability import StabilityGuard, StepVerdict
 from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.model import ModelConfig, Transformer
 
 MODALITIES = ("text", "image", "audio")  # Batch.modality codes 0, 1, 2 (3 = special tokens, not reported)
+_SUMS_DTYPE = torch.float64  # loss sums and token counts, summed over micro-batches, steps and ranks
 
 # Dense bf16 peak FLOP/s for MFU, by a substring of torch.cuda.get_device_name(); unknown GPUs get no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -204,6 +206,106 @@ def _train(
     sample_fn: SampleFn | None,
     stop: _StopFlag,
 ) -> LMTrainResult:
+    """Build (or resume), then each step: train, account and log, sample, checkpoint; save at the end."""
+    tr = _build(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed, env)
+    start = tr.result.resumed_from
+    batches = _batches(tr.loader)
+    meter = _Meter(torch.zeros(3 + 3 * len(MODALITIES), dtype=_SUMS_DTYPE, device=env.device))
+    bar = progress(total=train_cfg.steps, initial=start, desc="train lm")
+    tr.model.train()
+    step = start
+    try:
+        while step < train_cfg.steps and not tr.scheduler.spent:
+            step += 1
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(train_cfg.grad_accum)]
+            out = _train_step(tr, micro, step, meter, stop, t0)
+            _account(tr, meter, bar, step, out, time.perf_counter() - t0)
+            paused = time.perf_counter()  # samples and checkpoints do not count against tokens/s
+            if sample_fn is not None and train_cfg.sample_every and step % train_cfg.sample_every == 0:
+                tr.model.eval()
+                sample_fn(tr.model, step, run)
+                tr.model.train()
+            if out.stop:
+                _save_interrupted(tr, step)
+                break
+            if train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0 and step < train_cfg.steps:
+                tr.save(step)
+            meter.t0 += time.perf_counter() - paused
+        else:
+            _finish(tr, step)
+        tr.ckpt.wait()
+    finally:
+        bar.close()
+        tr.metrics.close()
+    if tr.ckpt.last_saved is not None:
+        tr.result.checkpoint = tr.ckpt.last_saved.path
+    tr.result.tokens_per_s = meter.total_tokens / meter.total_time if meter.total_time > 0 else 0.0
+    return tr.result
+
+
+@dataclass
+class _Trainer:
+    """What the loop works on, built (or restored from the latest checkpoint) by ``_build``."""
+
+    train_cfg: TrainConfig
+    optim_cfg: OptimConfig
+    env: DistEnv
+    model: nn.Module
+    n_params: int
+    optimizer: torch.optim.Optimizer
+    scheduler: TimeBudgetLR
+    loader: LoaderLike
+    rows: int  # rows per rank per micro-batch
+    ckpt: Checkpointer
+    config: dict[str, Any]  # saved with every checkpoint
+    vocab_json: dict[str, Any] | None
+    budget_start: float  # training seconds before this process (resume)
+    result: LMTrainResult
+    metrics: MetricsLogger
+    guard: StabilityGuard
+    amp: Any  # the autocast context of every forward
+
+    def save(self, step: int) -> None:
+        self.result.checkpoint = self.ckpt.save(step, model=self.model, optimizer=self.optimizer,
+                                                scheduler=self.scheduler, loader=self.loader, config=self.config,
+                                                vocab=self.vocab_json)
+
+
+@dataclass
+class _Meter:
+    """Sums since the last metrics line, and the totals behind ``LMTrainResult.tokens_per_s``."""
+
+    # [loss*n, z*n, n, then (loss, correct, count) per modality], all-reduced at log time (kept on the device:
+    # no host sync per micro-batch)
+    sums: torch.Tensor
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)  # start of the interval (pauses excluded)
+    total_tokens: int = 0
+    total_time: float = 0.0
+
+
+@dataclass
+class _StepOutcome:
+    loss: float  # global mean loss of the step
+    grad_norm: float  # before clipping
+    lr: float  # the lr the step was taken with
+    stop: bool  # some rank got SIGINT/SIGTERM: every rank saves and stops after this step
+    verdict: StepVerdict
+
+
+def _build(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    parallel_cfg: ParallelConfig,
+    run: RunDir,
+    make_loader: Callable[[int, int], LoaderLike],
+    vocab_json: dict[str, Any] | None,
+    seed: int,
+    env: DistEnv,
+) -> _Trainer:
+    """Seed, build model, optimizer, scheduler and loader, and restore the latest checkpoint into them."""
     rows = micro_batch_size(train_cfg, env.world_size)
     seed_everything(seed)
     model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env)
@@ -217,125 +319,120 @@ def _train(
     resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                           expect_model_config=model_cfg)
     start = resumed.step if resumed else 0
-    budget_start = scheduler.elapsed  # training seconds before this process (resume)
+    budget_start = scheduler.elapsed
     result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)
     metrics = MetricsLogger(run)
     if resumed and env.is_main:
         print(f"resumed from {resumed.path} (step {start})")
     guard = StabilityGuard(train_cfg.max_bad_steps, train_cfg.spike_factor, train_cfg.spike_window)
     amp = autocast_context(parallel_cfg, env, model)
+    return _Trainer(train_cfg, optim_cfg, env, model, n_params, optimizer, scheduler, loader, rows, ckpt, config,
+                    vocab_json, budget_start, result, metrics, guard, amp)
 
-    def save(step: int) -> None:
-        result.checkpoint = ckpt.save(step, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                                      config=config, vocab=vocab_json)
 
-    batches = _batches(loader)
-    # interval sums, all-reduced at log time: [loss*n, z*n, n, then (loss, correct, count) per modality]
-    # (kept on the device: no host sync per micro-batch)
-    acc_dtype = torch.float64
-    interval = torch.zeros(3 + 3 * len(MODALITIES), dtype=acc_dtype, device=env.device)
-    interval_tokens, interval_t0, total_tokens, total_time = 0, time.perf_counter(), 0, 0.0
-    bar = progress(total=train_cfg.steps, initial=start, desc="train lm")
-    model.train()
-    step = start
-    try:
-        while step < train_cfg.steps and not scheduler.spent:
-            step += 1
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(train_cfg.grad_accum)]
-            for mb in micro:
-                _check_batch(mb, rows, train_cfg.seq_len, step)
-            # the step's target-token count over every micro-batch and rank (see module docstring)
-            n_locals = [float(mb.loss_mask.sum()) for mb in micro]  # host tensors: no device sync
-            n_global = float(all_reduce_sum(torch.tensor([sum(n_locals)], dtype=acc_dtype, device=env.device)))
-            if n_global == 0:
-                raise ValueError(f"step {step}: the global batch has no target tokens (loss_mask is all False)")
-            step_sums = torch.zeros_like(interval)
-            for i, (mb, n_local) in enumerate(zip(micro, n_locals)):
-                mb = vars(mb.to(env.device, non_blocking=True))
-                set_gradient_sync(model, i == len(micro) - 1)
-                with amp:
-                    hidden = model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
-                                   span_ids=mb["span_ids"])
-                    out = model.loss(hidden, mb["targets"], mb["loss_mask"])
-                # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
-                loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
-                loss.backward()
-                accumulate_loss_sums(step_sums, out, mb, n_local, loss.detach() * (n_global / env.world_size))
-            grad_norm = _grad_norm(model, optim_cfg.grad_clip)
-            # one collective for the step's loss, "did any rank get SIGINT/SIGTERM" (all stop together) and the
-            # training time so far (its mean over ranks drives a time budget identically everywhere)
-            elapsed = budget_start + total_time + (time.perf_counter() - t0)
-            flags = torch.tensor([float(stop.set), elapsed], dtype=acc_dtype, device=env.device)
-            shared = all_reduce_sum(torch.cat([step_sums[:1], flags]))
-            step_loss, stop_votes = float(shared[0]) / n_global, float(shared[1])
-            elapsed = float(shared[2]) / env.world_size
-            verdict = guard.check(step, step_loss, grad_norm)
-            if verdict.skip:
-                result.skipped_steps.append(step)
-                metrics.log(step, skipped=1, loss=step_loss, grad_norm=grad_norm, reason=verdict.reason)
-                if env.is_main:
-                    print(f"warning: {verdict.reason}; update skipped")
-            else:
-                optimizer.step()
-                interval += step_sums
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step(step, elapsed)
+def _forward_backward(tr: _Trainer, micro: list[BatchLike], step: int, sums: torch.Tensor) -> float:
+    """Forward and backward every micro-batch (gradients synced on the last), adding its loss sums to ``sums``;
+    returns the step's target-token count over every micro-batch and rank (see module docstring)."""
+    env = tr.env
+    for mb in micro:
+        _check_batch(mb, tr.rows, tr.train_cfg.seq_len, step)
+    n_locals = [float(mb.loss_mask.sum()) for mb in micro]  # host tensors: no device sync
+    n_global = float(all_reduce_sum(torch.tensor([sum(n_locals)], dtype=_SUMS_DTYPE, device=env.device)))
+    if n_global == 0:
+        raise ValueError(f"step {step}: the global batch has no target tokens (loss_mask is all False)")
+    for i, (mb, n_local) in enumerate(zip(micro, n_locals)):
+        mb = vars(mb.to(env.device, non_blocking=True))
+        set_gradient_sync(tr.model, i == len(micro) - 1)
+        with tr.amp:
+            hidden = tr.model(mb["tokens"], doc_ids=mb["doc_ids"], positions=mb["positions"],
+                              span_ids=mb["span_ids"])
+            out = tr.model.loss(hidden, mb["targets"], mb["loss_mask"])
+        # FSDP averages gradients over ranks: multiply by world_size to get the global token mean
+        loss = faults.maybe_nan_loss(out.loss * (n_local * env.world_size / n_global), step)
+        loss.backward()
+        accumulate_loss_sums(sums, out, mb, n_local, loss.detach() * (n_global / env.world_size))
+    return n_global
 
-            dt = time.perf_counter() - t0
-            step_tokens = train_cfg.batch_size * train_cfg.seq_len
-            interval_tokens += step_tokens
-            total_tokens += step_tokens
-            total_time += dt
-            result.step = step
-            result.losses[step] = step_loss
-            if verdict.spike:
-                metrics.log(step, loss_spike=step_loss, reason=verdict.reason)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                totals = all_reduce_sum(interval.clone())
-                elapsed = time.perf_counter() - interval_t0
-                tps = interval_tokens / max(elapsed, 1e-9)
-                record = loss_metrics(totals)
-                record.update(grad_norm=grad_norm, lr=lr, tokens_per_s=tps)
-                mfu = _mfu(tps, n_params, env)
-                if mfu is not None:
-                    record["mfu"] = mfu
-                metrics.log(step, **record)
-                interval.zero_()
-                interval_tokens, interval_t0 = 0, time.perf_counter()
-            paused = time.perf_counter()  # samples and checkpoints do not count against tokens/s
-            if sample_fn is not None and train_cfg.sample_every and step % train_cfg.sample_every == 0:
-                model.eval()
-                sample_fn(model, step, run)
-                model.train()
-            if stop_votes > 0:
-                result.interrupted = True
-                save(step)
-                if env.is_main:
-                    print(f"interrupted at step {step}: checkpoint saved to {result.checkpoint}; run again to resume")
-                break
-            if train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0 and step < train_cfg.steps:
-                save(step)
-            interval_t0 += time.perf_counter() - paused
-        else:
-            if step > start:
-                save(step)
-            if scheduler.spent and step < train_cfg.steps:
-                result.budget_spent = True
-                if env.is_main:
-                    print(f"train lm: stopped at step {step}/{train_cfg.steps}: the train.max_seconds budget of "
-                          f"{train_cfg.max_seconds:.0f} s is spent (the lr schedule ended annealed)")
-        ckpt.wait()
-    finally:
-        bar.close()
-        metrics.close()
-    if ckpt.last_saved is not None:
-        result.checkpoint = ckpt.last_saved.path
-    result.tokens_per_s = total_tokens / total_time if total_time > 0 else 0.0
-    return result
+
+def _train_step(tr: _Trainer, micro: list[BatchLike], step: int, meter: _Meter, stop: _StopFlag,
+                t0: float) -> _StepOutcome:
+    """Forward/backward, clip, stability check, optimizer step (or skip), zero_grad, lr step."""
+    env = tr.env
+    step_sums = torch.zeros_like(meter.sums)
+    n_global = _forward_backward(tr, micro, step, step_sums)
+    grad_norm = _grad_norm(tr.model, tr.optim_cfg.grad_clip)
+    # one collective for the step's loss, "did any rank get SIGINT/SIGTERM" (all stop together) and the
+    # training time so far (its mean over ranks drives a time budget identically everywhere)
+    elapsed = tr.budget_start + meter.total_time + (time.perf_counter() - t0)
+    flags = torch.tensor([float(stop.set), elapsed], dtype=_SUMS_DTYPE, device=env.device)
+    shared = all_reduce_sum(torch.cat([step_sums[:1], flags]))
+    step_loss, stop_votes = float(shared[0]) / n_global, float(shared[1])
+    elapsed = float(shared[2]) / env.world_size
+    verdict = tr.guard.check(step, step_loss, grad_norm)
+    if verdict.skip:
+        tr.result.skipped_steps.append(step)
+        tr.metrics.log(step, skipped=1, loss=step_loss, grad_norm=grad_norm, reason=verdict.reason)
+        if env.is_main:
+            print(f"warning: {verdict.reason}; update skipped")
+    else:
+        tr.optimizer.step()
+        meter.sums += step_sums
+    tr.optimizer.zero_grad(set_to_none=True)
+    lr = tr.scheduler.get_last_lr()[0]
+    tr.scheduler.step(step, elapsed)
+    return _StepOutcome(step_loss, grad_norm, lr, stop_votes > 0, verdict)
+
+
+def _account(tr: _Trainer, meter: _Meter, bar: tqdm, step: int, out: _StepOutcome, dt: float) -> None:
+    """Count the step's tokens and time, record its loss (and a spike), move the bar; log every log_every."""
+    train_cfg = tr.train_cfg
+    step_tokens = train_cfg.batch_size * train_cfg.seq_len
+    meter.tokens += step_tokens
+    meter.total_tokens += step_tokens
+    meter.total_time += dt
+    tr.result.step = step
+    tr.result.losses[step] = out.loss
+    if out.verdict.spike:
+        tr.metrics.log(step, loss_spike=out.loss, reason=out.verdict.reason)
+    bar.update(1)
+    bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}")
+    if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        _log_interval(tr, meter, step, out)
+
+
+def _log_interval(tr: _Trainer, meter: _Meter, step: int, out: _StepOutcome) -> None:
+    """One metrics line: the interval's losses and accuracies over all ranks, this step's grad norm and lr,
+    tokens/s (and MFU) since the last line; then start a new interval."""
+    totals = all_reduce_sum(meter.sums.clone())
+    elapsed = time.perf_counter() - meter.t0
+    tps = meter.tokens / max(elapsed, 1e-9)
+    record = loss_metrics(totals)
+    record.update(grad_norm=out.grad_norm, lr=out.lr, tokens_per_s=tps)
+    mfu = _mfu(tps, tr.n_params, tr.env)
+    if mfu is not None:
+        record["mfu"] = mfu
+    tr.metrics.log(step, **record)
+    meter.sums.zero_()
+    meter.tokens, meter.t0 = 0, time.perf_counter()
+
+
+def _save_interrupted(tr: _Trainer, step: int) -> None:
+    tr.result.interrupted = True
+    tr.save(step)
+    if tr.env.is_main:
+        print(f"interrupted at step {step}: checkpoint saved to {tr.result.checkpoint}; run again to resume")
+
+
+def _finish(tr: _Trainer, step: int) -> None:
+    """The loop ran out of steps or of time: save the last step (if any ran here) and say why it stopped early."""
+    train_cfg = tr.train_cfg
+    if step > tr.result.resumed_from:
+        tr.save(step)
+    if tr.scheduler.spent and step < train_cfg.steps:
+        tr.result.budget_spent = True
+        if tr.env.is_main:
+            print(f"train lm: stopped at step {step}/{train_cfg.steps}: the train.max_seconds budget of "
+                  f"{train_cfg.max_seconds:.0f} s is spent (the lr schedule ended annealed)")
 
 
 def accumulate_loss_sums(sums: torch.Tensor, out: Any, mb: dict[str, Any], n_local: float,
