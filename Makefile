@@ -20,17 +20,25 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 RUN ?= runs/world
 TESTS ?= tests
+OUT ?= runs/compare
 
 .PHONY: help setup train generate eval bench compare test lint clean
 
 help:
-	@echo "make setup                                   create .venv (idempotent)"
-	@echo "make train [RECIPE=world] [ARGS='k=v ...'] [NPROC=2]   train a recipe (default: the whole world chain)"
-	@echo "make generate PROMPT='two red circles' TO=image [RUN=runs/world]  (or IMAGE=x.png / AUDIO=x.wav, TO=text|audio)"
-	@echo "make eval RUN=runs/<name>                    held-out scores -> <run>/eval.json, curves -> <run>/plots/"
+	@echo "make setup      create .venv (idempotent; seconds once done)"
+	@echo "make train [RECIPE=world] [ARGS='k=v ...'] [NPROC=2]"
+	@echo "                train a recipe's whole chain -> runs/<run.name>/ (eval.json, samples/, summary.md);"
+	@echo "                RECIPE=world_tiny: the same chain shrunk to a one-minute smoke test;"
+	@echo "                running it again skips what is up to date and resumes what was interrupted"
+	@echo "make generate [RUN=runs/world] PROMPT='two red circles' [TO=image|audio|text] [GEN_ARGS=...]"
+	@echo "                (or IMAGE=x.png / AUDIO=x.wav); GEN_ARGS: --out DIR  --num N (samples per prompt)"
+	@echo "                --seed S  --candidates N (sampled, best kept)  --temperature T  --cfg-scale C  ..."
+	@echo "                (python scripts/generate.py --help lists them all)"
+	@echo "make eval [RUN=runs/world] [ARGS='eval.limit=50 eval.splits=[test] --force']"
+	@echo "                held-out scores -> <run>/eval.json; other settings than the run's -> <run>/evals/<them>/"
 	@echo "make bench [ARGS='--quick --threads 1']      speed/memory ratios -> runs/bench/bench.json"
-	@echo "make compare RUNS='runs/a runs/b'            recipes, evals and curves side by side"
-	@echo "make test | lint | clean"
+	@echo "make compare RUNS='runs/a runs/b' [OUT=runs/compare]   recipes, evals and curves side by side"
+	@echo "make test [TESTS=tests/test_x.py] | lint | clean"
 
 setup: $(STAMP)
 
@@ -62,7 +70,7 @@ bench: setup
 	$(PY) scripts/bench.py $(ARGS)
 
 compare: setup
-	$(PY) scripts/compare.py $(RUNS)
+	$(PY) scripts/compare.py --out "$(OUT)" $(RUNS)
 
 test: setup
 	$(PY) -m pytest $(TESTS)

@@ -5,17 +5,29 @@ model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.
 the LM's held-out perplexity per modality under ``lm.*`` (``lm.ppl.text``, ``lm.ppl.image``, ``lm.ppl.audio``;
 see ``anyloom.evaluation.lm_perplexity``).
 Also written: ``eval.md`` (a table), ``samples/eval/t2i_<split>.png`` (prompt -> image sheets), a few
-``samples/eval/t2a_*.wav``, and the training curves ``plots/loss.png`` and ``plots/metrics.png``.
+``samples/eval/t2a_*.wav``, ``eval_settings.json`` (the settings and a fingerprint of the weights the numbers
+belong to), and the training curves ``plots/loss.png`` and ``plots/metrics.png``.
+
+Where: an evaluation with the run recipe's own ``eval`` and ``generation`` settings writes into the run directory;
+any other (a ``limit``, fewer splits, other sampling) writes into ``<run>/evals/<its differences>-<hash>/``
+(:func:`eval_folder`), so a partial evaluation never replaces the full one. An evaluation whose settings and
+weights match the ``eval_settings.json`` already in its folder is up to date and is not run again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from anyloom.config import fingerprint, to_dict
 from anyloom.data.openmoji import OpenMojiPaths
 from anyloom.evaluation import openmoji_eval
 from anyloom.world.evaluate import evaluate_world, items_from_documents
@@ -155,18 +167,107 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
     return out
 
 
-def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: Any = None) -> dict[str, Any]:
+SETTINGS_FILE = "eval_settings.json"
+DIRECTION_NAMES = {"t2i": "text->image", "i2t": "image->text", "a2t": "audio->text", "t2a": "text->audio"}
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, Any]
+    folder: Path  # where eval.json and its samples are
+    up_to_date: bool = False  # an earlier evaluation with the same settings and weights was kept
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def eval_folder(run_path: str | Path, settings: dict[str, Any], recipe_settings: dict[str, Any]) -> Path:
+    """Where an evaluation with ``settings`` ({"eval": ..., "generation": ...} as dicts) writes: the run directory
+    when they are the run recipe's ``recipe_settings``, else ``<run>/evals/<differences>-<hash>/``, e.g.
+    ``evals/limit=16,splits=test-1a2b3c4d``."""
+    run_path = Path(run_path)
+    ours, theirs = _flat(settings), _flat(recipe_settings)
+    changed = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if not changed:
+        return run_path
+
+    def value(v: Any) -> str:
+        return "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    words = ",".join(f"{k.split('.', 1)[1]}={value(ours.get(k))}" for k in changed)
+    name = re.sub(r"[^A-Za-z0-9=.,+_-]", "_", words)[:80]
+    return run_path / "evals" / f"{name}-{fingerprint(settings)[:8]}"
+
+
+def weights_fingerprint(run_path: str | Path) -> str:
+    """A hash of every weight and tokenizer file an evaluation of the run loads (its export, its stages' tokenizers
+    and matcher): it changes whenever the numbers could."""
+    run_path = Path(run_path)
+    digest = hashlib.sha256()
+    places = [run_path / "export", *sorted((run_path / "stages").glob("*/tokenizer")),
+              run_path / "stages" / "image_matcher" / "matcher"]
+    for folder in places:
+        for file in sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []:
+            digest.update(str(file.relative_to(run_path)).encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: Any, *,
+                 recipe_settings: dict[str, Any] | None = None, force: bool = False,
+                 log: Callable[[str], None] = print) -> EvalResult:
     """Score the run's export on the data stage's splits (world or OpenMoji); writes eval.json + eval.md + sample
-    sheets; returns the scores. ``generation`` (a GenerationConfig) overrides the run's recipe ``generation:``
-    section, so `make eval ... generation.image.temperature=0.5` scores exactly those sampling settings."""
+    sheets into :func:`eval_folder` and returns the scores. ``generation`` (a GenerationConfig) is used instead of
+    the run's recipe ``generation:`` section, so `make eval ... generation.image.temperature=0.5` scores exactly those
+    sampling settings; ``recipe_settings`` are the run recipe's own (default: these). ``force``: evaluate even when
+    the folder holds an up-to-date evaluation."""
+    from anyloom.training.run import RunDir, write_json
+
+    run = RunDir(run_path)
+    settings = {"eval": to_dict(cfg), "generation": to_dict(generation)}
+    folder = eval_folder(run.path, settings, recipe_settings or settings)
+    stamp = {**settings, "data": str(getattr(world, "dir", "")), "weights": weights_fingerprint(run.path)}
+    stamp_file = folder / SETTINGS_FILE
+    if not force and (folder / "eval.json").is_file() and stamp_file.is_file():
+        if json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
+            log(f"eval: {folder / 'eval.json'} is up to date (same settings and weights); not evaluating again")
+            return EvalResult(json.loads((folder / "eval.json").read_text()), folder, up_to_date=True)
+    if folder != run.path:
+        log(f"eval: settings differ from the run recipe's, so the results go to {folder} (the run's own "
+            f"eval.json is kept)")
+    scores = _evaluate(run, cfg, world, generation, folder, log)
+    write_json(stamp_file, stamp)
+    if folder == run.path and run.metrics_file.is_file():
+        from anyloom.evaluation.plots import plot_run
+
+        plot_run(run.path)  # <run>/plots/loss.png, metrics.png
+    return EvalResult(scores, folder)
+
+
+def _merge(into: dict[str, Any], scores: dict[str, Any]) -> None:
+    for key, value in scores.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Path,
+              log: Callable[[str], None]) -> dict[str, Any]:
     import soundfile as sf
 
     from anyloom.data.manifest import read_manifest
     from anyloom.generation.pipeline import load
-    from anyloom.training.run import RunDir
+    from anyloom.training.run import write_json
     from anyloom.world.asr import SpeechJudge
 
-    run = RunDir(run_path)
     pipe = load(run.path, config=generation)
     model = PipelineModel(pipe, cfg.seed)
     # OpenMoji data (recipes/openmoji.yaml) has its own judges: evaluation/openmoji_eval.py
@@ -183,20 +284,27 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: 
     shown_images: dict[str, list[np.ndarray]] = {}  # the first scored text->image outputs of each split
     for split, items in splits.items():
         start = len(model.images)
-        if openmoji:
-            scores.update(openmoji_eval.evaluate_openmoji(model, {split: items}, directions=cfg.directions))
-        else:
-            scores.update(evaluate_world(model, {split: items}, speech_judge=judge, directions=cfg.directions))
+        for direction in (d for d in ("t2i", "i2t", "a2t", "t2a") if d in cfg.directions):
+            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({len(items)} items) ...")
+            t0 = time.perf_counter()
+            if openmoji:
+                got = openmoji_eval.evaluate_openmoji(model, {split: items}, directions=[direction])
+            else:
+                got = evaluate_world(model, {split: items}, speech_judge=judge, directions=[direction])
+            _merge(scores, got)
+            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s)")
         shown_images[split] = [img for _, img in model.images[start:start + cfg.sample_sheet]]
     if cfg.tokenizers and "test" in splits:
+        log("eval: tokenizer reconstructions ...")
         scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge, image_judge=not openmoji)))
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 
+        log("eval: held-out perplexity ...")
         scores.update(_nest(run_lm_perplexity(pipe, run.path / "tokens" / "test", cfg).as_eval()))
-    run.write_json("eval.json", scores)
+    write_json(folder / "eval.json", scores)
 
-    out_dir = run.samples / "eval"
+    out_dir = folder / "samples" / "eval"
     for split, items in splits.items():
         shown = items[: cfg.sample_sheet]
         if "t2i" in cfg.directions and shown:
@@ -204,13 +312,10 @@ def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: 
     if "t2a" in cfg.directions and splits.get("test"):
         shown = splits["test"][:4]
         waves, sr = model.text_to_speech([it.caption for it in shown])
+        out_dir.mkdir(parents=True, exist_ok=True)
         for i, (it, w) in enumerate(zip(shown, waves)):
             sf.write(out_dir / f"t2a_{i}_{it.caption.replace(' ', '_')}.wav", w, sr)
-    (run.path / "eval.md").write_text(eval_markdown(scores))
-    if run.metrics_file.is_file():
-        from anyloom.evaluation.plots import plot_run
-
-        plot_run(run.path)  # <run>/plots/loss.png, metrics.png
+    (folder / "eval.md").write_text(eval_markdown(scores))
     return scores
 
 

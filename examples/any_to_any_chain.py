@@ -1,35 +1,29 @@
 """A chain through every modality: text -> image -> caption -> speech -> transcript.
 
-Each step feeds the previous output back as a prompt segment (a PIL image, an AudioSegment).
+Each step feeds the previous output back as the next prompt, by keyword (image=, audio=).
 
-    python examples/any_to_any_chain.py --run runs/world --out runs/world/samples/examples
+    python examples/any_to_any_chain.py                 # any directory; --run, --out
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from common import load_run, parse_args
 
-from anyloom.data.document import AudioSegment
 from anyloom.decoders.audio import write_wav
-from anyloom.generation.pipeline import load
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--run", default="runs/world")
-p.add_argument("--out", default="runs/world/samples/examples")
-p.add_argument("--caption", default="two green stars")
-args = p.parse_args()
-
-pipe = load(args.run)
-out = Path(args.out)
+args = parse_args(__doc__, lambda p: p.add_argument("--caption", default="two green stars"))
+pipe = load_run(args.run)
+out = args.out
 out.mkdir(parents=True, exist_ok=True)
 
-image = pipe.generate(args.caption, to="image", seed=0)
+image = pipe.generate(text=args.caption, to="image", seed=0)
 image.image.save(out / "chain_image.png")
-caption = pipe.generate([image.image], to="text")  # image -> text (greedy by default)
-speech = pipe.generate(caption.text or args.caption, to="audio", seed=0)
+caption = pipe.generate(image=image.image, to="text")  # image -> text (greedy by default)
+speech = pipe.generate(text=caption.text or args.caption, to="audio", seed=0)
 write_wav(out / "chain_speech.wav", speech.wave, speech.sample_rate)
-heard = pipe.generate(AudioSegment(speech.wave, speech.sample_rate), to="text")  # speech -> text
+heard = pipe.generate(audio=(speech.wave, speech.sample_rate), to="text")  # speech -> text
+for note in image.warnings + caption.warnings + speech.warnings + heard.warnings:
+    print(f"warning: {note}")
 
 print(f"prompt:     {args.caption!r}")
 print(f"image:      {out / 'chain_image.png'} (codes {tuple(image.codes.shape)})")

@@ -5,26 +5,20 @@ distribution after ``<bos> caption <boi>`` vs after the unconditional ``<bos> <b
 and the KL divergence between them (large = the caption steers the image; that is what guidance amplifies).
 Then it streams one generation token by token through the ``on_step`` callback.
 
-    python examples/guidance_probe.py --run runs/world --out runs/world/samples/examples
+    python examples/guidance_probe.py                 # any directory; --run, --out
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
+from common import load_run, parse_args
 
 from anyloom.generation.engine import left_pad, new_cache, prefill
-from anyloom.generation.pipeline import load
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--run", default="runs/world")
-p.add_argument("--out", default="runs/world/samples/examples")
-args = p.parse_args()
-
-pipe = load(args.run)
+args = parse_args(__doc__)
+pipe = load_run(args.run)
 v = pipe.vocab
 captions = ["one red circle", "four blue stars"]
 prompts = [pipe.prompt_ids(c, to="image") for c in captions] + [[v.bos, v.boi]]
@@ -42,9 +36,9 @@ for i, caption in enumerate(captions):
     print(f"{caption!r}: KL(cond || uncond) over the first image code = {kl:.4f}; top codes {top.indices.tolist()}")
 
 stream = []
-pipe.generate(captions[0], to="image", on_step=lambda e: stream.append(v.describe(int(e.tokens[0]))))
+pipe.generate(text=captions[0], to="image", on_step=lambda e: stream.append(v.describe(int(e.tokens[0]))))
 print("streamed:", " ".join(stream))
 report["streamed"] = stream
-out = Path(args.out)
+out = args.out
 out.mkdir(parents=True, exist_ok=True)
 (out / "guidance_probe.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,23 +1,15 @@
 """Text -> image with and without classifier-free guidance, saved side by side as one PNG.
 
-    python examples/text_to_image.py --run runs/world --out runs/world/samples/examples
+    python examples/text_to_image.py                 # any directory; --run, --out
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
+from common import load_run, parse_args
 from PIL import Image
 
-from anyloom.generation.pipeline import load
-
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--run", default="runs/world")
-p.add_argument("--out", default="runs/world/samples/examples")
-args = p.parse_args()
-
-pipe = load(args.run)
+args = parse_args(__doc__)
+pipe = load_run(args.run)
 captions = ["one red circle", "two blue squares", "three yellow triangles"]
 rows = []
 for scale in (1.0, 3.0):  # 1.0 = no guidance
@@ -29,7 +21,7 @@ grid = Image.new("RGB", (w * len(captions), h * len(rows)))
 for r, images in enumerate(rows):
     for c, image in enumerate(images):
         grid.paste(image, (c * w, r * h))
-out = Path(args.out)
+out = args.out
 out.mkdir(parents=True, exist_ok=True)
 grid.save(out / "text_to_image.png")
 print(f"columns: {captions}; rows: cfg_scale 1.0, 3.0 -> {out / 'text_to_image.png'}")

@@ -2,9 +2,12 @@
 
     import anyloom.generation.pipeline as gp
     pipe = gp.load("runs/world")
-    out = pipe.generate("two red circles", to="image")          # GeneratedImage(image=PIL.Image, codes)
-    out = pipe.generate([out.image], to="text")                   # GeneratedText(text, ids)
-    out = pipe.generate("one blue star", to="audio", seed=3)      # GeneratedAudio(wave, sample_rate, codes)
+    out = pipe.generate(text="two red circles", to="image")           # GeneratedImage(image=PIL.Image, codes)
+    out = pipe.generate(image="scene.png", to="text")                 # GeneratedText(text, ids); or a PIL image / array
+    out = pipe.generate(text="one blue star", to="audio", seed=3)     # GeneratedAudio(wave, sample_rate, codes)
+    out = pipe.generate(audio="speech.wav", to="text")                # or audio=(wave, sample_rate)
+    out = pipe.generate([{"image": "a.png"}, {"text": "and then"}], to="text")  # an interleaved prompt
+    out.warnings                                                      # why the answer may be out of domain
     pipe.model, pipe.vocab, pipe.text_tokenizer, pipe.image_tokenizer, pipe.audio_tokenizer  # for experiments
 
 What ``load`` accepts (the first match wins):
@@ -25,12 +28,19 @@ in ``<export>/image_matcher/`` and ``<run>/stages/image_matcher/matcher/`` (or p
 Prompts are built like the training templates (``anyloom.sequences.mixture``): ``<bos>``, the condition
 segments, then the target's opening marker (``<boi>`` / ``<boa>``) for images and audio; the unconditional twin
 for classifier-free guidance is ``<bos>`` + that marker (condition dropout trains exactly that).
+
+Inputs far from the training data still get an answer, with a reason in ``warnings`` (also issued as an
+:class:`OutOfDomainWarning`): words the text tokenizer never saw in training, pictures whose size or aspect ratio is
+far from the training pictures'. A prompt that cannot fit the model's context is refused in its own units (seconds
+of audio, tokens of text) before anything is sampled.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,9 +69,23 @@ TARGETS: tuple[str, ...] = ("text", "image", "audio")
 STAGES = {"text": "text_tokenizer", "image": "image_tokenizer", "audio": "audio_tokenizer"}
 EXPORT_FILES = ("model.safetensors", "config.json", "vocab.json")
 RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
+# a plain string with one of these endings and no spaces is taken for a file path given as text, and refused
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff")
+SIZE_FACTOR = 2.0  # a picture more than this much larger or smaller than the training pictures gets a warning
+ASPECT_TOLERANCE = 0.1  # ... and one whose aspect ratio differs by more than this share
+
 
 class PipelineError(ValueError):
     """A run or export folder that cannot be loaded, or a prompt that cannot be encoded; names what is wrong."""
+
+
+class RunNotFoundError(PipelineError, FileNotFoundError):
+    """The run directory or export folder given to :func:`load` does not exist."""
+
+
+class OutOfDomainWarning(UserWarning):
+    """An input far from the training data: the answer is given, but it means little."""
 
 
 @dataclass
@@ -70,6 +94,7 @@ class GeneratedText:
     ids: list[int]  # text-tokenizer ids (no special tokens)
     finished: bool  # the model ended it (False: it reached max_text_tokens, where eos is forced)
     score: float | None = None  # with reranking: the kept text's weighted sum of the text scorers
+    warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
 
 
 @dataclass
@@ -77,6 +102,7 @@ class GeneratedImage:
     image: Image.Image
     codes: torch.Tensor  # (h, w) image-tokenizer codes
     score: float | None = None  # with reranking: the kept candidate's weighted sum of the image scorers
+    warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
 
 
 @dataclass
@@ -85,10 +111,14 @@ class GeneratedAudio:
     sample_rate: int
     codes: torch.Tensor  # (Q, F) audio-tokenizer codes
     score: float | None = None  # with reranking: the kept utterance's weighted sum of the audio scorers
+    warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
 SegmentLike = str | Image.Image | TextSegment | ImageSegment | AudioSegment | dict
+Segment = TextSegment | ImageSegment | AudioSegment
+ImageLike = str | Path | Image.Image | np.ndarray | ImageSegment
+AudioLike = str | Path | tuple[np.ndarray, int] | AudioSegment
 
 
 @dataclass
@@ -109,7 +139,8 @@ def _is_export(folder: Path) -> bool:
 def find_export(path: Path) -> Path:
     """The LM export folder of a run directory (``<run>/export``) or the folder itself."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected a run directory or an export folder)")
+        raise RunNotFoundError(f"{path} does not exist (expected a run directory made by `make train`, or an export "
+                               f"folder)")
     for candidate in (path, path / "export"):
         if _is_export(candidate):
             return candidate
@@ -284,20 +315,33 @@ class Pipeline:
         return self.model.tok_embeddings.weight.device
 
     # ---- prompts -------------------------------------------------------------------------------------------
+    def segments(self, *, text: str | None = None, image: ImageLike | None = None,
+                 audio: AudioLike | None = None) -> list[Segment]:
+        """A prompt from keyword inputs, in the order image, audio, text: ``text`` a string, ``image`` a file path,
+        PIL image, (H, W[, 3|4]) uint8 array or ImageSegment, ``audio`` a file path, ``(wave, sample_rate)`` or an
+        AudioSegment."""
+        out: list[Segment] = []
+        if image is not None:
+            out.append(as_image_segment(image))
+        if audio is not None:
+            out.append(as_audio_segment(audio))
+        if text is not None:
+            if not isinstance(text, str):
+                raise PipelineError(f"text= expects a string, got {type(text).__name__}")
+            out.append(TextSegment(text))
+        if not out:
+            raise PipelineError("nothing to generate from: pass text=, image= or audio=")
+        return out
+
     def tokenize_segment(self, segment: SegmentLike) -> TokSegment:
         """One user segment -> its tokenizer's codes: str / TextSegment, PIL image / ImageSegment (H, W, 3)
         uint8, AudioSegment (wave, sample_rate), or a manifest-style dict ``{"text"|"image"|"audio": ...}``
         (image and audio values are file paths)."""
-        if isinstance(segment, dict):
-            segment = _segment_from_dict(segment)
-        if isinstance(segment, str):
-            segment = TextSegment(segment)
+        segment = as_segment(segment)
         if isinstance(segment, TextSegment):
             if not segment.text.strip():
                 raise PipelineError("empty text segment")
             return TextIds(np.asarray(self.text_tokenizer.encode(segment.text), dtype=np.int64))
-        if isinstance(segment, Image.Image):
-            segment = ImageSegment(np.asarray(segment.convert("RGB")))
         if isinstance(segment, ImageSegment):
             tok = self._need("image")
             pixels = _resize(segment.pixels, tuple(tok.image_size), segment.path)
@@ -305,20 +349,33 @@ class Pipeline:
             with torch.no_grad():
                 codes = tok.encode(x.to(self.device)).codes[0]  # (h, w)
             return ImageIds(codes.cpu().numpy())
-        if isinstance(segment, AudioSegment):
-            tok = self._need("audio")
-            wave = torch.from_numpy(np.asarray(segment.wave, dtype=np.float32))[None]  # (1, T)
-            with torch.no_grad():
-                codes = tok.encode(wave.to(self.device), segment.sample_rate).codes[0]  # (Q, F)
-            return AudioIds(codes.cpu().numpy())
-        raise PipelineError(f"cannot use {type(segment).__name__} as a prompt segment (expected text, a PIL image, "
-                            "an ImageSegment / AudioSegment, or a {'text'|'image'|'audio': ...} dict)")
+        tok = self._need("audio")
+        wave = torch.from_numpy(np.asarray(segment.wave, dtype=np.float32))[None]  # (1, T)
+        with torch.no_grad():
+            codes = tok.encode(wave.to(self.device), segment.sample_rate).codes[0]  # (Q, F)
+        return AudioIds(codes.cpu().numpy())
 
     def prompt_segments(self, segments: SegmentLike | Sequence[SegmentLike]) -> list[TokSegment]:
         """A prompt (one segment or a sequence of them) -> its tokenized segments."""
-        if isinstance(segments, (str, dict, Image.Image, TextSegment, ImageSegment, AudioSegment)):
-            segments = [segments]
-        return [self.tokenize_segment(s) for s in segments]
+        return [self.tokenize_segment(s) for s in _listed(segments)]
+
+    def out_of_domain(self, segments: SegmentLike | Sequence[SegmentLike]) -> list[str]:
+        """Why a prompt lies outside the training data (empty when nothing is noticed): words the text tokenizer
+        never saw in training; pictures far from the training pictures' size or aspect ratio (they are resized)."""
+        notes = []
+        for segment in (as_segment(s) for s in _listed(segments)):
+            if isinstance(segment, TextSegment):
+                # a tokenizer that did not record its training words (an imported one) notices nothing here
+                unseen = getattr(self.text_tokenizer, "unseen_words", lambda _: [])(segment.text)
+                if unseen:
+                    shown = ", ".join(repr(w) for w in unseen[:6]) + (", ..." if len(unseen) > 6 else "")
+                    notes.append(f"{len(unseen)} word(s) never seen in training ({shown}): the answer is a guess "
+                                 f"outside the training data")
+            elif isinstance(segment, ImageSegment) and self.image_tokenizer is not None:
+                note = _picture_note(segment, tuple(self.image_tokenizer.image_size))
+                if note:
+                    notes.append(note)
+        return notes
 
     def prompt_ids(self, segments: SegmentLike | Sequence[SegmentLike], to: Target) -> list[int]:
         """``<bos>`` + the segments' spans (+ ``<boi>`` / ``<boa>`` when the target is an image / audio)."""
@@ -343,12 +400,28 @@ class Pipeline:
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(
         self,
-        segments: SegmentLike | Sequence[SegmentLike],
-        to: Target = "image",
+        segments: SegmentLike | Sequence[SegmentLike] | None = None,
+        to: Target | None = None,
+        *,
+        text: str | None = None,
+        image: ImageLike | None = None,
+        audio: AudioLike | None = None,
         **options: Any,
     ) -> Generated:
-        """One prompt -> GeneratedImage / GeneratedAudio / GeneratedText. Options: see :meth:`generate_batch`."""
-        return self.generate_batch([segments], to, **options)[0]
+        """One prompt -> GeneratedImage / GeneratedAudio / GeneratedText.
+
+        The prompt is given by keyword (``text=``, ``image=``, ``audio=``; :meth:`segments`) or, for interleaved
+        prompts, as a list of segments. ``to`` defaults to an image for a text-only prompt and to text otherwise.
+        Options: see :meth:`generate_batch`."""
+        keywords = {k: v for k, v in (("text", text), ("image", image), ("audio", audio)) if v is not None}
+        if segments is not None and keywords:
+            raise PipelineError(f"give the prompt either as segments or by keyword ({', '.join(keywords)}=), not both")
+        prompt = self.segments(**keywords) if keywords else segments
+        if prompt is None:
+            raise PipelineError("nothing to generate from: pass text=, image= or audio=")
+        if to is None:
+            to = "image" if all(isinstance(as_segment(s), TextSegment) for s in _listed(prompt)) else "text"
+        return self.generate_batch([prompt], to, **options)[0]
 
     def generate_batch(
         self,
@@ -381,6 +454,11 @@ class Pipeline:
         n = candidates if candidates is not None else cfg.candidates(to)
         if n < 1:
             raise PipelineError(f"candidates must be >= 1, got {n}")
+        prompts = [[as_segment(s) for s in _listed(p)] for p in prompts]  # files read once, paths as text refused
+        notes = [self.out_of_domain(p) for p in prompts]
+        for i, prompt_notes in enumerate(notes):
+            for note in prompt_notes:
+                warnings.warn(f"prompt {i}: {note}" if len(prompts) > 1 else note, OutOfDomainWarning, stacklevel=2)
         toks = [self.prompt_segments(p) for p in prompts]
         target_cfg: SamplingConfig = getattr(cfg, to)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
@@ -391,6 +469,11 @@ class Pipeline:
         if max_audio_seconds is not None:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
         seed = cfg.seed if seed is None else seed
+        results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step)
+        return [replace(r, warnings=list(w)) if w else r for r, w in zip(results, notes)]
+
+    def _generate(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
+                  cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None) -> list[Generated]:
         if to == "text":
             first = self._sample(toks, to, 1, cfg, seed, cfg_scale, on_step)
             rerank = [i for i, t in enumerate(toks) if any(not isinstance(s, TextIds) for s in t)]
@@ -424,6 +507,9 @@ class Pipeline:
         )
         budget = {"text": cfg.max_text_tokens, "image": grammar.image_span_cost - 1,
                   "audio": grammar.audio_span_cost(max_frames) - 1}[to]
+        for prompt, prompt_ids in zip(toks, ids):
+            if len(prompt_ids) + budget > self.model.cfg.max_seq_len:
+                raise PipelineError(self._too_long(prompt, len(prompt_ids), budget, to))
         uncond = [[self.vocab.bos, *self._opener(to)] for _ in ids] if guidance and guidance.active else None
         out = generate(
             self.model, ids, grammar, budget, cfg.sampling, torch.Generator(device=self.device).manual_seed(seed),
@@ -434,6 +520,21 @@ class Pipeline:
         if to == "text" or not render:
             return decoded
         return self._render_many([c.codes for c in decoded], to)
+
+    def _too_long(self, prompt: list[TokSegment], length: int, budget: int, to: Target) -> str:
+        """Why a prompt does not fit the model's context, in the prompt's own units."""
+        room = self.model.cfg.max_seq_len - budget  # prompt tokens that fit beside a reply of ``budget`` tokens
+        context = (f"the model's context is {self.model.cfg.max_seq_len} tokens, {budget} of them kept for the {to} "
+                   f"reply")
+        audio = [s for s in prompt if isinstance(s, AudioIds)]
+        if audio:
+            q, rate = self.vocab.audio_num_codebooks, float(self.audio_tokenizer.frame_rate)
+            seconds = sum(s.codes.shape[1] for s in audio) / rate
+            other = length - sum(s.codes.size + 2 for s in audio)  # the prompt's tokens besides its audio spans
+            fits = max(0.0, (room - other - 2 * len(audio)) / (q * rate))
+            return (f"the prompt's audio is {seconds:.1f} s long; this model takes at most {fits:.1f} s of audio in "
+                    f"this prompt ({context}); cut the recording")
+        return f"the prompt is {length} tokens long; at most {room} fit ({context}); shorten it"
 
     def scorers(self, to: Target) -> list[Scorer]:
         """The config's scorers for target ``to``, built for this pipeline (PipelineError when one cannot serve it)."""
@@ -512,32 +613,104 @@ class Pipeline:
         return out
 
 
-def _segment_from_dict(d: dict) -> TextSegment | ImageSegment | AudioSegment:
-    if len(d) != 1 or next(iter(d)) not in TARGETS:
-        raise PipelineError(f"a segment dict needs exactly one key of text / image / audio, got {sorted(d)}")
-    (key, value), = d.items()
-    if not isinstance(value, str):
-        raise PipelineError(f"segment {key!r}: expected a string (text or a file path), got {value!r}")
-    if key == "text":
-        return TextSegment(value)
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"{key} file {path} does not exist")
-    if key == "image":
+def _listed(prompt: SegmentLike | Sequence[SegmentLike]) -> list[SegmentLike]:
+    """One segment or a sequence of them -> a list."""
+    if isinstance(prompt, (str, dict, Image.Image, TextSegment, ImageSegment, AudioSegment)):
+        return [prompt]
+    return list(prompt)
+
+
+def as_segment(segment: SegmentLike) -> Segment:
+    """A user segment as a Text/Image/AudioSegment (files read, dicts resolved); a plain string that looks like a
+    picture or sound file is refused (pass it as ``image=`` / ``audio=``, or as ``TextSegment`` if it is text)."""
+    if isinstance(segment, (TextSegment, ImageSegment, AudioSegment)):
+        return segment
+    if isinstance(segment, dict):
+        if len(segment) != 1 or next(iter(segment)) not in TARGETS:
+            raise PipelineError(f"a segment dict needs exactly one key of text / image / audio, got {sorted(segment)}")
+        (key, value), = segment.items()
+        if not isinstance(value, str):
+            raise PipelineError(f"segment {key!r}: expected a string (text or a file path), got {value!r}")
+        return {"text": TextSegment, "image": as_image_segment, "audio": as_audio_segment}[key](value)
+    if isinstance(segment, str):
+        name = segment.strip().lower()
+        if name.endswith(IMAGE_SUFFIXES + AUDIO_SUFFIXES) and not any(c.isspace() for c in name):
+            kind = "audio" if name.endswith(AUDIO_SUFFIXES) else "image"
+            raise PipelineError(f"{segment!r} looks like a file path, not a text prompt: pass it as {kind}="
+                                f"{segment!r} (or TextSegment({segment!r}) to mean the text)")
+        return TextSegment(segment)
+    if isinstance(segment, Image.Image):
+        return as_image_segment(segment)
+    raise PipelineError(f"cannot use {type(segment).__name__} as a prompt segment (expected text, a PIL image, "
+                        "an ImageSegment / AudioSegment, or a {'text'|'image'|'audio': ...} dict)")
+
+
+def as_image_segment(image: ImageLike) -> ImageSegment:
+    """A picture from a file path, a PIL image or an (H, W), (H, W, 3) or (H, W, 4) uint8 array, as RGB."""
+    if isinstance(image, ImageSegment):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
         try:
             with Image.open(path) as im:
                 return ImageSegment(np.asarray(im.convert("RGB")), path=str(path))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise PipelineError(f"{path}: not a readable image ({e})") from e
-    import soundfile as sf
+    if isinstance(image, Image.Image):
+        return ImageSegment(np.asarray(image.convert("RGB")))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise PipelineError(f"image=: expected an (H, W), (H, W, 3) or (H, W, 4) uint8 array, got "
+                                f"{image.shape} {image.dtype}")
+        return ImageSegment(np.asarray(Image.fromarray(image).convert("RGB")))
+    raise PipelineError(f"image=: expected a file path, a PIL image or a uint8 array, got {type(image).__name__}")
 
-    try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except RuntimeError as e:
-        raise PipelineError(f"{path}: not a readable audio file ({e})") from e
-    if wave.shape[0] == 0:
-        raise PipelineError(f"{path}: the audio file is empty")
-    return AudioSegment(wave.mean(axis=1), int(sr), path=str(path))  # stereo -> mono
+
+def as_audio_segment(audio: AudioLike) -> AudioSegment:
+    """Audio from a file path (any rate; channels averaged) or ``(wave, sample_rate)`` (wave (T,) or (T, C))."""
+    if isinstance(audio, AudioSegment):
+        return audio
+    if isinstance(audio, (str, Path)):
+        import soundfile as sf
+
+        path = Path(audio)
+        if not path.is_file():
+            raise FileNotFoundError(f"audio file {path} does not exist")
+        try:
+            wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        except (RuntimeError, sf.LibsndfileError) as e:
+            raise PipelineError(f"{path}: not a readable audio file ({e})") from e
+        if wave.shape[0] == 0:
+            raise PipelineError(f"{path}: the audio file is empty")
+        return AudioSegment(wave.mean(axis=1), int(sr), path=str(path))  # stereo -> mono
+    if isinstance(audio, np.ndarray):
+        raise PipelineError("audio=: an array needs its sample rate: pass audio=(wave, sample_rate)")
+    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)):
+        wave = np.asarray(audio[0], dtype=np.float32)
+        if wave.ndim == 2:
+            wave = wave.mean(axis=1)  # (T, C) -> mono
+        if wave.ndim != 1 or wave.size == 0 or int(audio[1]) <= 0:
+            raise PipelineError(f"audio=(wave, sample_rate): expected a non-empty (T,) or (T, C) wave and a positive "
+                                f"rate, got {wave.shape} at {audio[1]}")
+        return AudioSegment(wave, int(audio[1]))
+    raise PipelineError(f"audio=: expected a file path or (wave, sample_rate), got {type(audio).__name__}")
+
+
+def _picture_note(segment: ImageSegment, size: tuple[int, int]) -> str | None:
+    """A warning for a picture far from the training pictures' ``size`` (H, W), or None."""
+    h, w = segment.pixels.shape[:2]
+    (th, tw), where = size, segment.path or "the picture"
+    if (h, w) == (th, tw):
+        return None
+    aspect = abs(math.log((w / h) / (tw / th))) > math.log1p(ASPECT_TOLERANCE)
+    scale = max(h / th, w / tw, th / h, tw / w) > SIZE_FACTOR
+    if not (aspect or scale):
+        return None
+    how = "squashed (aspect ratio changed)" if aspect else "rescaled"
+    return (f"{where} is {w}x{h}, far from the {tw}x{th} pictures the model was trained on; it was {how} to "
+            f"{tw}x{th}, so the answer may mean little")
 
 
 def _resize(pixels: np.ndarray, size: tuple[int, int], source: str | None) -> np.ndarray:

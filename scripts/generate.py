@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ from anyloom.generation.pipeline import (
     GeneratedAudio,
     GeneratedImage,
     GeneratedText,
+    OutOfDomainWarning,
     PipelineError,
+    as_segment,
     load,
 )
 from anyloom.progress import progress
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, help="for the target modality (1 = off)")
     p.add_argument("--min-p", type=float, help="for the target modality: keep tokens >= min_p x the top one (0 = off)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance for image/audio targets (1 = off)")
+    p.add_argument("--candidates", type=int, help="outputs sampled per prompt, the best-scored one kept (default: the "
+                                                    "recipe's generation.<to>_candidates)")
     p.add_argument("--max-text-tokens", type=int)
     p.add_argument("--max-audio-seconds", type=float)
     p.add_argument("--device", default="auto")
@@ -169,8 +174,24 @@ def write_output(out: Path, index: int, result: Any) -> dict[str, Any]:
     return {"file": name, "text": result.text, "finished": result.finished}
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _kind(result: Any) -> str:
     return {GeneratedImage: "image", GeneratedAudio: "audio", GeneratedText: "text"}[type(result)]
+
+
+def describe(segments: list[dict[str, str]], width: int = 60) -> str:
+    """A prompt in one short line for messages: texts cut to ``width`` characters, files by name."""
+    parts = []
+    for seg in segments:
+        (key, value), = seg.items()
+        if key == "text":
+            parts.append(repr(value if len(value) <= width else value[:width] + "..."))
+        else:
+            parts.append(f"{key} {Path(value).name}")
+    return " + ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.num < 1:
             raise PromptError(f"--num must be >= 1, got {a.num}")
+        if a.candidates is not None and a.candidates < 1:
+            raise PromptError(f"--candidates must be >= 1, got {a.candidates}")
         requests = requests_from_args(a)
+        for req in requests:  # every file read (and refused by name) before the model is loaded
+            req["loaded"] = [as_segment(s) for s in req["segments"]]
         pipe = load(a.run, device=a.device)
     except (PromptError, PipelineError, FileNotFoundError, ConfigError, VocabularyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -192,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else Path(a.run) / "samples" / "generate"
     out.mkdir(parents=True, exist_ok=True)
     options = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "min_p": a.min_p,
-               "cfg_scale": a.cfg_scale}
+               "cfg_scale": a.cfg_scale, "candidates": a.candidates}
     summary: dict[str, Any] = {"run": str(a.run), "config": to_dict(config), "options": options,
                                "outputs": earlier_outputs(out)}
     jobs = [(r, k) for r in requests for k in range(a.num)]
@@ -202,18 +227,24 @@ def main(argv: list[str] | None = None) -> int:
         seed = (req["seed"] if req["seed"] is not None else a.seed if a.seed is not None else config.seed) + k
         start = time.perf_counter()
         try:
-            result = pipe.generate(req["segments"], to=req["to"], seed=seed, **options)
+            with warnings.catch_warnings():  # printed below, once per output, as the summary records them
+                warnings.simplefilter("ignore", OutOfDomainWarning)
+                result = pipe.generate(req["loaded"], to=req["to"], seed=seed, **options)
         except (PipelineError, FileNotFoundError, GrammarError, ValueError) as e:
-            print(f"error: prompt {req['segments']!r}: {e}", file=sys.stderr)
+            print(f"error: prompt {describe(req['segments'])}: {e}", file=sys.stderr)
             return 2
+        for note in result.warnings:
+            print(f"warning: prompt {describe(req['segments'])}: {note}", file=sys.stderr)
         record = {"index": index, "to": req["to"], "prompt": req["segments"], "seed": seed, "options": options,
-                  "seconds": round(time.perf_counter() - start, 3), **write_output(out, index, result)}
+                  "seconds": round(time.perf_counter() - start, 3), **write_output(out, index, result),
+                  **({"warnings": result.warnings} if result.warnings else {})}
         summary["outputs"].append(record)
         print(f"[{index}] {req['to']}: {out / record['file']}" + (f"  {record['text']!r}" if "text" in record else ""))
         index += 1
         written += 1
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {written} outputs and {out / 'summary.json'} ({len(summary['outputs'])} outputs in the folder)")
+    total = len(summary["outputs"])
+    print(f"wrote {_count(written, 'output')} and {out / 'summary.json'} ({_count(total, 'output')} in the folder)")
     return 0
 
 

@@ -10,6 +10,7 @@ stages are skipped (their outputs are keyed on their configs) and the LM continu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from anyloom.config import ConfigError
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"interrupted: {e or 'stopped by the user'}; run the same command again to resume", file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError) as e:  # a recipe, data or run the stages cannot use: said in one line
+        if os.environ.get("ANYLOOM_TRACEBACK"):
+            raise
+        print(f"error: {e}\n(the stages before it are kept; ANYLOOM_TRACEBACK=1 shows where it came from)",
+              file=sys.stderr)
+        return 2
     if ctx.timings:
         log((run.path / "summary.md").read_text() if (run.path / "summary.md").is_file() else "")
     return 0

@@ -246,3 +246,43 @@ def test_train_script_rejects_typo_naming_key():
     assert out.returncode != 0
     assert "optim.lrr" in out.stderr and "optim.lr'" in out.stderr
     json.dumps(out.stderr)
+
+
+def _fields_named(tree, name: str, where: str = ""):
+    """(path, value) of every field called ``name`` in a dataclass tree."""
+    import dataclasses
+
+    for f in dataclasses.fields(tree):
+        value = getattr(tree, f.name)
+        if f.name == name:
+            yield f"{where}{f.name}", value
+        if dataclasses.is_dataclass(value):
+            yield from _fields_named(value, name, f"{where}{f.name}.")
+
+
+def test_the_default_recipe_trains_fixed_steps_not_a_time_budget():
+    budgets = dict(_fields_named(load_recipe("world"), "max_seconds"))
+    assert {"train.max_seconds", "image_tokenizer.max_seconds", "audio_tokenizer.train.max_seconds"} <= set(budgets)
+    assert all(v == 0 for v in budgets.values()), budgets  # 0: no budget; the step counts end every stage
+
+
+def test_a_stage_error_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import train  # scripts/train.py
+
+    def failing(recipe, run, log=print):
+        raise ValueError("stage 'eval': scorer 'matcher' needs an image-text matcher")
+
+    monkeypatch.setattr(train, "run_pipeline", failing)
+    monkeypatch.delenv("ANYLOOM_TRACEBACK", raising=False)
+    assert train.main(["--recipe", "world_tiny", f"run.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage 'eval': scorer 'matcher'") and "Traceback" not in err
+
+
+KNOBS = ["world_tiny", "GEN_ARGS", "--out", "--num", "--seed", "--candidates", "eval.limit", "OUT="]
+
+
+def test_the_knobs_are_in_make_help_and_the_readme():
+    helped = subprocess.run(["make", "-s", "help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60).stdout
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert [k for k in KNOBS if k not in helped] == [] and [k for k in KNOBS if k not in readme] == []

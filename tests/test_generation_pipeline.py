@@ -431,8 +431,12 @@ def test_generate_script_bad_input(tiny_run, tmp_path, run_script):
     assert r.returncode == 2 and "no_run" in r.stderr
 
 
-@pytest.mark.parametrize("example", sorted((REPO_ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+EXAMPLES = sorted(p for p in (REPO_ROOT / "examples").glob("*.py") if p.name != "common.py")  # common: their helper
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_examples_run(example, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(example.parent))  # as `python examples/x.py` puts examples/ on the path
     monkeypatch.setattr(sys, "argv", [str(example), "--run", str(tiny_run), "--out", str(tmp_path)])
     runpy.run_path(str(example), run_name="__main__")
     assert any(tmp_path.iterdir()), f"{example.name} wrote nothing to --out"

@@ -83,7 +83,7 @@ def test_rerun_skips_finished_stages(tiny_run):
     again = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
                                        f"pipeline.stages=[{','.join(stages)}]"])
     ctx = run_pipeline(again, run, log=lambda _: None)
-    assert all(t["seconds"] < 20 for t in ctx.timings), ctx.timings
+    assert all(t["elapsed"] < 20 and t["up_to_date"] for t in ctx.timings), ctx.timings
     assert "up to date" in ctx.timings[stages.index("image_matcher")]["result"]
 
 
@@ -108,3 +108,63 @@ def test_train_seed_seeds_the_lm_alone(tiny_run, monkeypatch):
                                          "model.code_factors=[5,8,5,5]"])  # the right product, the wrong order
     with pytest.raises(ValueError, match="must be the image tokenizer's FSQ levels"):
         stage_lm(Context(swapped, run))
+
+
+def test_a_second_run_is_a_no_op_that_keeps_the_summary(tiny_run):
+    from anyloom.training.chain import run_pipeline
+
+    recipe, run, first, _ = tiny_run
+    seconds = {t["stage"]: t["seconds"] for t in json.loads((run.path / "timings.json").read_text())}
+    eval_bytes = (run.path / "eval.json").read_bytes()
+    lines: list[str] = []
+    again = run_pipeline(recipe, run, log=lines.append)
+    assert all(t["up_to_date"] for t in again.timings), again.timings
+    assert sum(t["elapsed"] for t in again.timings) < 60, again.timings  # seconds, not the first run's minutes
+    assert {t["stage"]: t["seconds"] for t in again.timings} == {s: seconds[s] for s in recipe.pipeline.stages}
+    assert "(up to date)" in again.timings[-1]["result"]  # the eval stage
+    assert (run.path / "eval.json").read_bytes() == eval_bytes
+    summary = (run.path / "summary.md").read_text()
+    assert f"| lm | {seconds['lm']:.1f} |" in summary and "(up to date)" in summary
+
+
+def test_a_partial_evaluation_never_replaces_the_full_one(tiny_run, capsys):
+    import evaluate  # scripts/evaluate.py
+
+    _, run, _, _ = tiny_run
+    full = (run.path / "eval.json").read_bytes()
+    sheet = (run.samples / "eval" / "t2i_test.png").read_bytes()
+    args = ["--run", str(run.path), "eval.limit=2", "eval.splits=[test]", "eval.directions=[i2t]",
+            "eval.perplexity=false", "eval.tokenizers=false"]
+    assert evaluate.main(args) == 0
+    assert (run.path / "eval.json").read_bytes() == full
+    assert (run.samples / "eval" / "t2i_test.png").read_bytes() == sheet
+    side = list((run.path / "evals").glob("*/eval.json"))
+    assert len(side) == 1 and side[0].parent.name.startswith("directions=i2t,limit=2,perplexity=False,splits=test")
+    assert json.loads(side[0].read_text())["i2t"]["n"] == 2
+    out = capsys.readouterr().out
+    assert "eval: test split, image->text (2 items)" in out and "the run's own eval.json is kept" in out
+    assert evaluate.main(args) == 0 and "up to date" in capsys.readouterr().out  # the same again: kept, not redone
+    assert evaluate.main(["--run", str(run.path)]) == 0  # the recipe's own settings: the run's result, up to date
+    assert "kept" in capsys.readouterr().out and (run.path / "eval.json").read_bytes() == full
+
+
+def test_an_interrupted_stage_counts_its_earlier_part(tiny_run, monkeypatch):
+    import anyloom.training.chain as chain
+
+    recipe, run, _, _ = tiny_run
+    again = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
+                                       "pipeline.stages=[world,export]"])
+    before = json.loads((run.path / "timings.json").read_text())
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setitem(chain.STAGE_FUNCTIONS, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chain.run_pipeline(again, run, log=lambda _: None)
+    records = {r["stage"]: r for r in json.loads((run.path / "timings.json").read_text())}
+    assert records["export"]["interrupted"] and len(records) == len(before)  # the other stages' records kept
+    part = records["export"]["seconds"]
+    monkeypatch.setitem(chain.STAGE_FUNCTIONS, "export", lambda ctx: chain.Outcome("exported"))
+    ctx = chain.run_pipeline(again, run, log=lambda _: None)
+    assert ctx.timings[-1]["seconds"] >= part and not ctx.timings[-1].get("interrupted")

@@ -2,7 +2,8 @@
 
 The model is trained from an iterator of strings (the world's captions, plus an optional general corpus file)
 in about a second, single-threaded so that the same corpus always gives the same model bytes. It is saved
-beside checkpoints as ``text.model`` (sentencepiece's own protobuf) plus ``text_tokenizer.json`` (the config).
+beside checkpoints as ``text.model`` (sentencepiece's own protobuf) plus ``text_tokenizer.json`` (the config) and
+``words.txt`` (the training texts' words, one per line: prompts with other words are flagged as out of domain).
 
 sentencepiece's own bos/eos/pad are disabled: the unified vocabulary (``anyloom.sequences.vocab``) owns every
 special token. Ids here are ``[0, vocab_size)``; id 0 is sentencepiece's ``<unk>`` (never produced, thanks to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from anyloom.config import build, to_dict
 
 MODEL_FILE = "text.model"
 CONFIG_FILE = "text_tokenizer.json"
+WORDS_FILE = "words.txt"
 
 # unk + 256 byte pieces + at least a handful of merges; below this sentencepiece cannot train a byte-fallback BPE.
 MIN_VOCAB_SIZE = 260
@@ -52,11 +55,14 @@ def _corpus_lines(path: str | Path) -> Iterator[str]:
 class TextTokenizer:
     """A trained sentencepiece BPE; ``encode``/``decode`` are exact inverses for any string (byte fallback)."""
 
-    def __init__(self, model_bytes: bytes, config: TextTokenizerConfig | None = None):
+    def __init__(self, model_bytes: bytes, config: TextTokenizerConfig | None = None,
+                 known_words: Iterable[str] | None = None):
         import sentencepiece as spm
 
         self.config = config or TextTokenizerConfig()
         self.model_bytes = model_bytes
+        # the words of the training texts (``words_of``), for out-of-domain warnings; None: not recorded
+        self.known_words = None if known_words is None else frozenset(known_words)
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
 
     @classmethod
@@ -95,7 +101,7 @@ class TextTokenizer:
             unk_id=0,
             minloglevel=2,
         )
-        return cls(model.getvalue(), config)
+        return cls(model.getvalue(), config, known_words={w for line in lines for w in words_of(line)})
 
     @property
     def vocab_size(self) -> int:
@@ -119,6 +125,13 @@ class TextTokenizer:
             raise ValueError(f"text ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return self._sp.decode(ids)
 
+    def unseen_words(self, text: str) -> list[str]:
+        """The words of ``text`` (``words_of``) that no training text had, in order, each once; [] when the
+        training words were not recorded."""
+        if self.known_words is None:
+            return []
+        return list(dict.fromkeys(w for w in words_of(text) if w not in self.known_words))
+
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
@@ -130,6 +143,8 @@ class TextTokenizer:
         tmp.replace(folder / MODEL_FILE)
         meta = {"config": to_dict(self.config), "vocab_size": self.vocab_size, "fingerprint": self.fingerprint}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if self.known_words is not None:
+            (folder / WORDS_FILE).write_text("".join(w + "\n" for w in sorted(self.known_words)))
         return folder
 
     @classmethod
@@ -143,7 +158,9 @@ class TextTokenizer:
         if (folder / CONFIG_FILE).exists():
             meta = json.loads((folder / CONFIG_FILE).read_text())
             config = build(TextTokenizerConfig, meta.get("config", {}), prefix=str(folder / CONFIG_FILE))
-        tok = cls(model_path.read_bytes(), config)
+        words_path = folder / WORDS_FILE
+        words = words_path.read_text().split() if words_path.is_file() else None
+        tok = cls(model_path.read_bytes(), config, known_words=words)
         if "vocab_size" in meta and meta["vocab_size"] != tok.vocab_size:
             raise ValueError(
                 f"{folder / CONFIG_FILE}: vocab_size {meta['vocab_size']} does not match {MODEL_FILE} "
@@ -155,4 +172,10 @@ class TextTokenizer:
         return f"TextTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
 
 
-__all__ = ["TextTokenizer", "TextTokenizerConfig", "MODEL_FILE", "CONFIG_FILE"]
+def words_of(text: str) -> list[str]:
+    """The lower-cased words of a text: runs of letters and digits in any script (a run without spaces, as in
+    Japanese, counts as one word)."""
+    return re.findall(r"\w+", text.lower())
+
+
+__all__ = ["TextTokenizer", "TextTokenizerConfig", "MODEL_FILE", "CONFIG_FILE", "WORDS_FILE", "words_of"]

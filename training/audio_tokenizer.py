@@ -57,7 +57,7 @@ class AudioTokenizerTrainConfig:
     steps: int = 1500
     batch_size: int = 16
     crop_seconds: float = 1.0  # random windows of the concatenated training speech
-    max_seconds: float = 300.0  # wall-clock budget; training stops early (and says so) past it. 0: none
+    max_seconds: float = 0.0  # wall-clock budget (0: none): training stops early past it, and says so
     max_train_items: int = 0  # 0: every training utterance
     log_every: int = 25
     ckpt_every: int = 250  # 0: only at the end

@@ -13,7 +13,9 @@ Where things go (``run`` = ``runs/<name>/``):
 - the image matcher: ``run/stages/image_matcher/matcher/`` (+ ``matcher_val.json`` beside it);
 - token shards: ``run/tokens/<split>/`` (cached on the tokenizers' and the data's hashes);
 - the LM: ``run/checkpoints/`` (DCP, resumable), ``run/metrics.jsonl``; ``run/export/`` after export;
-- evaluation: ``run/eval.json``, ``run/samples/eval/``; the stage timing table: ``run/summary.md``.
+- evaluation: ``run/eval.json``, ``run/samples/eval/``; the stage timing table: ``run/summary.md``
+  (``run/timings.json``): each stage's seconds are those of the invocation that did its work, an up-to-date stage
+  keeps them, and a resumed LM adds its earlier part.
 
 Under torchrun only the ``lm`` stage runs on every rank; rank 0 runs the other stages while the others wait
 for its marker file (the process group belongs to the LM stage).
@@ -37,6 +39,16 @@ from anyloom.training.distributed import is_main, world_size
 from anyloom.training.run import RunDir
 
 SPLITS = ("train", "val", "test", "compositional")
+
+
+@dataclass
+class Outcome:
+    """What a stage reports: a line for the log and the summary, whether it found its output up to date (and did no
+    work), and whether it continued work an earlier invocation began (a resumed LM)."""
+
+    text: str
+    up_to_date: bool = False
+    continued: bool = False
 
 
 @dataclass
@@ -89,14 +101,20 @@ def data_splits(data: Any) -> tuple[str, ...]:
     return OPENMOJI_SPLITS if isinstance(data, OpenMojiPaths) else SPLITS
 
 
+def _untouched(folder: Path, since: float) -> bool:
+    """True when ``folder`` exists and no file in it was written at or after ``since`` (a time.time())."""
+    return folder.is_dir() and all(f.stat().st_mtime < since for f in folder.rglob("*") if f.is_file())
+
+
 # ---- stages --------------------------------------------------------------------------------------------------
-def stage_world(ctx: Context) -> str:
+def stage_world(ctx: Context) -> Outcome:
+    t0 = time.time()
     paths = build_data(ctx.recipe)  # the stage keeps its name "world" whatever it builds (run caches, summaries)
     ctx.artifacts["world"] = paths
-    return str(paths.dir)
+    return Outcome(str(paths.dir), up_to_date=_untouched(Path(paths.dir), t0))
 
 
-def stage_text_tokenizer(ctx: Context) -> str:
+def stage_text_tokenizer(ctx: Context) -> Outcome:
     from anyloom.tokenizers.text import TextTokenizer
 
     world = _need(ctx, "world", "text_tokenizer")
@@ -105,36 +123,38 @@ def stage_text_tokenizer(ctx: Context) -> str:
     key = fingerprint({"config": ctx.recipe.text_tokenizer, "data": str(world.dir)})
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         ctx.artifacts["text_tokenizer"] = out
-        return f"{out} (up to date)"
+        return Outcome(f"{out} (up to date)", up_to_date=True)
     tok = TextTokenizer.train(_text_segments(Path(world.train)), config=ctx.recipe.text_tokenizer)
     tok.save(out)
     stamp.write_text(json.dumps({"key": key}) + "\n")
     ctx.artifacts["text_tokenizer"] = out
-    return f"{out} ({tok.vocab_size} pieces)"
+    return Outcome(f"{out} ({tok.vocab_size} pieces)")
 
 
-def stage_image_tokenizer(ctx: Context) -> str:
+def stage_image_tokenizer(ctx: Context) -> Outcome:
     from anyloom.training.image_tokenizer import train_image_tokenizer
 
     world = _need(ctx, "world", "image_tokenizer")
+    t0 = time.time()
     out = train_image_tokenizer(ctx.recipe.image_tokenizer, world.train, world.val, ctx.run.stage("image_tokenizer"))
     ctx.artifacts["image_tokenizer"] = out
-    return str(out)
+    return Outcome(str(out), up_to_date=_untouched(out, t0))
 
 
-def stage_diffusion_decoder(ctx: Context) -> str:
+def stage_diffusion_decoder(ctx: Context) -> Outcome:
     from anyloom.tokenizers.registry import load_tokenizer
     from anyloom.training.diffusion_decoder import train_diffusion_decoder
 
     world = _need(ctx, "world", "diffusion_decoder")
     tokenizer = load_tokenizer("image", _need(ctx, "image_tokenizer", "diffusion_decoder"))
+    t0 = time.time()
     out = train_diffusion_decoder(ctx.recipe.diffusion_decoder, tokenizer, world.train, world.val,
                                   ctx.run.stage("diffusion_decoder"))
     ctx.artifacts["diffusion_decoder"] = out
-    return str(out)
+    return Outcome(str(out), up_to_date=_untouched(out, t0))
 
 
-def stage_image_matcher(ctx: Context) -> str:
+def stage_image_matcher(ctx: Context) -> Outcome:
     from anyloom.tokenizers.registry import load_tokenizer
     from anyloom.training.matcher import train_matcher
 
@@ -145,17 +165,19 @@ def stage_image_matcher(ctx: Context) -> str:
                            world.val, ctx.run.stage("image_matcher"), image_tokenizer_folder=image_folder)
     ctx.artifacts["image_matcher"] = result.folder
     state = "up to date, " if result.up_to_date else ""
-    return f"{result.folder} ({state}{result.steps} steps, val top-1 {result.val_top1:.3f})"
+    return Outcome(f"{result.folder} ({state}{result.steps} steps, val top-1 {result.val_top1:.3f})",
+                   up_to_date=result.up_to_date)
 
 
-def stage_audio_tokenizer(ctx: Context) -> str:
+def stage_audio_tokenizer(ctx: Context) -> Outcome:
     from anyloom.training.audio_tokenizer import train_audio_tokenizer
 
     world = _need(ctx, "world", "audio_tokenizer")
+    t0 = time.time()
     out = train_audio_tokenizer(ctx.recipe.audio_tokenizer, world.train, world.val, ctx.run.stage("audio_tokenizer"),
                                 seed=ctx.recipe.run.seed)
     ctx.artifacts["audio_tokenizer"] = out
-    return str(out)
+    return Outcome(str(out), up_to_date=_untouched(out, t0))
 
 
 def load_tokenizers(ctx: Context) -> dict[str, Any]:
@@ -164,7 +186,7 @@ def load_tokenizers(ctx: Context) -> dict[str, Any]:
     return {m: load_tokenizer(m, _need(ctx, f"{m}_tokenizer", "pretokenize")) for m in ("text", "image", "audio")}
 
 
-def stage_pretokenize(ctx: Context) -> str:
+def stage_pretokenize(ctx: Context) -> Outcome:
     from anyloom.data.manifest import read_manifest
     from anyloom.sequences.pretokenize import pretokenize
     from anyloom.sequences.vocab import Vocabulary
@@ -175,6 +197,7 @@ def stage_pretokenize(ctx: Context) -> str:
     vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"], image_row_end=seq.image_row_end,
                                        audio_pattern=seq.audio_pattern, bidirectional=seq.bidirectional)
     counts = {}
+    t0 = time.time()
     for split in data_splits(world):
         manifest = Path(world.split(split))
         if not manifest.is_file() or not manifest.read_text().strip():
@@ -185,7 +208,8 @@ def stage_pretokenize(ctx: Context) -> str:
         counts[split] = len(result.shards)
     vocab.save(ctx.run.path / "vocab.json")
     ctx.artifacts["vocab"] = vocab
-    return ", ".join(f"{k} {v}" for k, v in counts.items()) + f" items; vocabulary {vocab.size} ids"
+    return Outcome(", ".join(f"{k} {v}" for k, v in counts.items()) + f" items; vocabulary {vocab.size} ids",
+                   up_to_date=_untouched(ctx.run.path / "tokens", t0))
 
 
 def lm_model_config(model: Any, vocab: Any) -> Any:
@@ -209,7 +233,7 @@ def lm_model_config(model: Any, vocab: Any) -> Any:
                                grid_size=vocab.image_tokens_per_image)
 
 
-def stage_lm(ctx: Context) -> str:
+def stage_lm(ctx: Context) -> Outcome:
     from anyloom.sequences.interleave import bidirectional_span_ids
     from anyloom.sequences.mixture import TaskMixture
     from anyloom.sequences.packing import PackedLoader
@@ -237,33 +261,44 @@ def stage_lm(ctx: Context) -> str:
     if getattr(result, "interrupted", False):
         raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")
     budget = f" (stopped by train.max_seconds={r.train.max_seconds:g})" if result.budget_spent else ""
-    return f"step {result.step}{budget}"
+    if result.resumed_from and result.step == result.resumed_from:
+        return Outcome(f"step {result.step} (up to date)", up_to_date=True)
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    return Outcome(f"step {result.step}{resumed}{budget}", continued=result.resumed_from > 0)
 
 
-def stage_export(ctx: Context) -> str:
+def stage_export(ctx: Context) -> Outcome:
     from anyloom.training.checkpoint import latest_checkpoint
     from anyloom.training.export import export
+    from anyloom.weights import WEIGHTS, read_metadata
 
     ckpt = latest_checkpoint(ctx.run.checkpoints)
     if ckpt is None:
         raise RuntimeError(f"{ctx.run.checkpoints}: no complete checkpoint to export; run the 'lm' stage first")
-    out = export(ckpt, ctx.run.path / "export")
+    out = ctx.run.path / "export"
+    weights = out / WEIGHTS
+    ckpt_written = max((f.stat().st_mtime for f in Path(ckpt.path).rglob("*") if f.is_file()), default=0.0)
+    if weights.is_file() and read_metadata(out).get("source") == str(ckpt.path) and \
+            weights.stat().st_mtime >= ckpt_written:
+        ctx.artifacts["export"] = out
+        return Outcome(f"{out} (from {ckpt.name}, up to date)", up_to_date=True)
+    out = export(ckpt.path, out)
     ctx.artifacts["export"] = out
-    return f"{out} (from {ckpt.name})"
+    return Outcome(f"{out} (from {ckpt.name})")
 
 
-def stage_eval(ctx: Context) -> str:
+def stage_eval(ctx: Context) -> Outcome:
     from anyloom.evaluation.run_eval import evaluate_run
 
-    scores = evaluate_run(ctx.run.path, ctx.recipe.eval, world=_need(ctx, "world", "eval"),
-                          generation=ctx.recipe.generation)
-    headline = {k: scores.get(k, {}) for k in ("t2i", "i2t", "a2t", "t2a")}
+    result = evaluate_run(ctx.run.path, ctx.recipe.eval, _need(ctx, "world", "eval"), ctx.recipe.generation)
+    headline = {k: result.scores.get(k, {}) for k in ("t2i", "i2t", "a2t", "t2a")}
     parts = [f"{d}: " + ", ".join(f"{m}={v:.3f}" for m, v in s.items() if isinstance(v, float) and m != "n")
              for d, s in headline.items() if s]
-    return "; ".join(parts) or "no directions evaluated"
+    text = "; ".join(parts) or "no directions evaluated"
+    return Outcome(text + (" (up to date)" if result.up_to_date else ""), up_to_date=result.up_to_date)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Context], str]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[Context], Outcome]] = {
     "world": stage_world,
     "text_tokenizer": stage_text_tokenizer,
     "image_tokenizer": stage_image_tokenizer,
@@ -287,10 +322,15 @@ def _wait_for(marker: Path, timeout_s: float = 24 * 3600) -> None:
         time.sleep(2)
 
 
-def summary_markdown(ctx: Context) -> str:
-    total = sum(t["seconds"] for t in ctx.timings)
-    lines = [f"# Run {ctx.run.path}", "", "| stage | seconds | result |", "|---|---:|---|"]
-    lines += [f"| {t['stage']} | {t['seconds']:.1f} | {t['result']} |" for t in ctx.timings]
+def summary_markdown(ctx: Context, records: list[dict[str, Any]] | None = None) -> str:
+    """The stage table of ``records`` (default: this invocation's) and the run's eval.json."""
+    records = ctx.timings if records is None else records
+    total = sum(t["seconds"] for t in records)
+    lines = [f"# Run {ctx.run.path}", "",
+             "Seconds are each stage's own work: an up-to-date stage keeps those of the run that made its output, and "
+             "a resumed LM counts its earlier part.", "",
+             "| stage | seconds | result |", "|---|---:|---|"]
+    lines += [f"| {t['stage']} | {t['seconds']:.1f} | {t['result']} |" for t in records]
     lines += [f"| **total** | {total:.1f} | |", ""]
     eval_file = ctx.run.path / "eval.json"
     if eval_file.is_file():
@@ -298,10 +338,44 @@ def summary_markdown(ctx: Context) -> str:
     return "\n".join(lines)
 
 
+def _earlier_timings(run: RunDir) -> dict[str, dict[str, Any]]:
+    """The stage records of earlier invocations (``timings.json``), by stage; {} when there are none."""
+    path = run.path / "timings.json"
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        return {}
+    return {r["stage"]: r for r in records if isinstance(r, dict) and "stage" in r and "seconds" in r}
+
+
+def _record(name: str, outcome: Outcome, seconds: float, earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage's timing record: ``seconds``, its own work's, kept from ``earlier`` when it was up to date, and added
+    to the earlier part when it continued it (or when the earlier invocation was interrupted in it); ``elapsed``,
+    this invocation's."""
+    elapsed, before = seconds, (float(earlier["seconds"]) if earlier else 0.0)
+    if outcome.up_to_date and earlier and not earlier.get("interrupted"):
+        seconds = before
+    elif outcome.continued and earlier:
+        seconds += before
+    return {"stage": name, "seconds": round(seconds, 1), "elapsed": round(elapsed, 1), "result": outcome.text,
+            "up_to_date": outcome.up_to_date}
+
+
+def _write_summary(ctx: Context, records: list[dict[str, Any]], earlier: dict[str, dict[str, Any]]) -> None:
+    """summary.md and timings.json: ``records`` and, for the stages this invocation did not reach or run, the
+    earlier invocations' records, in stage order."""
+    if is_main():
+        by_stage = {**earlier, **{r["stage"]: r for r in records}}
+        merged = [by_stage[s] for s in STAGES if s in by_stage]
+        (ctx.run.path / "summary.md").write_text(summary_markdown(ctx, merged))
+        (ctx.run.path / "timings.json").write_text(json.dumps(merged, indent=2) + "\n")
+
+
 def run_pipeline(recipe: Recipe, run: RunDir, log: Callable[[str], None] = print) -> Context:
     """Run the recipe's ``pipeline.stages`` in order; print a line per stage and write ``summary.md``."""
     ctx = Context(recipe, run)
     stages = list(recipe.pipeline.stages)
+    earlier = _earlier_timings(run)
     distributed = world_size() > 1
     # One marker per torchrun invocation (TORCHELASTIC_RUN_ID), so a marker left by an earlier run never counts.
     marker = run.path / f".data_ready-{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}-{fingerprint(to_dict(recipe))}"
@@ -315,11 +389,18 @@ def run_pipeline(recipe: Recipe, run: RunDir, log: Callable[[str], None] = print
             marker.write_text("ready\n")
         log(f"[{i}/{len(stages)}] {name} ...")
         t0 = time.time()
-        result = STAGE_FUNCTIONS[name](ctx)
+        try:
+            outcome = STAGE_FUNCTIONS[name](ctx)
+        except KeyboardInterrupt:  # the stage's time so far counts towards its total when it is resumed
+            before = earlier.get(name, {})
+            seconds = time.time() - t0 + (float(before["seconds"]) if before.get("interrupted") else 0.0)
+            record = {"stage": name, "seconds": round(seconds, 1), "result": "interrupted", "interrupted": True}
+            _write_summary(ctx, [*ctx.timings, record], earlier)
+            raise
         seconds = time.time() - t0
-        ctx.timings.append({"stage": name, "seconds": round(seconds, 1), "result": result})
-        log(f"[{i}/{len(stages)}] {name}: {result} ({seconds:.1f} s)")
-        if is_main():
-            (run.path / "summary.md").write_text(summary_markdown(ctx))
-            (run.path / "timings.json").write_text(json.dumps(ctx.timings, indent=2) + "\n")
+        if earlier.get(name, {}).get("interrupted"):
+            outcome.continued = True  # an interrupted stage that finishes now: its earlier part counts
+        ctx.timings.append(_record(name, outcome, seconds, earlier.get(name)))
+        log(f"[{i}/{len(stages)}] {name}: {outcome.text} ({seconds:.1f} s)")
+        _write_summary(ctx, ctx.timings, earlier)
     return ctx

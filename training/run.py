@@ -33,6 +33,16 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+def write_json(out: Path, obj: Any) -> Path:
+    """``obj`` as indented JSON with sorted keys, written atomically (on rank 0 only)."""
+    if is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.replace(out)
+    return out
+
+
 class RunDir:
     """A run directory; creating one makes its sub-folders (on rank 0 only)."""
 
@@ -82,12 +92,7 @@ class RunDir:
         return yaml.safe_load(self.recipe_file.read_text())
 
     def write_json(self, name: str, obj: Any) -> Path:
-        out = self.path / name
-        if is_main():
-            tmp = out.with_suffix(out.suffix + ".tmp")
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-            tmp.replace(out)
-        return out
+        return write_json(self.path / name, obj)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
