@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -286,3 +287,23 @@ def test_the_knobs_are_in_make_help_and_the_readme():
     helped = subprocess.run(["make", "-s", "help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60).stdout
     readme = (REPO_ROOT / "README.md").read_text()
     assert [k for k in KNOBS if k not in helped] == [] and [k for k in KNOBS if k not in readme] == []
+
+
+PROCESS_WORDS = re.compile(r"\bsession[ _-]?\d+|\bissue ?#?\d+|\bworld_s\d+", re.IGNORECASE)
+
+
+def test_the_product_speaks_of_itself_not_of_its_development():
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60).stdout
+    if not tracked:
+        pytest.skip("not a git checkout")
+    hits = []
+    for name in tracked.splitlines():
+        path = REPO_ROOT / name
+        if name.startswith("tests/") or path.suffix in {".png", ".wav", ".tar", ".model", ".safetensors"}:
+            continue
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="ignore")
+        hits += [f"{name}: {m.group(0)}" for m in PROCESS_WORDS.finditer(text)] + (
+            [f"file name {name}"] if PROCESS_WORDS.search(name) else [])
+    assert hits == []
