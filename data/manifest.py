@@ -13,8 +13,10 @@ is read in the fixed order text (``txt``), image (``png``/``jpg``/``jpeg``), aud
 
 Every problem names its place (``manifest.jsonl:12`` or ``shard.tar:000123``) and what was expected.
 ``strict=True`` raises ``ManifestError`` at the first one; ``strict=False`` skips the document, records a
-``Skip`` and goes on. Repairs that lose nothing are made silently: grayscale / RGBA / palette images
-become RGB (transparency over white), other sample rates are resampled, stereo is averaged to mono.
+``Skip`` and goes on: a zero-byte, truncated or unrecognised picture, a decompression bomb (more pixels than PIL's
+``Image.MAX_IMAGE_PIXELS``), an empty, unreadable or NaN recording, a missing file, a malformed line. Conversions
+follow :class:`Decoding`: grayscale / RGBA / palette pictures become RGB (transparency over the background),
+pictures reach the wanted size by its fit policy, recordings are downmixed to mono and resampled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import io
 import json
 import re
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import gcd
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 from braceexpand import braceexpand
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy.signal import resample_poly
 
 from anyloom.data.document import AudioSegment, Document, ImageSegment, Segment, TextSegment
@@ -74,24 +77,58 @@ class _Bad(Exception):
     """An item-level problem; turned into ManifestError or Skip with the item's location."""
 
 
+IMAGE_FITS = ("resize", "crop", "pad")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How media reach the sizes a consumer wants.
+
+    ``image_size`` (H, W), or None to keep each picture's own size. ``image_fit``: ``resize`` stretches to the size;
+    ``crop`` scales the shorter side to it and cuts the centre; ``pad`` scales the longer side to it and pads with
+    ``background``. Transparency is composited over ``background`` (RGB). Audio is downmixed to mono and resampled
+    to ``sample_rate``.
+    """
+
+    image_size: tuple[int, int] | None = None
+    sample_rate: int = 16000
+    image_fit: str = "resize"
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        if self.image_fit not in IMAGE_FITS:
+            raise ValueError(f"image_fit must be one of {', '.join(IMAGE_FITS)}, got {self.image_fit!r}")
+        if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
+            raise ValueError(f"background must be three values in 0..255 (RGB), got {list(self.background)}")
+
+
 def read_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
-                  sample_rate: int = 16000) -> ManifestResult:
+                  sample_rate: int = 16000, decoding: Decoding | None = None) -> ManifestResult:
     """Every document of a JSONL manifest or webdataset shard (see the module docstring)."""
     skipped: list[Skip] = []
-    docs = list(iter_manifest(path, strict=strict, image_size=image_size, sample_rate=sample_rate, skipped=skipped))
+    docs = list(iter_manifest(path, strict=strict, image_size=image_size, sample_rate=sample_rate, skipped=skipped,
+                              decoding=decoding))
     return ManifestResult(documents=docs, skipped=skipped)
 
 
-def iter_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
-                  sample_rate: int = 16000, skipped: list[Skip] | None = None) -> Iterator[Document]:
-    """Lazily yield documents; in lenient mode skips are appended to ``skipped`` (when given)."""
-    paths = [Path(p) for p in braceexpand(str(path))]  # "shard-{000..009}.tar", as webdataset writes them
+def manifest_files(path: str | Path) -> list[Path]:
+    """The files of a manifest path: one file, or each file of a brace pattern (``shards/train-{000..009}.tar``)."""
+    paths = [Path(p) for p in braceexpand(str(path))]  # as webdataset writes them
     for p in paths:
         if not p.is_file():
             raise ManifestError(f"{p}: no such manifest file")
-    for p in paths:
+    return paths
+
+
+def iter_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
+                  sample_rate: int = 16000, skipped: list[Skip] | None = None,
+                  decoding: Decoding | None = None) -> Iterator[Document]:
+    """Lazily yield documents; in lenient mode skips are appended to ``skipped`` (when given). ``decoding`` (when
+    given) replaces ``image_size`` and ``sample_rate``."""
+    dec = decoding or Decoding(image_size=None if image_size is None else tuple(image_size), sample_rate=sample_rate)
+    for p in manifest_files(path):
         reader = _iter_tar if p.name.endswith((".tar", ".tar.gz", ".tgz")) else _iter_jsonl
-        for source, item in reader(p, image_size, sample_rate):
+        for source, item in reader(p, dec):
             if isinstance(item, Document):
                 yield item
             elif strict:
@@ -100,7 +137,7 @@ def iter_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, 
                 skipped.append(Skip(source=source, reason=item))
 
 
-def _iter_jsonl(path: Path, image_size: tuple[int, int] | None, sample_rate: int) -> Iterator[tuple[str, Any]]:
+def _iter_jsonl(path: Path, dec: Decoding) -> Iterator[tuple[str, Any]]:
     files = _FileSource(path.parent)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -118,7 +155,7 @@ def _iter_jsonl(path: Path, image_size: tuple[int, int] | None, sample_rate: int
                 yield source, f"malformed JSON: {e.msg} at column {e.colno}"
                 continue
             try:
-                yield source, _document(obj, files, image_size, sample_rate, default_id=source)
+                yield source, _document(obj, files, dec, default_id=source)
             except _Bad as e:
                 yield source, str(e)
 
@@ -154,7 +191,7 @@ class _MemberSource:
         return self.members[ref], f"{self.where}.{ref}"
 
 
-def _iter_tar(path: Path, image_size: tuple[int, int] | None, sample_rate: int) -> Iterator[tuple[str, Any]]:
+def _iter_tar(path: Path, dec: Decoding) -> Iterator[tuple[str, Any]]:
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as e:
@@ -189,8 +226,7 @@ def _iter_tar(path: Path, image_size: tuple[int, int] | None, sample_rate: int) 
                     raise _Bad(f"malformed JSON in member {key}.json: {e}") from e
             else:
                 obj = {"segments": _implicit_segments(members)}
-            yield source, _document(obj, _MemberSource(members, f"{path}:{key}"), image_size, sample_rate,
-                                    default_id=key)
+            yield source, _document(obj, _MemberSource(members, f"{path}:{key}"), dec, default_id=key)
         except _Bad as e:
             yield source, str(e)
 
@@ -209,8 +245,7 @@ def _implicit_segments(members: dict[str, bytes]) -> list[dict[str, str]]:
     return segments
 
 
-def _document(obj: Any, files: _FileSource | _MemberSource, image_size: tuple[int, int] | None,
-              sample_rate: int, default_id: str) -> Document:
+def _document(obj: Any, files: _FileSource | _MemberSource, dec: Decoding, default_id: str) -> Document:
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object with 'segments', got {type(obj).__name__}")
     unknown = [k for k in obj if k not in DOCUMENT_KEYS]
@@ -241,11 +276,11 @@ def _document(obj: Any, files: _FileSource | _MemberSource, image_size: tuple[in
             segments.append(TextSegment(text=value))
         elif kind == "image":
             data, name = files.open(value, "image")
-            segments.append(ImageSegment(pixels=_decode_image(data, name, image_size), path=name))
+            segments.append(ImageSegment(pixels=_decode_image(data, name, dec), path=name))
         else:
             data, name = files.open(value, "audio")
-            wave = _decode_audio(data, name, sample_rate)
-            segments.append(AudioSegment(wave=wave, sample_rate=sample_rate, path=name))
+            wave = _decode_audio(data, name, dec.sample_rate)
+            segments.append(AudioSegment(wave=wave, sample_rate=dec.sample_rate, path=name))
     return Document(segments=segments, id=doc_id, meta=meta)
 
 
@@ -254,32 +289,53 @@ def _clean(e: Exception) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
 
 
-def _decode_image(data: bytes, name: str, image_size: tuple[int, int] | None) -> np.ndarray:
+def _decode_image(data: bytes, name: str, dec: Decoding) -> np.ndarray:
+    if not data:
+        raise _Bad(f"empty image: {name} is zero bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im2 = Image.alpha_composite(flat, rgba).convert("RGB")  # transparency over white
-            elif im.mode.startswith("I;16") or im.mode == "I":
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if arr.max() > 255 else 255.0
-                im2 = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-            else:
-                im2 = im.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                im2 = _to_rgb(im, dec.background)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Bad(f"decompression bomb: {name}: {_clean(e)}") from e
     except UnidentifiedImageError as e:
         raise _Bad(f"corrupt image: {name}: not a recognised image format") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise _Bad(f"corrupt image: {name}: {_clean(e)}") from e
-    if image_size is not None:
-        h, w = image_size
-        if im2.size != (w, h):
-            im2 = im2.resize((w, h), Image.Resampling.BICUBIC)
+    if dec.image_size is not None:
+        im2 = _fit(im2, dec)
     pixels = np.asarray(im2, dtype=np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.size == 0:
         raise _Bad(f"corrupt image: {name}: decoded to shape {pixels.shape}")
     return pixels
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*(int(c) for c in background), 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")  # transparency over the background
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("pixels contain NaN or infinite values")
+        top = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def _fit(im: Image.Image, dec: Decoding) -> Image.Image:
+    h, w = dec.image_size
+    if im.size == (w, h):
+        return im
+    if dec.image_fit == "crop":
+        return ImageOps.fit(im, (w, h), Image.Resampling.BICUBIC)
+    if dec.image_fit == "pad":
+        return ImageOps.pad(im, (w, h), Image.Resampling.BICUBIC, color=tuple(int(c) for c in dec.background))
+    return im.resize((w, h), Image.Resampling.BICUBIC)
 
 
 def _decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
@@ -300,4 +356,5 @@ def _decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-__all__ = ["ManifestError", "ManifestResult", "Skip", "read_manifest", "iter_manifest", "SEGMENT_KEYS"]
+__all__ = ["Decoding", "IMAGE_FITS", "ManifestError", "ManifestResult", "Skip", "read_manifest", "iter_manifest",
+           "manifest_files", "SEGMENT_KEYS"]

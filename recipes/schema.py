@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from anyloom.data.openmoji import OpenMojiConfig
+from anyloom.data.prepare import DataConfig
 from anyloom.evaluation.run_eval import EvalConfig
 from anyloom.generation.config import GenerationConfig
 from anyloom.sequences.config import SequenceConfig
@@ -26,9 +27,9 @@ from anyloom.transformer.model import ModelConfig
 from anyloom.world.dataset import WorldConfig
 
 # The stages of the chain behind `make train`, in the only order they can run (training/chain.py).
-STAGES = ("world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
+STAGES = ("data", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
           "pretokenize", "lm", "export", "eval")
-Stage = Literal["world", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
+Stage = Literal["data", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
                 "pretokenize", "lm", "export", "eval"]
 # The default chain; the diffusion decoder is an optional research stage (recipes/diffusion_decoder.yaml).
 DEFAULT_STAGES = tuple(s for s in STAGES if s != "diffusion_decoder")
@@ -62,8 +63,9 @@ class Recipe:
     image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
     # the image-text matcher that scores text->image candidates (the "matcher" scorer of generation.image_scorers)
     image_matcher: MatcherStageConfig = field(default_factory=MatcherStageConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)  # the embedded dataset: sizes, seed, speech, hold-out
-    # the data stage builds OpenMoji instead of the world when this section is set (recipes/openmoji.yaml)
-    openmoji: OpenMojiConfig | None = None
+    # where the documents come from (the world, OpenMoji or the user's manifests) and how they reach the tokenizers
+    data: DataConfig = field(default_factory=DataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)  # data.source world: sizes, seed, speech, hold-out
+    openmoji: OpenMojiConfig = field(default_factory=OpenMojiConfig)  # data.source openmoji: emoji pictures, names
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation after training
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths

@@ -120,13 +120,14 @@ class Vocabulary:
         cls, text: Any, image: Any, audio: Any, *, image_row_end: bool = False, audio_pattern: AudioPattern = "flat",
         bidirectional: tuple[str, ...] = (),
     ) -> Vocabulary:
-        """From a text tokenizer (``vocab_size``), an ImageTokenizer and an AudioTokenizer (tokenizers/base.py)."""
+        """From a text tokenizer (``vocab_size``), an ImageTokenizer and an AudioTokenizer (tokenizers/base.py); a
+        modality without a tokenizer (None: the data has none of it) gets no ids."""
         return cls.build(
             text.vocab_size,
-            image.codebook_size,
-            audio.codebook_size,
-            audio.num_codebooks,
-            tuple(image.grid),
+            image.codebook_size if image is not None else 0,
+            audio.codebook_size if audio is not None else 0,
+            audio.num_codebooks if audio is not None else 0,
+            tuple(image.grid) if image is not None else (0, 0),
             image_row_end=image_row_end,
             audio_pattern=audio_pattern,
             bidirectional=bidirectional,

@@ -70,7 +70,7 @@ def test_memorised_captions_come_back_exactly(tiny_run):
     from anyloom.world.evaluate import eval_image_to_text, items_from_documents
 
     _, run, ctx, _ = tiny_run
-    items = items_from_documents(read_manifest(ctx.artifacts["world"].train).documents[:8])
+    items = items_from_documents(read_manifest(ctx.artifacts["data"].train).documents[:8])
     scores = eval_image_to_text(PipelineModel(load(run.path)), items)
     assert scores["exact"] >= 0.75, scores
 
@@ -79,7 +79,7 @@ def test_rerun_skips_finished_stages(tiny_run):
     from anyloom.training.chain import run_pipeline
 
     recipe, run, _, _ = tiny_run
-    stages = ["world", "text_tokenizer", "image_tokenizer", "image_matcher", "audio_tokenizer", "pretokenize"]
+    stages = ["data", "text_tokenizer", "image_tokenizer", "image_matcher", "audio_tokenizer", "pretokenize"]
     again = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
                                        f"pipeline.stages=[{','.join(stages)}]"])
     ctx = run_pipeline(again, run, log=lambda _: None)
@@ -153,7 +153,7 @@ def test_an_interrupted_stage_counts_its_earlier_part(tiny_run, monkeypatch):
 
     recipe, run, _, _ = tiny_run
     again = load_recipe("world_tiny", [f"run.out_dir={run.path.parent}", f"world.root={recipe.world.root}",
-                                       "pipeline.stages=[world,export]"])
+                                       "pipeline.stages=[data,export]"])
     before = json.loads((run.path / "timings.json").read_text())
 
     def interrupted(ctx):

@@ -88,6 +88,11 @@ class AudioTokenizerStageConfig:
     # optional MS-STFT discriminator + feature matching (EnCodec), kind seanet_codec only; off by default
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
+    @property
+    def sample_rate(self) -> int:
+        """The rate the chosen model reads and writes."""
+        return self.mel.features.sample_rate if self.kind == "mel_rvq" else self.codec.sample_rate
+
     def __post_init__(self) -> None:
         if self.discriminator.enabled and self.kind != "seanet_codec":
             raise ValueError(f"discriminator.enabled needs kind seanet_codec (it judges waveforms), got kind "

@@ -1,6 +1,6 @@
 """The recipe chain behind `make train`: each stage reads its own recipe slice and is skipped when up to date.
 
-    world -> text_tokenizer -> image_tokenizer -> image_matcher -> audio_tokenizer -> pretokenize -> lm -> export
+    data -> text_tokenizer -> image_tokenizer -> image_matcher -> audio_tokenizer -> pretokenize -> lm -> export
           -> eval
 
 (plus an optional ``diffusion_decoder`` stage after ``image_tokenizer``: recipes/diffusion_decoder.yaml).
@@ -8,7 +8,9 @@ The image matcher scores text->image candidates (``generation.image_scorers``); 
 
 Where things go (``run`` = ``runs/<name>/``):
 
-- world: ``<world.root>/<fingerprint>/`` (shared by every run with the same world config);
+- data: the world in ``<world.root>/<fingerprint>/`` (shared by every run with the same world config); OpenMoji and
+  the user's manifests prepared in ``<data.root>/<key>/`` (``data/prepare.py``: one manifest per split, a skip
+  report); a modality the data lacks (no pictures, no recordings) skips the stages that need it;
 - tokenizers: ``run/stages/<stage>/tokenizer/`` (each stage a run directory of its own: metrics, samples);
 - the image matcher: ``run/stages/image_matcher/matcher/`` (+ ``matcher_val.json`` beside it);
 - token shards: ``run/tokens/<split>/`` (cached on the tokenizers' and the data's hashes);
@@ -69,8 +71,10 @@ def _need(ctx: Context, key: str, stage: str) -> Any:
 def _text_segments(manifest: Path) -> list[str]:
     """Caption texts of a JSONL manifest, without decoding its images and audio."""
     texts = []
-    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
-        if line.strip():
+    with open(manifest, encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
@@ -79,26 +83,31 @@ def _text_segments(manifest: Path) -> list[str]:
     return texts
 
 
-def build_data(recipe: Recipe) -> Any:
-    """The data stage's output: OpenMoji when the recipe has an ``openmoji`` section, else the world.
+def build_data(recipe: Recipe, log: Callable[[str], None] = print) -> Any:
+    """The data stage's output, by ``data.source``: the world (generated, with its own judges), or documents
+    prepared from manifests (OpenMoji's, written once by its generator, or the user's).
 
-    Both have ``dir``, ``train``/``val``/``test`` manifests and ``split(name)``; the world also has ``compositional``.
+    Either has ``dir``, ``splits``, ``split(name)`` (a JSONL manifest) and ``modalities``.
     """
-    if recipe.openmoji is not None:
+    source = recipe.data.source
+    if source == "world":
+        from anyloom.world.dataset import build_world
+
+        return build_world(recipe.world)
+    from anyloom.data.prepare import prepare_data
+
+    data = recipe.data
+    if source == "openmoji":
         from anyloom.data.openmoji import build_openmoji
 
-        return build_openmoji(recipe.openmoji)
-    from anyloom.world.dataset import build_world
+        emoji = build_openmoji(recipe.openmoji)
+        data = dataclasses.replace(data, train=str(emoji.train), val=str(emoji.val), test=str(emoji.test))
+    return prepare_data(data, tuple(recipe.image_tokenizer.model.image_size),
+                        recipe.audio_tokenizer.sample_rate, log=log)
 
-    return build_world(recipe.world)
 
-
-def data_splits(data: Any) -> tuple[str, ...]:
-    """The splits the data stage wrote (OpenMoji has no compositional hold-out)."""
-    from anyloom.data.openmoji import SPLITS as OPENMOJI_SPLITS
-    from anyloom.data.openmoji import OpenMojiPaths
-
-    return OPENMOJI_SPLITS if isinstance(data, OpenMojiPaths) else SPLITS
+def _has(data: Any, modality: str) -> bool:
+    return modality in getattr(data, "modalities", ("text", "image", "audio"))
 
 
 def _untouched(folder: Path, since: float) -> bool:
@@ -107,24 +116,33 @@ def _untouched(folder: Path, since: float) -> bool:
 
 
 # ---- stages --------------------------------------------------------------------------------------------------
-def stage_world(ctx: Context) -> Outcome:
+def stage_data(ctx: Context) -> Outcome:
     t0 = time.time()
-    paths = build_data(ctx.recipe)  # the stage keeps its name "world" whatever it builds (run caches, summaries)
-    ctx.artifacts["world"] = paths
-    return Outcome(str(paths.dir), up_to_date=_untouched(Path(paths.dir), t0))
+    data = build_data(ctx.recipe)
+    ctx.artifacts["data"] = data
+    about = f" ({data.summary()})" if hasattr(data, "summary") else ""
+    return Outcome(f"{data.dir}{about}", up_to_date=_untouched(Path(data.dir), t0))
+
+
+def _lacks(ctx: Context, modality: str, stage: str) -> Outcome | None:
+    """A skip when the data holds no ``modality`` (its tokenizer, and what needs it, has nothing to learn from)."""
+    if _has(_need(ctx, "data", stage), modality):
+        return None
+    return Outcome(f"skipped: the training data holds no {'pictures' if modality == 'image' else 'recordings'}",
+                   up_to_date=True)
 
 
 def stage_text_tokenizer(ctx: Context) -> Outcome:
     from anyloom.tokenizers.text import TextTokenizer
 
-    world = _need(ctx, "world", "text_tokenizer")
+    data = _need(ctx, "data", "text_tokenizer")
     out = ctx.run.stage("text_tokenizer").path / "tokenizer"
     stamp = out / "trained_on.json"
-    key = fingerprint({"config": ctx.recipe.text_tokenizer, "data": str(world.dir)})
+    key = fingerprint({"config": ctx.recipe.text_tokenizer, "data": str(data.dir)})
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         ctx.artifacts["text_tokenizer"] = out
         return Outcome(f"{out} (up to date)", up_to_date=True)
-    tok = TextTokenizer.train(_text_segments(Path(world.train)), config=ctx.recipe.text_tokenizer)
+    tok = TextTokenizer.train(_text_segments(Path(data.train)), config=ctx.recipe.text_tokenizer)
     tok.save(out)
     stamp.write_text(json.dumps({"key": key}) + "\n")
     ctx.artifacts["text_tokenizer"] = out
@@ -134,9 +152,11 @@ def stage_text_tokenizer(ctx: Context) -> Outcome:
 def stage_image_tokenizer(ctx: Context) -> Outcome:
     from anyloom.training.image_tokenizer import train_image_tokenizer
 
-    world = _need(ctx, "world", "image_tokenizer")
+    if skip := _lacks(ctx, "image", "image_tokenizer"):
+        return skip
+    data = _need(ctx, "data", "image_tokenizer")
     t0 = time.time()
-    out = train_image_tokenizer(ctx.recipe.image_tokenizer, world.train, world.val, ctx.run.stage("image_tokenizer"))
+    out = train_image_tokenizer(ctx.recipe.image_tokenizer, data.train, data.val, ctx.run.stage("image_tokenizer"))
     ctx.artifacts["image_tokenizer"] = out
     return Outcome(str(out), up_to_date=_untouched(out, t0))
 
@@ -145,10 +165,12 @@ def stage_diffusion_decoder(ctx: Context) -> Outcome:
     from anyloom.tokenizers.registry import load_tokenizer
     from anyloom.training.diffusion_decoder import train_diffusion_decoder
 
-    world = _need(ctx, "world", "diffusion_decoder")
+    if skip := _lacks(ctx, "image", "diffusion_decoder"):
+        return skip
+    data = _need(ctx, "data", "diffusion_decoder")
     tokenizer = load_tokenizer("image", _need(ctx, "image_tokenizer", "diffusion_decoder"))
     t0 = time.time()
-    out = train_diffusion_decoder(ctx.recipe.diffusion_decoder, tokenizer, world.train, world.val,
+    out = train_diffusion_decoder(ctx.recipe.diffusion_decoder, tokenizer, data.train, data.val,
                                   ctx.run.stage("diffusion_decoder"))
     ctx.artifacts["diffusion_decoder"] = out
     return Outcome(str(out), up_to_date=_untouched(out, t0))
@@ -158,11 +180,13 @@ def stage_image_matcher(ctx: Context) -> Outcome:
     from anyloom.tokenizers.registry import load_tokenizer
     from anyloom.training.matcher import train_matcher
 
-    world = _need(ctx, "world", "image_matcher")
+    if skip := _lacks(ctx, "image", "image_matcher"):
+        return skip
+    data = _need(ctx, "data", "image_matcher")
     image_folder = _need(ctx, "image_tokenizer", "image_matcher")
     text = load_tokenizer("text", _need(ctx, "text_tokenizer", "image_matcher"))
-    result = train_matcher(ctx.recipe.image_matcher, load_tokenizer("image", image_folder), text, world.train,
-                           world.val, ctx.run.stage("image_matcher"), image_tokenizer_folder=image_folder)
+    result = train_matcher(ctx.recipe.image_matcher, load_tokenizer("image", image_folder), text, data.train,
+                           data.val, ctx.run.stage("image_matcher"), image_tokenizer_folder=image_folder)
     ctx.artifacts["image_matcher"] = result.folder
     state = "up to date, " if result.up_to_date else ""
     return Outcome(f"{result.folder} ({state}{result.steps} steps, val top-1 {result.val_top1:.3f})",
@@ -172,9 +196,11 @@ def stage_image_matcher(ctx: Context) -> Outcome:
 def stage_audio_tokenizer(ctx: Context) -> Outcome:
     from anyloom.training.audio_tokenizer import train_audio_tokenizer
 
-    world = _need(ctx, "world", "audio_tokenizer")
+    if skip := _lacks(ctx, "audio", "audio_tokenizer"):
+        return skip
+    data = _need(ctx, "data", "audio_tokenizer")
     t0 = time.time()
-    out = train_audio_tokenizer(ctx.recipe.audio_tokenizer, world.train, world.val, ctx.run.stage("audio_tokenizer"),
+    out = train_audio_tokenizer(ctx.recipe.audio_tokenizer, data.train, data.val, ctx.run.stage("audio_tokenizer"),
                                 seed=ctx.recipe.run.seed)
     ctx.artifacts["audio_tokenizer"] = out
     return Outcome(str(out), up_to_date=_untouched(out, t0))
@@ -183,7 +209,9 @@ def stage_audio_tokenizer(ctx: Context) -> Outcome:
 def load_tokenizers(ctx: Context) -> dict[str, Any]:
     from anyloom.tokenizers.registry import load_tokenizer
 
-    return {m: load_tokenizer(m, _need(ctx, f"{m}_tokenizer", "pretokenize")) for m in ("text", "image", "audio")}
+    data = _need(ctx, "data", "pretokenize")
+    return {m: load_tokenizer(m, _need(ctx, f"{m}_tokenizer", "pretokenize")) if _has(data, m) else None
+            for m in ("text", "image", "audio")}
 
 
 def stage_pretokenize(ctx: Context) -> Outcome:
@@ -191,20 +219,20 @@ def stage_pretokenize(ctx: Context) -> Outcome:
     from anyloom.sequences.pretokenize import pretokenize
     from anyloom.sequences.vocab import Vocabulary
 
-    world = _need(ctx, "world", "pretokenize")
+    data = _need(ctx, "data", "pretokenize")
     toks = load_tokenizers(ctx)
     seq = ctx.recipe.sequences
     vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"], image_row_end=seq.image_row_end,
                                        audio_pattern=seq.audio_pattern, bidirectional=seq.bidirectional)
     counts = {}
     t0 = time.time()
-    for split in data_splits(world):
-        manifest = Path(world.split(split))
-        if not manifest.is_file() or not manifest.read_text().strip():
+    for split in data.splits:
+        manifest = Path(data.split(split))
+        if not manifest.is_file() or manifest.stat().st_size == 0:
             continue
         docs = read_manifest(manifest).documents
         result = pretokenize(docs, ctx.run.path / "tokens" / split, text=toks["text"], image=toks["image"],
-                             audio=toks["audio"], config=seq.pretokenize, data_key=f"{world.dir.name}/{split}")
+                             audio=toks["audio"], config=seq.pretokenize, data_key=f"{data.dir.name}/{split}")
         counts[split] = len(result.shards)
     vocab.save(ctx.run.path / "vocab.json")
     ctx.artifacts["vocab"] = vocab
@@ -290,7 +318,7 @@ def stage_export(ctx: Context) -> Outcome:
 def stage_eval(ctx: Context) -> Outcome:
     from anyloom.evaluation.run_eval import evaluate_run
 
-    result = evaluate_run(ctx.run.path, ctx.recipe.eval, _need(ctx, "world", "eval"), ctx.recipe.generation)
+    result = evaluate_run(ctx.run.path, ctx.recipe.eval, _need(ctx, "data", "eval"), ctx.recipe.generation)
     headline = {k: result.scores.get(k, {}) for k in ("t2i", "i2t", "a2t", "t2a")}
     parts = [f"{d}: " + ", ".join(f"{m}={v:.3f}" for m, v in s.items() if isinstance(v, float) and m != "n")
              for d, s in headline.items() if s]
@@ -299,7 +327,7 @@ def stage_eval(ctx: Context) -> Outcome:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Context], Outcome]] = {
-    "world": stage_world,
+    "data": stage_data,
     "text_tokenizer": stage_text_tokenizer,
     "image_tokenizer": stage_image_tokenizer,
     "diffusion_decoder": stage_diffusion_decoder,

@@ -109,6 +109,15 @@ class WorldPaths:
     test: Path
     compositional: Path
     counts: dict[str, int] = field(default_factory=dict)  # items per split
+    judges = "world"  # evaluation reads the world's pictures and speech with its exact judges (world/evaluate.py)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("text", "image", "audio") if (self.dir / "audio").is_dir() else ("text", "image")  # with_speech
 
     def split(self, name: str) -> Path:
         if name not in SPLITS:
