@@ -1,4 +1,8 @@
-"""`make eval RUN=runs/<name>`: score a trained run on the world's held-out splits and write ``eval.json``.
+"""`make eval RUN=runs/<name>`: score a trained run on its data's held-out splits and write ``eval.json``.
+
+Which judges: the world's exact ones (``anyloom.world.evaluate``) when the data says ``judges = "world"`` (the
+world's paths do), else the generic evaluation of any documents (``anyloom.evaluation.generic_eval``: retrieval,
+WER/BLEU/chrF, a general ASR model relative to the ground-truth speech); every other data source goes there.
 
 The generation API (``anyloom.generation.pipeline``) is wrapped as an :class:`~anyloom.world.evaluate.AnyToAny`
 model; the tokenizers' reconstruction metrics are added under ``image_tokenizer.*`` and ``audio_tokenizer.*``, and
@@ -28,8 +32,7 @@ from typing import Any
 import numpy as np
 
 from anyloom.config import fingerprint, to_dict
-from anyloom.data.openmoji import OpenMojiPaths
-from anyloom.evaluation import openmoji_eval
+from anyloom.evaluation import generic_eval
 from anyloom.world.evaluate import evaluate_world, items_from_documents
 
 
@@ -140,7 +143,9 @@ def sample_sheet(captions: list[str], images: list[np.ndarray], path: Path, colu
 
 
 def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judge: bool = True) -> dict[str, float]:
-    """``image_judge``: add the world judge's agreement (``image_tokenizer.detector_agreement``; world images only)."""
+    """Reconstruction metrics on the items' pictures and speech (those that have them). ``image_judge``: add the world
+    judge's agreement (``image_tokenizer.detector_agreement``; world images only); ``speech_judge``: the ASR's WER
+    on reconstructions and originals against the items' captions (None: signal metrics only)."""
 
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.evaluation.image_metrics import evaluate_reconstructions
@@ -150,8 +155,9 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
 
     out: dict[str, float] = {}
     tok = pipe.image_tokenizer
-    if tok is not None and items and items[0].pixels is not None:
-        originals = np.stack([it.pixels for it in items])
+    pictured = [it for it in items if it.pixels is not None]
+    if tok is not None and pictured:
+        originals = np.stack([it.pixels for it in pictured])
         rec = reconstruct(tok, uint8_to_float(originals), desc="image tokenizer: reconstructions")
         recons, codes = float_to_uint8(rec.images), rec.codes
         report = evaluate_reconstructions(originals, recons, codes, tok.codebook_size, judge=image_judge).as_eval()
@@ -159,10 +165,11 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
             del report["image_tokenizer.detector_agreement"]  # NaN: the world judge does not read other pictures
         out.update(report)
     atok = pipe.audio_tokenizer
-    if atok is not None and items and items[0].wave is not None:
-        report = evaluate_reconstruction(atok, [it.wave for it in items], items[0].sample_rate,
-                                         references=[it.caption for it in items], judge=speech_judge,
-                                         word_error_rate=word_error_rate)
+    spoken = [it for it in items if it.wave is not None]
+    if atok is not None and spoken:
+        report = evaluate_reconstruction(atok, [it.wave for it in spoken], spoken[0].sample_rate,
+                                         references=[it.caption for it in spoken] if speech_judge else None,
+                                         judge=speech_judge, word_error_rate=word_error_rate)
         out.update(report.as_eval())
     return out
 
@@ -223,11 +230,11 @@ def weights_fingerprint(run_path: str | Path) -> str:
 def evaluate_run(run_path: str | Path, cfg: EvalConfig, world: Any, generation: Any, *,
                  recipe_settings: dict[str, Any] | None = None, force: bool = False,
                  log: Callable[[str], None] = print) -> EvalResult:
-    """Score the run's export on the data stage's splits (world or OpenMoji); writes eval.json + eval.md + sample
-    sheets into :func:`eval_folder` and returns the scores. ``generation`` (a GenerationConfig) is used instead of
-    the run's recipe ``generation:`` section, so `make eval ... generation.image.temperature=0.5` scores exactly those
-    sampling settings; ``recipe_settings`` are the run recipe's own (default: these). ``force``: evaluate even when
-    the folder holds an up-to-date evaluation."""
+    """Score the run's export on the data stage's splits (:func:`world_judges` picks the judges); writes eval.json +
+    eval.md + sample sheets into :func:`eval_folder` and returns the scores. ``generation`` (a GenerationConfig) is
+    used instead of the run's recipe ``generation:`` section, so `make eval ... generation.image.temperature=0.5`
+    scores exactly those sampling settings; ``recipe_settings`` are the run recipe's own (default: these).
+    ``force``: evaluate even when the folder holds an up-to-date evaluation."""
     from anyloom.training.run import RunDir, write_json
 
     run = RunDir(run_path)
@@ -259,6 +266,12 @@ def _merge(into: dict[str, Any], scores: dict[str, Any]) -> None:
             into[key] = value
 
 
+def world_judges(data: Any) -> bool:
+    """Whether ``data`` (the data stage's paths) is scored by the world's exact judges; anything that does not say
+    ``judges = "world"`` gets the generic evaluation."""
+    return getattr(data, "judges", "generic") == "world"
+
+
 def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Path,
               log: Callable[[str], None]) -> dict[str, Any]:
     import soundfile as sf
@@ -270,33 +283,41 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
 
     pipe = load(run.path, config=generation)
     model = PipelineModel(pipe, cfg.seed)
-    # OpenMoji data (recipes/openmoji.yaml) has its own judges: evaluation/openmoji_eval.py
-    openmoji = isinstance(world, OpenMojiPaths)
-    to_items = openmoji_eval.items_from_documents if openmoji else items_from_documents
+    world_data = world_judges(world)
+    image_size = None if world_data or pipe.image_tokenizer is None else tuple(pipe.image_tokenizer.image_size)
+    to_items = items_from_documents if world_data else generic_eval.items_from_documents
     splits: dict[str, list[Any]] = {}
     for split in cfg.splits:
-        docs = read_manifest(world.split(split)).documents
+        # other data: pictures at the decoder's resolution, so that generated ones compare pixel by pixel
+        docs = read_manifest(world.split(split), image_size=image_size).documents
         splits[split] = to_items(docs[: cfg.limit] if cfg.limit else docs)
-    judge = None  # OpenMoji: the ASR judge's grammar is the world's captions, so no audio tokenizer WER on emoji names
-    if not openmoji and ({"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers):
-        judge = SpeechJudge()
+    judge, ranker = None, None
+    if world_data and ({"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers):
+        judge = SpeechJudge()  # the caption grammar: the world's words only
+    if not world_data and "t2a" in cfg.directions:
+        judge = generic_eval.GeneralSpeechJudge()  # for t2a only: the tokenizer metrics stay signal metrics
+    if not world_data and "t2i" in cfg.directions and pipe.matcher is not None and pipe.text_tokenizer is not None:
+        ranker = generic_eval.MatcherRanker(pipe.matcher, pipe.text_tokenizer)
     scores: dict[str, Any] = {}
-    shown_images: dict[str, list[np.ndarray]] = {}  # the first scored text->image outputs of each split
+    shown: dict[str, list[tuple[str, np.ndarray]]] = {}  # the first scored text->image (prompt, output) of each split
     for split, items in splits.items():
         start = len(model.images)
         for direction in (d for d in ("t2i", "i2t", "a2t", "t2a") if d in cfg.directions):
-            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({len(items)} items) ...")
+            n = len(items) if world_data else len(generic_eval.usable(items, direction))
+            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({n} items) ...")
             t0 = time.perf_counter()
-            if openmoji:
-                got = openmoji_eval.evaluate_openmoji(model, {split: items}, directions=[direction])
-            else:
+            if world_data:
                 got = evaluate_world(model, {split: items}, speech_judge=judge, directions=[direction])
+            else:
+                got = generic_eval.evaluate_generic(model, {split: items}, directions=[direction], ranker=ranker,
+                                                    speech_judge=judge)
             _merge(scores, got)
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s)")
-        shown_images[split] = [img for _, img in model.images[start:start + cfg.sample_sheet]]
+        shown[split] = model.images[start:start + cfg.sample_sheet]
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")
-        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge, image_judge=not openmoji)))
+        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge if world_data else None,
+                                              image_judge=world_data)))
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 
@@ -305,16 +326,15 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
     write_json(folder / "eval.json", scores)
 
     out_dir = folder / "samples" / "eval"
-    for split, items in splits.items():
-        shown = items[: cfg.sample_sheet]
-        if "t2i" in cfg.directions and shown:
-            sample_sheet([it.caption for it in shown], shown_images[split], out_dir / f"t2i_{split}.png")
-    if "t2a" in cfg.directions and splits.get("test"):
-        shown = splits["test"][:4]
-        waves, sr = model.text_to_speech([it.caption for it in shown])
+    for split, pairs in shown.items():
+        if "t2i" in cfg.directions and pairs:
+            sample_sheet([c for c, _ in pairs], [img for _, img in pairs], out_dir / f"t2i_{split}.png")
+    spoken = [it.caption for it in splits.get("test", []) if it.caption is not None][:4]
+    if "t2a" in cfg.directions and spoken:
+        waves, sr = model.text_to_speech(spoken)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, (it, w) in enumerate(zip(shown, waves)):
-            sf.write(out_dir / f"t2a_{i}_{it.caption.replace(' ', '_')}.wav", w, sr)
+        for i, (caption, w) in enumerate(zip(spoken, waves)):
+            sf.write(out_dir / f"t2a_{i}_{re.sub(r'[^A-Za-z0-9_-]', '_', caption)[:40]}.wav", w, sr)
     (folder / "eval.md").write_text(eval_markdown(scores))
     return scores
 

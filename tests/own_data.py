@@ -64,10 +64,16 @@ def write_own_data(folder: Path, n: int = 36, seed: int = 0) -> dict[str, Path]:
     shards = folder / "shards"
     shards.mkdir(exist_ok=True)
     half = len(samples) // 2
-    for k, part in enumerate((samples[:half], samples[half:])):
+    empty_wav = io.BytesIO()
+    sf.write(empty_wav, np.zeros((0, 2), np.float32), RATE, format="WAV")
+    broken = [("broken", "a red circle", samples[0][2][:40], None),
+              ("empty", "a blue square", None, empty_wav.getvalue())]
+    for k, part in enumerate((samples[:5] + broken[:1] + samples[5:half], samples[half:] + broken[1:])):
         with tarfile.open(shards / f"part-{k}.tar", "w") as tar:
             for key, caption, png, wav in part:
                 for ext, data in (("txt", caption.encode()), ("png", png), ("wav", wav)):
+                    if data is None:
+                        continue
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
