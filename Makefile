@@ -29,6 +29,8 @@ help:
 	@echo "make train [RECIPE=world] [ARGS='k=v ...'] [NPROC=2]"
 	@echo "                train a recipe's whole chain -> runs/<run.name>/ (eval.json, samples/, summary.md);"
 	@echo "                RECIPE=world_tiny: the same chain shrunk to a one-minute smoke test;"
+	@echo "                RECIPE=manifest|manifest_tiny ARGS='data.train=my.jsonl data.val=... data.test=...':"
+	@echo "                your own manifests or tar shards (docs/DATA.md);"
 	@echo "                running it again skips what is up to date and resumes what was interrupted"
 	@echo "make generate [RUN=runs/world] PROMPT='two red circles' [TO=image|audio|text] [GEN_ARGS=...]"
 	@echo "                (or IMAGE=x.png / AUDIO=x.wav); GEN_ARGS: --out DIR  --num N (samples per prompt)"
@@ -53,8 +55,9 @@ $(STAMP): pyproject.toml
 	@touch $@
 	@echo "setup: done ($(VENV))"
 
+# set +B: a shard pattern in ARGS (data.train=shards/train-{000..009}.tar) reaches the recipe unexpanded
 train: setup
-	@if [ "$(NPROC)" = "1" ] && [ "$(NNODES)" = "1" ]; then \
+	@set +B; if [ "$(NPROC)" = "1" ] && [ "$(NNODES)" = "1" ]; then \
 	    $(PY) scripts/train.py --recipe "$(RECIPE)" $(ARGS); \
 	 else $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
 	    --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) scripts/train.py --recipe "$(RECIPE)" $(ARGS); fi
@@ -64,7 +67,7 @@ generate: setup
 	    $(if $(AUDIO),--audio "$(AUDIO)") $(if $(TO),--to $(TO)) $(GEN_ARGS)
 
 eval: setup
-	$(PY) scripts/evaluate.py --run "$(RUN)" $(ARGS)
+	@set +B; $(PY) scripts/evaluate.py --run "$(RUN)" $(ARGS)
 
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)
