@@ -183,3 +183,20 @@ def test_world_manifest_reads_back(tiny_world):
     Image.fromarray(doc.segments[1].pixels).save(buf, format="PNG")
     with Image.open(tiny_world.dir / "images" / f"{doc.id}.png") as im:
         assert np.array_equal(np.asarray(im), doc.segments[1].pixels)
+
+
+@pytest.mark.parametrize("side", [40, 60])  # above MAX_IMAGE_PIXELS (PIL warns) and above twice it (PIL raises)
+def test_a_decompression_bomb_is_skipped_by_name_and_the_read_goes_on(tmp_path, monkeypatch, side):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    Image.new("RGB", (side, side), (9, 9, 9)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (30, 30), (9, 9, 9)).save(tmp_path / "fine.png")
+    Path(tmp_path / "zero.png").write_bytes(b"")
+    lines = [{"segments": [{"text": "a"}, {"image": name}]} for name in ("bomb.png", "fine.png", "zero.png")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = read_manifest(tmp_path / "m.jsonl", strict=False)
+    assert len(result.documents) == 1 and result.documents[0].segments[1].path.endswith("fine.png")
+    reasons = [f"{s.source}: {s.reason}" for s in result.skipped]
+    assert reasons[0].startswith(f"{tmp_path / 'm.jsonl'}:1: decompression bomb: ") and "bomb.png" in reasons[0]
+    assert reasons[1].startswith(f"{tmp_path / 'm.jsonl'}:3: empty image: ") and "zero bytes" in reasons[1]
+    with pytest.raises(ManifestError, match=r"m\.jsonl:1: decompression bomb"):
+        read_manifest(tmp_path / "m.jsonl", strict=True)
