@@ -138,6 +138,15 @@ def lm_perplexity(
     return PerplexityReport(loss, accuracy, tokens, batches)
 
 
+def vocabulary_tasks(vocab: Vocabulary, tasks: Sequence[str]) -> tuple[str, ...]:
+    """The templates of ``tasks`` whose modalities the vocabulary has codes for (a run trained on pictures and
+    texts only has no audio ids, so its t2a and a2t templates are left out)."""
+    from anyloom.sequences.mixture import TEMPLATES
+
+    has = {"text": True, "image": vocab.image_codebook_size > 0, "audio": vocab.audio_codebook_size > 0}
+    return tuple(t for t in tasks if all(has[k] for k in TEMPLATES[t].condition + (TEMPLATES[t].target or "text",)))
+
+
 def run_lm_perplexity(pipe: Any, tokens_dir: str | Path, cfg: Any) -> PerplexityReport:
     """The eval stage's entry: ``pipe`` a generation Pipeline (model + vocabulary), ``tokens_dir`` the split's
     token shards (``<run>/tokens/test``), ``cfg`` an EvalConfig (``lm_*`` fields)."""
@@ -151,7 +160,7 @@ def run_lm_perplexity(pipe: Any, tokens_dir: str | Path, cfg: Any) -> Perplexity
                                 "stage (make train), or skip this metric with eval.perplexity=false") from e
     n = min(len(shards), cfg.lm_items) if cfg.lm_items else len(shards)
     items = ItemList([shards.item(i) for i in progress(range(n), desc="read test shards", unit="item")])
-    docs = task_documents(items, pipe.vocab, cfg.lm_tasks)
+    docs = task_documents(items, pipe.vocab, vocabulary_tasks(pipe.vocab, cfg.lm_tasks))
     return lm_perplexity(pipe.model, docs, seq_len=cfg.lm_seq_len, batch_size=cfg.lm_batch_size,
                          max_batches=cfg.lm_batches, seed=cfg.seed,
                          span_rule=functools.partial(bidirectional_span_ids, pipe.vocab))

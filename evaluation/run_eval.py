@@ -20,6 +20,7 @@ weights match the ``eval_settings.json`` already in its folder is up to date and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -272,6 +273,9 @@ def world_judges(data: Any) -> bool:
     return getattr(data, "judges", "generic") == "world"
 
 
+DIRECTION_MODALITY = {"t2i": "image", "i2t": "image", "a2t": "audio", "t2a": "audio"}  # what each direction needs
+
+
 def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Path,
               log: Callable[[str], None]) -> dict[str, Any]:
     import soundfile as sf
@@ -282,6 +286,11 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
     from anyloom.world.asr import SpeechJudge
 
     pipe = load(run.path, config=generation)
+    lacking = [m for m, tok in (("image", pipe.image_tokenizer), ("audio", pipe.audio_tokenizer)) if tok is None]
+    if lacking:  # a run trained on data without pictures or recordings: those directions cannot be asked
+        dropped = [d for d in cfg.directions if DIRECTION_MODALITY[d] in lacking]
+        log(f"eval: the run has no {' or '.join(lacking)} tokenizer; not evaluating {', '.join(dropped) or '-'}")
+        cfg = dataclasses.replace(cfg, directions=tuple(d for d in cfg.directions if d not in dropped))
     model = PipelineModel(pipe, cfg.seed)
     world_data = world_judges(world)
     image_size = None if world_data or pipe.image_tokenizer is None else tuple(pipe.image_tokenizer.image_size)

@@ -124,3 +124,13 @@ def test_own_data_through_the_whole_chain_and_generation(own, tmp_path):
         if made == "*.wav":
             wave, rate = sf.read(files[0])
             assert rate == 16000 and len(wave) > 0
+
+
+def test_perplexity_templates_follow_the_vocabulary():
+    from anyloom.evaluation.lm_perplexity import vocabulary_tasks
+    from anyloom.sequences.vocab import Vocabulary
+
+    no_audio = Vocabulary.build(300, 1000, 0, 0, (8, 8))
+    assert vocabulary_tasks(no_audio, ("t2i", "i2t", "t2a", "a2t", "interleaved")) == ("t2i", "i2t", "interleaved")
+    full = Vocabulary.build(300, 1000, 1024, 1, (8, 8))
+    assert vocabulary_tasks(full, ("t2i", "t2a")) == ("t2i", "t2a")
