@@ -286,10 +286,11 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
     from anyloom.world.asr import SpeechJudge
 
     pipe = load(run.path, config=generation)
-    lacking = [m for m, tok in (("image", pipe.image_tokenizer), ("audio", pipe.audio_tokenizer)) if tok is None]
-    if lacking:  # a run trained on data without pictures or recordings: those directions cannot be asked
+    vocab = getattr(pipe, "vocab", None)
+    lacking = [m for m in ("image", "audio") if vocab is not None and getattr(vocab, f"{m}_codebook_size") == 0]
+    if lacking:  # a run trained on data without pictures or recordings: its vocabulary has no such codes
         dropped = [d for d in cfg.directions if DIRECTION_MODALITY[d] in lacking]
-        log(f"eval: the run has no {' or '.join(lacking)} tokenizer; not evaluating {', '.join(dropped) or '-'}")
+        log(f"eval: the run has no {' or '.join(lacking)} codes; not evaluating {', '.join(dropped) or '-'}")
         cfg = dataclasses.replace(cfg, directions=tuple(d for d in cfg.directions if d not in dropped))
     model = PipelineModel(pipe, cfg.seed)
     world_data = world_judges(world)

@@ -215,7 +215,7 @@ def load_tokenizers(ctx: Context) -> dict[str, Any]:
 
 
 def stage_pretokenize(ctx: Context) -> Outcome:
-    from anyloom.data.manifest import read_manifest
+    from anyloom.data.manifest import iter_manifest
     from anyloom.sequences.pretokenize import pretokenize
     from anyloom.sequences.vocab import Vocabulary
 
@@ -230,9 +230,10 @@ def stage_pretokenize(ctx: Context) -> Outcome:
         manifest = Path(data.split(split))
         if not manifest.is_file() or manifest.stat().st_size == 0:
             continue
-        docs = read_manifest(manifest).documents
+        docs = iter_manifest(manifest)  # streamed, a shard at a time
         result = pretokenize(docs, ctx.run.path / "tokens" / split, text=toks["text"], image=toks["image"],
-                             audio=toks["audio"], config=seq.pretokenize, data_key=f"{data.dir.name}/{split}")
+                             audio=toks["audio"], config=seq.pretokenize, data_key=f"{data.dir.name}/{split}",
+                             total=data.counts.get(split))
         counts[split] = len(result.shards)
     vocab.save(ctx.run.path / "vocab.json")
     ctx.artifacts["vocab"] = vocab
