@@ -3,7 +3,8 @@
 The world has exact judges (a shape/colour reader, an ASR constrained to the caption grammar:
 ``anyloom.world.evaluate``); data that users bring (JSONL manifests, OpenMoji) has none, so every direction here
 is scored against the split's own references by judges nobody here trained. The model is seen through the same
-:class:`~anyloom.world.evaluate.AnyToAny` protocol, so a perfect fake model scores 100% and a constant one chance.
+:class:`~anyloom.evaluation.directions.AnyToAny` protocol, so a perfect fake model scores 100% and a constant one
+chance.
 
 Items: one per document, its first text, first image and first audio (``items_from_documents``). A direction
 scores the items that have what it needs (text and a picture for t2i/i2t, text and speech for a2t/t2a) and says
@@ -39,8 +40,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from anyloom.world.asr import ASR_RATE, SpeechJudge, word_error_rate
-from anyloom.world.evaluate import AnyToAny, _batches
+from anyloom.evaluation.asr import SpeechJudge, word_error_rate
+from anyloom.evaluation.directions import AnyToAny, batches
 
 DIRECTIONS = ("t2i", "i2t", "a2t", "t2a")
 NEEDS = {"t2i": "pixels", "i2t": "pixels", "a2t": "wave", "t2a": "wave"}  # besides a text
@@ -138,7 +139,7 @@ def eval_text_to_image(model: AnyToAny, items: list[Item], ranker: CaptionRanker
         return {"n": 0, "judge": judge, "note": "no document of the split has a text and a picture"}
     gallery = np.stack([it.pixels for it in items])  # (N, H, W, 3): the picture of every t2i item of the split
     generated = []
-    for batch in _batches(items, batch_size, "text->image"):
+    for batch in batches(items, batch_size, "text->image"):
         generated += [np.asarray(img, dtype=np.uint8) for img in model.text_to_image([it.caption for it in batch])]
     gen = np.stack(generated)  # (N, H, W, 3)
     ranks = retrieval_ranks(gen, gallery, np.arange(len(items)))
@@ -174,7 +175,7 @@ def eval_image_to_text(model: AnyToAny, items: list[Item], batch_size: int = 64)
     if not items:
         return {"n": 0, "judge": TEXT_JUDGE, "note": "no document of the split has a text and a picture"}
     texts: list[str] = []
-    for batch in _batches(items, batch_size, "image->text"):
+    for batch in batches(items, batch_size, "image->text"):
         texts += model.image_to_text([it.pixels for it in batch])
     return {**text_scores([it.caption for it in items], texts), "n": len(items), "judge": TEXT_JUDGE}
 
@@ -184,7 +185,7 @@ def eval_speech_to_text(model: AnyToAny, items: list[Item], batch_size: int = 64
     if not items:
         return {"n": 0, "judge": TEXT_JUDGE, "note": "no document of the split has a text and speech"}
     texts: list[str] = []
-    for batch in _batches(items, batch_size, "speech->text"):
+    for batch in batches(items, batch_size, "speech->text"):
         texts += model.speech_to_text([it.wave for it in batch], _one_rate(batch))
     return {**text_scores([it.caption for it in items], texts), "n": len(items), "judge": TEXT_JUDGE}
 
@@ -196,17 +197,9 @@ def _one_rate(items: Sequence[Item]) -> int:
     return rates.pop()
 
 
-class GeneralSpeechJudge(SpeechJudge):
-    """The world's speech judge (its resampling to 16 kHz, padding and memory of what it heard) with pocketsphinx's
-    general US-English language model and dictionary instead of the caption grammar: it hears any English words."""
-
-    def __init__(self) -> None:
-        try:
-            from pocketsphinx import Decoder
-        except ImportError as e:
-            raise RuntimeError("the speech judge needs the PyPI package 'pocketsphinx'") from e
-        self._decoder = Decoder(samprate=ASR_RATE, loglevel="FATAL")  # the default en-us model, LM and dictionary
-        self._heard: dict[tuple[int, bytes], str] = {}
+def GeneralSpeechJudge() -> SpeechJudge:  # noqa: N802 (named as the judge it makes)
+    """The offline recogniser with pocketsphinx's general US-English language model: it hears any English words."""
+    return SpeechJudge(grammar=None)
 
 
 def eval_text_to_speech(model: AnyToAny, items: list[Item], judge: Any, batch_size: int = 32) -> dict[str, Any]:
@@ -215,7 +208,7 @@ def eval_text_to_speech(model: AnyToAny, items: list[Item], judge: Any, batch_si
     if not items:
         return {"n": 0, "judge": SPEECH_JUDGE, "note": "no document of the split has a text and speech"}
     refs, generated, original = [], [], []
-    for batch in _batches(items, batch_size, "text->speech"):
+    for batch in batches(items, batch_size, "text->speech"):
         waves, sr = model.text_to_speech([it.caption for it in batch])
         generated += judge.transcribe(waves, sr)
         original += judge.transcribe([it.wave for it in batch], _one_rate(batch))

@@ -148,11 +148,11 @@ def tokenizer_metrics(pipe: Any, items: list[Any], speech_judge: Any, image_judg
     judge's agreement (``image_tokenizer.detector_agreement``; world images only); ``speech_judge``: the ASR's WER
     on reconstructions and originals against the items' captions (None: signal metrics only)."""
 
+    from anyloom.evaluation.asr import word_error_rate
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
     from anyloom.evaluation.image_metrics import evaluate_reconstructions
     from anyloom.tokenizers.base import reconstruct
     from anyloom.tokenizers.image_vq import float_to_uint8, uint8_to_float
-    from anyloom.world.asr import word_error_rate
 
     out: dict[str, float] = {}
     tok = pipe.image_tokenizer

@@ -1,7 +1,8 @@
 """Judge an any-to-any model on the world: every direction scored by judges nobody here trained.
 
-The model is seen through :class:`AnyToAny` (four batched directions), so the harness can be tested with a
-judge-perfect generator (100%) and a random one (~chance) and then applied to a real run unchanged.
+The model is seen through :class:`~anyloom.evaluation.directions.AnyToAny` (four batched directions), so the
+harness can be tested with a judge-perfect generator (100%) and a random one (~chance) and then applied to a
+real run unchanged.
 
 Metrics (the names are the ``eval.json`` contract, see DESIGN.md):
 
@@ -19,11 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from anyloom.progress import progress
+from anyloom.evaluation.directions import AnyToAny, batches
 
 
 @dataclass
@@ -36,16 +36,6 @@ class WorldItem:
     wave: np.ndarray | None  # (T,) float32
     sample_rate: int = 16000
     id: str = ""
-
-
-class AnyToAny(Protocol):
-    def text_to_image(self, captions: list[str]) -> list[np.ndarray]: ...  # (H, W, 3) uint8 each
-
-    def image_to_text(self, images: list[np.ndarray]) -> list[str]: ...
-
-    def speech_to_text(self, waves: list[np.ndarray], sample_rate: int) -> list[str]: ...
-
-    def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]: ...
 
 
 def items_from_documents(documents: Sequence) -> list[WorldItem]:
@@ -71,16 +61,11 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _batches(items: list, batch_size: int, desc: str):
-    for start in progress(range(0, len(items), batch_size), desc=desc):
-        yield items[start:start + batch_size]
-
-
 def eval_text_to_image(model: AnyToAny, items: list[WorldItem], batch_size: int = 32) -> dict[str, float]:
     from anyloom.world.judge import judge_image
 
     hits = {"attr": 0, "count": 0, "color": 0, "shape": 0, "unreadable": 0}
-    for batch in _batches(items, batch_size, "text->image"):
+    for batch in batches(items, batch_size, "text->image"):
         images = model.text_to_image([it.caption for it in batch])
         for it, img in zip(batch, images):
             seen = judge_image(img)
@@ -100,7 +85,7 @@ def eval_image_to_text(model: AnyToAny, items: list[WorldItem], batch_size: int 
     from anyloom.world.captions import parse_caption
 
     hits = {"exact": 0, "count": 0, "color": 0, "shape": 0, "unparseable": 0}
-    for batch in _batches(items, batch_size, "image->text"):
+    for batch in batches(items, batch_size, "image->text"):
         texts = model.image_to_text([it.pixels for it in batch])
         for it, text in zip(batch, texts):
             hits["exact"] += _normalise(text) == _normalise(it.caption)
@@ -121,7 +106,7 @@ def eval_speech_to_text(model: AnyToAny, items: list[WorldItem], batch_size: int
     from anyloom.world.asr import word_error_rate
 
     refs, hyps = [], []
-    for batch in _batches(items, batch_size, "speech->text"):
+    for batch in batches(items, batch_size, "speech->text"):
         hyps += model.speech_to_text([it.wave for it in batch], batch[0].sample_rate)
         refs += [it.caption for it in batch]
     exact = sum(_normalise(h) == _normalise(r) for r, h in zip(refs, hyps)) / max(1, len(refs))
@@ -135,7 +120,7 @@ def eval_text_to_speech(
     from anyloom.world.asr import word_error_rate
 
     refs, generated, original = [], [], []
-    for batch in _batches(items, batch_size, "text->speech"):
+    for batch in batches(items, batch_size, "text->speech"):
         waves, sr = model.text_to_speech([it.caption for it in batch])
         generated += judge.transcribe(waves, sr)
         original += judge.transcribe([it.wave for it in batch], batch[0].sample_rate)
