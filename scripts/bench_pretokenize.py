@@ -1,4 +1,5 @@
-"""Pre-tokenization at scale: documents/s and peak memory of ``pretokenize_manifest`` on 1k to 100k documents.
+"""Reading data at scale: documents/s and peak memory of the data stage (``prepare_data``) and of
+``pretokenize_manifest`` on 1k to 100k documents.
 
     python scripts/bench_pretokenize.py                            # 1k, 10k, 100k documents; 0 and 2 workers
     python scripts/bench_pretokenize.py --sizes 1000 10000 --workers 0 2
@@ -9,9 +10,10 @@ over and over, so that writing 100k files does not dominate the run; every refer
 The tokenizers are the world recipe's (sentencepiece BPE trained on the captions, image VQ, mel VQ) with random
 weights: the throughput of the real classes, not of trained ones.
 
-Each (size, workers) pair runs ``pretokenize_manifest`` in a fresh process, so every peak is its own: the main
-process's peak RSS (``ru_maxrss``) and the largest peak RSS of one worker (``VmHWM``, sampled every 0.5 s; the
-sum over all processes is in the JSON). The outputs of the runs of one size are compared file by file. On a
+The data stage reads each manifest once (pictures fitted to 32x32, recordings at 16 kHz) and writes its prepared
+copy, in a fresh process per size. Each (size, workers) pair runs ``pretokenize_manifest`` in a fresh process,
+so every peak is its own: the main process's peak RSS (``ru_maxrss``) and the largest peak RSS of one worker
+(``VmHWM``, sampled every 0.5 s; the sum over all processes is in the JSON). The outputs of the runs of one size are compared file by file. On a
 machine that other jobs share, CPU seconds (of every process, in the JSON) are steadier than wall-clock
 documents/s. Prints a markdown table and writes JSON (``--out``, default runs/bench/pretokenize.json).
 """
@@ -175,12 +177,28 @@ def run_one(spec: dict) -> dict:
         time.sleep(0.5)  # the fork server reaps the workers: then their CPU time is in its children's
         cpu = tree_cpu_s(os.getpid()) - cpu
     assert result.built == len(result.shards.index["shards"]), "the output folder was not empty"
-    return {"documents": len(result.shards), "workers": spec["workers"], "seconds": round(seconds, 2),
+    return {"stage": "pretokenize", "documents": len(result.shards), "workers": spec["workers"],
+            "seconds": round(seconds, 2),
             "docs_per_s": round(len(result.shards) / seconds, 1), "cpu_s": round(cpu, 1),
             "docs_per_cpu_s": round(len(result.shards) / cpu, 1), "torch_threads": torch.get_num_threads(),
             "main_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "worker_peak_rss_mib": round(memory.other_peak_kib / 1024, 1),
             "sum_peak_rss_mib": round(memory.sum_peak_kib / 1024, 1)}
+
+
+def run_prepare(spec: dict) -> dict:
+    """One data-stage measurement, in this (fresh) process: prepare the manifest, return speed and memory."""
+    from anyloom.data.prepare import DataConfig, prepare_data
+
+    cfg = DataConfig(source="manifest", train=spec["manifest"], val_fraction=0.05, test_fraction=0.05,
+                     root=spec["out"])
+    start, cpu = time.perf_counter(), tree_cpu_s(os.getpid())
+    data = prepare_data(cfg, (32, 32), RATE, log=lambda _: None)
+    seconds = time.perf_counter() - start
+    n = sum(data.counts.values())
+    return {"stage": "data", "documents": n, "seconds": round(seconds, 2), "docs_per_s": round(n / seconds, 1),
+            "cpu_s": round(tree_cpu_s(os.getpid()) - cpu, 1),
+            "main_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def folder_digest(root: Path) -> str:
@@ -196,6 +214,8 @@ def table(rows: list[dict], workers: list[int]) -> str:
     for w in workers:
         head += [f"{w} workers: docs/s", "peak RSS, main", "peak RSS, a worker"]
     lines = ["| " + " | ".join(head) + " | same files |", "|" + "---:|" * len(head) + "---|"]
+    prepared = {r["documents"]: r for r in rows if r["stage"] == "data"}
+    rows = [r for r in rows if r["stage"] == "pretokenize"]
     for n in sorted({r["documents"] for r in rows}):
         by_w = {r["workers"]: r for r in rows if r["documents"] == n}
         cells = [f"{n:,}"]
@@ -208,6 +228,9 @@ def table(rows: list[dict], workers: list[int]) -> str:
                       f"{r['worker_peak_rss_mib']:,.0f} MiB" if r["workers"] else "-"]
         same = {r["digest"] for r in by_w.values()}
         lines.append("| " + " | ".join(cells) + f" | {'yes' if len(same) == 1 else 'NO'} |")
+    lines += ["", "| documents | data stage: docs/s | peak RSS |", "|---:|---:|---:|"]
+    lines += [f"| {n:,} | {r['docs_per_s']:,.0f} | {r['main_peak_rss_mib']:,.0f} MiB |"
+              for n, r in sorted(prepared.items())]
     return "\n".join(lines)
 
 
@@ -221,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)  # JSON spec: run one measurement in this process
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run_one(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(run_prepare(spec) if spec.get("stage") == "data" else run_one(spec)))
         return 0
 
     command = " ".join(["python scripts/bench_pretokenize.py", *(argv if argv is not None else sys.argv[1:])])
@@ -235,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             manifest = root / f"manifest-{n}.jsonl"
             write_manifest(manifest, n, args.pictures, args.clips)
+            prepared = root / f"prepared-{n}"
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(
+                {"stage": "data", "manifest": str(manifest), "out": str(prepared)})], check=True,
+                stdout=subprocess.PIPE, text=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            shutil.rmtree(prepared)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
             for w in args.workers:
                 out = root / f"tokens-{n}-{w}"
                 spec = {"manifest": str(manifest), "out": str(out), "workers": w,

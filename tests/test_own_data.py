@@ -1,12 +1,11 @@
 """Your own data through the whole chain: a manifest with non-square RGBA pictures, stereo 22 kHz recordings and two
 broken files, prepared alike from JSONL and from tar shards, trained by the manifest_tiny recipe to eval.json, then
-generated from in all four directions (what `make train RECIPE=manifest_tiny` and `make generate` run)."""
+generated from in all four directions with `make train RECIPE=manifest_tiny` and `make generate`."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,17 +94,17 @@ def test_a_modality_the_data_lacks_skips_its_stages(own, tmp_path):
     assert "no recordings" in outcome.text and "audio_tokenizer" not in ctx.artifacts
 
 
-def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _make(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def test_own_data_through_the_whole_chain_and_generation(own, tmp_path):
+def test_own_data_through_make_train_and_make_generate(own, tmp_path):
     run = tmp_path / "runs" / "own"
-    _run(["scripts/train.py", "--recipe", "manifest_tiny", f"data.train={own['shards']}", "data.val_fraction=0.15",
-          "data.test_fraction=0.15", f"data.root={tmp_path / 'prepared'}", f"run.out_dir={tmp_path / 'runs'}",
-          "run.name=own"])
+    _make("train", "RECIPE=manifest_tiny",
+          f"ARGS=data.train={own['shards']} data.val_fraction=0.15 data.test_fraction=0.15 "
+          f"data.root={tmp_path / 'prepared'} run.out_dir={tmp_path / 'runs'} run.name=own")
     scores = json.loads((run / "eval.json").read_text())
     assert {"t2i", "i2t", "a2t", "t2a"} <= set(scores)
     assert all("judge" in scores[d] for d in ("t2i", "i2t", "a2t", "t2a"))
@@ -113,24 +112,14 @@ def test_own_data_through_the_whole_chain_and_generation(own, tmp_path):
     assert "2 skipped (1 corrupt image, 1 empty audio)" in summary
     out = tmp_path / "gen"
     media = own["manifest"].parent / "media"
-    for flags, made in ((["--prompt", "a red circle", "--to", "image"], "*.png"),
-                        (["--image", str(media / "001.png"), "--to", "text"], "*.txt"),
-                        (["--prompt", "a blue square", "--to", "audio"], "*.wav"),
-                        (["--audio", str(media / "002.wav"), "--to", "text"], "*.txt")):
-        target = out / flags[-1] / flags[0].strip("-")
-        _run(["scripts/generate.py", "--run", str(run), *flags, "--out", str(target), "--seed", "0"])
+    for asked, made in ((("PROMPT=a red circle", "TO=image"), "*.png"),
+                        ((f"IMAGE={media / '001.png'}", "TO=text"), "*.txt"),
+                        (("PROMPT=a blue square", "TO=audio"), "*.wav"),
+                        ((f"AUDIO={media / '002.wav'}", "TO=text"), "*.txt")):
+        target = out / asked[1] / asked[0].split("=")[0]
+        _make("generate", f"RUN={run}", *asked, f"GEN_ARGS=--out {target} --seed 0")
         files = list(target.glob(made))
-        assert files, f"{flags}: nothing written in {target}"
+        assert files, f"{asked}: nothing written in {target}"
         if made == "*.wav":
             wave, rate = sf.read(files[0])
             assert rate == 16000 and len(wave) > 0
-
-
-def test_perplexity_templates_follow_the_vocabulary():
-    from anyloom.evaluation.lm_perplexity import vocabulary_tasks
-    from anyloom.sequences.vocab import Vocabulary
-
-    no_audio = Vocabulary.build(300, 1000, 0, 0, (8, 8))
-    assert vocabulary_tasks(no_audio, ("t2i", "i2t", "t2a", "a2t", "interleaved")) == ("t2i", "i2t", "interleaved")
-    full = Vocabulary.build(300, 1000, 1024, 1, (8, 8))
-    assert vocabulary_tasks(full, ("t2i", "t2a")) == ("t2i", "t2a")
