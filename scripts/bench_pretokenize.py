@@ -13,9 +13,10 @@ weights: the throughput of the real classes, not of trained ones.
 The data stage reads each manifest once (pictures fitted to 32x32, recordings at 16 kHz) and writes its prepared
 copy, in a fresh process per size. Each (size, workers) pair runs ``pretokenize_manifest`` in a fresh process,
 so every peak is its own: the main process's peak RSS (``ru_maxrss``) and the largest peak RSS of one worker
-(``VmHWM``, sampled every 0.5 s; the sum over all processes is in the JSON). The outputs of the runs of one size are compared file by file. On a
-machine that other jobs share, CPU seconds (of every process, in the JSON) are steadier than wall-clock
-documents/s. Prints a markdown table and writes JSON (``--out``, default runs/bench/pretokenize.json).
+(``VmHWM``, sampled every 0.5 s; the sum over all processes is in the JSON). The outputs of the runs of one size
+are compared file by file. On a machine that other jobs share, CPU seconds (of every process, in the JSON) are
+steadier than wall-clock documents/s. Prints a markdown table and writes JSON (``--out``, default
+runs/bench/pretokenize.json).
 """
 
 from __future__ import annotations
