@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,24 @@ class PipelineModel:
         self._image_calls = 0
         # Speech is costlier to generate and judge: one draw per distinct caption, reused by the WAV samples.
         self._speech: dict[str, tuple[np.ndarray, int]] = {}
+        # prompts the pipeline called out of domain (words never seen in training...), per target; counted here
+        # instead of one warning line per prompt
+        self.out_of_domain: dict[str, int] = {}
+
+    def _generate(self, prompts: list[Any], to: str, seed: int) -> list[Any]:
+        from anyloom.generation.pipeline import OutOfDomainWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutOfDomainWarning)
+            outs = self.pipe.generate_batch(prompts, to=to, seed=seed)
+        flagged = sum(bool(getattr(o, "warnings", None)) for o in outs)
+        self.out_of_domain[to] = self.out_of_domain.get(to, 0) + flagged
+        return outs
 
     def text_to_image(self, captions: list[str]) -> list[np.ndarray]:
         if not captions:
             return []
-        outs = self.pipe.generate_batch(captions, to="image", seed=self.seed + self._image_calls)
+        outs = self._generate(captions, to="image", seed=self.seed + self._image_calls)
         self._image_calls += 1
         images = [np.asarray(o.image.convert("RGB")) for o in outs]
         self.images += zip(captions, images)
@@ -96,19 +110,18 @@ class PipelineModel:
     def image_to_text(self, images: list[np.ndarray]) -> list[str]:
         from PIL import Image
 
-        return [o.text for o in self.pipe.generate_batch([Image.fromarray(p) for p in images], to="text",
-                                                         seed=self.seed)]
+        return [o.text for o in self._generate([Image.fromarray(p) for p in images], to="text", seed=self.seed)]
 
     def speech_to_text(self, waves: list[np.ndarray], sample_rate: int) -> list[str]:
         from anyloom.data.document import AudioSegment
 
         prompts = [AudioSegment(np.asarray(w, dtype=np.float32), sample_rate) for w in waves]
-        return [o.text for o in self.pipe.generate_batch(prompts, to="text", seed=self.seed)]
+        return [o.text for o in self._generate(prompts, to="text", seed=self.seed)]
 
     def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
         todo = sorted({c for c in captions if c not in self._speech})
         if todo:
-            outs = self.pipe.generate_batch(todo, to="audio", seed=self.seed)
+            outs = self._generate(todo, to="audio", seed=self.seed)
             self._speech.update({c: (o.wave, o.sample_rate) for c, o in zip(todo, outs)})
         got = [self._speech[c] for c in captions]
         return [w for w, _ in got], (got[0][1] if got else 16000)
@@ -315,14 +328,16 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         for direction in (d for d in ("t2i", "i2t", "a2t", "t2a") if d in cfg.directions):
             n = len(items) if world_data else len(generic_eval.usable(items, direction))
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({n} items) ...")
-            t0 = time.perf_counter()
+            t0, flagged_before = time.perf_counter(), sum(model.out_of_domain.values())
             if world_data:
                 got = evaluate_world(model, {split: items}, speech_judge=judge, directions=[direction])
             else:
                 got = generic_eval.evaluate_generic(model, {split: items}, directions=[direction], ranker=ranker,
                                                     speech_judge=judge)
             _merge(scores, got)
-            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s)")
+            unseen = sum(model.out_of_domain.values()) - flagged_before
+            note = f"; {unseen} prompts with words or sizes never seen in training" if unseen else ""
+            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s{note})")
         shown[split] = model.images[start:start + cfg.sample_sheet]
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")
