@@ -647,7 +647,11 @@ def test_reconstruct_batches_equal_one_batch_and_keep_the_mode():
     x = images(5)
     whole, batched = reconstruct(model, x, batch_size=5), reconstruct(model, x, batch_size=2, desc="test")
     assert model.training  # evaluated in eval mode, handed back as it came
-    assert torch.equal(whole.images, batched.images) and torch.equal(whole.codes, batched.codes)
+    # the same codes; pixels equal up to the convolutions' batch-size-dependent kernels (oneDNN picks its algorithm
+    # by batch shape, so sums may be ordered differently: ~1e-6)
+    assert torch.equal(whole.codes, batched.codes)
+    torch.testing.assert_close(whole.images, batched.images, rtol=0, atol=1e-5)
     model.eval()
     codes = model.encode(x).codes
-    assert torch.equal(batched.codes, codes) and torch.equal(batched.images, model.decode(codes))
+    assert torch.equal(batched.codes, codes)
+    torch.testing.assert_close(batched.images, model.decode(codes), rtol=0, atol=1e-5)
