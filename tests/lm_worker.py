@@ -79,11 +79,14 @@ def main() -> None:
     p.add_argument("--init", default="cpu", choices=["cpu", "meta"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--code-factors", action="store_true", help="factorised code embeddings (tiny_model)")
+    p.add_argument("--strategy", default="fsdp", choices=["fsdp", "hsdp"])
+    p.add_argument("--shard-group", type=int, default=0, help="hsdp: ranks per replica")
     p.add_argument("--result", help="write the result (rank 0) as JSON here")
     a = p.parse_args()
     torch.set_num_threads(1)
     res = run_training(a.dir, a.steps, a.batch, a.grad_accum, a.ckpt_every,
-                       ParallelConfig(activation_checkpointing=a.ac, init_device=a.init, compile=a.compile),
+                       ParallelConfig(strategy=a.strategy, shard_group=a.shard_group, activation_checkpointing=a.ac,
+                                      init_device=a.init, compile=a.compile),
                        code_factors=a.code_factors)
     if a.result and torch.distributed.is_available():
         import os

@@ -60,3 +60,24 @@ def test_two_ranks_match_one_rank_and_reshard_on_resume(tmp_path):
     assert resumed.resumed_from == 10
     for step in range(11, 21):
         assert abs(resumed.losses[step] - one.losses[step]) <= 1e-5 * abs(one.losses[step])
+
+
+@pytest.mark.parametrize("shard_group", [1, 2])  # 2 replicas of an unsharded model; 1 replica sharded over 2
+def test_hybrid_sharding_matches_one_rank(tmp_path, shard_group):
+    result = tmp_path / "hsdp.json"
+    proc = torchrun(2, "--dir", str(tmp_path / "hsdp"), "--steps", "6", "--batch", "4", "--strategy", "hsdp",
+                    "--shard-group", str(shard_group), "--result", str(result))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = {int(k): v for k, v in json.loads(result.read_text())["losses"].items()}
+    one = run_training(str(tmp_path / "one"), steps=6, batch=4, parallel=ParallelConfig(strategy="none"))
+    for step, loss in one.losses.items():
+        assert abs(two[step] - loss) <= 1e-5 * abs(loss), (step, two[step], loss)
+
+
+def test_hybrid_sharding_groups_must_divide_the_ranks():
+    from anyloom.training.parallel import mesh_shape
+
+    assert mesh_shape(ParallelConfig(strategy="hsdp", shard_group=4), 16) == (4, 4)
+    assert mesh_shape(ParallelConfig(), 16) == (16,)
+    with pytest.raises(ValueError, match="shard_group=3 must divide the 8 ranks"):
+        mesh_shape(ParallelConfig(strategy="hsdp", shard_group=3), 8)

@@ -27,8 +27,10 @@ from anyloom.device import pick_device
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    # fsdp: FSDP2 when WORLD_SIZE > 1 (a single process trains the plain module); none: single process only
-    strategy: Literal["fsdp", "none"] = "fsdp"
+    # fsdp: FSDP2 when WORLD_SIZE > 1 (a single process trains the plain module); hsdp: hybrid sharding, each group
+    # of shard_group ranks holds one sharded replica and the groups replicate it; none: single process only
+    strategy: Literal["fsdp", "hsdp", "none"] = "fsdp"
+    shard_group: int = 0  # hsdp: ranks per replica (0: the ranks of one node, torchrun's LOCAL_WORLD_SIZE)
     # none; selective: recompute cheap ops, keep matmul/attention outputs; full: recompute whole blocks
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     compile: bool = False  # torch.compile each block (after AC, before sharding)
@@ -142,13 +144,26 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
+def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, ...]:
+    """(ranks,) for FSDP; (replicas, ranks per replica) for HSDP, the shard groups being consecutive ranks (one
+    node each by default, so the all-gathers stay inside a node and only gradient all-reduces cross nodes)."""
+    if cfg.strategy != "hsdp":
+        return (world_size,)
+    group = cfg.shard_group or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if group < 1 or world_size % group:
+        raise ValueError(f"parallel.shard_group={group} must divide the {world_size} ranks (hsdp: replicas x ranks "
+                         f"per replica)")
+    return (world_size // group, group)
+
+
 def apply_fsdp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> None:
     """``fully_shard`` each block, then the root; ``model.loss`` becomes an FSDP forward method so the
     output head's parameters are gathered when the loss uses them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, mesh_shape(cfg, dist.get_world_size()),
+                            mesh_dim_names=("replicate", "shard") if cfg.strategy == "hsdp" else ("shard",))
     dtype = param_dtype(cfg, device)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.layers:
@@ -168,7 +183,7 @@ def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv) -> nn
         raise ValueError(
             f"parallel.strategy=none runs a single process, but WORLD_SIZE={env.world_size}; use strategy=fsdp"
         )
-    use_fsdp = cfg.strategy == "fsdp" and env.distributed
+    use_fsdp = cfg.strategy in ("fsdp", "hsdp") and env.distributed
     if cfg.init_device == "meta" and not use_fsdp:
         raise ValueError("parallel.init_device=meta only makes sense with FSDP over several ranks")
     init_ctx = torch.device("meta") if cfg.init_device == "meta" else contextlib.nullcontext()
