@@ -9,8 +9,9 @@ A plug-in is an installed Python object registered under a group by a package's 
 
 A recipe then names it (``my_scorer``); nothing is imported from a recipe or a checkpoint by path, only what an
 installed package registered. Groups: ``anyloom.scorers`` (generation reranking, ``anyloom.generation.scorers``),
-``anyloom.matcher_heads`` (extra heads of the image-text matcher, ``anyloom.matcher.model``) and
-``anyloom.pixel_weights`` (per-pixel loss weights of the image tokenizer trainer).
+``anyloom.matcher_heads`` (extra heads of the image-text matcher, ``anyloom.matcher.model``),
+``anyloom.pixel_weights`` (per-pixel loss weights of the image tokenizer trainer) and ``anyloom.asr_grammars``
+(functions returning a JSGF grammar of a dataset's sentences, for the audio tokenizer's ASR report).
 """
 
 from __future__ import annotations

@@ -130,3 +130,17 @@ def test_speech_judge_decodes_a_waveform_once_and_order_does_not_matter(tiny_wor
     assert len(calls) == len(waves)
     assert judge.transcribe([waves[0].copy()], 24000)  # another rate is another key: decoded again
     assert len(calls) == len(waves) + 1
+
+
+def test_the_audio_tokenizer_report_reads_with_the_datas_grammar_or_the_general_model():
+    from anyloom.plugins import PluginError, load_plugin
+    from anyloom.recipes import load_recipe
+    from anyloom.training.audio_tokenizer import evaluate_tokenizer
+    from anyloom.world.captions import caption_jsgf
+
+    assert load_plugin("anyloom.asr_grammars", "world_captions")() == caption_jsgf()
+    assert load_recipe("world").audio_tokenizer.train.asr_grammar == "world_captions"
+    assert load_recipe("manifest").audio_tokenizer.train.asr_grammar is None  # other data: the general model
+    assert load_recipe("openmoji").audio_tokenizer.train.asr_grammar is None
+    with pytest.raises(PluginError, match="audio_tokenizer.train.asr_grammar: 'world_caption' is not a known"):
+        evaluate_tokenizer(None, None, 1, "world_caption")

@@ -32,7 +32,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F_
 
-from anyloom.config import fingerprint
+from anyloom.config import added_field, fingerprint
 from anyloom.progress import progress
 from anyloom.tokenizers.audio_codec import WaveCodec, WaveCodecConfig
 from anyloom.tokenizers.audio_common import prepare_wave
@@ -65,6 +65,9 @@ class AudioTokenizerTrainConfig:
     sample_every: int = 0  # 0: samples only at the end
     num_samples: int = 2  # validation utterances written as WAV
     eval_items: int = 64  # validation utterances scored at the end (ASR judge); 0: skip
+    # the ASR judge of that report: null, pocketsphinx's general English model; or a plug-in (group
+    # anyloom.asr_grammars) giving a JSGF grammar of the data's sentences, e.g. the world's world_captions
+    asr_grammar: str | None = added_field(None, neutral="world_captions")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "keep_last"):
@@ -341,13 +344,19 @@ def _write_samples(model: MelTokenizer | WaveCodec, speech: SpeechSet, run: RunD
     model.train()
 
 
-def evaluate_tokenizer(model: MelTokenizer | WaveCodec, val: SpeechSet, items: int) -> dict[str, float]:
-    """Reconstruction scores on the first ``items`` validation utterances (SI-SNR, mel distance, ASR WER...)."""
+def evaluate_tokenizer(model: MelTokenizer | WaveCodec, val: SpeechSet, items: int,
+                       asr_grammar: str | None = None) -> dict[str, float]:
+    """Reconstruction scores on the first ``items`` validation utterances (SI-SNR, mel distance, ASR WER...);
+    ``asr_grammar``: the plug-in whose JSGF grammar constrains the ASR judge (None: its general model)."""
+    from anyloom.evaluation.asr import SpeechJudge, word_error_rate
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
-    from anyloom.world.asr import SpeechJudge, word_error_rate
+    from anyloom.plugins import load_plugin
 
-    report = evaluate_reconstruction(model, val.waves[:items], val.sample_rate, val.texts[:items], SpeechJudge(),
-                                     word_error_rate)
+    grammar = None
+    if asr_grammar:
+        grammar = load_plugin("anyloom.asr_grammars", asr_grammar, where="audio_tokenizer.train.asr_grammar")()
+    report = evaluate_reconstruction(model, val.waves[:items], val.sample_rate, val.texts[:items],
+                                     SpeechJudge(grammar), word_error_rate)
     return report.as_eval()
 
 
@@ -395,7 +404,7 @@ def train_audio_tokenizer(
     results: dict[str, float] = {"audio_tokenizer.steps": step, "audio_tokenizer.train_seconds": trained_seconds,
                                  "audio_tokenizer.train_cpu_seconds": trained_cpu}
     if tc.eval_items:
-        scores = evaluate_tokenizer(model, val, tc.eval_items)
+        scores = evaluate_tokenizer(model, val, tc.eval_items, tc.asr_grammar)
         results.update(scores)
         logger.log(step, **{k.split(".", 1)[1]: v for k, v in scores.items()})
     run.write_json("eval.json", results)
