@@ -23,8 +23,8 @@ RECIPES_DIR = Path(__file__).resolve().parent
 
 
 def available() -> list[str]:
-    """Names of the recipes shipped in this folder."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    """Names of the recipes shipped in this folder (``scale/lm_1b`` for those in its subfolders)."""
+    return sorted(p.relative_to(RECIPES_DIR).with_suffix("").as_posix() for p in RECIPES_DIR.rglob("*.yaml"))
 
 
 def recipe_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
