@@ -123,3 +123,24 @@ def test_own_data_through_make_train_and_make_generate(own, tmp_path):
         if made == "*.wav":
             wave, rate = sf.read(files[0])
             assert rate == 16000 and len(wave) > 0
+
+
+@pytest.mark.slow
+def test_data_without_recordings_trains_evaluates_and_generates_what_it_holds(own, tmp_path):
+    lines = [json.loads(x) for x in own["manifest"].read_text().splitlines()]
+    text_image = own["manifest"].parent / "text_image_only.jsonl"
+    text_image.write_text("".join(json.dumps({"id": x["id"], "segments": x["segments"][:2]}) + "\n"
+                                  for x in lines if len(x["segments"]) > 2))
+    run = tmp_path / "runs" / "ti"
+    proc = _make("train", "RECIPE=manifest_tiny",
+                 f"ARGS=data.train={text_image} data.val_fraction=0.15 data.test_fraction=0.15 "
+                 f"data.root={tmp_path / 'prepared'} run.out_dir={tmp_path / 'runs'} run.name=ti")
+    assert "audio_tokenizer: skipped: the training data holds no recordings" in proc.stdout
+    assert "not evaluating a2t, t2a" in proc.stdout
+    scores = json.loads((run / "eval.json").read_text())
+    assert {"t2i", "i2t"} <= set(scores) and not {"a2t", "t2a"} & set(scores) and "audio" not in scores["lm"]["ppl"]
+    _make("generate", f"RUN={run}", "PROMPT=a red circle", "TO=image", f"GEN_ARGS=--out {tmp_path / 'gen'}")
+    refused = subprocess.run(["make", "-s", "generate", f"RUN={run}", "PROMPT=a red circle", "TO=audio"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "this model has no audio tokenizer" in refused.stderr
+    assert "Traceback" not in refused.stderr
