@@ -1,6 +1,7 @@
 """The GPU-scale recipes (recipes/scale/) do not rot: each resolves, and each trains two LM steps on 2 gloo ranks
 through `scripts/train.py` with its own parallel settings (FSDP or HSDP, activation checkpointing, compile) and
-tiny sizes (the manifest_tiny recipe's models, 256-token rows) on a small own-data manifest."""
+tiny sizes and lengths (every other setting the recipe's own) on a small own-data manifest; a tokenizer recipe
+trains its stage for two steps."""
 
 from __future__ import annotations
 
@@ -18,35 +19,49 @@ from anyloom.recipes import available, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = sorted(name for name in available() if name.startswith("scale/"))
-TINY = ["train.steps=2", "train.seq_len=256", "train.batch_size=4", "train.ckpt_every=0", "train.log_every=1",
-        "train.async_checkpoint=false",
-        "pipeline.stages=[data,text_tokenizer,image_tokenizer,audio_tokenizer,pretokenize,lm]"]
+TINY = [  # every stage's size and length shrunk; the recipe's own parallel, precision and layout settings kept
+    "image_tokenizer.steps=2", "image_tokenizer.batch_size=8", "image_tokenizer.log_every=1",
+    "image_tokenizer.eval_every=2", "image_tokenizer.val_images=8", "image_tokenizer.sample_every=2",
+    "image_tokenizer.ckpt_every=0", "audio_tokenizer.train.steps=2", "audio_tokenizer.train.batch_size=4",
+    "audio_tokenizer.train.log_every=1", "audio_tokenizer.train.ckpt_every=0", "audio_tokenizer.train.eval_items=0",
+    "audio_tokenizer.train.num_samples=1", "text_tokenizer.vocab_size=300", "model.dim=64", "model.n_layers=2",
+    "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_dim=128", "model.max_seq_len=512", "train.steps=2",
+    "train.seq_len=256", "train.batch_size=4", "train.ckpt_every=0", "train.log_every=1",
+    "train.async_checkpoint=false"]
+LM_STAGES = "pipeline.stages=[data,text_tokenizer,image_tokenizer,audio_tokenizer,pretokenize,lm]"
 
 
 def test_the_scale_recipes_exist_and_resolve():
-    assert {"scale/lm_150m", "scale/lm_1b"} <= set(SCALE)
+    assert {"scale/lm_150m", "scale/lm_1b", "scale/speech_tokenizer_24k"} <= set(SCALE)
     for name in SCALE:
         recipe = load_recipe(name, ["data.train=x.jsonl", "data.val_fraction=0.1", "data.test_fraction=0.1"])
-        assert recipe.data.source == "manifest" and recipe.train.seq_len == 4096
-        assert recipe.parallel.activation_checkpointing != "none" and recipe.parallel.compile
+        assert recipe.data.source == "manifest"
+        if "lm" in recipe.pipeline.stages:
+            assert recipe.train.seq_len == 4096
+            assert recipe.parallel.activation_checkpointing != "none" and recipe.parallel.compile
+    speech = load_recipe("scale/speech_tokenizer_24k").audio_tokenizer
+    assert speech.sample_rate == 24000 and speech.mel.tokens_per_second == 200
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCALE)
 def test_two_steps_on_two_ranks(name, tmp_path):
     own = write_own_data(tmp_path / "own", n=12)
-    tiny = tmp_path / "tiny.yaml"  # the scale recipe with manifest_tiny's sizes merged over it
-    tiny.write_text(f"base: [{REPO / 'recipes' / (name + '.yaml')}, {REPO / 'recipes' / 'manifest_tiny.yaml'}]\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "scripts/train.py", "--recipe", str(tiny), *TINY,
+           f"--master_port={free_port()}", "scripts/train.py", "--recipe", name, *TINY,
+           *([LM_STAGES] if "lm" in load_recipe(name, ["data.train=x"]).pipeline.stages else []),
            f"data.train={own['manifest']}", "data.val_fraction=0.2", "data.test_fraction=0.2",
            f"data.root={tmp_path / 'prepared'}", f"run.out_dir={tmp_path / 'runs'}", "run.name=scale",
            "parallel.shard_group=1"]  # hsdp: 2 replicas of 1 rank each (fsdp ignores it)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads(x) for x in (tmp_path / "runs" / "scale" / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / "runs" / "scale"
+    if "lm" not in load_recipe(name, ["data.train=x"]).pipeline.stages:  # a tokenizer recipe: its stage's output
+        assert (run / "stages" / "audio_tokenizer" / "tokenizer" / "config.json").is_file()
+        return
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(0 < x < 20 for x in losses)
-    resolved = (tmp_path / "runs" / "scale" / "recipe.yaml").read_text()
+    resolved = (run / "recipe.yaml").read_text()
     assert f"strategy: {load_recipe(name, ['data.train=x']).parallel.strategy}" in resolved
