@@ -120,6 +120,29 @@ def manifest_files(path: str | Path) -> list[Path]:
     return paths
 
 
+def media_stamps(path: str | Path, strict: bool = True) -> Iterator[str]:
+    """``"<file>:<size>:<mtime_ns>;"`` for each picture and recording a JSONL manifest names, in order (-1 for a
+    missing file), read line by line: what keys a cache built from the manifest besides its own bytes. A line that is
+    not a document raises ``ValueError`` naming it (``strict``) or is passed over (the reader reports it)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                segments = json.loads(raw)["segments"]
+            except (ValueError, KeyError, TypeError) as e:  # malformed JSON or text, or not a document
+                if strict:
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with 'segments' ({e})") from e
+                continue
+            for seg in segments if isinstance(segments, list) else ():
+                for kind in ("image", "audio"):
+                    if isinstance(seg, dict) and kind in seg:
+                        media = path.parent / str(seg[kind])
+                        st = media.stat() if media.exists() else None
+                        yield f"{media}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};"
+
+
 def iter_manifest(path: str | Path, strict: bool = True, image_size: tuple[int, int] | None = None,
                   sample_rate: int = 16000, skipped: list[Skip] | None = None,
                   decoding: Decoding | None = None) -> Iterator[Document]:
@@ -357,4 +380,4 @@ def _decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
 
 
 __all__ = ["Decoding", "IMAGE_FITS", "ManifestError", "ManifestResult", "Skip", "read_manifest", "iter_manifest",
-           "manifest_files", "SEGMENT_KEYS"]
+           "manifest_files", "media_stamps", "SEGMENT_KEYS"]

@@ -35,7 +35,7 @@ from PIL import Image
 
 from anyloom.config import fingerprint, to_dict
 from anyloom.data.document import AudioSegment, Document, ImageSegment, TextSegment
-from anyloom.data.manifest import Decoding, ManifestError, Skip, iter_manifest, manifest_files
+from anyloom.data.manifest import Decoding, ManifestError, Skip, iter_manifest, manifest_files, media_stamps
 from anyloom.progress import progress
 
 SPLITS = ("train", "val", "test")
@@ -127,27 +127,13 @@ class PreparedData:
 
 def sources_key(pattern: str) -> list[str]:
     """What identifies the files behind a manifest path: each file's name, size and modification time, and for a
-    JSONL manifest those of the pictures and recordings it names (read line by line)."""
+    JSONL manifest those of the pictures and recordings it names."""
     out = []
     for path in manifest_files(pattern):
         st = path.stat()
         out.append(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-        if path.name.endswith((".tar", ".tar.gz", ".tgz")):
-            continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    segments = json.loads(raw).get("segments", [])
-                except (ValueError, AttributeError):
-                    continue  # the reader reports the line itself
-                for seg in segments if isinstance(segments, list) else []:
-                    ref = seg.get("image") or seg.get("audio") if isinstance(seg, dict) else None
-                    if isinstance(ref, str):
-                        media = Path(ref) if Path(ref).is_absolute() else path.parent / ref
-                        mst = media.stat() if media.is_file() else None
-                        h.update(f"{ref}:{mst.st_size if mst else -1}:{mst.st_mtime_ns if mst else -1};".encode())
-        out.append(h.hexdigest()[:16])
+        if not path.name.endswith((".tar", ".tar.gz", ".tgz")):
+            out.append(hashlib.sha256("".join(media_stamps(path, strict=False)).encode()).hexdigest()[:16])
     return out
 
 
@@ -309,10 +295,4 @@ def _load(folder: Path) -> PreparedData:
     return PreparedData(dir=folder, counts=info["counts"], skipped=info["skipped"], modalities=modalities)
 
 
-def read_report(data: Any) -> dict[str, Any]:
-    """The report of a prepared folder (empty for generated data without one)."""
-    path = Path(getattr(data, "dir", "")) / REPORT
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-__all__ = ["DataConfig", "PreparedData", "prepare_data", "split_of", "read_report", "SPLITS"]
+__all__ = ["DataConfig", "PreparedData", "prepare_data", "split_of", "SPLITS"]

@@ -6,8 +6,8 @@ in a test), so a perfect fake scores 100% and a constant one chance under every 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,4 +30,16 @@ def batches(items: list, batch_size: int, desc: str) -> Iterator[list]:
         yield items[start:start + batch_size]
 
 
-__all__ = ["AnyToAny", "batches"]
+def per_split(splits: dict[str, list], score: Callable[[list], dict[str, Any]]) -> dict[str, Any]:
+    """``score(items)`` of every split: the ``test`` split's at the top level (eval.json's headline), every other
+    split's under its name."""
+    out: dict[str, Any] = {}
+    for split, items in splits.items():
+        if split == "test":
+            out.update(score(items))
+        else:
+            out[split] = score(items)
+    return out
+
+
+__all__ = ["AnyToAny", "batches", "per_split"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from anyloom.evaluation.asr import SpeechJudge, word_error_rate
-from anyloom.evaluation.directions import AnyToAny, batches
+from anyloom.evaluation.directions import AnyToAny, batches, per_split
 
 DIRECTIONS = ("t2i", "i2t", "a2t", "t2a")
 NEEDS = {"t2i": "pixels", "i2t": "pixels", "a2t": "wave", "t2a": "wave"}  # besides a text
@@ -171,22 +171,23 @@ def text_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
 
 
 def eval_image_to_text(model: AnyToAny, items: list[Item], batch_size: int = 64) -> dict[str, Any]:
-    items = usable(items, "i2t")
-    if not items:
-        return {"n": 0, "judge": TEXT_JUDGE, "note": "no document of the split has a text and a picture"}
-    texts: list[str] = []
-    for batch in batches(items, batch_size, "image->text"):
-        texts += model.image_to_text([it.pixels for it in batch])
-    return {**text_scores([it.caption for it in items], texts), "n": len(items), "judge": TEXT_JUDGE}
+    return _eval_to_text(usable(items, "i2t"), "a picture", batch_size, "image->text",
+                         lambda batch: model.image_to_text([it.pixels for it in batch]))
 
 
 def eval_speech_to_text(model: AnyToAny, items: list[Item], batch_size: int = 64) -> dict[str, Any]:
-    items = usable(items, "a2t")
+    return _eval_to_text(usable(items, "a2t"), "speech", batch_size, "speech->text",
+                         lambda batch: model.speech_to_text([it.wave for it in batch], _one_rate(batch)))
+
+
+def _eval_to_text(items: list[Item], what: str, batch_size: int, desc: str,
+                  answer: Callable[[list[Item]], list[str]]) -> dict[str, Any]:
+    """The text scores of ``answer`` (a batch of items -> the model's texts) against the items' captions."""
     if not items:
-        return {"n": 0, "judge": TEXT_JUDGE, "note": "no document of the split has a text and speech"}
+        return {"n": 0, "judge": TEXT_JUDGE, "note": f"no document of the split has a text and {what}"}
     texts: list[str] = []
-    for batch in batches(items, batch_size, "speech->text"):
-        texts += model.speech_to_text([it.wave for it in batch], _one_rate(batch))
+    for batch in batches(items, batch_size, desc):
+        texts += answer(batch)
     return {**text_scores([it.caption for it in items], texts), "n": len(items), "judge": TEXT_JUDGE}
 
 
@@ -229,8 +230,10 @@ def evaluate_generic(model: AnyToAny, splits: dict[str, list[Item]], directions:
     unknown = set(directions) - set(DIRECTIONS)
     if unknown:
         raise ValueError(f"directions: unknown {sorted(unknown)}; choose from {', '.join(DIRECTIONS)}")
-    out: dict[str, dict] = {}
-    for split, items in splits.items():
+    if "t2a" in directions and speech_judge is None and any(usable(items, "t2a") for items in splits.values()):
+        speech_judge = GeneralSpeechJudge()
+
+    def score(items: list[Item]) -> dict[str, dict]:
         scores: dict[str, dict] = {}
         if "t2i" in directions:
             scores["t2i"] = eval_text_to_image(model, items, ranker)
@@ -239,14 +242,10 @@ def evaluate_generic(model: AnyToAny, splits: dict[str, list[Item]], directions:
         if "a2t" in directions:
             scores["a2t"] = eval_speech_to_text(model, items)
         if "t2a" in directions:
-            if speech_judge is None and usable(items, "t2a"):
-                speech_judge = GeneralSpeechJudge()
             scores["t2a"] = eval_text_to_speech(model, items, speech_judge)
-        if split == "test":
-            out.update(scores)
-        else:
-            out[split] = scores
-    return out
+        return scores
+
+    return per_split(splits, score)
 
 
 __all__ = ["CaptionRanker", "DIRECTIONS", "GeneralSpeechJudge", "Item", "MatcherRanker", "eval_image_to_text",

@@ -289,6 +289,46 @@ def world_judges(data: Any) -> bool:
 DIRECTION_MODALITY = {"t2i": "image", "i2t": "image", "a2t": "audio", "t2a": "audio"}  # what each direction needs
 
 
+@dataclass
+class _Judges:
+    """How one data source's outputs are judged: the world's exact judges, or the generic ones for any other data."""
+
+    world: bool
+    image_size: tuple[int, int] | None  # pictures read at this size (None: as stored)
+    to_items: Callable[[list], list]  # manifest Documents -> the judges' items
+    speech_judge: Any  # the ASR of t2a (and a2t for the world); None when not asked for
+    ranker: Any = None  # generic t2i: the run's matcher ranking pictures against captions
+
+    @property
+    def reconstruction_asr(self) -> Any:
+        """The ASR the tokenizer metrics read reconstructions with (the world's; signal metrics only elsewhere)."""
+        return self.speech_judge if self.world else None
+
+    def count(self, items: list, direction: str) -> int:
+        return len(items) if self.world else len(generic_eval.usable(items, direction))
+
+    def evaluate(self, model: Any, split: dict[str, list], direction: str) -> dict[str, Any]:
+        if self.world:
+            return evaluate_world(model, split, speech_judge=self.speech_judge, directions=[direction])
+        return generic_eval.evaluate_generic(model, split, directions=[direction], ranker=self.ranker,
+                                             speech_judge=self.speech_judge)
+
+
+def _judges_for(data: Any, pipe: Any, cfg: EvalConfig) -> _Judges:
+    if world_judges(data):
+        from anyloom.world.asr import SpeechJudge
+
+        asks_asr = bool({"t2a", "a2t"} & set(cfg.directions)) or cfg.tokenizers
+        return _Judges(True, None, items_from_documents, SpeechJudge() if asks_asr else None)  # caption grammar
+    # other data: pictures at the decoder's resolution, so that generated ones compare pixel by pixel
+    image_size = None if pipe.image_tokenizer is None else tuple(pipe.image_tokenizer.image_size)
+    ranker = None
+    if "t2i" in cfg.directions and pipe.matcher is not None and pipe.text_tokenizer is not None:
+        ranker = generic_eval.MatcherRanker(pipe.matcher, pipe.text_tokenizer)
+    judge = generic_eval.GeneralSpeechJudge() if "t2a" in cfg.directions else None
+    return _Judges(False, image_size, generic_eval.items_from_documents, judge, ranker)
+
+
 def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Path,
               log: Callable[[str], None]) -> dict[str, Any]:
     import soundfile as sf
@@ -296,7 +336,6 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
     from anyloom.data.manifest import read_manifest
     from anyloom.generation.pipeline import load
     from anyloom.training.run import write_json
-    from anyloom.world.asr import SpeechJudge
 
     pipe = load(run.path, config=generation)
     vocab = getattr(pipe, "vocab", None)
@@ -306,43 +345,27 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         log(f"eval: the run has no {' or '.join(lacking)} codes; not evaluating {', '.join(dropped) or '-'}")
         cfg = dataclasses.replace(cfg, directions=tuple(d for d in cfg.directions if d not in dropped))
     model = PipelineModel(pipe, cfg.seed)
-    world_data = world_judges(world)
-    image_size = None if world_data or pipe.image_tokenizer is None else tuple(pipe.image_tokenizer.image_size)
-    to_items = items_from_documents if world_data else generic_eval.items_from_documents
+    judges = _judges_for(world, pipe, cfg)
     splits: dict[str, list[Any]] = {}
     for split in cfg.splits:
-        # other data: pictures at the decoder's resolution, so that generated ones compare pixel by pixel
-        docs = read_manifest(world.split(split), image_size=image_size).documents
-        splits[split] = to_items(docs[: cfg.limit] if cfg.limit else docs)
-    judge, ranker = None, None
-    if world_data and ({"t2a", "a2t"} & set(cfg.directions) or cfg.tokenizers):
-        judge = SpeechJudge()  # the caption grammar: the world's words only
-    if not world_data and "t2a" in cfg.directions:
-        judge = generic_eval.GeneralSpeechJudge()  # for t2a only: the tokenizer metrics stay signal metrics
-    if not world_data and "t2i" in cfg.directions and pipe.matcher is not None and pipe.text_tokenizer is not None:
-        ranker = generic_eval.MatcherRanker(pipe.matcher, pipe.text_tokenizer)
+        docs = read_manifest(world.split(split), image_size=judges.image_size).documents
+        splits[split] = judges.to_items(docs[: cfg.limit] if cfg.limit else docs)
     scores: dict[str, Any] = {}
     shown: dict[str, list[tuple[str, np.ndarray]]] = {}  # the first scored text->image (prompt, output) of each split
     for split, items in splits.items():
         start = len(model.images)
         for direction in (d for d in ("t2i", "i2t", "a2t", "t2a") if d in cfg.directions):
-            n = len(items) if world_data else len(generic_eval.usable(items, direction))
-            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({n} items) ...")
+            log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({judges.count(items, direction)} items) ...")
             t0, flagged_before = time.perf_counter(), sum(model.out_of_domain.values())
-            if world_data:
-                got = evaluate_world(model, {split: items}, speech_judge=judge, directions=[direction])
-            else:
-                got = generic_eval.evaluate_generic(model, {split: items}, directions=[direction], ranker=ranker,
-                                                    speech_judge=judge)
-            _merge(scores, got)
+            _merge(scores, judges.evaluate(model, {split: items}, direction))
             unseen = sum(model.out_of_domain.values()) - flagged_before
             note = f"; {unseen} prompts with words or sizes never seen in training" if unseen else ""
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s{note})")
         shown[split] = model.images[start:start + cfg.sample_sheet]
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")
-        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judge if world_data else None,
-                                              image_judge=world_data)))
+        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judges.reconstruction_asr,
+                                              image_judge=judges.world)))
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 

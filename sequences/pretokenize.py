@@ -125,26 +125,16 @@ def documents_key(documents: Iterable[Document]) -> str:
 
 def manifest_key(path: str | Path) -> str:
     """Data key of a JSONL manifest: its bytes plus the size and mtime of every image/audio file it names."""
+    from anyloom.data.manifest import media_stamps
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    raw = path.read_bytes()
-    h = hashlib.sha256(raw)
+    h = hashlib.sha256(path.read_bytes())
     if path.name.endswith((".tar", ".tar.gz", ".tgz")):  # a webdataset shard holds its media: bytes are the key
         return h.hexdigest()[:16]
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            segments = json.loads(line)["segments"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'segments' ({e})") from e
-        for seg in segments:
-            for kind in ("image", "audio"):
-                if isinstance(seg, dict) and kind in seg:
-                    media = path.parent / str(seg[kind])
-                    st = media.stat() if media.exists() else None
-                    h.update(f"{media}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+    for stamp in media_stamps(path):
+        h.update(stamp.encode())
     return h.hexdigest()[:16]
 
 

@@ -107,7 +107,7 @@ def build_data(recipe: Recipe, log: Callable[[str], None] = print) -> Any:
 
 
 def _has(data: Any, modality: str) -> bool:
-    return modality in getattr(data, "modalities", ("text", "image", "audio"))
+    return modality in data.modalities
 
 
 def _untouched(folder: Path, since: float) -> bool:

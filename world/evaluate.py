@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from anyloom.evaluation.directions import AnyToAny, batches
+from anyloom.evaluation.directions import AnyToAny, batches, per_split
 
 
 @dataclass
@@ -138,8 +138,12 @@ def evaluate_world(
     directions: Sequence[str] = ("t2i", "i2t", "a2t", "t2a"),
 ) -> dict[str, dict]:
     """Scores per direction for the ``test`` split at the top level and every other split under its name."""
-    out: dict[str, dict] = {}
-    for split, items in splits.items():
+    if "t2a" in directions and speech_judge is None:
+        from anyloom.world.asr import SpeechJudge
+
+        speech_judge = SpeechJudge()
+
+    def score(items: list[WorldItem]) -> dict[str, dict]:
         scores: dict[str, dict] = {}
         if "t2i" in directions:
             scores["t2i"] = eval_text_to_image(model, items)
@@ -148,13 +152,7 @@ def evaluate_world(
         if "a2t" in directions:
             scores["a2t"] = eval_speech_to_text(model, items)
         if "t2a" in directions:
-            if speech_judge is None:
-                from anyloom.world.asr import SpeechJudge
-
-                speech_judge = SpeechJudge()
             scores["t2a"] = eval_text_to_speech(model, items, speech_judge)
-        if split == "test":
-            out.update(scores)
-        else:
-            out[split] = scores
-    return out
+        return scores
+
+    return per_split(splits, score)
