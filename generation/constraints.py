@@ -3,8 +3,8 @@
 The grammar (the same span layout ``anyloom.sequences.vocab.Vocabulary`` fixes and ``parse_stream`` reads):
 
 - text: text ids; may open an image span (``boi``) or an audio span (``boa``) when allowed, or end (``eos``);
-- image span: exactly ``h*w`` image codes (with a ``row_end`` after each row when the layout uses row ends),
-  then ``eoi`` is forced;
+- image span: exactly ``h*w`` image codes (with a ``row_end`` after each row when the layout uses row ends,
+  between the vocabulary's fixed prefix and suffix ids when it has them), then ``eoi`` is forced;
 - audio span, ``flat`` pattern: frame-major levels ``q0 q1 .. q{Q-1}``, each slot only the codes of its level;
   ``eoa`` only at frame boundaries after at least one frame, forced at ``max_audio_frames``;
 - audio span, ``delay`` pattern (MusicGen): steps of Q slots, level q delayed by q frames; slots before a
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from anyloom.generation.sampling import AUDIO, IMAGE, TEXT
+from anyloom.sequences.interleave import image_slot
 from anyloom.sequences.vocab import Vocabulary
 
 DONE = 3  # mode of a finished row: only pad follows
@@ -101,15 +102,19 @@ class StreamGrammar:
             return m
 
         classes: list[torch.Tensor] = [row(ids=(vocab.pad,))]  # class 0: done -> pad
-        # image slots 0..S-1 (code or row_end), then slot S: eoi
-        self.c_image = len(classes)
-        w = vocab.image_grid[1]
-        for k in range(self.span):
-            if vocab.image_row_end and k % (w + 1) == w:
-                classes.append(row(ids=(vocab.row_end,)))
-            else:
-                classes.append(row(vocab.image_range))
-        classes.append(row(ids=(vocab.eoi,)))
+        # image slots 0..S-1 (code, row_end or a fixed id of the layout), then slot S: eoi; one class per distinct
+        # slot (a 1,024-code span has three), and image_class maps a slot to it
+        slot_classes: dict[tuple[str, int], int] = {}
+        image_class = []
+        for k in range(self.span + 1) if self.has_image else ():
+            slot = image_slot(vocab, k)
+            key = (slot.kind, slot.token)
+            if key not in slot_classes:
+                slot_classes[key] = len(classes)
+                ids = {"row_end": (vocab.row_end,), "end": (vocab.eoi,), "fixed": (slot.token,)}.get(slot.kind, ())
+                classes.append(row(vocab.image_range) if slot.kind == "code" else row(ids=ids))
+            image_class.append(slot_classes[key])
+        self.image_class = torch.tensor(image_class or [0], dtype=torch.long, device=self.device)  # (S + 1,)
         # audio slot classes
         levels = [vocab.audio_range(q) for q in range(vocab.audio_num_codebooks)] if self.has_audio else []
         self.c_level = len(classes)
@@ -173,7 +178,7 @@ class StreamGrammar:
         budget = remaining if remaining is not None else 1 << 30
         cls = torch.zeros_like(state.mode)  # done rows -> class 0 (pad)
         img = state.mode == IMAGE
-        cls = torch.where(img, self.c_image + state.offset.clamp(max=self.span), cls)
+        cls = torch.where(img, self.image_class[state.offset.clamp(max=self.span)], cls)
         in_audio = state.mode == AUDIO
         if self.has_audio and bool(in_audio.any()):  # most steps have no audio row: skip ~20 small ops
             cls = torch.where(in_audio, self._audio_class(state, budget, frame_limit), cls)

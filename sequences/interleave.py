@@ -8,7 +8,9 @@ Stream grammar (ids of the unified vocabulary, see ``vocab.py``)::
 
     document := <bos> segment* <eos> <pad>*
     text     := text-id+                       (adjacent text segments merge: they are one run of text)
-    image    := <boi> (code{w} <row_end>?){h} <eoi>      row ends only when vocab.image_row_end
+    image    := <boi> prefix (code{w} <row_end>?){h} suffix <eoi>
+                row ends only when vocab.image_row_end; prefix / suffix: the vocabulary's fixed image_prefix /
+                image_suffix ids (empty unless an imported model's layout has them, e.g. Emu3's size text)
     audio    := <boa> frames <eoa>
       flat : frame-major, F frames of Q levels: f0q0 f0q1 .. f0q{Q-1} f1q0 ...        (F*Q tokens)
       delay: MusicGen's delay pattern: S = F+Q-1 steps of Q slots; slot (s, q) holds frame s-q of level q,
@@ -118,7 +120,7 @@ def encode_text(seg: TextIds, vocab: Vocabulary) -> np.ndarray:
 
 
 def encode_image(seg: ImageIds, vocab: Vocabulary) -> np.ndarray:
-    """<boi> codes (row ends) <eoi> as unified ids."""
+    """<boi> prefix codes (row ends) suffix <eoi> as unified ids."""
     if vocab.image_codebook_size == 0:
         raise ValueError("image segment, but the vocabulary has no image codebook (image_codebook_size=0)")
     if seg.codes.shape != vocab.image_grid:
@@ -128,7 +130,8 @@ def encode_image(seg: ImageIds, vocab: Vocabulary) -> np.ndarray:
     if vocab.image_row_end:
         ends = np.full((body.shape[0], 1), vocab.row_end, dtype=np.int64)
         body = np.concatenate([body, ends], axis=1)  # (h, w+1)
-    return np.concatenate([[vocab.boi], body.reshape(-1), [vocab.eoi]]).astype(np.int64)
+    return np.concatenate([[vocab.boi, *vocab.image_prefix], body.reshape(-1),
+                           [*vocab.image_suffix, vocab.eoi]]).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=16)
@@ -257,9 +260,10 @@ def bidirectional_span_ids(vocab: Vocabulary, tokens: torch.Tensor, given: torch
 
 @dataclass(frozen=True)
 class ImageSlot:
-    kind: Literal["code", "row_end", "end"]  # "end": only <eoi> is legal here
+    kind: Literal["code", "row_end", "fixed", "end"]  # "end": only <eoi> is legal here; "fixed": only ``token``
     row: int
     col: int
+    token: int = -1  # the one legal id of a "fixed" slot (the vocabulary's image_prefix / image_suffix)
 
 
 def image_slot(vocab: Vocabulary, offset: int) -> ImageSlot:
@@ -269,8 +273,14 @@ def image_slot(vocab: Vocabulary, offset: int) -> ImageSlot:
         raise IndexError(f"offset {offset} outside an image span of {vocab.image_span_length} tokens + <eoi>")
     if offset == vocab.image_span_length:
         return ImageSlot("end", h, 0)
+    prefix, suffix = vocab.image_prefix, vocab.image_suffix
+    if offset < len(prefix):
+        return ImageSlot("fixed", 0, 0, prefix[offset])
+    tail = offset - (vocab.image_span_length - len(suffix))
+    if tail >= 0:
+        return ImageSlot("fixed", h, 0, suffix[tail])
     stride = w + 1 if vocab.image_row_end else w
-    row, col = divmod(offset, stride)
+    row, col = divmod(offset - len(prefix), stride)
     return ImageSlot("row_end" if col == w else "code", row, col)
 
 
@@ -318,6 +328,8 @@ def legal_ranges(
         slot = image_slot(vocab, offset)
         if slot.kind == "end":
             return [one(vocab.eoi)]
+        if slot.kind == "fixed":
+            return [one(slot.token)]
         return [one(vocab.row_end)] if slot.kind == "row_end" else [vocab.image_range]
     if span != "audio":
         raise ValueError(f"span must be 'image' or 'audio', got {span!r}")
@@ -361,6 +373,16 @@ def _decode_image(body: np.ndarray, vocab: Vocabulary, start: int) -> ImageIds |
             f"image span opened at position {start}: expected {vocab.image_span_length} tokens "
             f"({h}x{w} codes{' + row ends' if vocab.image_row_end else ''}) before <eoi>, found {body.shape[0]}"
         )
+    prefix, suffix = vocab.image_prefix, vocab.image_suffix
+    for fixed, got, first in ((prefix, body[:len(prefix)], 0), (suffix, body[len(body) - len(suffix):],
+                                                                  len(body) - len(suffix))):
+        wrong = np.flatnonzero(got != np.asarray(fixed, dtype=np.int64))
+        if wrong.size:
+            k = int(wrong[0])
+            return (f"position {start + 1 + first + k}: expected {vocab.describe(fixed[k])} of the image layout, found "
+                    f"{vocab.describe(got[k])}")
+    start += len(prefix)
+    body = body[len(prefix):len(body) - len(suffix)]
     grid = body.reshape(h, -1)  # (h, w) or (h, w+1)
     if vocab.image_row_end:
         bad_rows = np.flatnonzero(grid[:, w] != vocab.row_end)

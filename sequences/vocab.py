@@ -49,6 +49,8 @@ AudioPattern = Literal["flat", "delay"]
 _PATTERNS = ("flat", "delay")
 BIDIRECTIONAL_MODALITIES = ("image", "audio")
 FORMAT_VERSION = 1
+# fields added after the first files were written: saved only when set, so older files keep their bytes
+_WRITTEN_WHEN_SET = ("bidirectional", "image_prefix", "image_suffix")
 
 
 class VocabularyError(ValueError):
@@ -69,6 +71,11 @@ class Vocabulary:
     # spans stay causal. It moves no id; it is how streams are read, so it travels with the checkpoint's
     # vocab.json (written only when set: vocabularies without it keep their files and fingerprints)
     bidirectional: tuple[str, ...] = ()
+    # fixed ids inside every image span, right after <boi> and right before <eoi>: an imported model's own image
+    # layout (Emu3: the "h*w" size text and its image-token marker before the codes, end-of-frame after them);
+    # written to vocab.json only when set
+    image_prefix: tuple[int, ...] = ()
+    image_suffix: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("text_size", "image_codebook_size", "audio_codebook_size", "audio_num_codebooks"):
@@ -89,6 +96,13 @@ class Vocabulary:
             raise VocabularyError(f"Vocabulary.bidirectional must list modalities among {BIDIRECTIONAL_MODALITIES}, "
                                   f"got {self.bidirectional!r}")
         object.__setattr__(self, "bidirectional", tuple(dict.fromkeys(self.bidirectional)))
+        for name in ("image_prefix", "image_suffix"):
+            ids = getattr(self, name)
+            if isinstance(ids, (str, bytes)) or not all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < self.text_size
+                    for i in ids):
+                raise VocabularyError(f"Vocabulary.{name} must list text ids in [0, {self.text_size}), got {ids!r}")
+            object.__setattr__(self, name, tuple(int(i) for i in ids))
 
     @classmethod
     def build(
@@ -102,6 +116,8 @@ class Vocabulary:
         image_row_end: bool = False,
         audio_pattern: AudioPattern = "flat",
         bidirectional: tuple[str, ...] = (),
+        image_prefix: tuple[int, ...] = (),
+        image_suffix: tuple[int, ...] = (),
     ) -> Vocabulary:
         """The vocabulary for tokenizers of these sizes (read them off the trained tokenizers' configs)."""
         return cls(
@@ -113,6 +129,8 @@ class Vocabulary:
             image_row_end=image_row_end,
             audio_pattern=audio_pattern,
             bidirectional=bidirectional,
+            image_prefix=tuple(image_prefix),
+            image_suffix=tuple(image_suffix),
         )
 
     @classmethod
@@ -157,9 +175,9 @@ class Vocabulary:
 
     @property
     def image_span_length(self) -> int:
-        """Tokens between boi and eoi (exclusive)."""
+        """Tokens between boi and eoi (exclusive): the fixed prefix, the codes (and row ends), the fixed suffix."""
         h, w = self.image_grid
-        return h * w + (h if self.image_row_end else 0)
+        return len(self.image_prefix) + h * w + (h if self.image_row_end else 0) + len(self.image_suffix)
 
     def audio_range(self, level: int) -> tuple[int, int]:
         """[lo, hi) ids of audio level ``level``."""
@@ -285,10 +303,11 @@ class Vocabulary:
         """The fields plus the derived ranges (the latter are checked on load, so edits are caught)."""
         out: dict[str, Any] = {"format_version": FORMAT_VERSION}
         # bidirectional only when set, so files written before the field existed keep their bytes and fingerprints
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "bidirectional"})
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in _WRITTEN_WHEN_SET})
         out["image_grid"] = list(self.image_grid)
-        if self.bidirectional:
-            out["bidirectional"] = list(self.bidirectional)
+        for name in _WRITTEN_WHEN_SET:
+            if getattr(self, name):
+                out[name] = list(getattr(self, name))
         out["size"] = self.size
         out["ranges"] = {
             "text": list(self.text_range),
@@ -314,7 +333,7 @@ class Vocabulary:
         if version != FORMAT_VERSION:
             raise VocabularyError(f"{source}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
         names = [f.name for f in fields(cls)]
-        optional = {"bidirectional": []}  # fields added later: files written before them still load
+        optional = {name: [] for name in _WRITTEN_WHEN_SET}  # fields added later: files written before them load
         data = {**optional, **data}
         missing = [n for n in names if n not in data]
         if missing:
@@ -327,9 +346,10 @@ class Vocabulary:
         if not isinstance(kwargs["image_grid"], (list, tuple)):
             raise VocabularyError(f"{source}: image_grid must be a list [h, w], got {kwargs['image_grid']!r}")
         kwargs["image_grid"] = tuple(kwargs["image_grid"])
-        if not isinstance(kwargs["bidirectional"], list):
-            raise VocabularyError(f"{source}: bidirectional must be a list of modalities, "
-                                  f"got {kwargs['bidirectional']!r}")
+        for name in _WRITTEN_WHEN_SET:
+            if not isinstance(kwargs[name], list):
+                raise VocabularyError(f"{source}: {name} must be a list, got {kwargs[name]!r}")
+            kwargs[name] = tuple(kwargs[name])
         for flag in ("image_row_end",):
             if not isinstance(kwargs[flag], bool):
                 raise VocabularyError(f"{source}: {flag} must be true/false, got {kwargs[flag]!r}")

@@ -17,7 +17,7 @@ from anyloom.generation.sampling import (
     sample,
 )
 from anyloom.sequences.interleave import parse_stream
-from anyloom.sequences.vocab import Vocabulary
+from anyloom.sequences.vocab import Vocabulary, VocabularyError
 from anyloom.transformer.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
@@ -326,3 +326,29 @@ def test_kv_cache_select_rows_copies_every_buffer():
     torch.testing.assert_close(out[2], ref[0], rtol=1e-5, atol=1e-5)  # the copies continue as their sources
     torch.testing.assert_close(out[0], ref[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+
+
+def test_image_layout_with_fixed_prefix_and_suffix():
+    """An imported model's image layout (Emu3: boi, size text, marker, rows closed by row ends, end-of-frame, eoi):
+    constrained decoding writes the fixed ids itself, the stream parses back to the codes, and a wrong fixed id
+    in a stream is named."""
+    base = vocab(row_end=True)
+    v = Vocabulary.build(base.text_size, base.image_codebook_size, 0, 0, base.image_grid, image_row_end=True,
+                         image_prefix=(5, 6, 7), image_suffix=(9,))
+    assert Vocabulary.from_json(v.to_json()) == v
+    assert "image_prefix" not in base.to_dict()  # older vocabularies keep their files
+    model = tiny_model(v.size)
+    g = StreamGrammar(v, GrammarConfig(allow_image=False, allow_audio=False, stop_after_span=True))
+    out = generate(model, [[v.bos, 2, v.boi]] * 3, g, v.image_span_length + 1,
+                   ModalitySampling.uniform(SamplingConfig(2.0)), torch.Generator().manual_seed(1))
+    h, w = v.image_grid
+    for seq in out.sequences:
+        assert seq[:3] == [5, 6, 7] and seq[-2:] == [9, v.eoi]
+        parsed = parse_stream([v.bos, 2, v.boi, *seq], v, strict=True).segments
+        assert parsed[-1].codes.shape == (h, w)
+        bad = [v.bos, 2, v.boi, *seq]
+        bad[4] = 8
+        with pytest.raises(ValueError, match="expected text:6 of the image layout, found text:8"):
+            parse_stream(bad, v, strict=True)
+    with pytest.raises(VocabularyError, match="image_prefix must list text ids"):
+        Vocabulary.build(base.text_size, 4, 0, 0, (2, 2), image_prefix=(base.text_size,))
