@@ -22,7 +22,7 @@ RUN ?= runs/world
 TESTS ?= tests
 OUT ?= runs/compare
 
-.PHONY: help setup train generate eval bench compare test lint clean
+.PHONY: help setup train generate eval bench compare test lint clean import
 
 help:
 	@echo "make setup      create .venv (idempotent; seconds once done)"
@@ -36,6 +36,8 @@ help:
 	@echo "                (or IMAGE=x.png / AUDIO=x.wav); GEN_ARGS: --out DIR  --num N (samples per prompt)"
 	@echo "                --seed S  --candidates N (sampled, best kept)  --temperature T  --cfg-scale C  ..."
 	@echo "                (python scripts/generate.py --help lists them all)"
+	@echo "make import FROM=chameleon|emu3|llama|anole SRC=<checkpoint folder> [RUN=runs/<name>] [ARGS=...]"
+	@echo "                a released checkpoint -> a run that generate, eval and init.from take (docs/IMPORT.md)"
 	@echo "make eval [RUN=runs/world] [ARGS='eval.limit=50 eval.splits=[test] --force']"
 	@echo "                held-out scores -> <run>/eval.json; other settings than the run's -> <run>/evals/<them>/"
 	@echo "make bench [ARGS='--quick --threads 1']      speed/memory ratios -> runs/bench/bench.json"
@@ -65,6 +67,11 @@ train: setup
 generate: setup
 	$(PY) scripts/generate.py --run "$(RUN)" $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(IMAGE),--image "$(IMAGE)") \
 	    $(if $(AUDIO),--audio "$(AUDIO)") $(if $(TO),--to $(TO)) $(GEN_ARGS)
+
+# RUN defaults to runs/<FROM> here (not runs/world)
+import: setup
+	$(PY) scripts/import.py --from "$(FROM)" --src "$(SRC)" \
+	    --run "$(if $(filter command line environment,$(origin RUN)),$(RUN),runs/$(FROM))" $(ARGS)
 
 eval: setup
 	@set +B; $(PY) scripts/evaluate.py --run "$(RUN)" $(ARGS)

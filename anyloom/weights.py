@@ -73,3 +73,27 @@ def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> Save
     config = json.loads((folder / CONFIG).read_text())
     vocab = json.loads((folder / VOCAB).read_text()) if (folder / VOCAB).exists() else None
     return SavedWeights(state, config, vocab, metadata)
+
+
+def hf_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a Hugging Face-format model folder: the shards ``model.safetensors.index.json``
+    names, else ``model.safetensors``. Other safetensors files beside them (an adapter, a reference file) are not
+    the model's and are never read."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map')") from e
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in the folder: {', '.join(missing[:4])}")
+        return files
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    others = sorted(f.name for f in folder.glob("*.safetensors"))
+    found = f" (found only {', '.join(others[:4])}, which are not the model's weights)" if others else ""
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS} and no model.safetensors.index.json{found}; only safetensors "
+                            f"checkpoints in Hugging Face layout are imported")

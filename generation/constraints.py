@@ -178,7 +178,7 @@ class StreamGrammar:
         budget = remaining if remaining is not None else 1 << 30
         cls = torch.zeros_like(state.mode)  # done rows -> class 0 (pad)
         img = state.mode == IMAGE
-        cls = torch.where(img, self.image_class[state.offset.clamp(max=self.span)], cls)
+        cls = torch.where(img, self.image_class[state.offset.clamp(0, self.image_class.numel() - 1)], cls)
         in_audio = state.mode == AUDIO
         if self.has_audio and bool(in_audio.any()):  # most steps have no audio row: skip ~20 small ops
             cls = torch.where(in_audio, self._audio_class(state, budget, frame_limit), cls)

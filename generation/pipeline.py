@@ -435,6 +435,7 @@ class Pipeline:
         min_p: float | None = None,
         cfg_scale: float | None = None,
         max_text_tokens: int | None = None,
+        max_new_tokens: int | None = None,
         max_audio_seconds: float | None = None,
         candidates: int | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
@@ -447,8 +448,13 @@ class Pipeline:
         and audio sample that many outputs per prompt and keep the one with the highest weighted sum of the
         config's scorers for the target (``generation/scorers.py``); text keeps the greedy output or one of
         ``candidates - 1`` sampled ones the same way (text from an image or speech prompt; a text-only prompt keeps
-        its greedy output).
+        its greedy output). ``max_new_tokens`` (transformers' name) caps a text at that many tokens before its end:
+        ``max_text_tokens`` counts the end as well.
         """
+        if max_new_tokens is not None:
+            if max_text_tokens is not None and max_text_tokens != max_new_tokens + 1:
+                raise PipelineError("give max_new_tokens or max_text_tokens, not both")
+            max_text_tokens = max_new_tokens + 1
         self._opener(to)  # an unknown target or a missing tokenizer: refused before anything runs
         cfg = self.config
         n = candidates if candidates is not None else cfg.candidates(to)

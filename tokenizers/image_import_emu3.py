@@ -398,8 +398,8 @@ class Emu3VQTokenizer(nn.Module):
         return save_imported(self, folder, "emu3_vq")
 
     @classmethod
-    def load(cls, folder: str | Path) -> Emu3VQTokenizer:
-        return load_imported(cls, Emu3VQConfig, folder, "emu3_vq")
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Emu3VQTokenizer:
+        return load_imported(cls, Emu3VQConfig, folder, "emu3_vq").to(device)
 
 
 def import_emu3_vq(folder: str | Path, image_size: tuple[int, int] = (512, 512)) -> Emu3VQTokenizer:

@@ -66,13 +66,9 @@ def read_hf_vq(folder: str | Path, vq_model_type: str, full_model_type: str) -> 
     else:
         raise ValueError(f"{cfg_file}: model_type is {model_type!r}; expected {vq_model_type!r} or {full_model_type!r}")
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors files (pickled .bin checkpoints are not loaded)")
+    from anyloom.weights import hf_weight_files
+
+    files = hf_weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:

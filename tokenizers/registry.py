@@ -1,6 +1,7 @@
 """Which class reads an exported tokenizer folder: the ``kind`` in its ``config.json`` -> the class.
 
-A text tokenizer folder holds ``text.model`` (sentencepiece); an image or audio tokenizer folder holds
+A text tokenizer folder holds ``text.model`` (sentencepiece, trained here) or ``tokenizer.json`` + ``text_ids.json``
+(an imported checkpoint's own tokenizer, ``text_hf.py``); an image or audio tokenizer folder holds
 ``config.json`` + ``model.safetensors``, and ``config.json``'s ``kind`` names one of the classes below, each
 satisfying its contract in :mod:`anyloom.tokenizers.base`. A new tokenizer kind adds one line here.
 """
@@ -15,7 +16,11 @@ from typing import Any
 import torch
 
 # config.json "kind" -> (module, class)
-IMAGE_KINDS: dict[str, tuple[str, str]] = {"image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer")}
+IMAGE_KINDS: dict[str, tuple[str, str]] = {
+    "image_vq": ("anyloom.tokenizers.image_vq", "ImageVQTokenizer"),
+    "emu3_vq": ("anyloom.tokenizers.image_import_emu3", "Emu3VQTokenizer"),  # imported (image_importers.py)
+    "chameleon_vq": ("anyloom.tokenizers.image_import_chameleon", "ChameleonVQTokenizer"),  # imported
+}
 AUDIO_KINDS: dict[str, tuple[str, str]] = {
     "anyloom.mel_rvq": ("anyloom.tokenizers.audio_mel", "MelTokenizer"),
     "anyloom.seanet_codec": ("anyloom.tokenizers.audio_codec", "WaveCodec"),  # trained here, or imported EnCodec
@@ -33,9 +38,15 @@ def holds_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+def _holds_hf_text(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() and (folder / "text_ids.json").is_file()
+
+
 def holds_tokenizer(folder: Path, modality: str) -> bool:
     """Whether ``folder`` has the files of an exported ``modality`` tokenizer (its kind is checked on loading)."""
-    return (folder / "text.model").is_file() if modality == "text" else holds_weights(folder)
+    if modality == "text":
+        return (folder / "text.model").is_file() or _holds_hf_text(folder)
+    return holds_weights(folder)
 
 
 def tokenizer_class(modality: str, folder: Path) -> Any:
@@ -61,6 +72,7 @@ def load_tokenizer(modality: str, folder: str | Path, device: torch.device | str
         raise TokenizerFolderError(f"{folder}: not an exported {modality} tokenizer folder")
     if modality == "text":
         from anyloom.tokenizers.text import TextTokenizer
+        from anyloom.tokenizers.text_hf import HFTextTokenizer
 
-        return TextTokenizer.load(folder)
+        return TextTokenizer.load(folder) if (folder / "text.model").is_file() else HFTextTokenizer.load(folder)
     return tokenizer_class(modality, folder).load(folder, device=device)

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from anyloom.transformer.model import ModelConfig, Transformer
+from anyloom.weights import hf_weight_files
 
 Family = Literal["llama", "chameleon", "emu3"]
 
@@ -52,11 +53,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors file (only safetensors checkpoints are imported)")
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in hf_weight_files(folder):
         with safe_open(str(f), framework="pt") as handle:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
@@ -170,9 +168,15 @@ def import_hf_lm(
     model_type = hf.get("model_type", "")
     if family not in model_type:
         raise ValueError(f"{where}: model_type {model_type!r} is not a {family} model")
-    cfg = model_config_from_hf(hf, family, where, **overrides)
-    tensors = _read_tensors(folder)
-    state, skipped = convert_state_dict(tensors, _text_prefix(tensors, folder))
+    return lm_from_tensors(hf, _read_tensors(folder), family, str(folder), dtype, **overrides)
+
+
+def lm_from_tensors(hf: dict[str, Any], tensors: dict[str, torch.Tensor], family: Family, source: str,
+                    dtype: torch.dtype = torch.float32, **overrides: Any) -> ImportedLM:
+    """Our Transformer from an HF text-model config dict and HF-named tensors (from safetensors, or converted from
+    another layout such as Meta's consolidated Chameleon weights)."""
+    cfg = model_config_from_hf(hf, family, f"{source}: config", **overrides)
+    state, skipped = convert_state_dict(tensors, _text_prefix(tensors, Path(source)))
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     with torch.device("meta"):
@@ -181,7 +185,7 @@ def import_hf_lm(
     model.init_weights()  # rebuilds RoPE tables; every parameter is then overwritten below
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise KeyError(f"{folder}: checkpoint does not match the config: missing {missing[:5]}, "
+        raise KeyError(f"{source}: checkpoint does not match the config: missing {missing[:5]}, "
                        f"unexpected {unexpected[:5]}")
     return ImportedLM(model.to(dtype), cfg, family, hf, skipped)
 
