@@ -106,7 +106,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, checking every key and type (see module docstring)."""
     data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # a field whose name is a Python keyword is spelled otherwise in recipes: metadata {"key": "from"} on ``from_``
+    fields = {_key(f): f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
     dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
     unknown = [k for k in data if k not in fields]
@@ -118,9 +119,9 @@ def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], dotted(name))
+            kwargs[f.name] = _convert(data[name], hints[f.name], dotted(name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required value '{dotted(name)}' ({_type_name(hints[name])})")
+            raise ConfigError(f"missing required value '{dotted(name)}' ({_type_name(hints[f.name])})")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ validation
@@ -130,7 +131,7 @@ def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts/lists (tuples become lists), ready for YAML or JSON."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -191,6 +192,11 @@ def added_field(default: Any, *, neutral: Any = dataclasses.MISSING) -> Any:
     return dataclasses.field(default=default, metadata={_NEUTRAL: to_dict(neutral)})
 
 
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in recipes and saved configs: its name, or the spelling its metadata gives (``from``)."""
+    return f.metadata.get("key", f.name)
+
+
 def _is_neutral(f: dataclasses.Field, view: Any) -> bool:
     """Whether ``f`` is an ``added_field`` whose value (as ``_fingerprint_view`` writes it) is its neutral one."""
     return _NEUTRAL in f.metadata and view == f.metadata[_NEUTRAL]
@@ -200,7 +206,7 @@ def _fingerprint_view(obj: Any) -> Any:
     """``to_dict(obj)`` without the added fields that hold their neutral value."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         views = {f: _fingerprint_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {f.name: view for f, view in views.items() if not _is_neutral(f, view)}
+        return {_key(f): view for f, view in views.items() if not _is_neutral(f, view)}
     if isinstance(obj, (list, tuple)):
         return [_fingerprint_view(v) for v in obj]
     if isinstance(obj, dict):
@@ -211,15 +217,15 @@ def _fingerprint_view(obj: Any) -> Any:
 def config_diff(saved: dict[str, Any], current: Any) -> list[str]:
     """Dotted keys where ``saved`` (a config written earlier as ``to_dict``) and the dataclass ``current`` differ.
     An ``added_field`` that ``saved`` lacks counts as equal while ``current`` holds its neutral value."""
-    here = {f.name: f for f in dataclasses.fields(current)}
+    here = {_key(f): f for f in dataclasses.fields(current)}
     out = []
     for key in sorted(set(saved) | set(here)):
         f = here.get(key)
         if f is None or key not in saved:
-            if f is None or not _is_neutral(f, _fingerprint_view(getattr(current, key))):
+            if f is None or not _is_neutral(f, _fingerprint_view(getattr(current, f.name))):
                 out.append(key)
             continue
-        value = getattr(current, key)
+        value = getattr(current, f.name)
         if dataclasses.is_dataclass(value) and isinstance(saved[key], dict):
             out += [f"{key}.{k}" for k in config_diff(saved[key], value)]
         elif to_dict(value) != saved[key]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from anyloom.config import added_field
 from anyloom.data.openmoji import OpenMojiConfig
 from anyloom.data.prepare import DataConfig
 from anyloom.evaluation.run_eval import EvalConfig
@@ -18,6 +19,7 @@ from anyloom.tokenizers.text import TextTokenizerConfig
 from anyloom.training.audio_tokenizer import AudioTokenizerStageConfig
 from anyloom.training.diffusion_decoder import DiffusionDecoderStageConfig
 from anyloom.training.image_tokenizer import ImageTokenizerStageConfig
+from anyloom.training.init import InitConfig
 from anyloom.training.matcher import MatcherStageConfig
 from anyloom.training.optim import OptimConfig
 from anyloom.training.parallel import ParallelConfig
@@ -69,3 +71,5 @@ class Recipe:
     openmoji: OpenMojiConfig = field(default_factory=OpenMojiConfig)  # data.source openmoji: emoji pictures, names
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation after training
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling per modality, CFG scales, lengths
+    # start from an existing model (an imported checkpoint, an exported run): its weights, vocabulary, tokenizers
+    init: InitConfig = added_field(InitConfig())

@@ -102,8 +102,12 @@ def build_data(recipe: Recipe, log: Callable[[str], None] = print) -> Any:
 
         emoji = build_openmoji(recipe.openmoji)
         data = dataclasses.replace(data, train=str(emoji.train), val=str(emoji.val), test=str(emoji.test))
-    return prepare_data(data, tuple(recipe.image_tokenizer.model.image_size),
-                        recipe.audio_tokenizer.sample_rate, log=log)
+    image_size, sample_rate = tuple(recipe.image_tokenizer.model.image_size), recipe.audio_tokenizer.sample_rate
+    if recipe.init.from_ is not None:  # the pictures and recordings the start's own tokenizers take
+        from anyloom.training.init import media_sizes
+
+        image_size, sample_rate = media_sizes(recipe.init, image_size, sample_rate)
+    return prepare_data(data, image_size, sample_rate, log=log)
 
 
 def _has(data: Any, modality: str) -> bool:
@@ -132,9 +136,49 @@ def _lacks(ctx: Context, modality: str, stage: str) -> Outcome | None:
                    up_to_date=True)
 
 
+def _start(ctx: Context) -> Any:
+    """The model ``init.from`` names (``training/init.py``), read once; None without one."""
+    from anyloom.training.init import read_start
+
+    if ctx.recipe.init.from_ is None:
+        return None
+    if "start" not in ctx.artifacts:
+        ctx.artifacts["start"] = read_start(ctx.recipe.init, ctx.recipe.model)
+    return ctx.artifacts["start"]
+
+
+def _given_tokenizer(ctx: Context, modality: str) -> Outcome:
+    """With ``init.from``: the start's ``modality`` tokenizer, copied into the run where the stage would put it."""
+    import shutil
+
+    from anyloom.training.init import tokenizer_folder
+
+    stage = f"{modality}_tokenizer"
+    start = _start(ctx)
+    folder = tokenizer_folder(start.export, modality)
+    if folder is None:
+        raise ValueError(f"init.from {ctx.recipe.init.from_}: the model has no {modality} tokenizer, but the "
+                         f"training data holds {modality}; its vocabulary has no {modality} ids to give them")
+    out = ctx.run.stage(stage).path / "tokenizer"
+    key = fingerprint({"from": str(folder.resolve()), "files": sorted(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())})
+    stamp = out / "copied_from.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        ctx.artifacts[stage] = out
+        return Outcome(f"{out} (up to date, from {folder})", up_to_date=True)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("copied_from.json"))
+    stamp.write_text(json.dumps({"key": key, "from": str(folder)}) + "\n")
+    ctx.artifacts[stage] = out
+    return Outcome(f"{out} (from {folder}, init.from)")
+
+
 def stage_text_tokenizer(ctx: Context) -> Outcome:
     from anyloom.tokenizers.text import TextTokenizer
 
+    if _start(ctx) is not None:
+        return _given_tokenizer(ctx, "text")
     data = _need(ctx, "data", "text_tokenizer")
     out = ctx.run.stage("text_tokenizer").path / "tokenizer"
     stamp = out / "trained_on.json"
@@ -154,6 +198,8 @@ def stage_image_tokenizer(ctx: Context) -> Outcome:
 
     if skip := _lacks(ctx, "image", "image_tokenizer"):
         return skip
+    if _start(ctx) is not None:
+        return _given_tokenizer(ctx, "image")
     data = _need(ctx, "data", "image_tokenizer")
     t0 = time.time()
     out = train_image_tokenizer(ctx.recipe.image_tokenizer, data.train, data.val, ctx.run.stage("image_tokenizer"))
@@ -198,6 +244,8 @@ def stage_audio_tokenizer(ctx: Context) -> Outcome:
 
     if skip := _lacks(ctx, "audio", "audio_tokenizer"):
         return skip
+    if _start(ctx) is not None:
+        return _given_tokenizer(ctx, "audio")
     data = _need(ctx, "data", "audio_tokenizer")
     t0 = time.time()
     out = train_audio_tokenizer(ctx.recipe.audio_tokenizer, data.train, data.val, ctx.run.stage("audio_tokenizer"),
@@ -222,8 +270,14 @@ def stage_pretokenize(ctx: Context) -> Outcome:
     data = _need(ctx, "data", "pretokenize")
     toks = load_tokenizers(ctx)
     seq = ctx.recipe.sequences
-    vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"], image_row_end=seq.image_row_end,
-                                       audio_pattern=seq.audio_pattern, bidirectional=seq.bidirectional)
+    start = _start(ctx)
+    if start is not None:  # the start's id space, as it is (its layout may hold what the recipe cannot say)
+        vocab = start.vocab
+        _check_start_tokenizers(vocab, toks, start.export)
+    else:
+        vocab = Vocabulary.from_tokenizers(toks["text"], toks["image"], toks["audio"],
+                                           image_row_end=seq.image_row_end, audio_pattern=seq.audio_pattern,
+                                           bidirectional=seq.bidirectional)
     counts = {}
     t0 = time.time()
     for split in data.splits:
@@ -239,6 +293,16 @@ def stage_pretokenize(ctx: Context) -> Outcome:
     ctx.artifacts["vocab"] = vocab
     return Outcome(", ".join(f"{k} {v}" for k, v in counts.items()) + f" items; vocabulary {vocab.size} ids",
                    up_to_date=_untouched(ctx.run.path / "tokens", t0))
+
+
+def _check_start_tokenizers(vocab: Any, toks: dict[str, Any], where: Path) -> None:
+    sizes = {"text": (vocab.text_size, "vocab_size"), "image": (vocab.image_codebook_size, "codebook_size"),
+             "audio": (vocab.audio_codebook_size, "codebook_size")}
+    for modality, tok in toks.items():
+        want, attr = sizes[modality]
+        if tok is not None and int(getattr(tok, attr)) != want:
+            raise ValueError(f"init.from {where}: its {modality} tokenizer has {attr} {getattr(tok, attr)} but its "
+                             f"vocabulary expects {want}")
 
 
 def lm_model_config(model: Any, vocab: Any) -> Any:
@@ -284,8 +348,14 @@ def stage_lm(ctx: Context) -> Outcome:
                             seed=seed, whole_documents=r.train.whole_documents, pad_id=vocab.pad,
                             span_rule=functools.partial(bidirectional_span_ids, vocab))
 
-    result = train_lm(lm_model_config(r.model, vocab), r.optim, r.train, r.parallel, ctx.run, make_loader,
-                      vocab.to_dict(), seed, device=r.run.device)
+    start = _start(ctx)
+    if start is not None and r.train.seq_len > start.config.max_seq_len:
+        raise ValueError(f"train.seq_len {r.train.seq_len} is longer than the context of init.from "
+                         f"({start.config.max_seq_len} positions)")
+    model_cfg = start.config if start is not None else lm_model_config(r.model, vocab)
+    result = train_lm(model_cfg, r.optim, r.train, r.parallel, ctx.run, make_loader, vocab.to_dict(), seed,
+                      device=r.run.device, init=r.init if start is not None else None,
+                      initial_state=start.state if start is not None else None)
     ctx.artifacts["lm"] = result
     if getattr(result, "interrupted", False):
         raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")

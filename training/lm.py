@@ -30,8 +30,10 @@ from tqdm import tqdm
 
 from anyloom.config import to_dict
 from anyloom.progress import progress
+from anyloom.sequences.vocab import Vocabulary
 from anyloom.training import faults
 from anyloom.training.checkpoint import Checkpointer
+from anyloom.training.init import InitConfig, RowGradMask, freeze, row_mask
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, TimeBudgetLR, build_optimizer
 from anyloom.training.parallel import (
@@ -182,13 +184,16 @@ def train_lm(
     *,
     device: str = "auto",
     sample_fn: SampleFn | None = None,
+    init: InitConfig | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> LMTrainResult:
-    """Train (or resume training) the LM; see the module docstring. Every rank calls this."""
+    """Train (or resume training) the LM; see the module docstring. Every rank calls this. ``initial_state``: full
+    weights to start from (``training/init.py``), ``init`` what of them trains."""
     env = init_distributed(device)
     try:
         with _StopFlag() as stop:
             return _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed,
-                          env, sample_fn, stop)
+                          env, sample_fn, stop, init, initial_state)
     finally:
         close_distributed(env)
 
@@ -205,9 +210,12 @@ def _train(
     env: DistEnv,
     sample_fn: SampleFn | None,
     stop: _StopFlag,
+    init: InitConfig | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> LMTrainResult:
     """Build (or resume), then each step: train, account and log, sample, checkpoint; save at the end."""
-    tr = _build(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed, env)
+    tr = _build(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed, env, init,
+                initial_state)
     start = tr.result.resumed_from
     batches = _batches(tr.loader)
     meter = _Meter(torch.zeros(3 + 3 * len(MODALITIES), dtype=_SUMS_DTYPE, device=env.device))
@@ -265,6 +273,7 @@ class _Trainer:
     metrics: MetricsLogger
     guard: StabilityGuard
     amp: Any  # the autocast context of every forward
+    grad_mask: Callable[[], None] | None = None  # init.output_rows: zeroes the frozen rows' gradients
 
     def save(self, step: int) -> None:
         self.result.checkpoint = self.ckpt.save(step, model=self.model, optimizer=self.optimizer,
@@ -304,13 +313,25 @@ def _build(
     vocab_json: dict[str, Any] | None,
     seed: int,
     env: DistEnv,
+    init: InitConfig | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> _Trainer:
     """Seed, build model, optimizer, scheduler and loader, and restore the latest checkpoint into them."""
     rows = micro_batch_size(train_cfg, env.world_size)
     seed_everything(seed)
-    model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env)
+    model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env, initial_state)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, optim_cfg)
+    grad_mask, no_decay = None, ()
+    if init is not None:
+        trained, total = freeze(model, init), len(list(model.parameters()))
+        if init.output_rows != "all":
+            vocab = Vocabulary.from_dict(vocab_json or {}, source="the run's vocabulary")
+            grad_mask = RowGradMask(model, row_mask(vocab, init.output_rows, model_cfg.vocab_size))
+            no_decay = ("output.weight",)
+        if env.is_main and (len(trained) < total or grad_mask is not None):
+            rows_note = f"; of output.weight only the {init.output_rows} rows" if grad_mask is not None else ""
+            print(f"init: training {len(trained)} of {total} parameter tensors{rows_note}")
+    optimizer = build_optimizer(model, optim_cfg, no_decay=no_decay)
     scheduler = TimeBudgetLR(optimizer, train_cfg.steps, optim_cfg, train_cfg.max_seconds)
     loader = make_loader(env.rank, env.world_size)
     ckpt = Checkpointer(run.checkpoints, train_cfg.keep_last, train_cfg.async_checkpoint)
@@ -327,7 +348,7 @@ def _build(
     guard = StabilityGuard(train_cfg.max_bad_steps, train_cfg.spike_factor, train_cfg.spike_window)
     amp = autocast_context(parallel_cfg, env, model)
     return _Trainer(train_cfg, optim_cfg, env, model, n_params, optimizer, scheduler, loader, rows, ckpt, config,
-                    vocab_json, budget_start, result, metrics, guard, amp)
+                    vocab_json, budget_start, result, metrics, guard, amp, grad_mask)
 
 
 def _forward_backward(tr: _Trainer, micro: list[BatchLike], step: int, sums: torch.Tensor) -> float:
@@ -360,6 +381,8 @@ def _train_step(tr: _Trainer, micro: list[BatchLike], step: int, meter: _Meter, 
     env = tr.env
     step_sums = torch.zeros_like(meter.sums)
     n_global = _forward_backward(tr, micro, step, step_sums)
+    if tr.grad_mask is not None:
+        tr.grad_mask()
     grad_norm = _grad_norm(tr.model, tr.optim_cfg.grad_clip)
     # one collective for the step's loss, "did any rank get SIGINT/SIGTERM" (all stop together) and the
     # training time so far (its mean over ranks drives a time budget identically everywhere)

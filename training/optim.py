@@ -30,9 +30,12 @@ class OptimConfig:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: 2-D weights of linear layers decay; embeddings, norms and biases do not."""
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: tuple[str, ...] = ()) -> list[dict]:
+    """Two groups: 2-D weights of linear layers decay; embeddings, norms, biases and the parameters named in
+    ``no_decay`` (a head whose frozen rows must not shrink) do not."""
     no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    no_decay_ids |= {id(p) for name, p in model.named_parameters()
+                     if name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "") in no_decay}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -44,9 +47,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, no_decay: tuple[str, ...] = ()) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=False
+        param_groups(model, cfg.weight_decay, no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=False
     )
 
 

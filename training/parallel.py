@@ -174,8 +174,10 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> N
         register_fsdp_forward_method(model, "loss")
 
 
-def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv) -> nn.Module:  # noqa: ANN001
-    """Build the model with ``model_factory()`` and distribute it; initial weights from ``init_weights()``.
+def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv,  # noqa: ANN001
+                         initial_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Build the model with ``model_factory()`` and distribute it; initial weights from ``init_weights()``, or the
+    full (unsharded) ``initial_state`` when given (every rank passes the same; each keeps its shard).
 
     The caller seeds the RNG before calling: with ``init_device='cpu'`` every rank builds identical weights.
     """
@@ -202,6 +204,11 @@ def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv) -> nn
             model.init_weights()
     else:
         model.to(env.device)
+    if initial_state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # names and shards are matched through FSDP, activation-checkpoint and compile wrappers alike
+        set_model_state_dict(model, initial_state, options=StateDictOptions(full_state_dict=True, strict=True))
     return model
 
 

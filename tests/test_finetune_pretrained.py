@@ -1,0 +1,89 @@
+"""Fine-tuning an imported checkpoint through `make train` (``init.from``): the loss falls from the imported model's,
+only the named parts move, an interrupted run resumes, and the fine-tuned run exports and generates."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+import anyloom
+from anyloom.pretrained.importer import import_checkpoint
+
+pytest.importorskip("transformers")
+import pretrained_fixtures as fx  # noqa: E402
+from train import main as train_main  # noqa: E402  (scripts/train.py)
+
+TINY = ["train.seq_len=160", "train.batch_size=4", "train.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "data.val_fraction=0.1", "data.test_fraction=0.1"]
+
+
+def _captions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(['one', 'two', 'three'])} {rng.choice(['red', 'blue', 'green'])} "
+            f"{rng.choice(['circles', 'star', 'square'])}" for _ in range(n)]
+
+
+def _manifest(folder, pictures: bool) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, caption in enumerate(_captions(40)):
+        segments = [{"text": caption}]
+        if pictures:
+            colour = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}[caption.split()[1]]
+            pixels = np.full((fx.IMAGE, fx.IMAGE, 3), 255, np.uint8)
+            x, y = rng.integers(0, 8, size=2)
+            pixels[y:y + 8, x:x + 8] = colour
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            segments = [{"text": caption}, {"image": f"{i}.png"}]
+        lines.append(json.dumps({"id": f"d{i}", "segments": segments}))
+    (folder / "all.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "all.jsonl")
+
+
+def _losses(run) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "skipped" not in r]
+
+
+def test_finetune_llama_text_loss_falls_and_resumes(tmp_path):
+    fx.llama(tmp_path / "src")
+    import_checkpoint("llama", tmp_path / "src", tmp_path / "llama")
+    common = ["--recipe", "finetune", f"init.from={tmp_path / 'llama'}", f"data.train={_manifest(tmp_path / 'm', False)}",
+              f"run.out_dir={tmp_path}", "run.name=ft", f"data.root={tmp_path / 'data'}", *TINY]
+    assert train_main([*common, "train.steps=10", "train.ckpt_every=5"]) == 0
+    assert train_main([*common, "train.steps=20", "train.ckpt_every=5"]) == 0  # continues from step 10
+    run = tmp_path / "ft"
+    assert "resumed from step 10" in (run / "summary.md").read_text()
+    losses = _losses(run)
+    assert losses[-1] < losses[0] - 0.3, losses
+    out = anyloom.load(run, device="cpu").generate(text="two red", to="text", max_new_tokens=6)
+    assert out.text and set(out.text.split()) <= set(fx.WORDS) | {"circles", "star", "square", "red", "blue"}
+
+
+def test_finetune_emu3_image_rows_only(tmp_path):
+    fx.emu3(tmp_path / "src")
+    import_checkpoint("emu3", tmp_path / "src", tmp_path / "emu3", image_size=fx.IMAGE)
+    assert train_main(["--recipe", "finetune", f"init.from={tmp_path / 'emu3'}",
+                       f"data.train={_manifest(tmp_path / 'm', True)}", f"run.out_dir={tmp_path}", "run.name=ft",
+                       f"data.root={tmp_path / 'data'}", "init.train=[output.weight]", "init.output_rows=image",
+                       "train.steps=12", "sequences.mixture.tasks={t2i: 1.0}", *TINY]) == 0
+    run = tmp_path / "ft"
+    before = load_file(str(tmp_path / "emu3" / "export" / "model.safetensors"))
+    after = load_file(str(run / "export" / "model.safetensors"))
+    vocab = anyloom.load(run, device="cpu").vocab
+    lo, hi = vocab.image_range
+    moved = [k for k in before if not (before[k] == after[k]).all()]
+    assert moved == ["output.weight"]
+    head_before, head_after = before["output.weight"], after["output.weight"]
+    assert (head_before[:lo] == head_after[:lo]).all() and (head_before[hi:] == head_after[hi:]).all()
+    assert not (head_before[lo:hi] == head_after[lo:hi]).all()
+    losses = _losses(run)
+    assert losses[-1] < losses[0], losses
+    picture = anyloom.load(run, device="cpu").generate(text="two red circles", to="image", seed=0)
+    assert picture.image.size == (fx.IMAGE, fx.IMAGE)
