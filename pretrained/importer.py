@@ -148,7 +148,8 @@ def renumber(state: dict[str, torch.Tensor], rows: np.ndarray) -> dict[str, torc
             continue  # tied embeddings: one matrix
         weight = state[key]
         if int(rows.max()) >= weight.shape[0]:
-            raise CheckpointImportError(f"the tokenizer names id {int(rows.max())} but {key} has {weight.shape[0]} rows")
+            raise CheckpointImportError(f"the tokenizer names id {int(rows.max())} but {key} has "
+                                        f"{weight.shape[0]} rows")
         new = weight[index].clone()
         new[fresh] = weight.mean(0) if filler == "mean" else 0.0
         out[key] = new
@@ -218,7 +219,7 @@ def import_checkpoint(family: str, src: str | Path, run: str | Path, *, image_si
     (run / "recipe.yaml").write_text(
         f"# imported from {src} ({family}); the generation defaults of the family\n"
         + (f"generation:\n  image_cfg_scale: {generation['image_cfg_scale']}\n" if generation else ""))
-    decoder = image is not None and getattr(image, "can_decode", True)
+    decoder = image is not None and getattr(image, "decoder", None) is not None
     report = ImportReport(
         run=str(run), family=family, source=str(src), vocab_size=vocab.size, text_ids=vocab.text_size,
         image_codes=vocab.image_codebook_size, image_grid=list(vocab.image_grid) if image is not None else [],

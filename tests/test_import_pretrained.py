@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import anyloom
 from anyloom.pretrained.importer import CheckpointImportError, import_checkpoint, main
@@ -121,8 +122,10 @@ def test_extra_safetensors_file_changes_nothing(tmp_path, imported):
     save_file({"lora_A": torch.randn(3, 3)}, str(src / "adapter_model.safetensors"))
     report = import_checkpoint("llama", src, tmp_path / "run")
     _, run, _, _ = imported["llama"]
-    ours = (tmp_path / "run" / "export" / "model.safetensors").read_bytes()
-    assert ours == (run / "export" / "model.safetensors").read_bytes() and report.skipped_tensors == 0
+    ours = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    theirs = load_file(str(run / "export" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert report.skipped_tensors == 0
 
 
 def test_import_errors_are_clear(tmp_path, capsys):
@@ -136,3 +139,58 @@ def test_import_errors_are_clear(tmp_path, capsys):
     (tmp_path / "run" / "export").mkdir(parents=True)
     with pytest.raises(CheckpointImportError, match="--overwrite"):
         import_checkpoint("llama", src, tmp_path / "run")
+
+
+def _meta_chameleon(root):
+    """A tiny Chameleon in Meta's original layout (as Anole releases it), with a VQGAN whose 8 codes are the 8
+    image-code tokens of its vocabulary; returns the transformers model it was written from."""
+    import copy
+
+    import test_meta_chameleon as meta
+
+    from anyloom.tokenizers.image_import_chameleon import ChameleonVQConfig, ChameleonVQTokenizer
+
+    hf = meta._hf_chameleon(swin_norm=False, shards=1)
+    config = copy.deepcopy(meta.VQ_YAML)
+    config["model"]["params"]["n_embed"] = 8
+    torch.manual_seed(2)
+    vq = ChameleonVQTokenizer(ChameleonVQConfig.from_taming(config["model"]["params"], "vqgan.yaml"))
+    meta._write_meta(root, hf, 1, False, meta._vqgan_state(meta._hf_vq()[0]))
+    meta._write_vqgan(root / "tokenizer", dict(vq.state_dict()), config)
+    return hf
+
+
+def test_anole_meta_layout_imports_generates_text_and_draws(tmp_path):
+    hf = _meta_chameleon(tmp_path / "anole")
+    report = import_checkpoint("anole", tmp_path / "anole", tmp_path / "run")
+    assert report.image_decoder and report.image_codes == 8
+    pipe = anyloom.load(tmp_path / "run", device="cpu")
+    pipe.vocab_rows = np.asarray(report.rows)
+    prompt = "two red circles on the left"
+    got = pipe.generate(text=prompt, to="text", temperature=0, max_new_tokens=10)
+    expected = _hf_greedy(hf, pipe, prompt, 10)
+    eos = int(pipe.vocab_rows[pipe.vocab.eos])
+    assert [int(pipe.vocab_rows[t]) for t in got.ids] == (expected[:expected.index(eos)] if eos in expected else expected)
+    picture = pipe.generate(text=prompt, to="image", seed=0)
+    assert picture.image.size == (16, 16) and picture.codes.shape == (8, 8)
+    # the same VQGAN attached to a Hugging Face-format import (whose port has no decoder) draws the same picture
+    hf_folder = tmp_path / "hf"
+    hf.save_pretrained(hf_folder)
+    (hf_folder / "tokenizer.json").write_bytes((tmp_path / "anole" / "tokenizer" / "text_tokenizer.json").read_bytes())
+    import_checkpoint("chameleon", hf_folder, tmp_path / "run_hf", vqgan=tmp_path / "anole" / "tokenizer")
+    again = anyloom.load(tmp_path / "run_hf", device="cpu").generate(text=prompt, to="image", seed=0)
+    assert np.array_equal(np.asarray(again.image), np.asarray(picture.image))
+
+
+@pytest.mark.parametrize("family", ["chameleon", "emu3"])
+def test_image_to_text_reads_the_picture_in_the_models_layout(imported, family):
+    """A picture prompt is encoded by the imported VQ into the model's own span (Emu3's with its size text and
+    row ends): the prompt parses, and the reply is text."""
+    _, _, pipe, _ = imported[family]
+    pixels = np.zeros((fx.IMAGE, fx.IMAGE, 3), np.uint8)
+    pixels[4:12, 4:12] = (220, 40, 40)
+    ids = pipe.prompt_ids([Image.fromarray(pixels)], to="text")
+    parsed = parse_stream(ids + [pipe.vocab.eos], pipe.vocab, strict=True).segments
+    assert parsed[0].codes.shape == pipe.vocab.image_grid
+    out = pipe.generate(image=pixels, to="text", max_new_tokens=5)
+    assert isinstance(out.text, str) and 1 <= len(out.ids) <= 5

@@ -143,7 +143,7 @@ def _start(ctx: Context) -> Any:
     if ctx.recipe.init.from_ is None:
         return None
     if "start" not in ctx.artifacts:
-        ctx.artifacts["start"] = read_start(ctx.recipe.init, ctx.recipe.model)
+        ctx.artifacts["start"] = read_start(ctx.recipe.init, ctx.recipe.model, weights=is_main())
     return ctx.artifacts["start"]
 
 

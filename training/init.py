@@ -23,7 +23,7 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -72,18 +72,27 @@ def _export(cfg: InitConfig) -> Path:
         raise ConfigError(f"init.from: {e}") from e
 
 
-def read_start(cfg: InitConfig, recipe_model: ModelConfig) -> Start:
-    """The export ``init.from`` names, its architecture with the recipe's computing choices (kernels, losses)."""
+def read_start(cfg: InitConfig, recipe_model: ModelConfig, weights: bool = True) -> Start:
+    """The export ``init.from`` names, its architecture with the recipe's computing choices (kernels, losses);
+    ``weights=False`` leaves ``state`` empty (ranks other than 0 receive their shards from rank 0)."""
     from anyloom.weights import load_weights
 
     export = _export(cfg)
-    saved = load_weights(export)
+    saved = load_weights(export) if weights else _config_only(export)
     if saved.vocab is None:
         raise ConfigError(f"init.from: {export} has no vocab.json; its id space is unknown")
     vocab = Vocabulary.from_dict(saved.vocab, source=str(export / "vocab.json"))
     theirs = build(ModelConfig, saved.config, prefix=f"{export / 'config.json'}")
     model = dataclasses.replace(recipe_model, **{k: getattr(theirs, k) for k in ARCHITECTURE})
     return Start(export, model, vocab, saved.state_dict)
+
+
+def _config_only(export: Path) -> Any:
+    import json
+
+    from anyloom.weights import CONFIG, VOCAB, SavedWeights
+
+    return SavedWeights({}, json.loads((export / CONFIG).read_text()), json.loads((export / VOCAB).read_text()))
 
 
 def tokenizer_folder(export: Path, modality: str) -> Path | None:

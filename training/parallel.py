@@ -177,7 +177,7 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> N
 def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv,  # noqa: ANN001
                          initial_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Build the model with ``model_factory()`` and distribute it; initial weights from ``init_weights()``, or the
-    full (unsharded) ``initial_state`` when given (every rank passes the same; each keeps its shard).
+    full (unsharded) ``initial_state`` when given (over several ranks rank 0's, broadcast; the others pass ``{}``).
 
     The caller seeds the RNG before calling: with ``init_device='cpu'`` every rank builds identical weights.
     """
@@ -207,8 +207,10 @@ def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv,  # no
     if initial_state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        # names and shards are matched through FSDP, activation-checkpoint and compile wrappers alike
-        set_model_state_dict(model, initial_state, options=StateDictOptions(full_state_dict=True, strict=True))
+        # names and shards are matched through FSDP, activation-checkpoint and compile wrappers alike; over several
+        # ranks only rank 0 holds the weights (the others pass {}) and each rank receives its shard from it
+        options = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=env.distributed)
+        set_model_state_dict(model, initial_state, options=options)
     return model
 
 

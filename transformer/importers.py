@@ -156,9 +156,10 @@ def _text_prefix(tensors: dict[str, torch.Tensor], folder: Path) -> str:
 
 
 def import_hf_lm(
-    folder: str | Path, family: Family, dtype: torch.dtype = torch.float32, **overrides: Any
+    folder: str | Path, family: Family, dtype: torch.dtype | None = None, **overrides: Any
 ) -> ImportedLM:
-    """Load an HF-format LM folder of the given family; ``overrides`` set ModelConfig fields (e.g. attention)."""
+    """Load an HF-format LM folder of the given family (in ``dtype``; default: the checkpoint's own, bf16 for the
+    released 7B models); ``overrides`` set ModelConfig fields (e.g. attention)."""
     folder = Path(folder)
     hf = _read_config(folder)
     where = str(folder / "config.json")
@@ -172,22 +173,24 @@ def import_hf_lm(
 
 
 def lm_from_tensors(hf: dict[str, Any], tensors: dict[str, torch.Tensor], family: Family, source: str,
-                    dtype: torch.dtype = torch.float32, **overrides: Any) -> ImportedLM:
+                    dtype: torch.dtype | None = None, **overrides: Any) -> ImportedLM:
     """Our Transformer from an HF text-model config dict and HF-named tensors (from safetensors, or converted from
-    another layout such as Meta's consolidated Chameleon weights)."""
+    another layout such as Meta's consolidated Chameleon weights), in ``dtype`` (default: the tensors' own)."""
     cfg = model_config_from_hf(hf, family, f"{source}: config", **overrides)
     state, skipped = convert_state_dict(tensors, _text_prefix(tensors, Path(source)))
+    dtype = dtype or state["tok_embeddings.weight"].dtype
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     model.init_weights()  # rebuilds RoPE tables; every parameter is then overwritten below
+    model.to(dtype)  # before loading: a 7B model in bf16 never exists in fp32 as well
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise KeyError(f"{source}: checkpoint does not match the config: missing {missing[:5]}, "
                        f"unexpected {unexpected[:5]}")
-    return ImportedLM(model.to(dtype), cfg, family, hf, skipped)
+    return ImportedLM(model, cfg, family, hf, skipped)
 
 
 def import_llama(folder: str | Path, **overrides: Any) -> ImportedLM:
