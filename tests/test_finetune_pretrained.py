@@ -55,7 +55,8 @@ def test_finetune_llama_text_loss_falls_and_resumes(tmp_path):
     fx.llama(tmp_path / "src")
     import_checkpoint("llama", tmp_path / "src", tmp_path / "llama")
     common = ["--recipe", "finetune", f"init.from={tmp_path / 'llama'}",
-              f"data.train={_manifest(tmp_path / 'm', False)}", f"run.out_dir={tmp_path}", "run.name=ft", f"data.root={tmp_path / 'data'}", *TINY]
+              f"data.train={_manifest(tmp_path / 'm', False)}", f"run.out_dir={tmp_path}", "run.name=ft",
+              f"data.root={tmp_path / 'data'}", *TINY]
     assert train_main([*common, "train.steps=10", "train.ckpt_every=5"]) == 0
     assert train_main([*common, "train.steps=20", "train.ckpt_every=5"]) == 0  # continues from step 10
     run = tmp_path / "ft"

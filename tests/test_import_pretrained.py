@@ -170,7 +170,8 @@ def test_anole_meta_layout_imports_generates_text_and_draws(tmp_path):
     got = pipe.generate(text=prompt, to="text", temperature=0, max_new_tokens=10)
     expected = _hf_greedy(hf, pipe, prompt, 10)
     eos = int(pipe.vocab_rows[pipe.vocab.eos])
-    assert [int(pipe.vocab_rows[t]) for t in got.ids] == (expected[:expected.index(eos)] if eos in expected else expected)
+    expected = expected[:expected.index(eos)] if eos in expected else expected
+    assert [int(pipe.vocab_rows[t]) for t in got.ids] == expected
     picture = pipe.generate(text=prompt, to="image", seed=0)
     assert picture.image.size == (16, 16) and picture.codes.shape == (8, 8)
     # the same VQGAN attached to a Hugging Face-format import (whose port has no decoder) draws the same picture
