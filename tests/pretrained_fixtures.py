@@ -14,6 +14,7 @@ import torch
 V = 64  # ids of every tiny model
 WORDS = ["two", "red", "circles", "one", "blue", "star", "a", "green", "square", "and", "three", "small", "big"]
 CODES = 8  # image codebook of the tiny VQs
+REPO = Path(__file__).resolve().parents[1]
 IMAGE = 16  # picture size; both tiny VQs downsample by 2 -> an 8x8 grid
 
 

@@ -88,3 +88,33 @@ def test_finetune_emu3_image_rows_only(tmp_path):
     assert losses[-1] < losses[0], losses
     picture = anyloom.load(run, device="cpu").generate(text="two red circles", to="image", seed=0)
     assert picture.image.size == (fx.IMAGE, fx.IMAGE)
+
+
+@pytest.mark.slow
+def test_scale_finetune_recipe_on_two_ranks_moves_only_image_rows(tmp_path):
+    """recipes/scale/finetune_7b on 2 gloo ranks (FSDP2 over a meta-initialised model that rank 0 fills by broadcast,
+    activation checkpointing, compile), tiny lengths: only the image rows of the head move."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import free_port
+
+    fx.emu3(tmp_path / "src")
+    import_checkpoint("emu3", tmp_path / "src", tmp_path / "emu3", image_size=fx.IMAGE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "scripts/train.py", "--recipe", "scale/finetune_7b",
+           f"init.from={tmp_path / 'emu3'}", f"data.train={_manifest(tmp_path / 'm', True)}",
+           f"run.out_dir={tmp_path}", "run.name=ft", f"data.root={tmp_path / 'data'}", "init.train=[output.weight]",
+           "init.output_rows=image", "train.steps=3", "train.ckpt_every=0", "train.async_checkpoint=false",
+           "sequences.mixture.tasks={t2i: 1.0}", *TINY]
+    proc = subprocess.run(cmd, cwd=fx.REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = load_file(str(tmp_path / "emu3" / "export" / "model.safetensors"))
+    after = load_file(str(tmp_path / "ft" / "export" / "model.safetensors"))
+    lo, hi = anyloom.load(tmp_path / "ft", device="cpu").vocab.image_range
+    assert [k for k in before if not (before[k] == after[k]).all()] == ["output.weight"]
+    head_before, head_after = before["output.weight"], after["output.weight"]
+    assert (head_before[:lo] == head_after[:lo]).all() and (head_before[hi:] == head_after[hi:]).all()
+    assert not (head_before[lo:hi] == head_after[lo:hi]).all()

@@ -319,11 +319,13 @@ def _build(
     """Seed, build model, optimizer, scheduler and loader, and restore the latest checkpoint into them."""
     rows = micro_batch_size(train_cfg, env.world_size)
     seed_everything(seed)
-    model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env, initial_state)
+    trained: list[str] = []
+    model = build_parallel_model(lambda: Transformer(model_cfg), parallel_cfg, env, initial_state,
+                                 prepare=(lambda m: trained.extend(freeze(m, init))) if init is not None else None)
     n_params = sum(p.numel() for p in model.parameters())
     grad_mask, no_decay = None, ()
     if init is not None:
-        trained, total = freeze(model, init), len(list(model.parameters()))
+        total = len(list(model.parameters()))
         if init.output_rows != "all":
             vocab = Vocabulary.from_dict(vocab_json or {}, source="the run's vocabulary")
             grad_mask = RowGradMask(model, row_mask(vocab, init.output_rows, model_cfg.vocab_size))

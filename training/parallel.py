@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,8 +135,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
     elif mode != "full":
         raise ValueError(f"activation_checkpointing must be none, selective or full, got {mode!r}")
+    # a block no gradient flows through (frozen, with nothing trained before it: a fine-tune of the head only) is
+    # left alone: its backward never runs, and compile refuses full checkpointing of such a graph
+    flowing = any(p.requires_grad for p in model.tok_embeddings.parameters())
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+        flowing = flowing or any(p.requires_grad for p in block.parameters())
+        if flowing:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -175,9 +181,11 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> N
 
 
 def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv,  # noqa: ANN001
-                         initial_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                         initial_state: dict[str, torch.Tensor] | None = None,
+                         prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Build the model with ``model_factory()`` and distribute it; initial weights from ``init_weights()``, or the
     full (unsharded) ``initial_state`` when given (over several ranks rank 0's, broadcast; the others pass ``{}``).
+    ``prepare(model)`` runs on the plain module before it is wrapped (freezing parameters, ``training/init.py``).
 
     The caller seeds the RNG before calling: with ``init_device='cpu'`` every rank builds identical weights.
     """
@@ -193,6 +201,8 @@ def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv,  # no
         model = model_factory()
     if cfg.init_device == "cpu":
         model.init_weights()
+    if prepare is not None:
+        prepare(model)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)
