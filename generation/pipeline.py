@@ -200,7 +200,14 @@ def load_lm(export: Path, device: str | torch.device = "cpu") -> tuple[Transform
     if model_cfg.vocab_size < vocab.size:
         raise PipelineError(f"{export}: the model's vocab_size {model_cfg.vocab_size} is smaller than the "
                             f"vocabulary ({vocab.size} ids)")
-    model = Transformer(model_cfg)
+    # built on the meta device and materialised in the weights' own dtype: a bf16 7B export never exists in fp32
+    dtype = saved.state_dict["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in saved.state_dict \
+        else torch.float32
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()  # the RoPE tables (and any buffer); every parameter is overwritten below
+    model.to(dtype)
     missing, unexpected = model.load_state_dict(saved.state_dict, strict=False)
     if missing or unexpected:
         raise PipelineError(f"{export / 'model.safetensors'}: weights do not match config.json: missing "
