@@ -615,7 +615,10 @@ class Pipeline:
             images = []
             for start in range(0, len(codes), RENDER_BATCH):
                 chunk = torch.stack(codes[start:start + RENDER_BATCH]).to(self.device)
-                images += decode_image_codes(self.image_tokenizer, chunk)
+                try:
+                    images += decode_image_codes(self.image_tokenizer, chunk)
+                except NotImplementedError as e:  # an imported tokenizer without a decoder says why, and how to get one
+                    raise PipelineError(f"cannot draw the picture: {e}") from e
             return [GeneratedImage(image, c) for image, c in zip(images, codes)]
         from anyloom.decoders.audio import decode_audio_codes
 

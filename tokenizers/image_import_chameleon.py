@@ -272,8 +272,8 @@ class ChameleonVQTokenizer(nn.Module):
             raise NotImplementedError(
                 "this ChameleonVQTokenizer has no decoder weights: the Hugging Face port (ChameleonVQVAE) ships "
                 "encoder and quantizer only. The decoder comes with Meta's (or Anole's) tokenizer/vqgan.ckpt: "
-                "import that with import_chameleon_vqgan(ckpt, yaml), or decode with the Emu3 VQ or a trained "
-                "ImageVQTokenizer"
+                "re-import with `make import FROM=chameleon ... ARGS=\"--vqgan <folder of vqgan.ckpt>\"` "
+                "(or import_chameleon_vqgan(ckpt, yaml) from Python)"
             )
         if not isinstance(codes, torch.Tensor) or codes.ndim != 3 or codes.is_floating_point():
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
