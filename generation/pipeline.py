@@ -151,7 +151,8 @@ def find_export(path: Path) -> Path:
     )
 
 
-def _tokenizer_candidates(export: Path, stage: str) -> list[Path]:
+def tokenizer_candidates(export: Path, stage: str) -> list[Path]:
+    """The folders ``load`` looks in, in order, for the tokenizer of ``stage`` (module docstring)."""
     run = export.parent if export.name == "export" else export
     stage_dir = run / "stages" / stage
     return [export / stage, stage_dir / "tokenizer", stage_dir / "export", stage_dir]
@@ -241,10 +242,10 @@ def load(
         if explicit[modality] is not None:
             folder = Path(explicit[modality])
         else:
-            found = [c for c in _tokenizer_candidates(export, stage) if holds_tokenizer(c, modality)]
+            found = [c for c in tokenizer_candidates(export, stage) if holds_tokenizer(c, modality)]
             if not found:
                 if needed[modality]:
-                    tried = ", ".join(str(c) for c in _tokenizer_candidates(export, stage))
+                    tried = ", ".join(str(c) for c in tokenizer_candidates(export, stage))
                     raise PipelineError(f"no {modality} tokenizer for {path}: looked in {tried}")
                 tokenizers[modality] = None
                 continue

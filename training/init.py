@@ -97,10 +97,10 @@ def _config_only(export: Path) -> Any:
 
 def tokenizer_folder(export: Path, modality: str) -> Path | None:
     """Where the ``modality`` tokenizer of an export is (the places ``anyloom.load`` looks), or None."""
-    from anyloom.generation.pipeline import STAGES, _tokenizer_candidates
+    from anyloom.generation.pipeline import STAGES, tokenizer_candidates
     from anyloom.tokenizers.registry import holds_tokenizer
 
-    found = [c for c in _tokenizer_candidates(export, STAGES[modality]) if holds_tokenizer(c, modality)]
+    found = [c for c in tokenizer_candidates(export, STAGES[modality]) if holds_tokenizer(c, modality)]
     return found[0] if found else None
 
 
