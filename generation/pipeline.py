@@ -95,6 +95,8 @@ class GeneratedText:
     finished: bool  # the model ended it (False: it reached max_text_tokens, where eos is forced)
     score: float | None = None  # with reranking: the kept text's weighted sum of the text scorers
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
+    # keep_candidates=True: every distinct candidate with its score, best first (the kept one first of all)
+    candidates: list[GeneratedText] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -103,6 +105,8 @@ class GeneratedImage:
     codes: torch.Tensor  # (h, w) image-tokenizer codes
     score: float | None = None  # with reranking: the kept candidate's weighted sum of the image scorers
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
+    # keep_candidates=True: every candidate, decoded, with its score, best first (the kept one first of all)
+    candidates: list[GeneratedImage] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -112,6 +116,8 @@ class GeneratedAudio:
     codes: torch.Tensor  # (Q, F) audio-tokenizer codes
     score: float | None = None  # with reranking: the kept utterance's weighted sum of the audio scorers
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
+    # keep_candidates=True: every candidate, decoded, with its score, best first (the kept one first of all)
+    candidates: list[GeneratedAudio] = field(default_factory=list, repr=False)
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
@@ -446,6 +452,7 @@ class Pipeline:
         max_new_tokens: int | None = None,
         max_audio_seconds: float | None = None,
         candidates: int | None = None,
+        keep_candidates: bool = False,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[Generated]:
         """Generate the ``to`` modality for every prompt, as one left-padded batch.
@@ -456,8 +463,9 @@ class Pipeline:
         and audio sample that many outputs per prompt and keep the one with the highest weighted sum of the
         config's scorers for the target (``generation/scorers.py``); text keeps the greedy output or one of
         ``candidates - 1`` sampled ones the same way (text from an image or speech prompt; a text-only prompt keeps
-        its greedy output). ``max_new_tokens`` (transformers' name) caps a text at that many tokens before its end:
-        ``max_text_tokens`` counts the end as well.
+        its greedy output). ``keep_candidates=True`` also returns every candidate with its score in the result's
+        ``candidates`` (best first; pictures and speech are then all decoded). ``max_new_tokens`` (transformers'
+        name) caps a text at that many tokens before its end: ``max_text_tokens`` counts the end as well.
         """
         if max_new_tokens is not None:
             if max_text_tokens is not None and max_text_tokens != max_new_tokens + 1:
@@ -483,21 +491,24 @@ class Pipeline:
         if max_audio_seconds is not None:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
         seed = cfg.seed if seed is None else seed
-        results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step)
+        results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step, keep_candidates)
         return [replace(r, warnings=list(w)) if w else r for r, w in zip(results, notes)]
 
     def _generate(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
-                  cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None) -> list[Generated]:
+                  cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, keep: bool = False
+                  ) -> list[Generated]:
         if to == "text":
             first = self._sample(toks, to, 1, cfg, seed, cfg_scale, on_step)
             rerank = [i for i, t in enumerate(toks) if any(not isinstance(s, TextIds) for s in t)]
             if n == 1 or not rerank:
-                return first
+                return [replace(g, candidates=[g]) for g in first] if keep else first
             hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
             sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
-            return self._best_texts(first, sampled, toks, rerank, n - 1)
+            return self._best_texts(first, sampled, toks, rerank, n - 1, keep)
         results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step, render=n == 1)
-        return results if n == 1 else self._best_candidates(results, toks, n, to)
+        if n == 1:
+            return [replace(g, candidates=[g]) for g in results] if keep else results
+        return self._best_candidates(results, toks, n, to, keep)
 
     def _sample(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
                 cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, render: bool = True
@@ -566,7 +577,7 @@ class Pipeline:
         return total
 
     def _best_texts(self, first: list[GeneratedText], sampled: list[GeneratedText], toks: list[list[TokSegment]],
-                    rerank: list[int], m: int) -> list[GeneratedText]:
+                    rerank: list[int], m: int, keep: bool = False) -> list[GeneratedText]:
         """For each prompt in ``rerank``: of its first text and its ``m`` sampled ones (duplicates scored once), the
         one with the highest score (:meth:`score`)."""
         pool: dict[int, list[GeneratedText]] = {}
@@ -579,13 +590,17 @@ class Pipeline:
         texts = [TextIds(np.asarray(g.ids, dtype=np.int64)) for _, g in flat]
         scores = self.score(Candidates("text", toks, [i for i, _ in flat], texts)).tolist()
         best = list(first)
+        scored: dict[int, list[GeneratedText]] = {i: [] for i in rerank}
         for (i, g), score in zip(flat, scores):
+            scored[i].append(replace(g, score=score))
             if best[i].score is None or score > best[i].score:
                 best[i] = replace(g, score=score)
+        if keep:
+            best = [replace(b, candidates=_best_first(scored.get(i, [b]))) for i, b in enumerate(best)]
         return best
 
-    def _best_candidates(self, candidates: list[_Codes], toks: list[list[TokSegment]], n: int, to: Target
-                         ) -> list[GeneratedImage | GeneratedAudio]:
+    def _best_candidates(self, candidates: list[_Codes], toks: list[list[TokSegment]], n: int, to: Target,
+                         keep: bool = False) -> list[GeneratedImage | GeneratedAudio]:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest score (:meth:`score`). Only the
         kept candidates are decoded, and those a scorer looks at (each one once)."""
         span = ImageIds if to == "image" else AudioIds
@@ -594,7 +609,12 @@ class Pipeline:
                           decode=lambda indices: self._render_many([candidates[j].codes for j in indices], to))
         scores = self.score(pool).view(len(toks), n)
         kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
-        return [replace(out, score=float(scores[j // n, j % n])) for j, out in zip(kept, pool.outputs(kept))]
+        best = [replace(out, score=float(scores[j // n, j % n])) for j, out in zip(kept, pool.outputs(kept))]
+        if not keep:
+            return best
+        flat = scores.flatten().tolist()
+        every = [replace(out, score=flat[j]) for j, out in enumerate(pool.outputs(list(range(len(candidates)))))]
+        return [replace(b, candidates=_best_first(every[i * n:(i + 1) * n])) for i, b in enumerate(best)]
 
     def _decode(self, generated: list[int], to: Target, finished: bool) -> GeneratedText | _Codes:
         v = self.vocab
@@ -628,6 +648,11 @@ class Pipeline:
             waves, sample_rate = decode_audio_codes(self.audio_tokenizer, c[None].to(self.device))
             out.append(GeneratedAudio(waves[0], sample_rate, c))
         return out
+
+
+def _best_first(outputs: list[Any]) -> list[Any]:
+    """Scored outputs, highest score first (a stable sort: ties keep the sampling order)."""
+    return sorted(outputs, key=lambda g: -g.score)
 
 
 def _listed(prompt: SegmentLike | Sequence[SegmentLike]) -> list[SegmentLike]:

@@ -134,6 +134,14 @@ def test_self_reranking_keeps_the_candidate_that_maps_back_to_the_prompt_best(pi
         k = int(np.argmax(scores))
         assert torch.equal(b.codes, pool[i * n + k].codes)
         assert b.score == pytest.approx(scores[k], abs=1e-4)
+    # keep_candidates: every candidate decoded with its score, best first, the kept one first of all
+    kept = pipe.generate_batch(prompts, to="image", seed=4, candidates=n, keep_candidates=True)
+    for i, k in enumerate(kept):
+        assert torch.equal(k.codes, best[i].codes) and torch.equal(k.candidates[0].codes, k.codes)
+        assert [c.score for c in k.candidates] == sorted((c.score for c in k.candidates), reverse=True)
+        assert sorted(c.codes.flatten().tolist() for c in k.candidates) == sorted(
+            g.codes.flatten().tolist() for g in pool[i * n:(i + 1) * n])
+        assert all(c.image.size == k.image.size for c in k.candidates)
     ragged = reverse_log_likelihood(pipe.model, pipe.vocab, [ImageIds(g.codes.numpy()) for g in pool[:2]],
                                     [toks[0], pipe.prompt_segments("one red circle and more words")], batch_size=2)
     alone = reverse_log_likelihood(pipe.model, pipe.vocab, [ImageIds(pool[0].codes.numpy())], [toks[0]])
