@@ -21,8 +21,9 @@ MASTER_PORT ?= 29500
 RUN ?= runs/world
 TESTS ?= tests
 OUT ?= runs/compare
+PORT ?= 7860
 
-.PHONY: help setup train generate eval bench compare test lint clean import
+.PHONY: help setup train generate eval bench compare test lint clean import demo
 
 help:
 	@echo "make setup      create .venv (idempotent; seconds once done)"
@@ -38,6 +39,7 @@ help:
 	@echo "                (python scripts/generate.py --help lists them all)"
 	@echo "make import FROM=chameleon|emu3|llama|anole SRC=<checkpoint folder> [RUN=runs/<name>] [ARGS=...]"
 	@echo "                a released checkpoint -> a run that generate, eval and init.from take (docs/IMPORT.md)"
+	@echo "make demo [RUN=runs/world] [PORT=7860]   a web page for the run (gradio; its API: README)"
 	@echo "make eval [RUN=runs/world] [ARGS='eval.limit=50 eval.splits=[test] --force']"
 	@echo "                held-out scores -> <run>/eval.json; other settings than the run's -> <run>/evals/<them>/"
 	@echo "make bench [ARGS='--quick --threads 1']      speed/memory ratios -> runs/bench/bench.json"
@@ -72,6 +74,9 @@ generate: setup
 import: setup
 	$(PY) scripts/import.py --from "$(FROM)" --src "$(SRC)" \
 	    --run "$(if $(filter command line environment,$(origin RUN)),$(RUN),runs/$(FROM))" $(ARGS)
+
+demo: setup
+	$(PY) scripts/demo.py --run "$(RUN)" --port $(PORT)
 
 eval: setup
 	@set +B; $(PY) scripts/evaluate.py --run "$(RUN)" $(ARGS)

@@ -1,0 +1,134 @@
+"""The web demo in a real headless browser (Debian's chromium through selenium), and its session without one.
+
+A small run is served on a free port. In the browser:
+- "two red circles" -> picture: the picture on the page is byte for byte the model's, and the world's image judge
+  reads it as it reads the model's;
+- an uploaded WAV of a spoken caption -> text: the transcript on the page is the model's;
+- a corrupt picture and an empty WAV: a readable message on the page, no traceback.
+The run is small and barely trained, so what it draws means nothing; that the page shows exactly what the model
+made, and says what is wrong with bad input, is what is tested.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from anyloom.demo.session import DemoSession
+
+pytest.importorskip("gradio")
+pytest.importorskip("selenium")
+from test_generation_pipeline import build_tiny_run  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, session) of a demo serving a tiny run."""
+    import anyloom
+    from anyloom.demo.app import build_app
+
+    run = build_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
+    session = DemoSession(anyloom.load(run, device="cpu"), run)
+    app = build_app(session)
+    app.queue(default_concurrency_limit=1)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", session
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from anyloom.demo.browser import ensure_chromium, open_browser
+
+    try:
+        chromium = ensure_chromium()
+    except RuntimeError as e:
+        pytest.skip(f"no browser: {e}")
+    driver = open_browser(chromium)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(served, browser):
+    from anyloom.demo.browser import DemoPage
+
+    return DemoPage(browser, served[0])
+
+
+def _spoken_caption(path) -> str:
+    from anyloom.world.speech import Voice, get_espeak, normalize_level
+
+    text = "two red circles"
+    wave = normalize_level(get_espeak().synthesize(text, Voice("en-us", 175, 50), 0))
+    sf.write(path, wave, 16000)
+    return text
+
+
+def test_browser_picture_from_a_prompt_is_the_models(served, page):
+    from anyloom.world.judge import judge_image
+
+    _, session = served
+    assert "anyloom" in page.driver.title and "tiny" in page.driver.title
+    page.type_prompt("two red circles")
+    page.choose("picture")
+    status = page.generate()
+    assert status.startswith("done"), status
+    shown = np.asarray(Image.open(io.BytesIO(page.picture())).convert("RGB"))
+    expected = session.answer("two red circles", "picture")
+    assert np.array_equal(shown, np.asarray(expected.picture.convert("RGB")))
+    assert judge_image(shown) == judge_image(np.asarray(expected.picture.convert("RGB")))
+    assert "Traceback" not in page.driver.page_source
+
+
+def test_browser_transcript_of_an_uploaded_recording(served, page, tmp_path):
+    _, session = served
+    wav = tmp_path / "caption.wav"
+    _spoken_caption(wav)
+    page.type_prompt("")
+    page.upload("audio", wav)
+    page.choose("text")
+    status = page.generate()
+    assert status.startswith("done"), status
+    assert page.text() == session.answer(None, "text", sound=str(wav)).text
+
+
+def test_browser_bad_uploads_get_readable_messages(page, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    page.upload("picture", broken)
+    message = page.generate()
+    assert "broken.png: not a readable image" in message, message
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    page.driver.refresh()
+    page.__init__(page.driver, page.url)
+    page.upload("audio", empty)
+    page.choose("text")
+    message = page.generate()
+    assert "empty.wav: the audio file is empty" in message, message
+    assert "Traceback" not in page.driver.page_source
+
+
+def test_session_answers_and_refusals_without_a_browser(served):
+    _, session = served
+    out = session.answer("two red circles", "picture", settings=session.defaults)
+    assert out.picture is not None and out.gallery and not out.refused
+    many = session.answer("two red circles", "picture", settings=type(session.defaults)(candidates=3))
+    assert len(many.gallery) == 3 and [s for _, s in many.scores] == sorted((s for _, s in many.scores), reverse=True)
+    assert session.answer("", "picture").message == "⚠️ type a prompt, or upload a picture or a recording"
+    assert "choose what to make" in session.answer("x", "video").message
+    speech = session.answer("one blue star", "speech")
+    assert speech.sound is not None and speech.sound[0] == 16000
