@@ -24,7 +24,10 @@ from typing import Any
 
 from anyloom.demo.session import TARGETS, DemoSession, Settings
 
-CSS = "#status {min-height: 1.5em}"
+# small pictures (the world's are 32x32) scale up as crisp pixels, not a blur
+CSS = ("#status {min-height: 1.5em} "
+       "#picture_out img, #gallery img, #picture_preview img {image-rendering: pixelated; object-fit: contain; "
+       "width: 100%; height: 100%}")
 
 
 def build_app(session: DemoSession) -> Any:
@@ -58,12 +61,14 @@ def build_app(session: DemoSession) -> Any:
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 status = gr.Markdown("", elem_id="status")
-                picture_out = gr.Image(label="Picture", type="pil", format="png", interactive=False,
-                                       elem_id="picture_out")  # png: what is shown is what the model made
-                sound_out = gr.Audio(label="Speech", type="numpy", interactive=False, elem_id="audio_out")
-                text_out = gr.Textbox(label="Text", interactive=False, elem_id="text_out")
-                gallery = gr.Gallery(label="Candidates (best first)", columns=4, height="auto", format="png",
-                                     elem_id="gallery")
+                first = target.value
+                picture_out = gr.Image(label="Picture", type="pil", format="png", interactive=False, height=320,
+                                       visible=first == "picture", elem_id="picture_out")  # png: as the model made it
+                sound_out = gr.Audio(label="Speech", type="numpy", interactive=False, visible=first == "speech",
+                                     elem_id="audio_out")
+                text_out = gr.Textbox(label="Text", interactive=False, visible=first == "text", elem_id="text_out")
+                gallery = gr.Gallery(label="Candidates (best first)", columns=4, height=240, format="png",
+                                     object_fit="contain", visible=first == "picture", elem_id="gallery")
                 scores = gr.Dataframe(headers=["candidate", "score"], label="Scores", interactive=False,
                                       elem_id="scores")
 
@@ -88,6 +93,12 @@ def build_app(session: DemoSession) -> Any:
             return shown, problem
 
         picture.change(show, [picture], [preview, status])
+
+        def outputs_for(make: str) -> tuple:
+            return (gr.update(visible=make == "picture"), gr.update(visible=make == "speech"),
+                    gr.update(visible=make == "text"), gr.update(visible=make == "picture"))
+
+        target.change(outputs_for, [target], [picture_out, sound_out, text_out, gallery])
         button.click(generate, [prompt, target, picture, sound, temperature, top_p, cfg_scale, candidates, seed],
                      [picture_out, sound_out, text_out, gallery, scores, status], api_name="generate")
     return app
@@ -110,10 +121,14 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 7860, device: st
     import anyloom
 
     session = DemoSession(anyloom.load(run, device=device), run)
-    app = build_app(session)
-    app.queue(default_concurrency_limit=1)  # one model: requests wait their turn
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
-               css=CSS, inbrowser=False, quiet=True)
+    return launch(build_app(session), host, port, block)
+
+
+def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
+    """Serve a built page (one request at a time: one model); ``block=False`` returns with the server running."""
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, css=CSS,
+               inbrowser=False, quiet=True)
     return app
 
 
@@ -140,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-__all__ = ["TARGETS", "build_app", "serve", "main"]
+__all__ = ["TARGETS", "build_app", "launch", "serve", "main"]

@@ -36,14 +36,13 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     """(url, session) of a demo serving a tiny run."""
     import anyloom
-    from anyloom.demo.app import build_app
+    from anyloom.demo.app import build_app, launch
 
     run = build_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
     session = DemoSession(anyloom.load(run, device="cpu"), run)
     app = build_app(session)
-    app.queue(default_concurrency_limit=1)
     port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, port=port, block=False)
     yield f"http://127.0.0.1:{port}/", session
     app.close()
 
