@@ -50,6 +50,7 @@ def build_app(session: DemoSession) -> Any:
                                       elem_id="picture_in")
                     preview = gr.Image(label="Your picture", type="pil", interactive=False, height=160,
                                        elem_id="picture_preview")
+                picture_note = gr.Markdown("", elem_id="picture_note")  # what is wrong with an uploaded picture
                 sound = gr.Audio(label="Speech (optional)", type="filepath", sources=["upload", "microphone"],
                                  elem_id="audio_in")
                 with gr.Accordion("Sampling", open=False):
@@ -92,7 +93,7 @@ def build_app(session: DemoSession) -> Any:
             shown, problem = session.preview(picture_path)
             return shown, problem
 
-        picture.change(show, [picture], [preview, status])
+        picture.change(show, [picture], [preview, picture_note])
 
         def outputs_for(make: str) -> tuple:
             return (gr.update(visible=make == "picture"), gr.update(visible=make == "speech"),

@@ -108,16 +108,20 @@ class DemoPage:
         field = wait_for(lambda: self._find(f"#{which}_in input[type=file]"), what=f"the {which} upload")
         field.send_keys(str(path))
 
-    def status(self) -> str:
-        element = self._find("#status")
+    def status(self, which: str = "status") -> str:
+        """The status line (or another Markdown element by id, e.g. "picture_note")."""
+        element = self._find(f"#{which}")
         return element.text.strip() if element is not None else ""
 
-    def generate(self, timeout_s: float = 300) -> str:
+    def generate(self, timeout_s: float = 60) -> str:
         """Click Generate and wait for the answer (or a refusal); returns the status line."""
         before = self.status()
         self._find("#generate").click()
-        return wait_for(lambda: (s := self.status()) and s != before and ("done" in s or "⚠" in s) and s,
-                        timeout_s, what="an answer")
+        try:
+            return wait_for(lambda: (s := self.status()) and s != before and ("done" in s or "⚠" in s) and s,
+                            timeout_s, what="an answer")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; the status line says {self.status()!r} (before the click: {before!r})") from e
 
     def picture(self) -> bytes:
         """The bytes of the picture shown as the answer (fetched from its URL, as the browser did)."""

@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from anyloom.demo.browser import wait_for
 from anyloom.demo.session import DemoSession
 
 pytest.importorskip("gradio")
@@ -108,6 +109,8 @@ def test_browser_bad_uploads_get_readable_messages(page, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     page.upload("picture", broken)
+    note = wait_for(lambda: page.status("picture_note"), 30, what="the upload's note")
+    assert "broken.png: not a readable image" in note, note
     message = page.generate()
     assert "broken.png: not a readable image" in message, message
     empty = tmp_path / "empty.wav"
