@@ -36,7 +36,7 @@ def build_app(session: DemoSession) -> Any:
 
     d = session.defaults
     run_name = session.run.name or str(session.run)
-    with gr.Blocks(title=f"anyloom · {run_name}") as app:
+    with gr.Blocks(title=f"anyloom · {run_name}", analytics_enabled=False) as app:
         gr.Markdown(f"# anyloom · `{run_name}`\nAny-to-any generation with the model in `{session.run}`: text, "
                     f"pictures and speech in, {' / '.join(session.targets)} out.", elem_id="header")
         with gr.Row():

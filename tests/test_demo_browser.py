@@ -134,3 +134,20 @@ def test_session_answers_and_refusals_without_a_browser(served):
     assert "choose what to make" in session.answer("x", "video").message
     speech = session.answer("one blue star", "speech")
     assert speech.sound is not None and speech.sound[0] == 16000
+
+
+def test_programmatic_calls_through_gradio_client(served, tmp_path):
+    """The README's client calls: the same answers as the page's session."""
+    from gradio_client import Client, handle_file
+
+    url, session = served
+    client = Client(url, verbose=False)
+    picture, sound, text, gallery, scores, status = client.predict(
+        "two red circles", "picture", None, None, 1.0, 0.9, 2.0, 2, 0, api_name="/generate")
+    expected = session.answer("two red circles", "picture", settings=type(session.defaults)(1.0, 0.9, 2.0, 2, 0))
+    assert np.array_equal(np.asarray(Image.open(picture).convert("RGB")), np.asarray(expected.picture.convert("RGB")))
+    assert status.startswith("done") and len(gallery) == 2 and len(scores["data"]) == 2
+    wav = tmp_path / "caption.wav"
+    _spoken_caption(wav)
+    text = client.predict("", "text", None, handle_file(str(wav)), 1.0, 0.9, 2.0, 1, 0, api_name="/generate")[2]
+    assert text == session.answer(None, "text", sound=str(wav)).text
