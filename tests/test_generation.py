@@ -271,6 +271,34 @@ def test_cfg_scale_one_equals_no_cfg_and_other_scales_change_images():
         generate(model, cond, g, 4, s, None, GuidanceConfig(2.0, 1.0), None)
 
 
+@pytest.mark.parametrize("pattern", ["flat", "delay"])
+def test_cfg_for_audio_spans(pattern):
+    """Audio guidance uses the audio scale only: at audio scale 0 the speech is the unconditional stream's, at 3
+    it differs from the unguided one, and an image scale leaves speech alone; the first guided step's choice is
+    the argmax of cond + (s - 1) * (cond - uncond) computed here from two plain forwards."""
+    v = vocab(pattern)
+    model = tiny_model(v.size)
+    g = StreamGrammar(v, GrammarConfig(stop_after_span=True, max_audio_frames=4))
+    cond, uncond = [[v.bos, 3, 5, 7, 2, v.boa]], [[v.bos, v.boa]]
+    greedy = ModalitySampling.uniform(GREEDY)
+
+    def run(prompts, guidance=None, un=None):
+        return generate(model, prompts, g, 40, greedy, None, guidance, un).sequences
+
+    plain = run(cond)
+    assert run(cond, GuidanceConfig(audio_scale=0.0), uncond) == run(uncond)
+    assert run(cond, GuidanceConfig(image_scale=3.0), uncond) == plain  # an image scale never touches speech
+    with torch.no_grad():
+        last = [model.logits(model(torch.tensor([p])))[0, -1] for p in (cond[0], uncond[0])]
+    allowed = g.mask(g.state_after_prompts(torch.tensor(cond), torch.ones(1, len(cond[0]), dtype=torch.bool)))[0]
+    scale = 8.0
+    guided = last[0] + (scale - 1.0) * (last[0] - last[1])
+    first = int(guided.masked_fill(~allowed, float("-inf")).argmax())
+    assert first != int(last[0].masked_fill(~allowed, float("-inf")).argmax())  # guidance changes this choice
+    out = run(cond, GuidanceConfig(audio_scale=scale), uncond)
+    assert out[0][0] == first and out != plain
+
+
 def test_min_text_tokens_refuses_an_empty_caption():
     v = vocab()
     model = tiny_model(v.size)
