@@ -11,7 +11,8 @@ The same app answers programmatic calls through gradio's client (``api_name="gen
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     picture, sound, text, gallery, scores, message = client.predict(
-        "two red circles", "picture", None, None, 1.0, 0.9, 2.0, 4, 0, api_name="/generate")
+        "two red circles", "picture", None, None, 1.0, 0.9, 2.0, 4, 0, "vq", api_name="/generate")
+    # prompt, make, picture file, recording file, temperature, top-p, CFG scale, candidates, seed, picture decoder
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def build_app(session: DemoSession) -> Any:
                     cfg_scale = gr.Slider(1.0, 8.0, value=d.cfg_scale, step=0.25, label="CFG scale (picture, speech)")
                     candidates = gr.Slider(1, 16, value=d.candidates, step=1, label="Candidates (best one kept)")
                     seed = gr.Number(value=d.seed, precision=0, label="Seed")
+                    decoder = gr.Radio(session.image_decoders, value=d.image_decoder, label="Picture decoder",
+                                       visible=len(session.image_decoders) > 1, elem_id="image_decoder")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 status = gr.Markdown("", elem_id="status")
@@ -74,9 +77,9 @@ def build_app(session: DemoSession) -> Any:
                                       elem_id="scores")
 
         def generate(prompt_text: str, make: str, picture_path: str | None, sound_path: str | None,
-                     temp: float, p: float, scale: float, n: float, seed_value: float,
+                     temp: float, p: float, scale: float, n: float, seed_value: float, image_decoder: str = "vq",
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio reads it so)
-            settings = Settings(temp, p, scale, int(n), int(seed_value or 0))
+            settings = Settings(temp, p, scale, int(n), int(seed_value or 0), image_decoder or "vq")
             total = _steps(session, make, settings)
             started = time.perf_counter()
 
@@ -100,7 +103,8 @@ def build_app(session: DemoSession) -> Any:
                     gr.update(visible=make == "text"), gr.update(visible=make == "picture"))
 
         target.change(outputs_for, [target], [picture_out, sound_out, text_out, gallery])
-        button.click(generate, [prompt, target, picture, sound, temperature, top_p, cfg_scale, candidates, seed],
+        inputs = [prompt, target, picture, sound, temperature, top_p, cfg_scale, candidates, seed, decoder]
+        button.click(generate, inputs,
                      [picture_out, sound_out, text_out, gallery, scores, status], api_name="generate")
     return app
 

@@ -39,6 +39,7 @@ class Settings:
     cfg_scale: float = 2.0
     candidates: int = 4
     seed: int = 0
+    image_decoder: str = "vq"  # or "diffusion", where the run has a diffusion decoder
 
 
 @dataclass
@@ -76,7 +77,12 @@ class DemoSession:
         """The run's own generation settings (its recipe's ``generation:`` section), as the page's starting values."""
         cfg = self.pipe.config
         return Settings(temperature=cfg.image.temperature, top_p=cfg.image.top_p or 1.0,
-                        cfg_scale=cfg.image_cfg_scale, candidates=max(cfg.image_candidates, 1), seed=cfg.seed)
+                        cfg_scale=cfg.image_cfg_scale, candidates=max(cfg.image_candidates, 1), seed=cfg.seed,
+                        image_decoder=cfg.image_decoder)
+
+    @property
+    def image_decoders(self) -> list[str]:
+        return ["vq", "diffusion"] if self.pipe.diffusion is not None else ["vq"]
 
     def preview(self, picture: str | None) -> tuple[Image.Image | None, str]:
         """An uploaded picture to show beside the upload, or why it cannot be used."""
@@ -118,6 +124,8 @@ class DemoSession:
                            on_step=on_step)
             if to != "text":  # text is greedy by the run's settings: captions and transcripts are judged exactly
                 options.update(temperature=float(settings.temperature), top_p=float(settings.top_p))
+            if to == "image":
+                options.update(image_decoder=settings.image_decoder)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OutOfDomainWarning)  # shown on the page instead (out.warnings)
                 out = self.pipe.generate(segments, to=to, **options)

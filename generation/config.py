@@ -12,10 +12,14 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
+from anyloom.config import added_field
 from anyloom.generation.cfg import GuidanceConfig
 from anyloom.generation.engine import COMPILE_MODES, CompileMode
 from anyloom.generation.sampling import ModalitySampling, SamplingConfig
+
+ImageDecoderKind = Literal["vq", "diffusion"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class GenerationConfig:
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
+    # how image codes become pixels: "vq", the image tokenizer's own decoder; "diffusion", the diffusion decoder a
+    # run trained (the diffusion_decoder stage, decoders/diffusion.py) refining that decode (seeded by the request)
+    image_decoder: ImageDecoderKind = added_field("vq")
     # compile the decode step: "auto" does where it was measured to pay (CUDA; on CPU the one-off compile of tens
     # of seconds outweighs the per-token saving for generation lengths we use; docs/BENCHMARKS.md "Generation")
     compile: CompileMode = "auto"

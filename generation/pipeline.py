@@ -187,6 +187,12 @@ def _check_tokenizer(modality: str, tok: Any, vocab: Vocabulary, where: Path) ->
                                 f"expects {want[key]}; the folder belongs to another run")
 
 
+def _find_diffusion_decoder(export: Path) -> Path | None:
+    run = export.parent if export.name == "export" else export
+    places = (export / "diffusion_decoder", run / "stages" / "diffusion_decoder" / "decoder")
+    return next((folder for folder in places if holds_weights(folder)), None)
+
+
 def _find_matcher(export: Path) -> Path | None:
     run = export.parent if export.name == "export" else export
     places = (export / "image_matcher", run / "stages" / "image_matcher" / "matcher")
@@ -231,6 +237,7 @@ def load(
     image_tokenizer: str | Path | None = None,
     audio_tokenizer: str | Path | None = None,
     image_matcher: str | Path | None = None,
+    diffusion_decoder: str | Path | None = None,
 ) -> Pipeline:
     """A :class:`Pipeline` from a run directory or an export folder (module docstring: what is looked up where).
 
@@ -277,7 +284,22 @@ def load(
         if image_tok is not None and tuple(matcher.cfg.image_size) != tuple(image_tok.image_size):
             raise PipelineError(f"{folder}: the matcher reads {tuple(matcher.cfg.image_size)} pictures but the image "
                                 f"tokenizer decodes {tuple(image_tok.image_size)}; the folder belongs to another run")
-    pipe = Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config, matcher)
+    diffusion = None
+    folder = Path(diffusion_decoder) if diffusion_decoder is not None else _find_diffusion_decoder(export)
+    if folder is not None and tokenizers["image"] is not None:
+        from anyloom.decoders.diffusion import DiffusionDecoder
+
+        try:
+            diffusion = DiffusionDecoder.load(folder, device=dev)
+        except (ValueError, FileNotFoundError, ConfigError) as e:
+            raise PipelineError(f"{folder}: not a diffusion decoder folder ({e})") from e
+        if tuple(diffusion.cfg.image_size) != tuple(tokenizers["image"].image_size):
+            raise PipelineError(f"{folder}: the diffusion decoder makes {tuple(diffusion.cfg.image_size)} pictures "
+                                f"but the image tokenizer decodes {tuple(tokenizers['image'].image_size)}; the folder "
+                                f"belongs to another run")
+    pipe = Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config, matcher,
+                    diffusion)
+    pipe.image_decoder(config.image_decoder)  # a recipe that asks for a decoder the run lacks: refused now
     for to in TARGETS:  # every listed scorer can serve this pipeline: refused now, not after minutes of sampling
         if to == "text" or tokenizers[to] is not None:
             try:
@@ -315,9 +337,11 @@ class Pipeline:
         audio_tokenizer: Any | None,
         config: GenerationConfig | None = None,
         matcher: Any | None = None,
+        diffusion: Any | None = None,
     ) -> None:
         self.model = model
         self.matcher = matcher  # an ImageTextMatcher (matcher/model.py) or None; scorers may use it
+        self.diffusion = diffusion  # a DiffusionDecoder (decoders/diffusion.py) or None: image_decoder="diffusion"
         self.vocab = vocab
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
@@ -453,6 +477,7 @@ class Pipeline:
         max_audio_seconds: float | None = None,
         candidates: int | None = None,
         keep_candidates: bool = False,
+        image_decoder: str | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[Generated]:
         """Generate the ``to`` modality for every prompt, as one left-padded batch.
@@ -464,8 +489,10 @@ class Pipeline:
         config's scorers for the target (``generation/scorers.py``); text keeps the greedy output or one of
         ``candidates - 1`` sampled ones the same way (text from an image or speech prompt; a text-only prompt keeps
         its greedy output). ``keep_candidates=True`` also returns every candidate with its score in the result's
-        ``candidates`` (best first; pictures and speech are then all decoded). ``max_new_tokens`` (transformers'
-        name) caps a text at that many tokens before its end: ``max_text_tokens`` counts the end as well.
+        ``candidates`` (best first; pictures and speech are then all decoded). ``image_decoder`` ("vq" /
+        "diffusion") overrides the config's for pictures (scorers always read the VQ decode). ``max_new_tokens``
+        (transformers' name) caps a text at that many tokens before its end: ``max_text_tokens`` counts the end as
+        well.
         """
         if max_new_tokens is not None:
             if max_text_tokens is not None and max_text_tokens != max_new_tokens + 1:
@@ -490,8 +517,11 @@ class Pipeline:
             cfg = replace(cfg, max_text_tokens=max_text_tokens)
         if max_audio_seconds is not None:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
+        refine = to == "image" and self.image_decoder(image_decoder or cfg.image_decoder) == "diffusion"
         seed = cfg.seed if seed is None else seed
         results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step, keep_candidates)
+        if refine:
+            results = self._refine(results, seed)
         return [replace(r, warnings=list(w)) if w else r for r, w in zip(results, notes)]
 
     def _generate(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
@@ -560,6 +590,29 @@ class Pipeline:
             return (f"the prompt's audio is {seconds:.1f} s long; this model takes at most {fits:.1f} s of audio in "
                     f"this prompt ({context}); cut the recording")
         return f"the prompt is {length} tokens long; at most {room} fit ({context}); shorten it"
+
+    def image_decoder(self, kind: str) -> str:
+        """``kind`` checked against what this run has ("vq" always; "diffusion" when it trained one)."""
+        if kind not in ("vq", "diffusion"):
+            raise PipelineError(f"image_decoder={kind!r}: expected 'vq' or 'diffusion'")
+        if kind == "diffusion" and self.diffusion is None:
+            raise PipelineError("image_decoder='diffusion', but this run has no diffusion decoder (train one with the "
+                                "diffusion_decoder stage: recipes/diffusion_decoder.yaml)")
+        return kind
+
+    def _refine(self, outputs: list[Any], seed: int) -> list[Any]:
+        """Pictures redrawn by the diffusion decoder from their codes (seeded by ``seed``); a reranked output's
+        candidates in one batch, the kept one being the first of them."""
+        from anyloom.decoders.images import DiffusionImageDecoder
+
+        decode = DiffusionImageDecoder(self.diffusion, seed=seed)
+        out = []
+        for o in outputs:
+            group = o.candidates or [o]
+            images = decode(self.image_tokenizer, torch.stack([c.codes for c in group]).to(self.device))
+            group = [replace(c, image=im) for c, im in zip(group, images)]
+            out.append(replace(o, image=group[0].image, candidates=group if o.candidates else []))
+        return out
 
     def scorers(self, to: Target) -> list[Scorer]:
         """The config's scorers for target ``to``, built for this pipeline (PipelineError when one cannot serve it)."""

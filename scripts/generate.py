@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance for image/audio targets (1 = off)")
     p.add_argument("--candidates", type=int, help="outputs sampled per prompt, the best-scored one kept (default: the "
                                                     "recipe's generation.<to>_candidates)")
+    p.add_argument("--image-decoder", choices=["vq", "diffusion"],
+                   help="pictures through the image tokenizer's decoder or the run's diffusion decoder (default: the "
+                        "recipe's generation.image_decoder)")
     p.add_argument("--max-text-tokens", type=int)
     p.add_argument("--max-audio-seconds", type=float)
     p.add_argument("--device", default="auto")
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else Path(a.run) / "samples" / "generate"
     out.mkdir(parents=True, exist_ok=True)
     options = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "min_p": a.min_p,
-               "cfg_scale": a.cfg_scale, "candidates": a.candidates}
+               "cfg_scale": a.cfg_scale, "candidates": a.candidates, "image_decoder": a.image_decoder}
     summary: dict[str, Any] = {"run": str(a.run), "config": to_dict(config), "options": options,
                                "outputs": earlier_outputs(out)}
     jobs = [(r, k) for r in requests for k in range(a.num)]

@@ -448,3 +448,31 @@ def test_examples_run(example, tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(example), "--run", str(tiny_run), "--out", str(tmp_path)])
     runpy.run_path(str(example), run_name="__main__")
     assert any(tmp_path.iterdir()), f"{example.name} wrote nothing to --out"
+
+
+def test_image_decoder_choice_vq_or_diffusion(tmp_path):
+    """generation.image_decoder / image_decoder=: the same codes through the VQ decoder or the run's diffusion
+    decoder (seeded by the request); scorers pick the same candidate either way; a run without one refuses."""
+    from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
+    from anyloom.decoders.images import DiffusionImageDecoder
+
+    run = build_tiny_run(tmp_path / "tiny")
+    with pytest.raises(PipelineError, match="no diffusion decoder"):
+        load(run, device="cpu").generate("two red circles", to="image", image_decoder="diffusion")
+    torch.manual_seed(0)
+    decoder = DiffusionDecoder(DiffusionDecoderConfig(image_size=(16, 16), block_out_channels=(8, 16),
+                                                      norm_num_groups=4, inference_steps=2))
+    decoder.save(run / "stages" / "diffusion_decoder" / "decoder")
+    pipe = load(run, device="cpu")
+    vq = pipe.generate("two red circles", to="image", seed=3, candidates=2, keep_candidates=True)
+    diff = pipe.generate("two red circles", to="image", seed=3, candidates=2, keep_candidates=True,
+                         image_decoder="diffusion")
+    assert torch.equal(vq.codes, diff.codes) and vq.score == diff.score  # the same candidate kept
+    expected = DiffusionImageDecoder(pipe.diffusion, seed=3)(pipe.image_tokenizer,
+                                                             torch.stack([c.codes for c in diff.candidates]))
+    assert np.array_equal(np.asarray(diff.image), np.asarray(expected[0]))
+    assert [np.asarray(c.image).tolist() for c in diff.candidates] == [np.asarray(e).tolist() for e in expected]
+    assert not np.array_equal(np.asarray(diff.image), np.asarray(vq.image))
+    by_recipe = load(run, device="cpu", config=GenerationConfig(image_decoder="diffusion"))
+    again = by_recipe.generate("two red circles", to="image", seed=3, candidates=2)
+    assert np.array_equal(np.asarray(again.image), np.asarray(diff.image))
