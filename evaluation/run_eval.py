@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from anyloom.config import fingerprint, to_dict
 from anyloom.evaluation import generic_eval
@@ -81,6 +82,7 @@ class PipelineModel:
         # ~100 (or 16) samples (text->image accuracy 13-28% across seeds on the same run; docs/BENCHMARKS.md). Each
         # call samples with its own seed; every image is logged so the sample sheets show the scored ones.
         self.images: list[tuple[str, np.ndarray]] = []  # (caption, image) in generation order
+        self.codes: list[Any] = []  # the codes of each text->image call (a diffusion decoder redraws them)
         self._image_calls = 0
         # Speech is costlier to generate and judge: one draw per distinct caption, reused by the WAV samples.
         self._speech: dict[str, tuple[np.ndarray, int]] = {}
@@ -105,6 +107,7 @@ class PipelineModel:
         self._image_calls += 1
         images = [np.asarray(o.image.convert("RGB")) for o in outs]
         self.images += zip(captions, images)
+        self.codes.append(torch.stack([o.codes for o in outs]))
         return images
 
     def image_to_text(self, images: list[np.ndarray]) -> list[str]:
@@ -352,8 +355,9 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         splits[split] = judges.to_items(docs[: cfg.limit] if cfg.limit else docs)
     scores: dict[str, Any] = {}
     shown: dict[str, list[tuple[str, np.ndarray]]] = {}  # the first scored text->image (prompt, output) of each split
+    test_calls = (0, 0)  # the test split's text->image calls in model.codes
     for split, items in splits.items():
-        start = len(model.images)
+        start, first_call = len(model.images), len(model.codes)
         for direction in (d for d in ("t2i", "i2t", "a2t", "t2a") if d in cfg.directions):
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({judges.count(items, direction)} items) ...")
             t0, flagged_before = time.perf_counter(), sum(model.out_of_domain.values())
@@ -362,10 +366,18 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
             note = f"; {unseen} prompts with words or sizes never seen in training" if unseen else ""
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s{note})")
         shown[split] = model.images[start:start + cfg.sample_sheet]
+        if split == "test":
+            test_calls = (first_call, len(model.codes))
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")
         scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judges.reconstruction_asr,
                                               image_judge=judges.world)))
+    if getattr(pipe, "diffusion", None) is not None and "test" in splits:
+        log("eval: the image decoders side by side ...")
+        scores["decoders"] = decoder_scores(pipe, splits["test"], model.codes[slice(*test_calls)], judges.world,
+                                            cfg.seed)
+        if "attr_acc" in scores.get("t2i", {}) and "diffusion" in scores["decoders"]:  # the VQ's, side by side
+            scores["decoders"].setdefault("vq", {})["t2i_attr_acc"] = scores["t2i"]["attr_acc"]
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 
@@ -385,6 +397,31 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
             sf.write(out_dir / f"t2a_{i}_{re.sub(r'[^A-Za-z0-9_-]', '_', caption)[:40]}.wav", w, sr)
     (folder / "eval.md").write_text(eval_markdown(scores))
     return scores
+
+
+def decoder_scores(pipe: Any, items: list[Any], t2i_codes: list[Any], world: bool, seed: int,
+                   max_pictures: int = 200) -> dict[str, Any]:
+    """eval.json's ``decoders``: the VQ and the diffusion decoder on the same codes. Reconstructions of up to
+    ``max_pictures`` test pictures (PSNR, SSIM, seconds per picture; the world judge's agreement with the
+    original), and on the world the judge's text->image accuracy of the test split's generated codes drawn by each."""
+    from anyloom.evaluation.decoders import RedrawnPictures, compare_decoders
+
+    pictured = [it for it in items if it.pixels is not None][:max_pictures]
+    out: dict[str, Any] = {}
+    if pictured:
+        cmp = compare_decoders(pipe.image_tokenizer, pipe.diffusion, np.stack([it.pixels for it in pictured]),
+                               pipe.diffusion.cfg.inference_steps, seed=seed, judge=world)
+        out = {"images": cmp.images, "ddim_steps": cmp.ddim_steps,
+               "vq": {k: v for k, v in dataclasses.asdict(cmp.vq).items() if v is not None},
+               "diffusion": {k: v for k, v in dataclasses.asdict(cmp.diffusion).items() if v is not None}}
+    if world and t2i_codes:
+        from anyloom.world.evaluate import eval_text_to_image
+
+        redrawn = RedrawnPictures(pipe, t2i_codes, seed=seed)
+        t2i = eval_text_to_image(redrawn, items)
+        out.setdefault("diffusion", {})["t2i_attr_acc"] = t2i["attr_acc"]
+        out["diffusion"]["t2i_seconds_per_image"] = redrawn.seconds / max(1, redrawn.pictures)
+    return out
 
 
 def eval_markdown(scores: dict[str, Any]) -> str:

@@ -19,11 +19,11 @@ from anyloom.config import ConfigError, build
 from anyloom.decoders.audio import decode_audio_codes, write_wav
 from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
 from anyloom.decoders.images import DiffusionImageDecoder, decode_image_codes
+from anyloom.evaluation.decoders import compare_decoders
 from anyloom.evaluation.image_metrics import psnr
 from anyloom.tokenizers.base import AudioCodes, AudioTokenizer, ImageCodes, ImageTokenizer
 from anyloom.training.diffusion_decoder import (
     DiffusionDecoderStageConfig,
-    compare_decoders,
     to_uint8,
     train_diffusion_decoder_on_images,
 )
@@ -293,6 +293,8 @@ def test_training_loop_outputs_and_resume_equals_uninterrupted(tmp_path):
     assert cmp.images == 2 and cmp.ddim_steps == 2
     assert cmp.vq.psnr == pytest.approx(exact_vq, rel=1e-9)
     assert 0 <= cmp.diffusion.judge_agreement <= 1 and cmp.diffusion.seconds_per_image > cmp.vq.seconds_per_image
+    assert -1 <= cmp.diffusion.ssim <= 1 and cmp.vq.ssim > cmp.diffusion.ssim - 2  # both scored
+    assert compare_decoders(tok, DiffusionDecoder.load(final_a), val, steps=2, judge=False).vq.judge_agreement is None
 
 
 def test_max_seconds_stops_early_with_final_weights_and_samples(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from anyloom.data.manifest import read_manifest
 from anyloom.world.captions import COLORS, NUMBER_WORDS, SHAPES, parse_caption
@@ -239,7 +240,8 @@ def test_text_to_image_draws_one_image_per_item_and_logs_them():
     class FakePipe:  # each image encodes (seed, row) in its pixels
         def generate_batch(self, captions, to, seed):
             calls.append((list(captions), to, seed))
-            return [SimpleNamespace(image=Image.new("RGB", (4, 4), (seed, row, 0))) for row in range(len(captions))]
+            return [SimpleNamespace(image=Image.new("RGB", (4, 4), (seed, row, 0)), codes=torch.full((2, 2), row))
+                    for row in range(len(captions))]
 
     model = PipelineModel(FakePipe(), seed=5)
     first = model.text_to_image(["one red circle", "one red circle", "two blue stars"])
@@ -251,3 +253,42 @@ def test_text_to_image_draws_one_image_per_item_and_logs_them():
     assert [tuple(im[0, 0]) for im in first + second] == [(5, 0, 0), (5, 1, 0), (5, 2, 0), (6, 0, 0)]
     assert [c for c, _ in model.images] == ["one red circle", "one red circle", "two blue stars", "one red circle"]
     assert all(img is logged for img, (_, logged) in zip(first + second, model.images))
+    assert [c[:, 0, 0].tolist() for c in model.codes] == [[0, 1, 2], [0]]  # each call's codes, for a redraw
+
+
+def test_decoders_side_by_side_on_the_same_codes(tiny_world, tmp_path):
+    """eval.json's ``decoders``: reconstructions through both decoders, and the text->image evaluation's recorded
+    codes redrawn by the diffusion decoder and judged."""
+    from test_generation_pipeline import build_tiny_run
+
+    from anyloom.data.manifest import read_manifest
+    from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
+    from anyloom.decoders.images import DiffusionImageDecoder
+    from anyloom.evaluation.run_eval import PipelineModel, decoder_scores
+    from anyloom.generation.pipeline import load
+    from anyloom.world.evaluate import eval_text_to_image
+    from anyloom.world.judge import judge_image
+
+    run = build_tiny_run(tmp_path / "tiny")
+    torch.manual_seed(0)
+    DiffusionDecoder(DiffusionDecoderConfig(image_size=(16, 16), block_out_channels=(8, 16), norm_num_groups=4,
+                                            inference_steps=2)).save(run / "stages" / "diffusion_decoder" / "decoder")
+    pipe = load(run, device="cpu")
+    items = items_from_documents(read_manifest(tiny_world.test, image_size=(16, 16)).documents)[:6]
+    model = PipelineModel(pipe, seed=2)
+    vq = eval_text_to_image(model, items)  # the batches evaluate_world uses
+    out = decoder_scores(pipe, items, model.codes, world=True, seed=2)
+    assert out["images"] == 6 and out["ddim_steps"] == 2
+    assert set(out["vq"]) == {"psnr", "ssim", "judge_agreement", "seconds_per_image"}
+    redraw = DiffusionImageDecoder(pipe.diffusion, seed=2)
+    drawn = [np.asarray(im) for codes in model.codes for im in redraw(pipe.image_tokenizer, codes)]
+    seen = [judge_image(d) for d in drawn]
+    hits = sum(s is not None and (s.count, s.color, s.shape) == (it.count, it.color, it.shape)
+               for s, it in zip(seen, items))
+    assert out["diffusion"]["t2i_attr_acc"] == hits / len(items) and 0 <= vq["attr_acc"] <= 1
+    from anyloom.evaluation.decoders import RedrawnPictures
+
+    with pytest.raises(RuntimeError, match="more text->image calls than were recorded"):
+        RedrawnPictures(pipe, []).text_to_image(["one red circle"])
+    with pytest.raises(RuntimeError, match="recorded 6 pictures for a call of 2 captions"):
+        RedrawnPictures(pipe, model.codes).text_to_image(["one red circle"] * 2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from anyloom.config import fingerprint
 from anyloom.data.images import load_images
 from anyloom.decoders.diffusion import DiffusionDecoder, DiffusionDecoderConfig
 from anyloom.device import pick_device
-from anyloom.evaluation.image_metrics import judge_agreement, psnr
-from anyloom.progress import progress
+from anyloom.evaluation.decoders import compare_decoders
+from anyloom.evaluation.image_metrics import psnr
 from anyloom.tokenizers.base import ImageTokenizer, reconstruct
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
@@ -221,65 +220,6 @@ def train_diffusion_decoder(
     return train_diffusion_decoder_on_images(cfg, image_tokenizer, train.pixels, val.pixels, run)
 
 
-@dataclass
-class DecoderScores:
-    psnr: float  # dB, mean over images (evaluation.image_metrics.psnr on 8-bit pixels)
-    judge_agreement: float  # fraction where the world judge reads the same caption as from the original
-    seconds_per_image: float  # decoding only (codes -> pixels), this machine, batch ``batch_size``
-
-
-@dataclass
-class DecoderComparison:
-    images: int
-    ddim_steps: int
-    vq: DecoderScores
-    diffusion: DecoderScores
-
-
-@torch.no_grad()
-def compare_decoders(
-    tokenizer: ImageTokenizer,
-    model: DiffusionDecoder,
-    pixels: np.ndarray,
-    steps: int,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> DecoderComparison:
-    """Encode (N, H, W, 3) uint8 originals once, decode the codes with the VQ decoder and with the diffusion
-    decoder (``steps`` DDIM steps, seeded), and score both against the originals."""
-    freeze(tokenizer)
-    x = to_float(pixels)
-    codes = torch.cat([tokenizer.encode(x[i : i + batch_size]).codes for i in range(0, len(x), batch_size)])
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    vq_out, diff_out, t_vq, t_diff = [], [], 0.0, 0.0
-    for i in progress(range(0, len(codes), batch_size), desc=f"decode (DDIM {steps})"):
-        t0 = time.perf_counter()
-        cond = tokenizer.decode(codes[i : i + batch_size]).float()
-        t1 = time.perf_counter()
-        sampled = model.sample(cond.to(device), steps=steps, generator=gen).cpu()
-        t2 = time.perf_counter()
-        # the diffusion decoder's time includes the VQ decode it is conditioned on
-        t_vq, t_diff = t_vq + (t1 - t0), t_diff + (t2 - t0)
-        vq_out.append(to_uint8(cond))
-        diff_out.append(to_uint8(sampled))
-    n = len(pixels)
-
-    def scores(recons: np.ndarray, seconds: float) -> DecoderScores:
-        return DecoderScores(
-            psnr=float(np.mean(psnr(pixels, recons))),
-            judge_agreement=judge_agreement(pixels, recons).agreement,
-            seconds_per_image=seconds / n,
-        )
-
-    return DecoderComparison(
-        images=n,
-        ddim_steps=steps,
-        vq=scores(np.concatenate(vq_out), t_vq),
-        diffusion=scores(np.concatenate(diff_out), t_diff),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """Build the world, train the recipe's diffusion decoder on a trained image tokenizer, and compare it with
     the plain VQ decoder on a split (PSNR, judge agreement, seconds per image)."""
@@ -335,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "DiffusionDecoderStageConfig",
-    "compare_decoders",
     "freeze",
-    "DecoderComparison",
-    "DecoderScores",
     "train_diffusion_decoder",
     "train_diffusion_decoder_on_images",
     "write_samples",
