@@ -72,6 +72,8 @@ RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
 # a plain string with one of these endings and no spaces is taken for a file path given as text, and refused
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff")
+# what a mixed reply (to="any") can be asked for
+REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_audio_seconds", "on_step"}
 SIZE_FACTOR = 2.0  # a picture more than this much larger or smaller than the training pictures gets a warning
 ASPECT_TOLERANCE = 0.1  # ... and one whose aspect ratio differs by more than this share
 
@@ -118,6 +120,25 @@ class GeneratedAudio:
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
     # keep_candidates=True: every candidate, decoded, with its score, best first (the kept one first of all)
     candidates: list[GeneratedAudio] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class GeneratedReply:
+    """``to="any"``: the model's own mixed reply, its segments in order (text, pictures and speech, each decoded)."""
+
+    segments: list[GeneratedText | GeneratedImage | GeneratedAudio]
+    ids: list[int]  # the generated stream (unified ids)
+    finished: bool  # the model ended it (False: it reached the token budget, where eos is forced)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The reply's text segments, joined."""
+        return " ".join(s.text for s in self.segments if isinstance(s, GeneratedText))
+
+    def of(self, kind: type) -> list[Any]:
+        """The segments of one type (``GeneratedImage`` ...), in order."""
+        return [s for s in self.segments if isinstance(s, kind)]
 
 
 Generated = GeneratedText | GeneratedImage | GeneratedAudio
@@ -459,7 +480,60 @@ class Pipeline:
             raise PipelineError("nothing to generate from: pass text=, image= or audio=")
         if to is None:
             to = "image" if all(isinstance(as_segment(s), TextSegment) for s in _listed(prompt)) else "text"
+        if to == "any":
+            given = {k: v for k, v in options.items() if v is not None}
+            other = sorted(set(given) - REPLY_OPTIONS)
+            if other:
+                raise PipelineError(f"to='any' takes {', '.join(sorted(REPLY_OPTIONS))}; not {', '.join(other)} (a "
+                                    f"mixed reply is sampled once, without reranking)")
+            return self.reply(prompt, **given)
         return self.generate_batch([prompt], to, **options)[0]
+
+    def reply(self, prompt: SegmentLike | Sequence[SegmentLike], *, seed: int | None = None,
+              temperature: float | None = None, cfg_scale: float | None = None, max_text_tokens: int | None = None,
+              max_audio_seconds: float | None = None, on_step: Callable[[StepEvent], None] | None = None
+              ) -> GeneratedReply:
+        """``to="any"``: the model continues the prompt with text and opens picture or speech spans itself (as many
+        as fit the budget: ``max_text_tokens`` of text plus room for one picture and one utterance), constrained by
+        the grammar so every reply parses; each span is decoded. ``temperature`` sets the text's; pictures and
+        speech sample with the config's, guided by ``cfg_scale`` (default: the config's per modality) against the
+        reply without the prompt. No reranking: a mixed reply has no scorer yet."""
+        cfg = self.config
+        if max_text_tokens is not None:
+            cfg = replace(cfg, max_text_tokens=max_text_tokens)
+        if max_audio_seconds is not None:
+            cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
+        if temperature is not None:
+            cfg = replace(cfg, text=replace(cfg.text, temperature=temperature))
+        segments = [as_segment(s) for s in _listed(prompt)]
+        notes = self.out_of_domain(segments)
+        for note in notes:
+            warnings.warn(note, OutOfDomainWarning, stacklevel=2)
+        toks = self.prompt_segments(segments)
+        ids = self._ids_of(toks, "text")
+        has_image, has_audio = self.image_tokenizer is not None, self.audio_tokenizer is not None
+        frames = max(1, int(round(cfg.max_audio_seconds * float(self.audio_tokenizer.frame_rate)))) if has_audio else 1
+        grammar = StreamGrammar(self.vocab, GrammarConfig(allow_image=has_image, allow_audio=has_audio,
+                                                          max_audio_frames=frames), device=self.device)
+        budget = cfg.max_text_tokens + (grammar.image_span_cost if has_image else 0) + (
+            grammar.audio_span_cost(frames) if has_audio else 0)
+        if len(ids) + budget > self.model.cfg.max_seq_len:
+            raise PipelineError(self._too_long(toks, len(ids), budget, "any"))
+        guidance = GuidanceConfig(image_scale=cfg.image_cfg_scale if cfg_scale is None else cfg_scale,
+                                  audio_scale=cfg.audio_cfg_scale if cfg_scale is None else cfg_scale)
+        uncond = [[self.vocab.bos]] if guidance.active else None
+        seed = cfg.seed if seed is None else seed
+        out = generate(self.model, [ids], grammar, budget, cfg.sampling,
+                       torch.Generator(device=self.device).manual_seed(seed), guidance, uncond, on_step, cfg.compile)
+        stream = out.sequences[0]
+        parts: list[GeneratedText | GeneratedImage | GeneratedAudio] = []
+        for seg in parse_stream(stream, self.vocab, strict=True).segments:
+            if isinstance(seg, TextIds):
+                parts.append(GeneratedText(self.text_tokenizer.decode(seg.ids.tolist()), seg.ids.tolist(), True))
+            else:
+                to = "image" if isinstance(seg, ImageIds) else "audio"
+                parts += self._render_many([torch.as_tensor(seg.codes, dtype=torch.long)], to)
+        return GeneratedReply(parts, stream, bool(out.finished[0]) and len(stream) < budget, notes)
 
     def generate_batch(
         self,

@@ -33,6 +33,7 @@ from anyloom.generation.pipeline import (
     TARGETS,
     GeneratedAudio,
     GeneratedImage,
+    GeneratedReply,
     GeneratedText,
     OutOfDomainWarning,
     PipelineError,
@@ -43,6 +44,7 @@ from anyloom.progress import progress
 from anyloom.sequences.vocab import VocabularyError
 
 EXTENSIONS = {"image": "png", "audio": "wav", "text": "txt"}
+REPLY_TARGETS = (*TARGETS, "any")  # any: the model's own mixed reply (text, pictures, speech)
 ENTRY_KEYS = {"segments", "to", "seed"}
 
 
@@ -57,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image", help="an image file to condition on")
     p.add_argument("--audio", help="an audio file (WAV/FLAC/...) to condition on")
     p.add_argument("--prompts", help="a JSON file of prompts (see above)")
-    p.add_argument("--to", choices=TARGETS, help="what to generate (default: image for text, else text)")
+    p.add_argument("--to", choices=REPLY_TARGETS, help="what to generate (default: image for text, else text; any: "
+                                                       "the model's own mix of text, pictures and speech)")
     p.add_argument("--out", help="output folder (default: <run>/samples/generate)")
     p.add_argument("--num", type=int, default=1, help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, help="default: the recipe's generation.seed")
@@ -99,8 +102,8 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
         if not isinstance(segments, list) or not segments:
             raise PromptError(f"{where}: 'segments' must be a non-empty list")
         to = entry.get("to")
-        if to not in TARGETS:
-            raise PromptError(f"{where}: 'to' is {to!r}; expected one of {', '.join(TARGETS)}")
+        if to not in REPLY_TARGETS:
+            raise PromptError(f"{where}: 'to' is {to!r}; expected one of {', '.join(REPLY_TARGETS)}")
         resolved = []
         for j, seg in enumerate(segments):
             if not isinstance(seg, dict) or len(seg) != 1 or next(iter(seg)) not in TARGETS:
@@ -164,6 +167,17 @@ def next_index(out: Path, earlier: list[dict[str, Any]]) -> int:
 
 def write_output(out: Path, index: int, result: Any) -> dict[str, Any]:
     from anyloom.decoders.audio import write_wav
+
+    if isinstance(result, GeneratedReply):  # NNN_any.txt (its text) and NNN_any_K.png|wav per span, in order
+        name = f"{index:03d}_any.txt"
+        (out / name).write_text(result.text + "\n")
+        files = [name]
+        for k, part in enumerate(result.segments):
+            if not isinstance(part, GeneratedText):
+                files.append(write_output(out, index, part)["file"])
+                (out / files[-1]).rename(out / f"{index:03d}_any_{k}.{EXTENSIONS[_kind(part)]}")
+                files[-1] = f"{index:03d}_any_{k}.{EXTENSIONS[_kind(part)]}"
+        return {"file": name, "files": files, "text": result.text, "finished": result.finished}
 
     name = f"{index:03d}_{_kind(result)}.{EXTENSIONS[_kind(result)]}"
     if isinstance(result, GeneratedImage):

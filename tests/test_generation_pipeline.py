@@ -476,3 +476,56 @@ def test_image_decoder_choice_vq_or_diffusion(tmp_path):
     by_recipe = load(run, device="cpu", config=GenerationConfig(image_decoder="diffusion"))
     again = by_recipe.generate("two red circles", to="image", seed=3, candidates=2)
     assert np.array_equal(np.asarray(again.image), np.asarray(diff.image))
+
+
+def test_mixed_modal_reply_parses_into_decoded_segments(tmp_path):
+    """to="any": the model opens picture and speech spans itself; the reply is its segments in order, decoded,
+    and encoding them again gives the generated stream."""
+    from anyloom.generation.pipeline import GeneratedReply
+    from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, encode_document
+
+    pipe = load(build_tiny_run(tmp_path / "tiny"), device="cpu", config=GenerationConfig(max_audio_seconds=0.2,
+                                                                                           max_text_tokens=6))
+    v = pipe.vocab
+    with torch.no_grad():  # random weights seldom open spans: make the markers likely so every branch runs
+        pipe.model.output.weight[v.boi].copy_(pipe.model.norm.weight * 0.6)
+        pipe.model.output.weight[v.boa].copy_(pipe.model.norm.weight * 0.6)
+    kinds = set()
+    for seed in range(6):
+        reply = pipe.generate(text="two red circles", to="any", seed=seed)
+        assert isinstance(reply, GeneratedReply)
+        segments = []
+        for part in reply.segments:
+            if isinstance(part, GeneratedText):
+                segments.append(TextIds(np.asarray(part.ids, dtype=np.int64)))
+            elif isinstance(part, GeneratedImage):
+                assert part.image.size == (16, 16)
+                segments.append(ImageIds(part.codes.numpy()))
+            else:
+                assert isinstance(part, GeneratedAudio) and part.wave.size > 0
+                segments.append(AudioIds(part.codes.numpy()))
+            kinds.add(type(part).__name__)
+        again = encode_document(segments, v, bos=False, eos=reply.finished).ids.tolist()
+        assert again == reply.ids[:len(again)] and len(reply.ids) - len(again) <= 1  # an eos forced by the budget
+    assert {"GeneratedImage", "GeneratedAudio"} <= kinds, kinds
+
+
+def test_make_generate_to_any_writes_the_reply_in_order(tmp_path):
+    from generate import main as generate_main
+
+    run = build_tiny_run(tmp_path / "tiny")
+    pipe = load(run, device="cpu")
+    v = pipe.vocab
+    with torch.no_grad():
+        pipe.model.output.weight[v.boi].copy_(pipe.model.norm.weight * 0.6)
+    from anyloom.weights import save_weights
+
+    save_weights(run / "export", pipe.model.state_dict(), pipe.model.cfg, v.to_dict())
+    out = tmp_path / "out"
+    assert generate_main(["--run", str(run), "--prompt", "two red circles", "--to", "any", "--seed", "1",
+                          "--max-text-tokens", "4", "--max-audio-seconds", "0.2", "--out", str(out)]) == 0
+    record = json.loads((out / "summary.json").read_text())["outputs"][0]
+    assert record["to"] == "any" and record["files"][0] == "000_any.txt"
+    assert all((out / f).is_file() for f in record["files"]) and any(f.endswith(".png") for f in record["files"])
+    with pytest.raises(PipelineError, match="to='any' takes .*not candidates"):
+        pipe.generate(text="x", to="any", candidates=4)
