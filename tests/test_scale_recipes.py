@@ -66,3 +66,20 @@ def test_two_steps_on_two_ranks(name, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(0 < x < 20 for x in losses)
     resolved = (run / "recipe.yaml").read_text()
     assert f"strategy: {load_recipe(name, ['data.train=x']).parallel.strategy}" in resolved
+
+
+def test_bench_recipe_measures_a_short_piece_of_a_recipe(tmp_path):
+    """scripts/bench_recipe.py (the GPU check of a scale recipe) runs on the CPU with tiny sizes and writes its
+    numbers with the device named."""
+    from bench_recipe import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--recipe", "scale/lm_150m", "--steps", "3", "--warmup", "1", "--vocab", "300", "--out",
+                       str(out), "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
+                       "model.ffn_dim=128", "model.max_seq_len=256", "train.seq_len=128", "train.batch_size=2",
+                       "parallel.compile=false"]) == 0
+    report = json.loads(out.read_text())
+    assert report["recipe"] == "scale/lm_150m" and report["device"].startswith("CPU")
+    assert report["steps"] == 3 and report["steps_timed"] == 2 and report["tokens_per_s"] > 0
+    assert report["seq_len"] == 128 and report["global_batch"] == 2 and report["peak_memory_gib"] > 0
+    assert report["parallel"]["activation_checkpointing"] == "selective"  # the recipe's own settings
