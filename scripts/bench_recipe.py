@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report))
         mfu_text = f"{report['mfu']:.1%}" if report["mfu"] is not None else "n/a (no peak known for this device)"
-        print(f"| {a.recipe} | {report['device']} x {report['ranks']} | {report['params'] / 1e6:.0f}M | "
+        print(f"| {a.recipe} | {report['device']} x {report['ranks']} | {report['params'] / 1e6:.1f}M | "
               f"{report['global_batch']} x {report['seq_len']} | {report['tokens_per_s_per_rank']:,.0f} | {mfu_text} | "
               f"{report['peak_memory_gib']:.1f} GiB | {report['date']} |")
         return 0
