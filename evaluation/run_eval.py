@@ -82,7 +82,7 @@ class PipelineModel:
         # ~100 (or 16) samples (text->image accuracy 13-28% across seeds on the same run; docs/BENCHMARKS.md). Each
         # call samples with its own seed; every image is logged so the sample sheets show the scored ones.
         self.images: list[tuple[str, np.ndarray]] = []  # (caption, image) in generation order
-        self.codes: list[Any] = []  # the codes of each text->image call (a diffusion decoder redraws them)
+        self.codes: list[Any] = []  # each text->image call's codes, where a diffusion decoder will redraw them
         self._image_calls = 0
         # Speech is costlier to generate and judge: one draw per distinct caption, reused by the WAV samples.
         self._speech: dict[str, tuple[np.ndarray, int]] = {}
@@ -107,7 +107,8 @@ class PipelineModel:
         self._image_calls += 1
         images = [np.asarray(o.image.convert("RGB")) for o in outs]
         self.images += zip(captions, images)
-        self.codes.append(torch.stack([o.codes for o in outs]))
+        if getattr(self.pipe, "diffusion", None) is not None:  # the other decoder redraws them (decoder_scores)
+            self.codes.append(torch.stack([o.codes for o in outs]))
         return images
 
     def image_to_text(self, images: list[np.ndarray]) -> list[str]:

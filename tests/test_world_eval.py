@@ -238,6 +238,7 @@ def test_text_to_image_draws_one_image_per_item_and_logs_them():
     calls = []
 
     class FakePipe:  # each image encodes (seed, row) in its pixels
+        diffusion = "a diffusion decoder"  # so the calls' codes are recorded for it
         def generate_batch(self, captions, to, seed):
             calls.append((list(captions), to, seed))
             return [SimpleNamespace(image=Image.new("RGB", (4, 4), (seed, row, 0)), codes=torch.full((2, 2), row))
