@@ -118,3 +118,20 @@ def test_scale_finetune_recipe_on_two_ranks_moves_only_image_rows(tmp_path):
     head_before, head_after = before["output.weight"], after["output.weight"]
     assert (head_before[:lo] == head_after[:lo]).all() and (head_before[hi:] == head_after[hi:]).all()
     assert not (head_before[lo:hi] == head_after[lo:hi]).all()
+
+
+def test_finetune_chameleon_on_pictures_and_text(tmp_path):
+    """A tiny Chameleon (Hugging Face layout) fine-tuned on captioned pictures: its VQ encodes them into its own
+    image codes, the loss falls, and the run answers a picture with text."""
+    fx.chameleon(tmp_path / "src")
+    import_checkpoint("chameleon", tmp_path / "src", tmp_path / "chameleon")
+    assert train_main(["--recipe", "finetune", f"init.from={tmp_path / 'chameleon'}",
+                       f"data.train={_manifest(tmp_path / 'm', True)}", f"run.out_dir={tmp_path}", "run.name=ft",
+                       f"data.root={tmp_path / 'data'}", "train.steps=12", *TINY]) == 0
+    losses = _losses(tmp_path / "ft")
+    assert losses[-1] < losses[0], losses
+    pipe = anyloom.load(tmp_path / "ft", device="cpu")
+    picture = np.full((fx.IMAGE, fx.IMAGE, 3), 255, np.uint8)
+    picture[4:12, 4:12] = (220, 40, 40)
+    out = pipe.generate(image=picture, to="text", max_new_tokens=4)
+    assert 1 <= len(out.ids) <= 4 and isinstance(out.text, str)
