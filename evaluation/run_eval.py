@@ -74,9 +74,13 @@ class EvalConfig:
 class PipelineModel:
     """The generation pipeline seen as the four evaluated directions (greedy unless the run's config says otherwise)."""
 
-    def __init__(self, pipe: Any, seed: int = 0):
+    def __init__(self, pipe: Any, seed: int = 0, single_sample: bool = False):
         self.pipe = pipe
         self.seed = seed
+        # single_sample: also keep each output's first sample, before reranking (``firsts``), for FirstSamples
+        self.single_sample = single_sample
+        self.firsts: dict[str, list[list[Any]]] = {"t2i": [], "i2t": [], "a2t": []}  # per call, in call order
+        self._speech_first: dict[str, tuple[np.ndarray, int]] = {}
         # Text->image draws one image per item, not per distinct caption: the world's test split has 108 distinct
         # captions among 500 items and the compositional split 16, so one draw per caption made the score hinge on
         # ~100 (or 16) samples (text->image accuracy 13-28% across seeds on the same run; docs/BENCHMARKS.md). Each
@@ -95,7 +99,8 @@ class PipelineModel:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OutOfDomainWarning)
-            outs = self.pipe.generate_batch(prompts, to=to, seed=seed)
+            options = {"keep_first": True} if self.single_sample else {}
+            outs = self.pipe.generate_batch(prompts, to=to, seed=seed, **options)
         flagged = sum(bool(getattr(o, "warnings", None)) for o in outs)
         self.out_of_domain[to] = self.out_of_domain.get(to, 0) + flagged
         return outs
@@ -107,6 +112,8 @@ class PipelineModel:
         self._image_calls += 1
         images = [np.asarray(o.image.convert("RGB")) for o in outs]
         self.images += zip(captions, images)
+        if self.single_sample:
+            self.firsts["t2i"].append([np.asarray(_first(o).image.convert("RGB")) for o in outs])
         if getattr(self.pipe, "diffusion", None) is not None:  # the other decoder redraws them (decoder_scores)
             self.codes.append(torch.stack([o.codes for o in outs]))
         return images
@@ -114,20 +121,66 @@ class PipelineModel:
     def image_to_text(self, images: list[np.ndarray]) -> list[str]:
         from PIL import Image
 
-        return [o.text for o in self._generate([Image.fromarray(p) for p in images], to="text", seed=self.seed)]
+        outs = self._generate([Image.fromarray(p) for p in images], to="text", seed=self.seed)
+        if self.single_sample:
+            self.firsts["i2t"].append([_first(o).text for o in outs])
+        return [o.text for o in outs]
 
     def speech_to_text(self, waves: list[np.ndarray], sample_rate: int) -> list[str]:
         from anyloom.data.document import AudioSegment
 
         prompts = [AudioSegment(np.asarray(w, dtype=np.float32), sample_rate) for w in waves]
-        return [o.text for o in self._generate(prompts, to="text", seed=self.seed)]
+        outs = self._generate(prompts, to="text", seed=self.seed)
+        if self.single_sample:
+            self.firsts["a2t"].append([_first(o).text for o in outs])
+        return [o.text for o in outs]
 
     def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
         todo = sorted({c for c in captions if c not in self._speech})
         if todo:
             outs = self._generate(todo, to="audio", seed=self.seed)
             self._speech.update({c: (o.wave, o.sample_rate) for c, o in zip(todo, outs)})
+            if self.single_sample:
+                self._speech_first.update({c: (_first(o).wave, _first(o).sample_rate) for c, o in zip(todo, outs)})
         got = [self._speech[c] for c in captions]
+        return [w for w, _ in got], (got[0][1] if got else 16000)
+
+
+def _first(output: Any) -> Any:
+    """An output's first sample (``keep_first``), or the output itself when the pipeline kept none."""
+    return getattr(output, "first", None) or output
+
+
+class FirstSamples:
+    """The evaluated directions answered by the first samples a PipelineModel kept, before reranking: replaying the
+    same evaluation on it scores single-sample quality on the very same draws. ``since``: the number of calls per
+    direction recorded before the evaluation being replayed."""
+
+    def __init__(self, model: PipelineModel, since: dict[str, int]):
+        self.model = model
+        self.next = dict(since)
+
+    def _pop(self, direction: str, n: int) -> list[Any]:
+        calls = self.model.firsts[direction]
+        if self.next[direction] >= len(calls):
+            raise RuntimeError(f"{direction}: more calls than were recorded; replay the same evaluation")
+        out = calls[self.next[direction]]
+        self.next[direction] += 1
+        if len(out) != n:
+            raise RuntimeError(f"{direction}: recorded {len(out)} outputs for a call of {n}")
+        return out
+
+    def text_to_image(self, captions: list[str]) -> list[np.ndarray]:
+        return self._pop("t2i", len(captions)) if captions else []
+
+    def image_to_text(self, images: list[np.ndarray]) -> list[str]:
+        return self._pop("i2t", len(images)) if images else []
+
+    def speech_to_text(self, waves: list[np.ndarray], sample_rate: int) -> list[str]:
+        return self._pop("a2t", len(waves)) if waves else []
+
+    def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
+        got = [self.model._speech_first[c] for c in captions]
         return [w for w, _ in got], (got[0][1] if got else 16000)
 
 
@@ -348,7 +401,8 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         dropped = [d for d in cfg.directions if DIRECTION_MODALITY[d] in lacking]
         log(f"eval: the run has no {' or '.join(lacking)} codes; not evaluating {', '.join(dropped) or '-'}")
         cfg = dataclasses.replace(cfg, directions=tuple(d for d in cfg.directions if d not in dropped))
-    model = PipelineModel(pipe, cfg.seed)
+    model = PipelineModel(pipe, cfg.seed, single_sample=True)
+    single: dict[str, Any] = {}  # the same evaluation of each output's first sample, before reranking
     judges = _judges_for(world, pipe, cfg)
     splits: dict[str, list[Any]] = {}
     for split in cfg.splits:
@@ -362,13 +416,16 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         for direction in (d for d in ("t2i", "i2t", "a2t", "t2a") if d in cfg.directions):
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} ({judges.count(items, direction)} items) ...")
             t0, flagged_before = time.perf_counter(), sum(model.out_of_domain.values())
+            since = {d: len(calls) for d, calls in model.firsts.items()}
             _merge(scores, judges.evaluate(model, {split: items}, direction))
+            _merge(single, judges.evaluate(FirstSamples(model, since), {split: items}, direction))
             unseen = sum(model.out_of_domain.values()) - flagged_before
             note = f"; {unseen} prompts with words or sizes never seen in training" if unseen else ""
             log(f"eval: {split} split, {DIRECTION_NAMES[direction]} done ({time.perf_counter() - t0:.0f} s{note})")
         shown[split] = model.images[start:start + cfg.sample_sheet]
         if split == "test":
             test_calls = (first_call, len(model.codes))
+    scores["single_sample"] = single  # one sample per prompt, no reranking (greedy text), beside the reranked
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")
         scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judges.reconstruction_asr,

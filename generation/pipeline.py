@@ -99,6 +99,8 @@ class GeneratedText:
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
     # keep_candidates=True: every distinct candidate with its score, best first (the kept one first of all)
     candidates: list[GeneratedText] = field(default_factory=list, repr=False)
+    # keep_first=True: the first sample, before reranking (the output itself when nothing was reranked)
+    first: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -109,6 +111,8 @@ class GeneratedImage:
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
     # keep_candidates=True: every candidate, decoded, with its score, best first (the kept one first of all)
     candidates: list[GeneratedImage] = field(default_factory=list, repr=False)
+    # keep_first=True: the first sample, before reranking (the output itself when nothing was reranked)
+    first: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -120,6 +124,8 @@ class GeneratedAudio:
     warnings: list[str] = field(default_factory=list)  # why the prompt is out of the training data's domain
     # keep_candidates=True: every candidate, decoded, with its score, best first (the kept one first of all)
     candidates: list[GeneratedAudio] = field(default_factory=list, repr=False)
+    # keep_first=True: the first sample, before reranking (the output itself when nothing was reranked)
+    first: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -551,6 +557,7 @@ class Pipeline:
         max_audio_seconds: float | None = None,
         candidates: int | None = None,
         keep_candidates: bool = False,
+        keep_first: bool = False,
         image_decoder: str | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[Generated]:
@@ -563,7 +570,8 @@ class Pipeline:
         config's scorers for the target (``generation/scorers.py``); text keeps the greedy output or one of
         ``candidates - 1`` sampled ones the same way (text from an image or speech prompt; a text-only prompt keeps
         its greedy output). ``keep_candidates=True`` also returns every candidate with its score in the result's
-        ``candidates`` (best first; pictures and speech are then all decoded). ``image_decoder`` ("vq" /
+        ``candidates`` (best first; pictures and speech are then all decoded); ``keep_first=True`` the first sample,
+        before reranking, in ``first`` (single-sample quality beside the reranked one). ``image_decoder`` ("vq" /
         "diffusion") overrides the config's for pictures (scorers always read the VQ decode). ``max_new_tokens``
         (transformers' name) caps a text at that many tokens before its end: ``max_text_tokens`` counts the end as
         well.
@@ -593,26 +601,30 @@ class Pipeline:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
         refine = to == "image" and self.image_decoder(image_decoder or cfg.image_decoder) == "diffusion"
         seed = cfg.seed if seed is None else seed
-        results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step, keep_candidates)
+        results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step, keep_candidates, keep_first)
         if refine:
             results = self._refine(results, seed)
         return [replace(r, warnings=list(w)) if w else r for r, w in zip(results, notes)]
 
     def _generate(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
-                  cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, keep: bool = False
-                  ) -> list[Generated]:
+                  cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, keep: bool = False,
+                  keep_first: bool = False) -> list[Generated]:
         if to == "text":
             first = self._sample(toks, to, 1, cfg, seed, cfg_scale, on_step)
             rerank = [i for i, t in enumerate(toks) if any(not isinstance(s, TextIds) for s in t)]
             if n == 1 or not rerank:
-                return [replace(g, candidates=[g]) for g in first] if keep else first
-            hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
-            sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
-            return self._best_texts(first, sampled, toks, rerank, n - 1, keep)
+                out = [replace(g, candidates=[g]) for g in first] if keep else first
+            else:
+                hot = replace(cfg, text=replace(cfg.text, temperature=cfg.text_candidate_temperature))
+                sampled = self._sample([toks[i] for i in rerank], to, n - 1, hot, seed, cfg_scale, on_step)
+                out = self._best_texts(first, sampled, toks, rerank, n - 1, keep)
+            # the single sample of a text is its first (greedy by default) one
+            return [replace(o, first=f) for o, f in zip(out, first)] if keep_first else out
         results = self._sample(toks, to, n, cfg, seed, cfg_scale, on_step, render=n == 1)
         if n == 1:
-            return [replace(g, candidates=[g]) for g in results] if keep else results
-        return self._best_candidates(results, toks, n, to, keep)
+            out = [replace(g, candidates=[g]) for g in results] if keep else results
+            return [replace(o, first=o) for o in out] if keep_first else out
+        return self._best_candidates(results, toks, n, to, keep, keep_first)
 
     def _sample(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
                 cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, render: bool = True
@@ -685,7 +697,10 @@ class Pipeline:
             group = o.candidates or [o]
             images = decode(self.image_tokenizer, torch.stack([c.codes for c in group]).to(self.device))
             group = [replace(c, image=im) for c, im in zip(group, images)]
-            out.append(replace(o, image=group[0].image, candidates=group if o.candidates else []))
+            first = o.first
+            if first is not None:  # keep_first: the first sample drawn the same way
+                first = replace(first, image=decode(self.image_tokenizer, first.codes[None].to(self.device))[0])
+            out.append(replace(o, image=group[0].image, candidates=group if o.candidates else [], first=first))
         return out
 
     def scorers(self, to: Target) -> list[Scorer]:
@@ -727,7 +742,7 @@ class Pipeline:
         return best
 
     def _best_candidates(self, candidates: list[_Codes], toks: list[list[TokSegment]], n: int, to: Target,
-                         keep: bool = False) -> list[GeneratedImage | GeneratedAudio]:
+                         keep: bool = False, keep_first: bool = False) -> list[GeneratedImage | GeneratedAudio]:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest score (:meth:`score`). Only the
         kept candidates are decoded, and those a scorer looks at (each one once)."""
         span = ImageIds if to == "image" else AudioIds
@@ -737,6 +752,10 @@ class Pipeline:
         scores = self.score(pool).view(len(toks), n)
         kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
         best = [replace(out, score=float(scores[j // n, j % n])) for j, out in zip(kept, pool.outputs(kept))]
+        if keep_first:  # each prompt's first sample (decoded once: the pool remembers what it decoded)
+            firsts = [i * n for i in range(len(toks))]
+            best = [replace(b, first=replace(f, score=float(scores[j // n, 0])))
+                    for b, j, f in zip(best, firsts, pool.outputs(firsts))]
         if not keep:
             return best
         flat = scores.flatten().tolist()

@@ -529,3 +529,14 @@ def test_make_generate_to_any_writes_the_reply_in_order(tmp_path):
     assert all((out / f).is_file() for f in record["files"]) and any(f.endswith(".png") for f in record["files"])
     with pytest.raises(PipelineError, match="to='any' takes .*not candidates"):
         pipe.generate(text="x", to="any", candidates=4)
+
+
+def test_keep_first_returns_the_sample_before_reranking(pipe):
+    out = pipe.generate("two red circles", to="image", seed=4, candidates=3, keep_first=True, keep_candidates=True)
+    same = [c for c in out.candidates if torch.equal(c.codes, out.first.codes)]
+    assert same and same[0].score == out.first.score and out.first.image is not None
+    single = pipe.generate("two red circles", to="image", seed=4, keep_first=True)
+    assert torch.equal(single.first.codes, single.codes) and single.first.image is single.image
+    text = pipe.generate([out.image], to="text", candidates=3, keep_first=True, max_text_tokens=6)
+    greedy = pipe.generate([out.image], to="text", max_text_tokens=6)
+    assert text.first.ids == greedy.ids  # a text's single sample is its greedy one

@@ -267,7 +267,7 @@ def test_make_eval_on_a_users_manifest(spoken, tmp_path, monkeypatch):
     class FakePipe:  # reads the manifest's own answers back
         image_tokenizer = audio_tokenizer = matcher = text_tokenizer = None
 
-        def generate_batch(self, prompts, to, seed):
+        def generate_batch(self, prompts, to, seed, keep_first=False):  # no reranking: the first is the output
             if to == "image":
                 return [SimpleNamespace(image=Image.open(tmp_path / f"{SPOKEN.index(p)}.png")) for p in prompts]
             if to == "audio":  # the recording where there is one, else silence
@@ -285,7 +285,9 @@ def test_make_eval_on_a_users_manifest(spoken, tmp_path, monkeypatch):
     scores = run_eval._evaluate(SimpleNamespace(path=tmp_path / "run"), cfg, data, None, tmp_path / "out",
                                 logged.append)
     assert json.loads((tmp_path / "out" / "eval.json").read_text()) == scores
-    assert set(scores) == {"t2i", "i2t", "a2t", "t2a"}  # no tokenizers in the fake: no reconstruction keys
+    assert set(scores) == {"t2i", "i2t", "a2t", "t2a", "single_sample"}  # no tokenizers: no reconstruction keys
+    # one sample, no reranking: here the same outputs, so the same scores
+    assert scores["single_sample"] == {k: v for k, v in scores.items() if k != "single_sample"}
     assert scores["t2i"]["retrieval_acc"] == 1.0 and scores["t2i"]["n"] == 2
     assert scores["i2t"]["exact"] == scores["a2t"]["exact"] == 1.0
     assert scores["t2a"]["wer_ratio"] == 1.0 and scores["t2a"]["n"] == 2

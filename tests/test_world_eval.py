@@ -293,3 +293,34 @@ def test_decoders_side_by_side_on_the_same_codes(tiny_world, tmp_path):
         RedrawnPictures(pipe, []).text_to_image(["one red circle"])
     with pytest.raises(RuntimeError, match="recorded 6 pictures for a call of 2 captions"):
         RedrawnPictures(pipe, model.codes).text_to_image(["one red circle"] * 2)
+
+
+def test_single_sample_scores_replay_the_first_samples(tiny_world, tmp_path):
+    """eval.json's single_sample: the same evaluation, answered by each output's first sample (before reranking)."""
+    from dataclasses import replace
+
+    from test_generation_pipeline import build_tiny_run
+
+    from anyloom.evaluation.run_eval import FirstSamples, PipelineModel
+    from anyloom.generation.pipeline import load
+    from anyloom.world.evaluate import eval_image_to_text, eval_text_to_image
+    from anyloom.world.judge import judge_image
+
+    pipe = load(build_tiny_run(tmp_path / "tiny"), device="cpu")
+    pipe.config = replace(pipe.config, image_candidates=3, text_candidates=2, max_text_tokens=6)
+    items = items_from_documents(read_manifest(tiny_world.test, image_size=(16, 16)).documents)[:5]
+    model = PipelineModel(pipe, seed=1, single_sample=True)
+    since = {d: len(c) for d, c in model.firsts.items()}
+    eval_text_to_image(model, items)
+    single = eval_text_to_image(FirstSamples(model, since), items)
+    firsts = [img for call in model.firsts["t2i"] for img in call]
+    seen = [judge_image(f) for f in firsts]
+    hits = sum(s is not None and (s.count, s.color, s.shape) == (it.count, it.color, it.shape)
+               for s, it in zip(seen, items))
+    assert single["attr_acc"] == hits / len(items) and len(firsts) == len(items)
+    since = {d: len(c) for d, c in model.firsts.items()}
+    eval_image_to_text(model, items)
+    texts = eval_image_to_text(FirstSamples(model, since), items)
+    assert texts["n"] == len(items)
+    with pytest.raises(RuntimeError, match="more calls than were recorded"):
+        FirstSamples(model, {d: len(c) for d, c in model.firsts.items()}).image_to_text([firsts[0]])
