@@ -22,9 +22,9 @@ from anyloom.decoders.images import DiffusionImageDecoder, decode_image_codes
 from anyloom.evaluation.decoders import compare_decoders
 from anyloom.evaluation.image_metrics import psnr
 from anyloom.tokenizers.base import AudioCodes, AudioTokenizer, ImageCodes, ImageTokenizer
+from anyloom.tokenizers.image_vq import float_to_uint8
 from anyloom.training.diffusion_decoder import (
     DiffusionDecoderStageConfig,
-    to_uint8,
     train_diffusion_decoder_on_images,
 )
 from anyloom.training.metrics import read_metrics
@@ -266,7 +266,7 @@ def test_training_loop_outputs_and_resume_equals_uninterrupted(tmp_path):
     scored = [r for r in records if "val_psnr_vq" in r]
     assert len(scored) == 1 and scored[0]["step"] == 4
     cond = tok.decode(tok.encode(torch.from_numpy(val).permute(0, 3, 1, 2).float() / 127.5 - 1).codes)
-    exact_vq = float(psnr(val, to_uint8(cond)).mean())
+    exact_vq = float(psnr(val, float_to_uint8(cond)).mean())
     assert scored[0]["val_psnr_vq"] == pytest.approx(exact_vq, rel=1e-6)
     grid = Image.open(run_a.samples / "diffusion_step_0000004.png")
     assert grid.size == (3 * 18, 2 * 18)

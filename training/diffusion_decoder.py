@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from PIL import Image
 
 from anyloom.config import fingerprint
@@ -28,6 +27,7 @@ from anyloom.device import pick_device
 from anyloom.evaluation.decoders import compare_decoders
 from anyloom.evaluation.image_metrics import psnr
 from anyloom.tokenizers.base import ImageTokenizer, reconstruct
+from anyloom.tokenizers.image_vq import float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
 from anyloom.training.run import RunDir
@@ -65,17 +65,6 @@ class DiffusionDecoderStageConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
-
-
-def to_float(pixels: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return rearrange(torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0, "n h w c -> n c h w")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(x, "n c h w -> n h w c").numpy()
 
 
 def freeze(tokenizer: ImageTokenizer) -> ImageTokenizer:
@@ -125,8 +114,8 @@ def train_diffusion_decoder_on_images(
     rng = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps and noise: saved with checkpoints
     device = pick_device(cfg.device)
 
-    images = to_float(train_pixels)  # (N, 3, H, W)
-    val = to_float(val_pixels[: cfg.val_images])
+    images = uint8_to_float(train_pixels)  # (N, 3, H, W)
+    val = uint8_to_float(val_pixels[: cfg.val_images])
     cond = reconstruct(image_tokenizer, images, cfg.encode_batch_size, "VQ reconstructions (train)").images
     val_cond = reconstruct(image_tokenizer, val, cfg.encode_batch_size, "VQ reconstructions (val)").images
 
@@ -188,14 +177,14 @@ def write_samples(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)  # the same noise at every sample step: curves compare like with like
     sampled = torch.cat([model.sample(c.to(device), generator=gen).cpu() for c in val_cond.split(64)])
-    originals = to_uint8(val)
+    originals = float_to_uint8(val)
     scores = {
-        "val_psnr_vq": float(psnr(originals, to_uint8(val_cond)).mean()),
-        "val_psnr_diffusion": float(psnr(originals, to_uint8(sampled)).mean()),
+        "val_psnr_vq": float(psnr(originals, float_to_uint8(val_cond)).mean()),
+        "val_psnr_diffusion": float(psnr(originals, float_to_uint8(sampled)).mean()),
     }
     logger.log(step, **scores)
     k = min(rows, len(val))
-    grid = _grid([[to_uint8(t[i : i + 1])[0] for t in (val, val_cond, sampled)] for i in range(k)])
+    grid = _grid([[float_to_uint8(t[i : i + 1])[0] for t in (val, val_cond, sampled)] for i in range(k)])
     grid.save(run.samples / f"diffusion_step_{step:07d}.png")
     logger.image("samples/original_vq_diffusion", step, np.asarray(grid))
     return scores
