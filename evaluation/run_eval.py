@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anyloom.config import fingerprint, to_dict
+from anyloom.config import added_field, fingerprint, to_dict
 from anyloom.evaluation import generic_eval
 from anyloom.world.evaluate import evaluate_world, items_from_documents
 
@@ -55,6 +55,9 @@ class EvalConfig:
     lm_seq_len: int = 512  # packed row length (<= the model's max_seq_len)
     lm_batch_size: int = 4  # rows per batch
     lm_batches: int = 0  # at most this many batches (0: every document of the lm_items)
+    # test items whose caption asks for a mixed reply (to="any"; world judges): how often the model answers with a
+    # picture and speech, and both right (world/evaluate.eval_mixed_replies); 0: not measured
+    mixed_replies: int = added_field(0)
 
     def __post_init__(self) -> None:
         unknown = set(self.directions) - {"t2i", "i2t", "a2t", "t2a"}
@@ -81,6 +84,7 @@ class PipelineModel:
         self.single_sample = single_sample
         self.firsts: dict[str, list[list[Any]]] = {"t2i": [], "i2t": [], "a2t": []}  # per call, in call order
         self._speech_first: dict[str, tuple[np.ndarray, int]] = {}
+        self._replies = 0  # mixed replies asked so far (their seeds)
         # Text->image draws one image per item, not per distinct caption: the world's test split has 108 distinct
         # captions among 500 items and the compositional split 16, so one draw per caption made the score hinge on
         # ~100 (or 16) samples (text->image accuracy 13-28% across seeds on the same run; docs/BENCHMARKS.md). Each
@@ -134,6 +138,17 @@ class PipelineModel:
         if self.single_sample:
             self.firsts["a2t"].append([_first(o).text for o in outs])
         return [o.text for o in outs]
+
+    def reply(self, captions: list[str]) -> list[Any]:
+        """Each caption with ``to="any"``: the model's own mixed reply, one sample each (seeded by its position)."""
+        from anyloom.generation.pipeline import OutOfDomainWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutOfDomainWarning)
+            out = [self.pipe.generate(text=c, to="any", seed=self.seed + self._replies + i)
+                   for i, c in enumerate(captions)]
+        self._replies += len(captions)
+        return out
 
     def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
         todo = sorted({c for c in captions if c not in self._speech})
@@ -425,6 +440,13 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         shown[split] = model.images[start:start + cfg.sample_sheet]
         if split == "test":
             test_calls = (first_call, len(model.codes))
+    mixed = [it for it in splits.get("test", [])][:cfg.mixed_replies]
+    if mixed and judges.world and pipe.image_tokenizer is not None and pipe.audio_tokenizer is not None:
+        from anyloom.world.asr import SpeechJudge
+        from anyloom.world.evaluate import eval_mixed_replies
+
+        log(f"eval: test split, mixed replies ({len(mixed)} captions, to='any') ...")
+        scores["any"] = eval_mixed_replies(model, mixed, judges.speech_judge or SpeechJudge())
     scores["single_sample"] = single  # one sample per prompt, no reranking (greedy text), beside the reranked
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")

@@ -324,3 +324,33 @@ def test_single_sample_scores_replay_the_first_samples(tiny_world, tmp_path):
     assert texts["n"] == len(items)
     with pytest.raises(RuntimeError, match="more calls than were recorded"):
         FirstSamples(model, {d: len(c) for d, c in model.firsts.items()}).image_to_text([firsts[0]])
+
+
+def test_mixed_replies_are_judged_by_picture_and_speech(tiny_world):
+    """eval.json's ``any``: replies with a right picture, with the caption spoken, and both."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from anyloom.world.evaluate import eval_mixed_replies
+
+    items = items_from_documents(read_manifest(tiny_world.test).documents)[:4]
+
+    class Replies:  # item 0: picture and speech right; 1: the picture only; 2: wrong speech only; 3: text only
+        def reply(self, captions):
+            out = []
+            for i, it in enumerate(items[:len(captions)]):
+                picture = SimpleNamespace(image=Image.fromarray(it.pixels))
+                speech = SimpleNamespace(wave=it.wave, sample_rate=it.sample_rate)
+                wrong = SimpleNamespace(wave=items[(i + 1) % 4].wave, sample_rate=it.sample_rate)
+                segments = [[picture, speech], [picture], [wrong], [SimpleNamespace(text="x")]][i]
+                out.append(SimpleNamespace(segments=segments))
+            return out
+
+    class Ears:  # the transcript of a recording is the caption of the item it came from
+        def transcribe(self, waves, sample_rate):
+            return [next(it.caption for it in items if it.wave is w) for w in waves]
+
+    score = eval_mixed_replies(Replies(), items, Ears())
+    assert score == {"with_picture": 0.5, "with_speech": 0.5, "picture_acc": 0.5, "speech_exact": 0.25,
+                     "both": 0.25, "n": 4}

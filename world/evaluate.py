@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +130,36 @@ def eval_text_to_speech(
     return {"asr_wer": wer_gen, "asr_wer_ground_truth": wer_gt,
             "asr_wer_ratio": wer_gen / wer_gt if wer_gt > 0 else (0.0 if wer_gen == 0 else float("inf")),
             "n": len(items)}
+
+
+def eval_mixed_replies(model: Any, items: list[WorldItem], judge: Any) -> dict[str, float]:
+    """Each item's caption with ``to="any"`` (``model.reply(captions)`` -> replies with ``segments``): how often the
+    model answers with a picture, with speech, whether its first picture shows the caption (the image judge) and its
+    first utterance says it (``judge``'s transcript equals the caption), and both at once."""
+    from anyloom.world.judge import judge_image
+
+    hits = {"picture": 0, "speech": 0, "picture_right": 0, "speech_right": 0, "both": 0}
+    for batch in batches(items, 16, "mixed replies"):
+        for it, reply in zip(batch, model.reply([it.caption for it in batch])):
+            pictures = [s for s in reply.segments if hasattr(s, "image")]
+            speech = [s for s in reply.segments if hasattr(s, "wave")]
+            picture_right = speech_right = False
+            if pictures:
+                hits["picture"] += 1
+                seen = judge_image(np.asarray(pictures[0].image.convert("RGB")))
+                picture_right = seen is not None and (seen.count, seen.color, seen.shape) == (it.count, it.color,
+                                                                                              it.shape)
+            if speech:
+                hits["speech"] += 1
+                heard = judge.transcribe([speech[0].wave], speech[0].sample_rate)[0]
+                speech_right = _normalise(heard) == _normalise(it.caption)
+            hits["picture_right"] += picture_right
+            hits["speech_right"] += speech_right
+            hits["both"] += picture_right and speech_right
+    n = max(1, len(items))
+    return {"with_picture": hits["picture"] / n, "with_speech": hits["speech"] / n,
+            "picture_acc": hits["picture_right"] / n, "speech_exact": hits["speech_right"] / n,
+            "both": hits["both"] / n, "n": len(items)}
 
 
 def evaluate_world(
