@@ -60,6 +60,7 @@ from anyloom.generation.scorers import Candidates, Scorer, ScorerError, build_sc
 from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds, TokSegment, encode_document, parse_stream
 from anyloom.sequences.vocab import Vocabulary
 from anyloom.tokenizers import registry
+from anyloom.tokenizers.base import DecoderUnavailableError
 from anyloom.tokenizers.registry import TokenizerFolderError, holds_tokenizer, holds_weights
 from anyloom.transformer.model import ModelConfig, Transformer
 from anyloom.weights import load_weights
@@ -784,7 +785,7 @@ class Pipeline:
                 chunk = torch.stack(codes[start:start + RENDER_BATCH]).to(self.device)
                 try:
                     images += decode_image_codes(self.image_tokenizer, chunk)
-                except NotImplementedError as e:  # an imported tokenizer without a decoder says why, and how to get one
+                except DecoderUnavailableError as e:  # an imported tokenizer without a decoder says how to get one
                     raise PipelineError(f"cannot draw the picture: {e}") from e
             return [GeneratedImage(image, c) for image, c in zip(images, codes)]
         from anyloom.decoders.audio import decode_audio_codes

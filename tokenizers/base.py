@@ -17,6 +17,11 @@ import torch
 from anyloom.progress import progress
 
 
+class DecoderUnavailableError(RuntimeError):
+    """A tokenizer that can encode but has no decoder weights (an imported encoder-only port); the message says
+    where the decoder comes from."""
+
+
 @dataclass
 class ImageCodes:
     codes: torch.Tensor  # (B, h, w) int64 in [0, codebook_size)

@@ -34,7 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from anyloom.config import added_field
-from anyloom.tokenizers.base import ImageCodes
+from anyloom.tokenizers.base import DecoderUnavailableError, ImageCodes
 from anyloom.tokenizers.image_importers import (
     AsymDownsample,
     NearestCodebook,
@@ -269,7 +269,7 @@ class ChameleonVQTokenizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]; any grid works (the decoder is convolutional)."""
         if self.decoder is None:
-            raise NotImplementedError(
+            raise DecoderUnavailableError(
                 "this ChameleonVQTokenizer has no decoder weights: the Hugging Face port (ChameleonVQVAE) ships "
                 "encoder and quantizer only. The decoder comes with Meta's (or Anole's) tokenizer/vqgan.ckpt: "
                 "re-import with `make import FROM=chameleon ... ARGS=\"--vqgan <folder of vqgan.ckpt>\"` "
