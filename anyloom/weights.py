@@ -61,18 +61,31 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_weights(folder: str | Path, device: str | torch.device = "cpu") -> SavedWeights:
-    """Read a folder written by :func:`save_weights`; clear errors for missing or foreign folders."""
+def load_weights(folder: str | Path, device: str | torch.device = "cpu", tensors: bool = True) -> SavedWeights:
+    """Read a folder written by :func:`save_weights`; clear errors for missing or foreign folders. ``tensors=False``
+    reads only the config and vocabulary (``state_dict`` empty)."""
     folder = Path(folder)
     if not (folder / WEIGHTS).exists():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS} (expected a folder written by save_weights)")
     if not (folder / CONFIG).exists():
         raise FileNotFoundError(f"{folder}: {WEIGHTS} without {CONFIG}; cannot know what model it belongs to")
     metadata = read_metadata(folder)
-    state = load_file(str(folder / WEIGHTS), device=str(device))
+    state = load_file(str(folder / WEIGHTS), device=str(device)) if tensors else {}
     config = json.loads((folder / CONFIG).read_text())
     vocab = json.loads((folder / VOCAB).read_text()) if (folder / VOCAB).exists() else None
     return SavedWeights(state, config, vocab, metadata)
+
+
+def read_json(path: str | Path, missing: str) -> Any:
+    """A JSON file's content; FileNotFoundError with ``missing`` when there is none, ValueError naming the file and
+    line when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def hf_weight_files(folder: str | Path) -> list[Path]:

@@ -66,15 +66,6 @@ class ImportReport:
     rows: list[int] = field(default_factory=list, repr=False)  # unified id -> checkpoint id (-1: new); not saved
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointImportError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-
-
 @dataclass
 class _Source:
     """What the family-specific readers hand over: the LM, the tokenizer file, the image tokenizer, the names."""
@@ -86,7 +77,6 @@ class _Source:
 
 
 def _read_hf(family: str, src: Path, image_size: int | None, vqgan: Path | None) -> _Source:
-    config = _read_json(src / "config.json")
     lm = import_hf_lm(src, family)
     image = None
     if family == "emu3":
@@ -103,7 +93,7 @@ def _read_hf(family: str, src: Path, image_size: int | None, vqgan: Path | None)
             from anyloom.tokenizers.image_import_chameleon import import_chameleon_vq
 
             image = import_chameleon_vq(src)
-    return _Source(lm, src / "tokenizer.json", image, dict(config.get("vocabulary_map") or {}))
+    return _Source(lm, src / "tokenizer.json", image, dict(lm.file_config.get("vocabulary_map") or {}))
 
 
 def _read_anole(src: Path) -> _Source:

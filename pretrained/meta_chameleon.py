@@ -27,7 +27,6 @@ Pickled files are read with ``torch.load(weights_only=True)`` only (memory-mappe
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from anyloom.tokenizers.image_import_chameleon import (
     read_torch_checkpoint,
 )
 from anyloom.transformer.importers import ImportedLM, lm_from_tensors
+from anyloom.weights import read_json
 
 IMAGE_PLACEHOLDER = ("<reserved08707>", "<image>")  # Meta's reserved name -> HF's (the converter renames it)
 IGNORED = ("rope.freqs",)  # a RoPE table Meta's loader drops on loading (Anole's file stores None there)
@@ -162,12 +162,7 @@ def _get(p: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path
 
 def read_params(path: Path) -> MetaParams:
     """``params.json``: its ``model`` section over the top level (as Meta's loader merges them)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (the model's hyperparameters)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    raw = read_json(path, f"{path}: no such file (the model's hyperparameters)")
     model = raw.get("model", {})
     if not isinstance(model, dict):
         raise ValueError(f"{path}: 'model' must be a mapping of hyperparameters")
@@ -210,12 +205,7 @@ def read_params(path: Path) -> MetaParams:
 def read_vocabulary(path: Path) -> dict[str, int]:
     """Token name -> id of a tokenizers-library JSON (``model.vocab`` plus ``added_tokens``), with HF's
     ``<image>`` for ``<reserved08707>``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (Chameleon's text tokenizer)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    data = read_json(path, f"{path}: no such file (Chameleon's text tokenizer)")
     vocab = data.get("model", {}).get("vocab") if isinstance(data, dict) else None
     if not isinstance(vocab, dict):
         raise ValueError(f"{path}: no 'model.vocab' mapping of token -> id (expected a BPE/WordLevel tokenizer)")

@@ -49,13 +49,10 @@ def read_hf_vq(folder: str | Path, vq_model_type: str, full_model_type: str) -> 
     from safetensors import safe_open
 
     folder = Path(folder)
+    from anyloom.weights import hf_weight_files, read_json
+
     cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from e
+    config = read_json(cfg_file, f"{folder}: no config.json (expected a Hugging Face model folder)")
     model_type = config.get("model_type")
     if model_type == full_model_type:
         if not isinstance(config.get("vq_config"), dict):
@@ -65,8 +62,6 @@ def read_hf_vq(folder: str | Path, vq_model_type: str, full_model_type: str) -> 
         vq_config, prefixes = config, ("",)
     else:
         raise ValueError(f"{cfg_file}: model_type is {model_type!r}; expected {vq_model_type!r} or {full_model_type!r}")
-
-    from anyloom.weights import hf_weight_files
 
     files = hf_weight_files(folder)
     state: dict[str, torch.Tensor] = {}

@@ -23,7 +23,7 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -78,21 +78,13 @@ def read_start(cfg: InitConfig, recipe_model: ModelConfig, weights: bool = True)
     from anyloom.weights import load_weights
 
     export = _export(cfg)
-    saved = load_weights(export) if weights else _config_only(export)
+    saved = load_weights(export, tensors=weights)
     if saved.vocab is None:
         raise ConfigError(f"init.from: {export} has no vocab.json; its id space is unknown")
     vocab = Vocabulary.from_dict(saved.vocab, source=str(export / "vocab.json"))
     theirs = build(ModelConfig, saved.config, prefix=f"{export / 'config.json'}")
     model = dataclasses.replace(recipe_model, **{k: getattr(theirs, k) for k in ARCHITECTURE})
     return Start(export, model, vocab, saved.state_dict)
-
-
-def _config_only(export: Path) -> Any:
-    import json
-
-    from anyloom.weights import CONFIG, VOCAB, SavedWeights
-
-    return SavedWeights({}, json.loads((export / CONFIG).read_text()), json.loads((export / VOCAB).read_text()))
 
 
 def tokenizer_folder(export: Path, modality: str) -> Path | None:

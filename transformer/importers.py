@@ -19,8 +19,7 @@ Only safetensors and JSON are read; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from anyloom.transformer.model import ModelConfig, Transformer
-from anyloom.weights import hf_weight_files
+from anyloom.weights import hf_weight_files, read_json
 
 Family = Literal["llama", "chameleon", "emu3"]
 
@@ -40,16 +39,11 @@ class ImportedLM:
     family: str
     hf_config: dict[str, Any]  # the text model's HF config (for special token ids etc.)
     skipped: list[str]  # checkpoint tensors not used (e.g. the VQ model), counted for the report
+    file_config: dict[str, Any] = field(default_factory=dict)  # the whole config.json (Emu3 nests hf_config in it)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face-format model folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return read_json(folder / "config.json", f"{folder}: no config.json (expected a Hugging Face-format model folder)")
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -161,7 +155,7 @@ def import_hf_lm(
     """Load an HF-format LM folder of the given family (in ``dtype``; default: the checkpoint's own, bf16 for the
     released 7B models); ``overrides`` set ModelConfig fields (e.g. attention)."""
     folder = Path(folder)
-    hf = _read_config(folder)
+    hf = file_config = _read_config(folder)
     where = str(folder / "config.json")
     if family == "emu3" and "text_config" in hf:
         hf = hf["text_config"]  # Emu3ForConditionalGeneration nests the LM config
@@ -169,7 +163,9 @@ def import_hf_lm(
     model_type = hf.get("model_type", "")
     if family not in model_type:
         raise ValueError(f"{where}: model_type {model_type!r} is not a {family} model")
-    return lm_from_tensors(hf, _read_tensors(folder), family, str(folder), dtype, **overrides)
+    imported = lm_from_tensors(hf, _read_tensors(folder), family, str(folder), dtype, **overrides)
+    imported.file_config = file_config
+    return imported
 
 
 def lm_from_tensors(hf: dict[str, Any], tensors: dict[str, torch.Tensor], family: Family, source: str,
