@@ -92,11 +92,7 @@ def build_app(session: DemoSession) -> Any:
             rows = [[label, round(score, 3)] for label, score in out.scores]
             return out.picture, out.sound, out.text, out.gallery, rows, message
 
-        def show(picture_path: str | None) -> tuple:
-            shown, problem = session.preview(picture_path)
-            return shown, problem
-
-        picture.change(show, [picture], [preview, picture_note])
+        picture.change(session.preview, [picture], [preview, picture_note])
 
         def outputs_for(make: str) -> tuple:
             return (gr.update(visible=make == "picture"), gr.update(visible=make == "speech"),

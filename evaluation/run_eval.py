@@ -83,7 +83,7 @@ class PipelineModel:
         # single_sample: also keep each output's first sample, before reranking (``firsts``), for FirstSamples
         self.single_sample = single_sample
         self.firsts: dict[str, list[list[Any]]] = {"t2i": [], "i2t": [], "a2t": []}  # per call, in call order
-        self._speech_first: dict[str, tuple[np.ndarray, int]] = {}
+        self.speech_firsts: dict[str, tuple[np.ndarray, int]] = {}
         self._replies = 0  # mixed replies asked so far (their seeds)
         # Text->image draws one image per item, not per distinct caption: the world's test split has 108 distinct
         # captions among 500 items and the compositional split 16, so one draw per caption made the score hinge on
@@ -156,7 +156,7 @@ class PipelineModel:
             outs = self._generate(todo, to="audio", seed=self.seed)
             self._speech.update({c: (o.wave, o.sample_rate) for c, o in zip(todo, outs)})
             if self.single_sample:
-                self._speech_first.update({c: (_first(o).wave, _first(o).sample_rate) for c, o in zip(todo, outs)})
+                self.speech_firsts.update({c: (_first(o).wave, _first(o).sample_rate) for c, o in zip(todo, outs)})
         got = [self._speech[c] for c in captions]
         return [w for w, _ in got], (got[0][1] if got else 16000)
 
@@ -195,7 +195,7 @@ class FirstSamples:
         return self._pop("a2t", len(waves)) if waves else []
 
     def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
-        got = [self.model._speech_first[c] for c in captions]
+        got = [self.model.speech_firsts[c] for c in captions]
         return [w for w, _ in got], (got[0][1] if got else 16000)
 
 

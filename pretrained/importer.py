@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from anyloom.pretrained.families import FAMILIES, IdLayout, LayoutError, id_layout
 from anyloom.sequences.vocab import SPECIAL_NAMES, Vocabulary
@@ -160,7 +161,7 @@ def import_checkpoint(family: str, src: str | Path, run: str | Path, *, image_si
         raise CheckpointImportError(f"{export} exists; pass --overwrite to replace it")
     if vqgan is not None and family != "chameleon":
         raise CheckpointImportError("--vqgan gives Chameleon's Hugging Face import Meta's VQGAN (with its decoder); "
-                           f"{family} brings its own")
+                                    f"{family} brings its own")
     if family == "anole":
         source = _read_anole(src)
     else:
@@ -188,7 +189,7 @@ def import_checkpoint(family: str, src: str | Path, run: str | Path, *, image_si
     image = source.image_tokenizer if layout.image_codes else None
     if image is not None and int(image.codebook_size) != len(layout.image_codes):
         raise CheckpointImportError(f"{where}: {len(layout.image_codes)} image-code tokens, but the VQ has "
-                           f"{int(image.codebook_size)} codes")
+                                    f"{int(image.codebook_size)} codes")
     rows_in_file = source.lm.config.vocab_size
     named = {i for i in names.values() if 0 <= i < rows_in_file}
     taken = set(layout.image_codes) | set(layout.specials.values())
@@ -205,10 +206,9 @@ def import_checkpoint(family: str, src: str | Path, run: str | Path, *, image_si
     text.save(export / "text_tokenizer")
     if image is not None:
         image.save(export / "image_tokenizer")
-    generation = {"image_cfg_scale": CFG_SCALE[family]} if image is not None else {}
-    (run / "recipe.yaml").write_text(
-        f"# imported from {src} ({family}); the generation defaults of the family\n"
-        + (f"generation:\n  image_cfg_scale: {generation['image_cfg_scale']}\n" if generation else ""))
+    section = {"generation": {"image_cfg_scale": CFG_SCALE[family]}} if image is not None else {}
+    (run / "recipe.yaml").write_text(f"# imported from {src} ({family}); the generation defaults of the family\n"
+                                     + (yaml.safe_dump(section) if section else ""))
     decoder = image is not None and getattr(image, "decoder", None) is not None
     report = ImportReport(
         run=str(run), family=family, source=str(src), vocab_size=vocab.size, text_ids=vocab.text_size,

@@ -166,20 +166,22 @@ def next_index(out: Path, earlier: list[dict[str, Any]]) -> int:
 
 
 def write_output(out: Path, index: int, result: Any) -> dict[str, Any]:
-    from anyloom.decoders.audio import write_wav
-
-    if isinstance(result, GeneratedReply):  # NNN_any.txt (its text) and NNN_any_K.png|wav per span, in order
+    """``NNN_<kind>.<ext>``, or for a mixed reply ``NNN_any.txt`` (its text) and ``NNN_any_K.png|wav`` per span in
+    order; returns the summary record's fields."""
+    if isinstance(result, GeneratedReply):
         name = f"{index:03d}_any.txt"
         (out / name).write_text(result.text + "\n")
-        files = [name]
-        for k, part in enumerate(result.segments):
-            if not isinstance(part, GeneratedText):
-                files.append(write_output(out, index, part)["file"])
-                (out / files[-1]).rename(out / f"{index:03d}_any_{k}.{EXTENSIONS[_kind(part)]}")
-                files[-1] = f"{index:03d}_any_{k}.{EXTENSIONS[_kind(part)]}"
+        files = [name] + [save_output(out, f"{index:03d}_any_{k}", part)["file"]
+                          for k, part in enumerate(result.segments) if not isinstance(part, GeneratedText)]
         return {"file": name, "files": files, "text": result.text, "finished": result.finished}
+    return save_output(out, f"{index:03d}_{_kind(result)}", result)
 
-    name = f"{index:03d}_{_kind(result)}.{EXTENSIONS[_kind(result)]}"
+
+def save_output(out: Path, stem: str, result: Any) -> dict[str, Any]:
+    """One picture, sound or text as ``out/<stem>.<ext>``; its record's fields."""
+    from anyloom.decoders.audio import write_wav
+
+    name = f"{stem}.{EXTENSIONS[_kind(result)]}"
     if isinstance(result, GeneratedImage):
         result.image.save(out / name)
         return {"file": name, "codes": result.codes.tolist()}

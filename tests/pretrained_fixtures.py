@@ -47,7 +47,8 @@ def _fill(named: dict[str, int]) -> dict[str, int]:
     return vocab
 
 
-def _text_kwargs(**extra):
+def text_kwargs(**extra):
+    """A tiny text model's transformers config fields."""
     return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, **extra)
 
@@ -57,7 +58,7 @@ def llama(folder: Path):
 
     named = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 20 + i for i, w in enumerate(WORDS)}}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**_text_kwargs(bos_token_id=1, eos_token_id=2))).eval()
+    model = LlamaForCausalLM(LlamaConfig(**text_kwargs(bos_token_id=1, eos_token_id=2))).eval()
     randomise_norms(model)
     model.save_pretrained(folder)
     write_tokenizer(folder / "tokenizer.json", _fill(named), ["<unk>", "<s>", "</s>"])
@@ -71,7 +72,7 @@ def chameleon(folder: Path):
     named = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<racm3:break>": 4, "<eoss>": 5, "<image>": 6,
              **{w: 7 + i for i, w in enumerate(WORDS)}, **codes}
     vocab = _fill(named)
-    cfg = ChameleonConfig(**_text_kwargs(pad_token_id=3), vocabulary_map=vocab, image_token_id=6,
+    cfg = ChameleonConfig(**text_kwargs(pad_token_id=3), vocabulary_map=vocab, image_token_id=6,
                           vq_config=dict(embed_dim=8, num_embeddings=CODES, base_channels=32, channel_multiplier=[1, 1],
                                          latent_channels=8, resolution=IMAGE))
     torch.manual_seed(0)
@@ -83,6 +84,9 @@ def chameleon(folder: Path):
     return model
 
 
+EMU3_VQ = dict(codebook_size=CODES, embed_dim=8, latent_channels=8, double_latent=False, in_channels=3, out_channels=3,
+               temporal_downsample_factor=1, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
+               attn_resolutions=[], hidden_size=32, num_attention_heads=1)
 EMU3_SPECIALS = ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<|image start|>", "<|image end|>",
                  "<|image token|>", "<|extra_200|>", "<|extra_201|>", "<image>"]
 
@@ -95,10 +99,8 @@ def emu3(folder: Path):
              **{w: 20 + i for i, w in enumerate(WORDS)}, **codes}
     vocab = _fill(named)
     cfg = Emu3Config(
-        text_config=_text_kwargs(pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        vq_config=dict(codebook_size=CODES, embed_dim=8, latent_channels=8, double_latent=False, in_channels=3,
-                       out_channels=3, temporal_downsample_factor=1, base_channels=32, channel_multiplier=[1, 1],
-                       num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1),
+        text_config=text_kwargs(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vq_config=EMU3_VQ,
         vocabulary_map=vocab,
     )
     torch.manual_seed(0)

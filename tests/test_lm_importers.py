@@ -11,21 +11,12 @@ import json
 
 import pytest
 import torch
+from pretrained_fixtures import EMU3_VQ, V, randomise_norms, text_kwargs
 
 from anyloom.transformer.importers import import_chameleon, import_emu3, import_llama
 from anyloom.transformer.kv_cache import KVCache
 
 TOL = 1e-4  # fp32 logits, max abs difference
-V = 64
-
-
-def _randomise_norms(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                center = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(center + 0.3 * torch.randn(p.shape, generator=g))
 
 
 def _tokens(exclude: range | None = None) -> torch.Tensor:
@@ -35,21 +26,16 @@ def _tokens(exclude: range | None = None) -> torch.Tensor:
     return tokens
 
 
-def _text_kwargs(**extra):
-    return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, **extra)
-
-
 def _chameleon(tmp_path, swin_norm: bool):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     vocab_map = {"<image>": 10, **{f"IMGIMG{chr(65 + i)}Z": 20 + i for i in range(8)}}
-    cfg = ChameleonConfig(**_text_kwargs(swin_norm=swin_norm), vocabulary_map=vocab_map, image_token_id=10,
+    cfg = ChameleonConfig(**text_kwargs(swin_norm=swin_norm), vocabulary_map=vocab_map, image_token_id=10,
                           vq_config=dict(embed_dim=8, num_embeddings=8, base_channels=32, channel_multiplier=[1, 1],
                                          latent_channels=8, resolution=16))
     torch.manual_seed(0)
     model = ChameleonForConditionalGeneration(cfg).eval()
-    _randomise_norms(model)
+    randomise_norms(model)
     model.save_pretrained(tmp_path)
     return model
 
@@ -75,15 +61,13 @@ def test_emu3_parity(tmp_path):
 
     vocab_map = {"<image>": 1, "<|extra_200|>": 2, **{f"<|visual token {i:06d}|>": 3 + i for i in range(8)}}
     cfg = Emu3Config(
-        text_config=_text_kwargs(pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        vq_config=dict(codebook_size=8, embed_dim=8, latent_channels=8, double_latent=False, in_channels=3,
-                       out_channels=3, temporal_downsample_factor=1, base_channels=32, channel_multiplier=[1, 1],
-                       num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1),
+        text_config=text_kwargs(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vq_config=EMU3_VQ,
         vocabulary_map=vocab_map,
     )
     torch.manual_seed(0)
     hf = Emu3ForConditionalGeneration(cfg).eval()
-    _randomise_norms(hf)
+    randomise_norms(hf)
     hf.save_pretrained(tmp_path)
     ours = import_emu3(tmp_path).model.eval()
     tokens = _tokens()
@@ -95,8 +79,8 @@ def _llama(tmp_path, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(**_text_kwargs(rope_theta=500.0, **extra))).eval()
-    _randomise_norms(hf)
+    hf = LlamaForCausalLM(LlamaConfig(**text_kwargs(rope_theta=500.0, **extra))).eval()
+    randomise_norms(hf)
     hf.save_pretrained(tmp_path)
     return hf
 

@@ -111,14 +111,14 @@ def media_sizes(cfg: InitConfig, image_size: tuple[int, int], sample_rate: int) 
 
 
 def freeze(model: nn.Module, cfg: InitConfig) -> list[str]:
-    """``requires_grad=False`` on the parameters no ``init.train`` pattern names; returns the trained names. Names
-    are the model's own (wrappers of activation checkpointing / compile are looked through)."""
+    """``requires_grad=False`` on the parameters no ``init.train`` pattern names; returns the trained names. Runs on
+    the plain model, before activation checkpointing, compile and FSDP wrap it (``build_parallel_model``'s
+    ``prepare``), so the names are the model's own."""
     trained = []
     for name, p in model.named_parameters():
-        clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-        p.requires_grad_(any(fnmatch.fnmatchcase(clean, pattern) for pattern in cfg.train))
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.train))
         if p.requires_grad:
-            trained.append(clean)
+            trained.append(name)
     if not trained:
         names = [n for n, _ in model.named_parameters()][:4]
         raise ConfigError(f"init.train {list(cfg.train)} names no parameter (names look like {names})")
