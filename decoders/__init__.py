@@ -4,4 +4,6 @@
   ``(tokenizer, codes) -> list[PIL.Image]``.
 - ``audio``: codec decoding to waveforms, and WAV writing.
 - ``diffusion``: a diffusers UNet that refines the VQ reconstruction (DDPM training, DDIM sampling).
+- ``vocoder``: a neural vocoder for mel frames (ConvNeXt stack -> STFT magnitude and phase -> inverse STFT), the
+  alternative to the mel tokenizer's Griffin-Lim.
 """

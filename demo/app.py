@@ -11,8 +11,9 @@ The same app answers programmatic calls through gradio's client (``api_name="gen
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     picture, sound, text, gallery, scores, message = client.predict(
-        "two red circles", "picture", None, None, 1.0, 0.9, 2.0, 4, 0, "vq", api_name="/generate")
-    # prompt, make, picture file, recording file, temperature, top-p, CFG scale, candidates, seed, picture decoder
+        "two red circles", "picture", None, None, 1.0, 0.9, 2.0, 4, 0, "vq", "griffin_lim", api_name="/generate")
+    # prompt, make, picture file, recording file, temperature, top-p, CFG scale, candidates, seed, picture decoder,
+    # speech decoder (the last two may be left out: the defaults)
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def build_app(session: DemoSession) -> Any:
                     seed = gr.Number(value=d.seed, precision=0, label="Seed")
                     decoder = gr.Radio(session.image_decoders, value=d.image_decoder, label="Picture decoder",
                                        visible=len(session.image_decoders) > 1, elem_id="image_decoder")
+                    vocoder = gr.Radio(session.vocoders, value=d.vocoder, label="Speech decoder",
+                                       visible=len(session.vocoders) > 1, elem_id="vocoder")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 status = gr.Markdown("", elem_id="status")
@@ -78,8 +81,10 @@ def build_app(session: DemoSession) -> Any:
 
         def generate(prompt_text: str, make: str, picture_path: str | None, sound_path: str | None,
                      temp: float, p: float, scale: float, n: float, seed_value: float, image_decoder: str = "vq",
+                     speech_decoder: str = "griffin_lim",
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio reads it so)
-            settings = Settings(temp, p, scale, int(n), int(seed_value or 0), image_decoder or "vq")
+            settings = Settings(temp, p, scale, int(n), int(seed_value or 0), image_decoder or "vq",
+                                speech_decoder or "griffin_lim")
             total = _steps(session, make, settings)
             started = time.perf_counter()
 
@@ -99,7 +104,7 @@ def build_app(session: DemoSession) -> Any:
                     gr.update(visible=make == "text"), gr.update(visible=make == "picture"))
 
         target.change(outputs_for, [target], [picture_out, sound_out, text_out, gallery])
-        inputs = [prompt, target, picture, sound, temperature, top_p, cfg_scale, candidates, seed, decoder]
+        inputs = [prompt, target, picture, sound, temperature, top_p, cfg_scale, candidates, seed, decoder, vocoder]
         button.click(generate, inputs,
                      [picture_out, sound_out, text_out, gallery, scores, status], api_name="generate")
     return app

@@ -40,6 +40,7 @@ class Settings:
     candidates: int = 4
     seed: int = 0
     image_decoder: str = "vq"  # or "diffusion", where the run has a diffusion decoder
+    vocoder: str = "griffin_lim"  # or "neural", where the run has a neural vocoder
 
 
 @dataclass
@@ -78,11 +79,15 @@ class DemoSession:
         cfg = self.pipe.config
         return Settings(temperature=cfg.image.temperature, top_p=cfg.image.top_p or 1.0,
                         cfg_scale=cfg.image_cfg_scale, candidates=max(cfg.image_candidates, 1), seed=cfg.seed,
-                        image_decoder=cfg.image_decoder)
+                        image_decoder=cfg.image_decoder, vocoder=cfg.vocoder)
 
     @property
     def image_decoders(self) -> list[str]:
         return ["vq", "diffusion"] if self.pipe.diffusion is not None else ["vq"]
+
+    @property
+    def vocoders(self) -> list[str]:
+        return ["griffin_lim", "neural"] if self.pipe.vocoder is not None else ["griffin_lim"]
 
     def preview(self, picture: str | None) -> tuple[Image.Image | None, str]:
         """An uploaded picture to show beside the upload, or why it cannot be used."""
@@ -126,6 +131,8 @@ class DemoSession:
                 options.update(temperature=float(settings.temperature), top_p=float(settings.top_p))
             if to == "image":
                 options.update(image_decoder=settings.image_decoder)
+            if to == "audio":
+                options.update(vocoder=settings.vocoder)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OutOfDomainWarning)  # shown on the page instead (out.warnings)
                 out = self.pipe.generate(segments, to=to, **options)

@@ -77,4 +77,12 @@ def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return float(out.wer)
 
 
-__all__ = ["SpeechJudge", "word_error_rate", "ASR_RATE"]
+def grammar_judge(asr_grammar: str | None, where: str) -> SpeechJudge:
+    """A judge constrained by the grammar of the plug-in ``asr_grammar`` (group ``anyloom.asr_grammars``), or the
+    general model when None; ``where`` names the recipe key in errors."""
+    from anyloom.plugins import load_plugin
+
+    return SpeechJudge(load_plugin("anyloom.asr_grammars", asr_grammar, where=where)() if asr_grammar else None)
+
+
+__all__ = ["SpeechJudge", "grammar_judge", "word_error_rate", "ASR_RATE"]

@@ -1,9 +1,15 @@
-"""The two image decoders side by side: the image tokenizer's VQ decoder and a run's diffusion decoder.
+"""Decoders side by side on the same codes: pictures (the image tokenizer's VQ decoder and a run's diffusion
+decoder) and speech (the mel tokenizer's Griffin-Lim and a run's neural vocoder).
 
 ``compare_decoders`` encodes originals once and decodes the same codes both ways: PSNR and SSIM against the
 originals, the world judge's agreement (world pictures only), seconds per picture on this machine (the diffusion
 decoder's time includes the VQ decode it refines). ``RedrawnPictures`` replays a text->image evaluation's codes
 through the diffusion decoder, so the judge scores both decoders on the very same generated codes.
+
+``compare_vocoders`` decodes the same speech codes through Griffin-Lim and the neural vocoder: the ASR judge's word
+error rate (and its ground truth on the originals), mel distance, SI-SNR, STOI/PESQ where installed, and seconds of
+audio made per second of decoding on this machine. ``RevocodedSpeech`` replays a text->speech evaluation's codes
+through the neural vocoder, as ``RedrawnPictures`` does for pictures.
 """
 
 from __future__ import annotations
@@ -93,3 +99,53 @@ class RedrawnPictures:
         self.seconds += time.perf_counter() - t0
         self.pictures += len(images)
         return [np.asarray(im.convert("RGB")) for im in images]
+
+
+def decoding_speed(decoder: Any, codes: list[torch.Tensor], frame_seconds: float, repeats: int = 2) -> float:
+    """Seconds of audio made per second of ``decoder.decode`` (the best of ``repeats`` passes over ``codes``)."""
+    audio = sum(c.shape[-1] for c in codes) * frame_seconds
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for c in codes:
+            decoder.decode(c)
+        best = min(best, time.perf_counter() - t0)
+    return audio / best
+
+
+def compare_vocoders(tokenizer: Any, vocoder: Any, waves: list[np.ndarray], sample_rate: int,
+                     texts: list[str] | None = None, judge: Any | None = None) -> dict[str, Any]:
+    """Griffin-Lim (``tokenizer.decode``) and ``vocoder`` on the same codes of ``waves``:
+    ``{"utterances": n, "griffin_lim": {metric: value}, "neural": {...}}`` with ``audio_seconds_per_second``
+    (decoding only). ``judge`` (with ``texts``) adds the ASR word error rates."""
+    from anyloom.decoders.vocoder import VocodedMelTokenizer
+    from anyloom.evaluation.asr import word_error_rate
+    from anyloom.evaluation.audio_metrics import evaluate_reconstruction
+
+    codes = [tokenizer.encode(torch.from_numpy(np.asarray(w, dtype=np.float32))[None], sample_rate).codes
+             for w in waves]
+    out: dict[str, Any] = {"utterances": len(waves)}
+    for name, decoder in (("griffin_lim", tokenizer), ("neural", VocodedMelTokenizer(tokenizer, vocoder))):
+        report = evaluate_reconstruction(decoder, waves, sample_rate, texts if judge else None, judge,
+                                         word_error_rate)
+        scores = {k.split(".", 1)[1]: v for k, v in report.as_eval("x").items()
+                  if k not in ("x.items", "x.tokens_per_second")}
+        scores["audio_seconds_per_second"] = decoding_speed(decoder, codes, 1.0 / float(tokenizer.frame_rate))
+        out[name] = scores
+    return out
+
+
+class RevocodedSpeech:
+    """A text->speech "model" that answers with recorded codes, per caption, voiced by ``decoder`` (an audio
+    tokenizer, or one with the neural vocoder): the evaluation that recorded them, replayed, judges another vocoder on
+    the same generated codes."""
+
+    def __init__(self, decoder: Any, recorded: dict[str, torch.Tensor]):
+        self.decoder, self.recorded = decoder, recorded
+
+    def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
+        missing = [c for c in captions if c not in self.recorded]
+        if missing:
+            raise RuntimeError(f"no recorded speech for {missing[0]!r}: replay the same evaluation")
+        waves = [self.decoder.decode(self.recorded[c][None])[0].numpy() for c in captions]
+        return waves, int(self.decoder.sample_rate)

@@ -94,6 +94,7 @@ class PipelineModel:
         self._image_calls = 0
         # Speech is costlier to generate and judge: one draw per distinct caption, reused by the WAV samples.
         self._speech: dict[str, tuple[np.ndarray, int]] = {}
+        self.speech_codes: dict[str, torch.Tensor] = {}  # per caption, where a second vocoder will voice them
         # prompts the pipeline called out of domain (words never seen in training...), per target; counted here
         # instead of one warning line per prompt
         self.out_of_domain: dict[str, int] = {}
@@ -155,6 +156,8 @@ class PipelineModel:
         if todo:
             outs = self._generate(todo, to="audio", seed=self.seed)
             self._speech.update({c: (o.wave, o.sample_rate) for c, o in zip(todo, outs)})
+            if getattr(self.pipe, "vocoder", None) is not None:  # the other vocoder voices them (vocoder_scores)
+                self.speech_codes.update({c: o.codes for c, o in zip(todo, outs)})
             if self.single_sample:
                 self.speech_firsts.update({c: (_first(o).wave, _first(o).sample_rate) for c, o in zip(todo, outs)})
         got = [self._speech[c] for c in captions]
@@ -305,7 +308,8 @@ def weights_fingerprint(run_path: str | Path) -> str:
     run_path = Path(run_path)
     digest = hashlib.sha256()
     places = [run_path / "export", *sorted((run_path / "stages").glob("*/tokenizer")),
-              run_path / "stages" / "image_matcher" / "matcher"]
+              run_path / "stages" / "image_matcher" / "matcher", run_path / "stages" / "diffusion_decoder" / "decoder",
+              run_path / "stages" / "vocoder" / "vocoder"]
     for folder in places:
         for file in sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []:
             digest.update(str(file.relative_to(run_path)).encode())
@@ -458,6 +462,10 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
                                             cfg.seed)
         if "attr_acc" in scores.get("t2i", {}) and "diffusion" in scores["decoders"]:  # the VQ's, side by side
             scores["decoders"].setdefault("vq", {})["t2i_attr_acc"] = scores["t2i"]["attr_acc"]
+    if getattr(pipe, "vocoder", None) is not None and "test" in splits:
+        log("eval: the vocoders side by side ...")
+        scores.setdefault("decoders", {})["vocoder"] = vocoder_scores(pipe, splits["test"], model.speech_codes,
+                                                                      scores.get("t2a"), judges)
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 
@@ -501,6 +509,32 @@ def decoder_scores(pipe: Any, items: list[Any], t2i_codes: list[Any], world: boo
         t2i = eval_text_to_image(redrawn, items)
         out.setdefault("diffusion", {})["t2i_attr_acc"] = t2i["attr_acc"]
         out["diffusion"]["t2i_seconds_per_image"] = redrawn.seconds / max(1, redrawn.pictures)
+    return out
+
+
+def vocoder_scores(pipe: Any, items: list[Any], t2a_codes: dict[str, Any], t2a: dict[str, Any] | None,
+                   judges: _Judges, max_utterances: int = 100) -> dict[str, Any]:
+    """eval.json's ``decoders.vocoder``: Griffin-Lim and the neural vocoder on the same codes. Reconstructions of up
+    to ``max_utterances`` test recordings (ASR word error rate where the data has an exact judge, mel distance,
+    SI-SNR, STOI/PESQ where installed, seconds of audio per second), and the text->speech evaluation's generated codes
+    voiced by the vocoder the pipeline did not use, judged like the first (``t2a_asr_wer``)."""
+    from anyloom.decoders.vocoder import VocodedMelTokenizer
+    from anyloom.evaluation.decoders import RevocodedSpeech, compare_vocoders
+
+    spoken = [it for it in items if it.wave is not None and it.caption is not None][:max_utterances]
+    out: dict[str, Any] = {"griffin_lim": {}, "neural": {}}
+    if spoken:
+        rate = spoken[0].sample_rate
+        out = compare_vocoders(pipe.audio_tokenizer, pipe.vocoder, [it.wave for it in spoken], rate,
+                               [it.caption for it in spoken], judges.reconstruction_asr)
+    if t2a and t2a_codes:
+        used = pipe.config.vocoder
+        other = "griffin_lim" if used == "neural" else "neural"
+        voice = pipe.audio_tokenizer if other == "griffin_lim" else VocodedMelTokenizer(pipe.audio_tokenizer,
+                                                                                         pipe.vocoder)
+        replayed = judges.evaluate(RevocodedSpeech(voice, t2a_codes), {"test": items}, "t2a")
+        out[used]["t2a_asr_wer"] = t2a.get("asr_wer")
+        out[other]["t2a_asr_wer"] = replayed["t2a"]["asr_wer"]
     return out
 
 

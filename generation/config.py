@@ -20,6 +20,7 @@ from anyloom.generation.engine import COMPILE_MODES, CompileMode
 from anyloom.generation.sampling import ModalitySampling, SamplingConfig
 
 ImageDecoderKind = Literal["vq", "diffusion"]
+VocoderKind = Literal["griffin_lim", "neural"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class GenerationConfig:
     # how image codes become pixels: "vq", the image tokenizer's own decoder; "diffusion", the diffusion decoder a
     # run trained (the diffusion_decoder stage, decoders/diffusion.py) refining that decode (seeded by the request)
     image_decoder: ImageDecoderKind = added_field("vq")
+    # how speech codes become a wave: "griffin_lim", the audio tokenizer's own decode (Griffin-Lim for the mel
+    # tokenizer, a waveform codec's decoder otherwise); "neural", the vocoder a run trained for its mel tokenizer
+    # (the vocoder stage, decoders/vocoder.py)
+    vocoder: VocoderKind = added_field("griffin_lim")
     # compile the decode step: "auto" does where it was measured to pay (CUDA; on CPU the one-off compile of tens
     # of seconds outweighs the per-token saving for generation lengths we use; docs/BENCHMARKS.md "Generation")
     compile: CompileMode = "auto"

@@ -74,7 +74,7 @@ RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff")
 # what a mixed reply (to="any") can be asked for
-REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_audio_seconds", "on_step"}
+REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_audio_seconds", "vocoder", "on_step"}
 SIZE_FACTOR = 2.0  # a picture more than this much larger or smaller than the training pictures gets a warning
 ASPECT_TOLERANCE = 0.1  # ... and one whose aspect ratio differs by more than this share
 
@@ -221,6 +221,32 @@ def _find_diffusion_decoder(export: Path) -> Path | None:
     return next((folder for folder in places if holds_weights(folder)), None)
 
 
+def _find_vocoder(export: Path) -> Path | None:
+    run = export.parent if export.name == "export" else export
+    places = (export / "vocoder", run / "stages" / "vocoder" / "vocoder")
+    return next((folder for folder in places if holds_weights(folder)), None)
+
+
+def _load_vocoder(folder: Path, tokenizer: Any, device: torch.device) -> Any:
+    """The neural vocoder in ``folder``, checked against the run's audio tokenizer (a mel tokenizer with the same
+    mel features)."""
+    from anyloom.decoders.vocoder import MelVocoder
+    from anyloom.tokenizers.audio_mel import MelTokenizer
+
+    try:
+        vocoder = MelVocoder.load(folder, device=device)
+    except (ValueError, FileNotFoundError, ConfigError) as e:
+        raise PipelineError(f"{folder}: not a vocoder folder ({e})") from e
+    if not isinstance(tokenizer, MelTokenizer):
+        raise PipelineError(f"{folder}: a neural vocoder reads mel frames, but this run's audio tokenizer is a "
+                            f"{type(tokenizer).__name__}, which decodes waves itself")
+    try:
+        vocoder.check_features(tokenizer.cfg.features, "the run's audio tokenizer")
+    except ValueError as e:
+        raise PipelineError(f"{folder}: {e}; the folder belongs to another run") from e
+    return vocoder
+
+
 def _find_matcher(export: Path) -> Path | None:
     run = export.parent if export.name == "export" else export
     places = (export / "image_matcher", run / "stages" / "image_matcher" / "matcher")
@@ -266,12 +292,13 @@ def load(
     audio_tokenizer: str | Path | None = None,
     image_matcher: str | Path | None = None,
     diffusion_decoder: str | Path | None = None,
+    vocoder: str | Path | None = None,
 ) -> Pipeline:
     """A :class:`Pipeline` from a run directory or an export folder (module docstring: what is looked up where).
 
     ``config`` defaults to the run's recipe ``generation:`` section when ``<run>/recipe.yaml`` has one.
     """
-    path = Path(path)
+    path, vocoder_folder = Path(path), vocoder
     export = find_export(path)
     dev = pick_device(device)
     model, vocab = load_lm(export, dev)
@@ -325,9 +352,14 @@ def load(
             raise PipelineError(f"{folder}: the diffusion decoder makes {tuple(diffusion.cfg.image_size)} pictures "
                                 f"but the image tokenizer decodes {tuple(tokenizers['image'].image_size)}; the folder "
                                 f"belongs to another run")
+    vocoder = None
+    folder = Path(vocoder_folder) if vocoder_folder is not None else _find_vocoder(export)
+    if folder is not None and tokenizers["audio"] is not None:
+        vocoder = _load_vocoder(folder, tokenizers["audio"], dev)
     pipe = Pipeline(model, vocab, tokenizers["text"], tokenizers["image"], tokenizers["audio"], config, matcher,
-                    diffusion)
+                    diffusion, vocoder)
     pipe.image_decoder(config.image_decoder)  # a recipe that asks for a decoder the run lacks: refused now
+    pipe.vocoder_kind(config.vocoder)
     for to in TARGETS:  # every listed scorer can serve this pipeline: refused now, not after minutes of sampling
         if to == "text" or tokenizers[to] is not None:
             try:
@@ -366,8 +398,10 @@ class Pipeline:
         config: GenerationConfig | None = None,
         matcher: Any | None = None,
         diffusion: Any | None = None,
+        vocoder: Any | None = None,
     ) -> None:
         self.model = model
+        self.vocoder = vocoder  # a MelVocoder (decoders/vocoder.py) for the mel tokenizer, or None: vocoder="neural"
         self.matcher = matcher  # an ImageTextMatcher (matcher/model.py) or None; scorers may use it
         self.diffusion = diffusion  # a DiffusionDecoder (decoders/diffusion.py) or None: image_decoder="diffusion"
         self.vocab = vocab
@@ -498,14 +532,15 @@ class Pipeline:
 
     def reply(self, prompt: SegmentLike | Sequence[SegmentLike], *, seed: int | None = None,
               temperature: float | None = None, cfg_scale: float | None = None, max_text_tokens: int | None = None,
-              max_audio_seconds: float | None = None, on_step: Callable[[StepEvent], None] | None = None
-              ) -> GeneratedReply:
+              max_audio_seconds: float | None = None, vocoder: str | None = None,
+              on_step: Callable[[StepEvent], None] | None = None) -> GeneratedReply:
         """``to="any"``: the model continues the prompt with text and opens picture or speech spans itself (as many
         as fit the budget: ``max_text_tokens`` of text plus room for one picture and one utterance), constrained by
         the grammar so every reply parses; each span is decoded. ``temperature`` sets the text's; pictures and
         speech sample with the config's, guided by ``cfg_scale`` (default: the config's per modality) against the
-        reply without the prompt. No reranking: a mixed reply has no scorer yet."""
-        cfg = self.config
+        reply without the prompt; ``vocoder`` turns its speech into a wave. No reranking: a mixed reply has no
+        scorer yet."""
+        cfg = replace(self.config, vocoder=self.vocoder_kind(vocoder or self.config.vocoder))
         if max_text_tokens is not None:
             cfg = replace(cfg, max_text_tokens=max_text_tokens)
         if max_audio_seconds is not None:
@@ -539,7 +574,7 @@ class Pipeline:
                 parts.append(GeneratedText(self.text_tokenizer.decode(seg.ids.tolist()), seg.ids.tolist(), True))
             else:
                 to = "image" if isinstance(seg, ImageIds) else "audio"
-                parts += self._render_many([torch.as_tensor(seg.codes, dtype=torch.long)], to)
+                parts += self._render_many([torch.as_tensor(seg.codes, dtype=torch.long)], to, cfg.vocoder)
         return GeneratedReply(parts, stream, bool(out.finished[0]) and len(stream) < budget, notes)
 
     def generate_batch(
@@ -560,6 +595,7 @@ class Pipeline:
         keep_candidates: bool = False,
         keep_first: bool = False,
         image_decoder: str | None = None,
+        vocoder: str | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[Generated]:
         """Generate the ``to`` modality for every prompt, as one left-padded batch.
@@ -573,7 +609,8 @@ class Pipeline:
         its greedy output). ``keep_candidates=True`` also returns every candidate with its score in the result's
         ``candidates`` (best first; pictures and speech are then all decoded); ``keep_first=True`` the first sample,
         before reranking, in ``first`` (single-sample quality beside the reranked one). ``image_decoder`` ("vq" /
-        "diffusion") overrides the config's for pictures (scorers always read the VQ decode). ``max_new_tokens``
+        "diffusion") overrides the config's for pictures (scorers always read the VQ decode), ``vocoder``
+        ("griffin_lim" / "neural") the config's for speech. ``max_new_tokens``
         (transformers' name) caps a text at that many tokens before its end: ``max_text_tokens`` counts the end as
         well.
         """
@@ -601,6 +638,7 @@ class Pipeline:
         if max_audio_seconds is not None:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
         refine = to == "image" and self.image_decoder(image_decoder or cfg.image_decoder) == "diffusion"
+        cfg = replace(cfg, vocoder=self.vocoder_kind(vocoder or cfg.vocoder))
         seed = cfg.seed if seed is None else seed
         results = self._generate(toks, to, n, cfg, seed, cfg_scale, on_step, keep_candidates, keep_first)
         if refine:
@@ -625,7 +663,7 @@ class Pipeline:
         if n == 1:
             out = [replace(g, candidates=[g]) for g in results] if keep else results
             return [replace(o, first=o) for o in out] if keep_first else out
-        return self._best_candidates(results, toks, n, to, keep, keep_first)
+        return self._best_candidates(results, toks, n, to, keep, keep_first, cfg.vocoder)
 
     def _sample(self, toks: list[list[TokSegment]], to: Target, n: int, cfg: GenerationConfig, seed: int,
                 cfg_scale: float | None, on_step: Callable[[StepEvent], None] | None, render: bool = True
@@ -661,7 +699,7 @@ class Pipeline:
         decoded = [self._decode(seq, to, done and len(seq) < budget) for seq, done in zip(out.sequences, out.finished)]
         if to == "text" or not render:
             return decoded
-        return self._render_many([c.codes for c in decoded], to)
+        return self._render_many([c.codes for c in decoded], to, cfg.vocoder)
 
     def _too_long(self, prompt: list[TokSegment], length: int, budget: int, to: Target) -> str:
         """Why a prompt does not fit the model's context, in the prompt's own units."""
@@ -685,6 +723,16 @@ class Pipeline:
         if kind == "diffusion" and self.diffusion is None:
             raise PipelineError("image_decoder='diffusion', but this run has no diffusion decoder (train one with the "
                                 "diffusion_decoder stage: recipes/diffusion_decoder.yaml)")
+        return kind
+
+    def vocoder_kind(self, kind: str) -> str:
+        """``kind`` checked against what this run has ("griffin_lim": the audio tokenizer's own decode, always;
+        "neural" when the run trained a vocoder for its mel tokenizer)."""
+        if kind not in ("griffin_lim", "neural"):
+            raise PipelineError(f"vocoder={kind!r}: expected 'griffin_lim' or 'neural'")
+        if kind == "neural" and self.vocoder is None:
+            raise PipelineError("vocoder='neural', but this run has no neural vocoder (train one with the vocoder "
+                                "stage: recipes/vocoder.yaml)")
         return kind
 
     def _refine(self, outputs: list[Any], seed: int) -> list[Any]:
@@ -743,13 +791,14 @@ class Pipeline:
         return best
 
     def _best_candidates(self, candidates: list[_Codes], toks: list[list[TokSegment]], n: int, to: Target,
-                         keep: bool = False, keep_first: bool = False) -> list[GeneratedImage | GeneratedAudio]:
+                         keep: bool = False, keep_first: bool = False, vocoder: str | None = None
+                         ) -> list[GeneratedImage | GeneratedAudio]:
         """Of each prompt's ``n`` consecutive candidates, the one with the highest score (:meth:`score`). Only the
         kept candidates are decoded, and those a scorer looks at (each one once)."""
         span = ImageIds if to == "image" else AudioIds
         pool = Candidates(to, toks, [i for i in range(len(toks)) for _ in range(n)],
                           [span(c.codes.cpu().numpy()) for c in candidates],
-                          decode=lambda indices: self._render_many([candidates[j].codes for j in indices], to))
+                          decode=lambda indices: self._render_many([candidates[j].codes for j in indices], to, vocoder))
         scores = self.score(pool).view(len(toks), n)
         kept = [i * n + k for i, k in enumerate(scores.argmax(dim=1).tolist())]
         best = [replace(out, score=float(scores[j // n, j % n])) for j, out in zip(kept, pool.outputs(kept))]
@@ -774,9 +823,11 @@ class Pipeline:
             raise PipelineError(f"generated stream parsed into {len(segments)} segments, expected one {to} span")
         return _Codes(torch.as_tensor(segments[0].codes, dtype=torch.long))  # image (h, w), audio (Q, F)
 
-    def _render_many(self, codes: list[torch.Tensor], to: Target) -> list[GeneratedImage | GeneratedAudio]:
+    def _render_many(self, codes: list[torch.Tensor], to: Target, vocoder: str | None = None
+                     ) -> list[GeneratedImage | GeneratedAudio]:
         """Codes -> pictures (the tokenizer's VQ decoder, RENDER_BATCH at a time: one picture per call was 3x slower)
-        or waves (the audio tokenizer's decoder / vocoder, one at a time: their lengths differ)."""
+        or waves (the audio tokenizer's decoder, or the neural vocoder when ``vocoder`` (default: the config's) is
+        "neural"; one at a time: their lengths differ)."""
         if to == "image":
             from anyloom.decoders.images import decode_image_codes
 
@@ -790,9 +841,14 @@ class Pipeline:
             return [GeneratedImage(image, c) for image, c in zip(images, codes)]
         from anyloom.decoders.audio import decode_audio_codes
 
+        speech = self.audio_tokenizer
+        if self.vocoder_kind(vocoder or self.config.vocoder) == "neural":
+            from anyloom.decoders.vocoder import VocodedMelTokenizer
+
+            speech = VocodedMelTokenizer(self.audio_tokenizer, self.vocoder)
         out = []
         for c in codes:
-            waves, sample_rate = decode_audio_codes(self.audio_tokenizer, c[None].to(self.device))
+            waves, sample_rate = decode_audio_codes(speech, c[None].to(self.device))
             out.append(GeneratedAudio(waves[0], sample_rate, c))
         return out
 

@@ -25,16 +25,18 @@ from anyloom.training.optim import OptimConfig
 from anyloom.training.parallel import ParallelConfig
 from anyloom.training.run import RunConfig
 from anyloom.training.train_config import TrainConfig
+from anyloom.training.vocoder import VocoderStageConfig
 from anyloom.transformer.model import ModelConfig
 from anyloom.world.dataset import WorldConfig
 
 # The stages of the chain behind `make train`, in the only order they can run (training/chain.py).
 STAGES = ("data", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
-          "pretokenize", "lm", "export", "eval")
+          "vocoder", "pretokenize", "lm", "export", "eval")
 Stage = Literal["data", "text_tokenizer", "image_tokenizer", "diffusion_decoder", "image_matcher", "audio_tokenizer",
-                "pretokenize", "lm", "export", "eval"]
-# The default chain; the diffusion decoder is an optional research stage (recipes/diffusion_decoder.yaml).
-DEFAULT_STAGES = tuple(s for s in STAGES if s != "diffusion_decoder")
+                "vocoder", "pretokenize", "lm", "export", "eval"]
+# The default chain; the diffusion decoder and the neural vocoder are optional decoder stages
+# (recipes/diffusion_decoder.yaml, recipes/vocoder.yaml).
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in ("diffusion_decoder", "vocoder"))
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Recipe:
     text_tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)  # BPE size, extra corpus
     sequences: SequenceConfig = field(default_factory=SequenceConfig)  # span layout, task mixture, pre-tokenization
     diffusion_decoder: DiffusionDecoderStageConfig = field(default_factory=DiffusionDecoderStageConfig)  # image decoder
+    vocoder: VocoderStageConfig = added_field(VocoderStageConfig())  # the mel tokenizer's neural vocoder
     image_tokenizer: ImageTokenizerStageConfig = field(default_factory=ImageTokenizerStageConfig)  # image VQ + training
     # the image-text matcher that scores text->image candidates (the "matcher" scorer of generation.image_scorers)
     image_matcher: MatcherStageConfig = field(default_factory=MatcherStageConfig)

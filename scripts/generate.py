@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-decoder", choices=["vq", "diffusion"],
                    help="pictures through the image tokenizer's decoder or the run's diffusion decoder (default: the "
                         "recipe's generation.image_decoder)")
+    p.add_argument("--vocoder", choices=["griffin_lim", "neural"],
+                   help="speech through the audio tokenizer's own decode (Griffin-Lim for mel codes) or the run's "
+                        "neural vocoder (default: the recipe's generation.vocoder)")
     p.add_argument("--max-text-tokens", type=int)
     p.add_argument("--max-audio-seconds", type=float)
     p.add_argument("--device", default="auto")
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else Path(a.run) / "samples" / "generate"
     out.mkdir(parents=True, exist_ok=True)
     options = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "min_p": a.min_p,
-               "cfg_scale": a.cfg_scale, "candidates": a.candidates, "image_decoder": a.image_decoder}
+               "cfg_scale": a.cfg_scale, "candidates": a.candidates, "image_decoder": a.image_decoder,
+               "vocoder": a.vocoder}
     summary: dict[str, Any] = {"run": str(a.run), "config": to_dict(config), "options": options,
                                "outputs": earlier_outputs(out)}
     jobs = [(r, k) for r in requests for k in range(a.num)]

@@ -348,15 +348,12 @@ def evaluate_tokenizer(model: MelTokenizer | WaveCodec, val: SpeechSet, items: i
                        asr_grammar: str | None = None) -> dict[str, float]:
     """Reconstruction scores on the first ``items`` validation utterances (SI-SNR, mel distance, ASR WER...);
     ``asr_grammar``: the plug-in whose JSGF grammar constrains the ASR judge (None: its general model)."""
-    from anyloom.evaluation.asr import SpeechJudge, word_error_rate
+    from anyloom.evaluation.asr import grammar_judge, word_error_rate
     from anyloom.evaluation.audio_metrics import evaluate_reconstruction
-    from anyloom.plugins import load_plugin
 
-    grammar = None
-    if asr_grammar:
-        grammar = load_plugin("anyloom.asr_grammars", asr_grammar, where="audio_tokenizer.train.asr_grammar")()
-    report = evaluate_reconstruction(model, val.waves[:items], val.sample_rate, val.texts[:items],
-                                     SpeechJudge(grammar), word_error_rate)
+    judge = grammar_judge(asr_grammar, "audio_tokenizer.train.asr_grammar")
+    report = evaluate_reconstruction(model, val.waves[:items], val.sample_rate, val.texts[:items], judge,
+                                     word_error_rate)
     return report.as_eval()
 
 

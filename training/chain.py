@@ -3,7 +3,8 @@
     data -> text_tokenizer -> image_tokenizer -> image_matcher -> audio_tokenizer -> pretokenize -> lm -> export
           -> eval
 
-(plus an optional ``diffusion_decoder`` stage after ``image_tokenizer``: recipes/diffusion_decoder.yaml).
+(plus two optional decoder stages: ``diffusion_decoder`` after ``image_tokenizer``, recipes/diffusion_decoder.yaml,
+and ``vocoder`` after ``audio_tokenizer``, recipes/vocoder.yaml).
 The image matcher scores text->image candidates (``generation.image_scorers``); it needs only the two tokenizers.
 
 Where things go (``run`` = ``runs/<name>/``):
@@ -254,6 +255,26 @@ def stage_audio_tokenizer(ctx: Context) -> Outcome:
     return Outcome(str(out), up_to_date=_untouched(out, t0))
 
 
+def stage_vocoder(ctx: Context) -> Outcome:
+    from anyloom.tokenizers.audio_mel import MelTokenizer
+    from anyloom.tokenizers.registry import load_tokenizer
+    from anyloom.training.vocoder import train_vocoder
+
+    if skip := _lacks(ctx, "audio", "vocoder"):
+        return skip
+    data = _need(ctx, "data", "vocoder")
+    folder = _need(ctx, "audio_tokenizer", "vocoder")
+    tokenizer = load_tokenizer("audio", folder)
+    if not isinstance(tokenizer, MelTokenizer):
+        return Outcome(f"skipped: the audio tokenizer ({type(tokenizer).__name__}) decodes waves itself; a vocoder "
+                       "needs mel frames (audio_tokenizer.kind: mel_rvq)", up_to_date=True)
+    t0 = time.time()
+    out = train_vocoder(ctx.recipe.vocoder, tokenizer, folder, data.train, data.val, ctx.run.stage("vocoder"),
+                        seed=ctx.recipe.run.seed)
+    ctx.artifacts["vocoder"] = out
+    return Outcome(str(out), up_to_date=_untouched(out, t0))
+
+
 def load_tokenizers(ctx: Context) -> dict[str, Any]:
     from anyloom.tokenizers.registry import load_tokenizer
 
@@ -404,6 +425,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], Outcome]] = {
     "diffusion_decoder": stage_diffusion_decoder,
     "image_matcher": stage_image_matcher,
     "audio_tokenizer": stage_audio_tokenizer,
+    "vocoder": stage_vocoder,
     "pretokenize": stage_pretokenize,
     "lm": stage_lm,
     "export": stage_export,
