@@ -3,6 +3,8 @@ matcher) reads its splits through :func:`load_images`.
 
     load_images(manifest, image_size)                     every image segment, documents in order
     load_images(manifest, image_size, captioned=True)     each document's first (text, image) pair, with its meta
+    PictureStream(manifest, image_size)                   a torch Dataset that decodes each picture when asked:
+                                                          corpora too large to hold decoded in memory
 
 Two ways to meet a bad document. ``strict=True`` (the default): the manifest reader raises at the first
 unreadable document, and a picture of another size than ``image_size`` is an error naming its file.
@@ -19,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from anyloom.data.document import Document, ImageSegment, TextSegment
-from anyloom.data.manifest import read_manifest
+from anyloom.data.manifest import Decoding, ManifestError, index_pictures, read_manifest, read_picture
 
 MAX_REASONS = 20  # skip messages kept per set (the count covers them all)
 
@@ -89,4 +92,42 @@ def load_images(manifest: str | Path, image_size: tuple[int, int], *, limit: int
     return out
 
 
-__all__ = ["ImageSet", "load_images"]
+class PictureStream:
+    """The pictures of a manifest (JSONL or uncompressed webdataset shards) as a map-style torch Dataset: indexing
+    reads lines and tar headers only; ``stream[i]`` reads and decodes picture ``i`` (resized to ``image_size`` by
+    ``fit``). A picture that cannot be read gives its reason (a string, "file:line: why") instead of pixels, so
+    a loader can count and report it without losing the batch: :func:`collate_pictures`."""
+
+    def __init__(self, manifest: str | Path, image_size: tuple[int, int], fit: str = "resize"):
+        index = index_pictures(manifest)
+        if not index.refs:
+            raise ValueError(f"{manifest}: no image segments ({len(index.skipped)} documents skipped)")
+        self.refs, self.skipped = index.refs, index.skipped
+        self.decoding = Decoding(image_size=tuple(image_size), image_fit=fit)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> np.ndarray | str:
+        try:
+            return read_picture(self.refs[i], self.decoding)
+        except ManifestError as e:
+            return str(e)
+
+
+@dataclass
+class PictureBatch:
+    pixels: torch.Tensor  # (B', 3, H, W) float in [-1, 1]: the readable pictures of the batch
+    unreadable: list[str]  # the others' reasons
+
+
+def collate_pictures(items: list[np.ndarray | str]) -> PictureBatch:
+    """A DataLoader's ``collate_fn`` for :class:`PictureStream`: pixels stacked, unreadable pictures listed."""
+    good = [x for x in items if not isinstance(x, str)]
+    pixels = torch.zeros(0)
+    if good:  # the arithmetic of tokenizers.image_vq.uint8_to_float, so both loaders give the same floats
+        pixels = (torch.from_numpy(np.stack(good)).float() / 255.0 * 2.0 - 1.0).permute(0, 3, 1, 2).contiguous()
+    return PictureBatch(pixels=pixels, unreadable=[x for x in items if isinstance(x, str)])
+
+
+__all__ = ["ImageSet", "load_images", "PictureStream", "PictureBatch", "collate_pictures"]

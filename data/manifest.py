@@ -307,6 +307,111 @@ def _document(obj: Any, files: _FileSource | _MemberSource, dec: Decoding, defau
     return Document(segments=segments, id=doc_id, meta=meta)
 
 
+# ---- pictures by reference: a corpus too large to decode up front -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PictureRef:
+    """Where one picture's bytes are: a file of its own, or ``size`` bytes at ``offset`` inside a tar shard."""
+
+    source: str  # "manifest.jsonl:12" or "shard.tar:000123": where errors point
+    file: str
+    offset: int = -1  # -1: the whole file; else the member's data offset in the shard
+    size: int = 0
+
+
+@dataclass
+class PictureIndex:
+    refs: list[PictureRef]
+    skipped: list[Skip] = field(default_factory=list)  # documents that name no readable picture reference
+
+
+def index_pictures(path: str | Path) -> PictureIndex:
+    """Every image segment of a JSONL manifest or webdataset shards, by reference: lines and tar headers are read,
+    pictures are not (:func:`read_picture` decodes one). A malformed line or sample is skipped and recorded; a
+    picture that turns out unreadable is reported when it is read."""
+    out = PictureIndex(refs=[])
+    for p in manifest_files(path):
+        if p.name.endswith((".tar", ".tar.gz", ".tgz")):
+            _index_tar(p, out)
+        else:
+            _index_jsonl(p, out)
+    return out
+
+
+def _index_jsonl(path: Path, out: PictureIndex) -> None:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            source = f"{path}:{lineno}"
+            try:
+                segments = json.loads(raw)["segments"]
+                images = [seg["image"] for seg in segments if isinstance(seg, dict) and "image" in seg]
+            except (ValueError, KeyError, TypeError) as e:
+                out.skipped.append(Skip(source, f"malformed line: expected a JSON object with 'segments' ({e})"))
+                continue
+            if not images:
+                out.skipped.append(Skip(source, "no image segment"))
+            for ref in images:
+                if not isinstance(ref, str):
+                    out.skipped.append(Skip(source, f"image must be a string, got {type(ref).__name__}"))
+                    continue
+                file = Path(ref) if Path(ref).is_absolute() else path.parent / ref
+                out.refs.append(PictureRef(source, str(file)))
+
+
+def _index_tar(path: Path, out: PictureIndex) -> None:
+    if path.name.endswith((".gz", ".tgz")):
+        raise ManifestError(f"{path}: a compressed shard cannot be read by reference; use an uncompressed .tar")
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                if base.startswith(".") or "." not in base:
+                    continue
+                key, ext = base.split(".", 1)
+                members.setdefault(f"{folder}/{key}" if folder else key, {})[ext.lower()] = member
+            for key, exts in members.items():
+                source = f"{path}:{key}"
+                if "json" in exts:
+                    try:
+                        obj = json.loads(tar.extractfile(exts["json"]).read().decode("utf-8"))
+                        wanted = [seg["image"] for seg in obj["segments"] if isinstance(seg, dict) and "image" in seg]
+                    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                        out.skipped.append(Skip(source, f"malformed JSON in member {key}.json: {e}"))
+                        continue
+                else:
+                    wanted = [ext for ext in IMAGE_EXTS if ext in exts][:1]
+                for ext in wanted:
+                    if ext not in exts:
+                        out.skipped.append(Skip(source, f"missing file: image member {ext!r} not in the sample"))
+                        continue
+                    out.refs.append(PictureRef(source, str(path), exts[ext].offset_data, exts[ext].size))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ManifestError(f"{path}: not a readable tar shard ({e})") from e
+
+
+def read_picture(ref: PictureRef, decoding: Decoding) -> np.ndarray:
+    """The (H, W, 3) uint8 picture ``ref`` points to, converted as ``decoding`` says; ``ManifestError`` naming
+    ``ref.source`` when it cannot be read."""
+    try:
+        if ref.offset < 0:
+            data, name = _FileSource(Path(ref.file).parent).open(ref.file, "image")
+        else:
+            with open(ref.file, "rb") as f:
+                f.seek(ref.offset)
+                data, name = f.read(ref.size), ref.source
+        return _decode_image(data, name, decoding)
+    except _Bad as e:
+        raise ManifestError(f"{ref.source}: {e}") from e
+    except OSError as e:
+        raise ManifestError(f"{ref.source}: unreadable image: {e}") from e
+
+
 def _clean(e: Exception) -> str:
     """The library's message without the in-memory buffer's repr (which changes from run to run)."""
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
@@ -380,4 +485,5 @@ def _decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
 
 
 __all__ = ["Decoding", "IMAGE_FITS", "ManifestError", "ManifestResult", "Skip", "read_manifest", "iter_manifest",
-           "manifest_files", "media_stamps", "SEGMENT_KEYS"]
+           "manifest_files", "media_stamps", "SEGMENT_KEYS", "PictureRef", "PictureIndex", "index_pictures",
+           "read_picture"]

@@ -500,7 +500,8 @@ def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch
     losses = [r["loss"] for r in records if "loss" in r]
     assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < 0.75 * np.mean(losses[:2])
     with pytest.raises(ValueError, match="mixed_precision"):
-        _stage(mixed_precision="bf16")
+        _stage(mixed_precision="fp16")
+    assert _stage(mixed_precision="bf16").bf16_autocast  # bf16 on whatever device the loop runs on
 
 
 def test_gap_focus_weights_narrow_background_gaps_golden():
@@ -655,3 +656,55 @@ def test_reconstruct_batches_equal_one_batch_and_keep_the_mode():
     codes = model.encode(x).codes
     assert torch.equal(batched.codes, codes)
     torch.testing.assert_close(batched.images, model.decode(codes), rtol=0, atol=1e-5)
+
+
+def test_streamed_pictures_train_exactly_like_pictures_in_memory(tmp_path):
+    """loader: stream (pictures decoded batch by batch in loader processes) draws the same batches as loader:
+    memory, so the two train bit-identical weights."""
+    from anyloom.training.image_tokenizer import train_image_tokenizer
+    from anyloom.training.run import RunDir
+    from anyloom.weights import load_weights
+
+    train, val = _manifest(tmp_path / "train", 16, 0), _manifest(tmp_path / "val", 8, 1)
+    cfg = _stage(steps=6, eval_every=100, sample_every=0, ckpt_every=0, batch_size=8)
+    memory = load_weights(train_image_tokenizer(cfg, train, val, RunDir(tmp_path / "a"))).state_dict
+    for workers in (0, 2):
+        streamed = _stage(steps=6, eval_every=100, sample_every=0, ckpt_every=0, batch_size=8, loader="stream",
+                          workers=workers)
+        got = load_weights(train_image_tokenizer(streamed, train, val, RunDir(tmp_path / f"s{workers}"))).state_dict
+        for k in memory:
+            assert torch.equal(memory[k], got[k]), (workers, k)
+
+
+def test_picture_stream_reads_jsonl_and_shards_by_reference_and_reports_bad_pictures(tmp_path, capsys):
+    from own_data import write_own_data
+
+    from anyloom.data.images import PictureStream, collate_pictures, load_images
+    from anyloom.training.image_tokenizer import train_image_tokenizer
+    from anyloom.training.metrics import read_metrics
+    from anyloom.training.run import RunDir
+
+    own = write_own_data(tmp_path / "own", n=12)
+    lenient = load_images(own["manifest"], (16, 16), strict=False)
+    for source in (own["manifest"], own["shards"]):
+        stream = PictureStream(source, (16, 16))
+        assert len(stream) == 13  # 12 pictures and the truncated one: read only when asked for
+        items = [stream[i] for i in range(len(stream))]
+        bad = [x for x in items if isinstance(x, str)]
+        assert len(bad) == 1 and "broken" in bad[0] and "corrupt image" in bad[0]
+        good = np.stack([x for x in items if not isinstance(x, str)])
+        assert np.array_equal(good, lenient.pixels)  # the same pixels as decoding the whole manifest
+        batch = collate_pictures(items[4:7])
+        assert batch.pixels.shape == (2, 3, 16, 16) and len(batch.unreadable) == 1
+        assert torch.equal(batch.pixels, uint8_to_float(np.stack([x for x in items[4:7] if not isinstance(x, str)])))
+    # training on it: the truncated picture is left out of the batches that draw it, counted and named once
+    cfg = _stage(steps=4, eval_every=100, sample_every=0, ckpt_every=0, batch_size=8, loader="stream", workers=0,
+                 model=tiny("vq", patch=2, image_size=(16, 16)))
+    run = RunDir(tmp_path / "run")
+    train_image_tokenizer(cfg, str(own["shards"]), own["manifest"], run)
+    counts = [r["train_unreadable"] for r in read_metrics(run.path) if "train_unreadable" in r]
+    assert counts and counts == sorted(counts) and counts[-1] >= 1
+    assert "unreadable training picture" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no image segments"):
+        (tmp_path / "text.jsonl").write_text(json.dumps({"segments": [{"text": "words only"}]}) + "\n")
+        PictureStream(tmp_path / "text.jsonl", (16, 16))

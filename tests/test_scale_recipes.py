@@ -30,6 +30,11 @@ TINY = [  # every stage's size and length shrunk; the recipe's own parallel, pre
     "train.seq_len=256", "train.batch_size=4", "train.ckpt_every=0", "train.log_every=1",
     "train.async_checkpoint=false"]
 LM_STAGES = "pipeline.stages=[data,text_tokenizer,image_tokenizer,audio_tokenizer,pretokenize,lm]"
+# a recipe whose own model is too large for two CPU steps: its layout kept (levels, attention, codebook), widths cut
+SHRUNK = {"scale/image_tokenizer_256": [
+    "image_tokenizer.model.image_size=[64,64]", "image_tokenizer.model.channels=[8,16,16,32]",
+    "image_tokenizer.model.norm_groups=4", "image_tokenizer.model.latent_dim=16", "image_tokenizer.workers=2",
+    "image_tokenizer.threads=1"]}
 
 
 def test_the_scale_recipes_exist_and_resolve():
@@ -42,6 +47,9 @@ def test_the_scale_recipes_exist_and_resolve():
             assert recipe.parallel.activation_checkpointing != "none" and recipe.parallel.compile
     speech = load_recipe("scale/speech_tokenizer_24k").audio_tokenizer
     assert speech.sample_rate == 24000 and speech.mel.tokens_per_second == 200
+    image = load_recipe("scale/image_tokenizer_256", ["data.train=x.jsonl"]).image_tokenizer
+    assert image.model.grid == (16, 16) and image.model.quantizer.codebook_size == 16384
+    assert image.loader == "stream" and image.device == "auto" and image.mixed_precision == "bf16"
 
 
 @pytest.mark.slow
@@ -49,7 +57,7 @@ def test_the_scale_recipes_exist_and_resolve():
 def test_two_steps_on_two_ranks(name, tmp_path):
     own = write_own_data(tmp_path / "own", n=12)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "scripts/train.py", "--recipe", name, *TINY,
+           f"--master_port={free_port()}", "scripts/train.py", "--recipe", name, *TINY, *SHRUNK.get(name, []),
            *([LM_STAGES] if "lm" in load_recipe(name, ["data.train=x"]).pipeline.stages else []),
            f"data.train={own['manifest']}", "data.val_fraction=0.2", "data.test_fraction=0.2",
            f"data.root={tmp_path / 'prepared'}", f"run.out_dir={tmp_path / 'runs'}", "run.name=scale",
@@ -58,8 +66,10 @@ def test_two_steps_on_two_ranks(name, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "scale"
-    if "lm" not in load_recipe(name, ["data.train=x"]).pipeline.stages:  # a tokenizer recipe: its stage's output
-        assert (run / "stages" / "audio_tokenizer" / "tokenizer" / "config.json").is_file()
+    stages = load_recipe(name, ["data.train=x"]).pipeline.stages
+    if "lm" not in stages:  # a tokenizer recipe: its stage's output
+        for stage in {"image_tokenizer", "audio_tokenizer"} & set(stages):
+            assert (run / "stages" / stage / "tokenizer" / "config.json").is_file(), stage
         return
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -83,3 +93,23 @@ def test_bench_recipe_measures_a_short_piece_of_a_recipe(tmp_path):
     assert report["steps"] == 3 and report["steps_timed"] == 2 and report["tokens_per_s"] > 0
     assert report["seq_len"] == 128 and report["global_batch"] == 2 and report["peak_memory_gib"] > 0
     assert report["parallel"]["activation_checkpointing"] == "selective"  # the recipe's own settings
+
+
+def test_bench_tokenizer_recipe_counts_flops_and_activation_memory(tmp_path):
+    """scripts/bench_tokenizer_recipe.py (the GPU check of an image tokenizer recipe) runs on the CPU with tiny
+    widths; its FLOP count is the convolution arithmetic of the step, so a wider model counts more."""
+    from bench_tokenizer_recipe import main as bench_main
+
+    reports = []
+    for width in (8, 16):
+        out = tmp_path / f"bench{width}.json"
+        assert bench_main(["--recipe", "scale/image_tokenizer_256", "--steps", "3", "--warmup", "1", "--gan", "--out",
+                           str(out), *SHRUNK["scale/image_tokenizer_256"], "image_tokenizer.batch_size=2",
+                           f"image_tokenizer.model.channels=[{width},16,16,32]", "image_tokenizer.device=cpu",
+                           "image_tokenizer.mixed_precision=fp32"]) == 0
+        reports.append(json.loads(out.read_text()))
+    small, wide = reports
+    assert small["device"].startswith("CPU") and small["grid"] == [4, 4] and small["codebook_size"] == 16384
+    assert small["gan_on"] and small["disc_params"] > 0 and small["images_per_s"] > 0 and small["mfu"] is None
+    assert 0 < small["gflops_per_image"] < wide["gflops_per_image"]
+    assert 0 < small["activation_gib_per_image"] < wide["activation_gib_per_image"]

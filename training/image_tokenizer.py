@@ -2,14 +2,15 @@
 
     train_image_tokenizer(cfg, train_manifest, val_manifest, run) -> folder with the exported tokenizer
 
-The loop: ``load_data`` (both splits in memory), ``build_state`` (model, optimizers [, discriminator, EMA]), then
+The loop: ``load_data`` (both splits in memory; or, with ``loader: stream``, the training pictures decoded batch
+by batch in loader processes), ``build_state`` (model, optimizers [, discriminator, EMA]), then
 ``train_step`` per batch, with validation scores, sample grids and checkpoints every so many steps, and ``export``.
 One step reads top to bottom: forward, loss (L1 + L2, optionally weighted per pixel towards the original's outlines
 and by a dataset's pixel-weight plug-ins, see ``PixelWeights`` [+ gradient-difference L1] + quantizer aux [+
 adaptive-weighted hinge GAN after ``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision:
-amx`` on an AMX CPU), backward, clip, step, EMA update. Checkpoints are the small-model trainers' format
-(``training/snapshots.py``); a run with a checkpoint of its config resumes from it and, because every batch is drawn
-from a generator seeded by (seed, step), continues exactly as an uninterrupted run would. The export is skipped when
+amx`` on an AMX CPU or ``bf16`` on a GPU, ``device``), backward, clip, step, EMA update. Checkpoints are the
+small-model trainers' format (``training/snapshots.py``); a run with a checkpoint of its config resumes from it and,
+because every batch is drawn from a generator seeded by (seed, step), continues exactly as an uninterrupted run would. The export is skipped when
 ``<run>/tokenizer`` already holds a tokenizer trained with the same config fingerprint.
 
 Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
@@ -24,7 +25,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -36,7 +37,8 @@ from PIL import Image
 from torch import nn
 
 from anyloom.config import added_field, build, fingerprint, to_dict
-from anyloom.data.images import load_images
+from anyloom.data.images import MAX_REASONS, PictureStream, collate_pictures, load_images
+from anyloom.device import pick_device
 from anyloom.plugins import load_plugin
 from anyloom.tokenizers.base import reconstruct
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
@@ -149,8 +151,16 @@ class ImageTokenizerStageConfig:
     # "amx": the forward pass and the losses under CPU bf16 autocast when the CPU has AMX tiles (oneDNN runs the
     # convs on them; fp32 master weights and AdamW state, FSQ rounds in fp32, the export is fp32); "fp32"
     # everywhere else and on a CPU without AMX (docs/experiments/2026-11-27-image-tokenizer-bf16-and-gap-focus.md).
-    mixed_precision: Literal["fp32", "amx"] = "fp32"
+    # "bf16": bf16 autocast on whatever device the loop runs on (a GPU; fp32 master weights, fp32 losses).
+    mixed_precision: Literal["fp32", "amx", "bf16"] = "fp32"
     threads: int = 2  # torch.set_num_threads for the loop
+    # where the loop runs: "cpu", "cuda" (this rank's GPU), "cuda:1", or "auto" (a GPU when there is one)
+    device: str = added_field("cpu")
+    # where the training pictures come from: "memory" decodes every picture up front (the 32x32 world's 8,000 are
+    # 25 MB); "stream" decodes each batch's pictures in `workers` loader processes (data/images.py, PictureStream),
+    # for corpora that do not fit in memory. Both draw the same batches (a function of seed and step).
+    loader: Literal["memory", "stream"] = added_field("memory")
+    workers: int = added_field(4)  # stream: DataLoader processes decoding pictures (0: in the loop's process)
     seed: int = 0
     log_every: int = 25
     eval_every: int = 250  # PSNR / codebook usage on val_images validation images
@@ -170,8 +180,12 @@ class ImageTokenizerStageConfig:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.mixed_precision not in ("fp32", "amx"):
-            raise ValueError(f"mixed_precision must be 'fp32' or 'amx', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("fp32", "amx", "bf16"):
+            raise ValueError(f"mixed_precision must be 'fp32', 'amx' or 'bf16', got {self.mixed_precision!r}")
+        if self.loader not in ("memory", "stream"):
+            raise ValueError(f"loader must be 'memory' or 'stream', got {self.loader!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.l1_weight < 0 or self.l2_weight < 0 or self.l1_weight + self.l2_weight == 0:
             raise ValueError("l1_weight and l2_weight must be >= 0 and not both 0")
         if self.edge_weight < 0:
@@ -190,13 +204,14 @@ class ImageTokenizerStageConfig:
 
     @property
     def bf16_autocast(self) -> bool:
-        """Whether the loop runs under CPU bf16 autocast (``mixed_precision: amx`` on a CPU with AMX tiles)."""
-        return self.mixed_precision == "amx" and cpu_has_amx()
+        """Whether the loop runs under bf16 autocast (``bf16``, or ``amx`` on a CPU with AMX tiles)."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "amx" and cpu_has_amx())
 
-    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
-        """A factory of the loop's autocast context: CPU bf16 when ``bf16_autocast``, else a no-op. Whether the CPU
-        has AMX tiles is asked here, once per loop, not every step."""
-        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast)
+    def autocast(self, device: torch.device | str = "cpu") -> Callable[[], contextlib.AbstractContextManager]:
+        """A factory of the loop's autocast context on ``device``: bf16 when ``bf16_autocast``, else a no-op. Whether
+        the CPU has AMX tiles is asked here, once per loop, not every step."""
+        kind = torch.device(device).type
+        return functools.partial(torch.autocast, kind, dtype=torch.bfloat16, enabled=self.bf16_autocast)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -420,32 +435,80 @@ def export_matches(folder: Path, config_fp: str) -> bool:
 
 @dataclass
 class StageData:
-    train: torch.Tensor  # (N, 3, H, W) float in [-1, 1], all in memory: the world is small
+    # (N, 3, H, W) float in [-1, 1], all in memory (loader "memory"), or a PictureStream decoding on demand
+    train: torch.Tensor | PictureStream
     val: np.ndarray  # (N_val, H, W, 3) uint8, the first val_images of the validation split
     fixed: np.ndarray  # (8, H, W, 3) uint8: the validation pictures of every sample grid
 
 
 def load_data(cfg: ImageTokenizerStageConfig, train_manifest: str | Path, val_manifest: str | Path,
               logger: MetricsLogger) -> StageData:
-    """Both splits' pictures, resized to the model's size; unreadable documents are skipped, counted and named."""
+    """Both splits' pictures, resized to the model's size; unreadable documents are skipped, counted and named
+    (with ``loader: stream`` the training pictures are indexed now and read batch by batch)."""
     image_size = tuple(cfg.model.image_size)
-    train = load_images(train_manifest, image_size, strict=False)
     val = load_images(val_manifest, image_size, limit=cfg.val_images, strict=False)
-    logger.log(0, train_images=len(train.pixels), train_skipped=train.skipped, val_images=len(val.pixels),
-               val_skipped=val.skipped)
-    print(f"image tokenizer: {len(train.pixels)} training images ({train.skipped} documents skipped), "
-          f"{len(val.pixels)} validation images ({val.skipped} skipped)")
-    for reason in train.reasons + val.reasons:
+    if cfg.loader == "stream":
+        stream = PictureStream(train_manifest, image_size)
+        n, skipped, reasons, train = len(stream), len(stream.skipped), [str(s) for s in stream.skipped], stream
+    else:
+        pictures = load_images(train_manifest, image_size, strict=False)
+        n, skipped, reasons = len(pictures.pixels), pictures.skipped, pictures.reasons
+        train = uint8_to_float(pictures.pixels)
+    logger.log(0, train_images=n, train_skipped=skipped, val_images=len(val.pixels), val_skipped=val.skipped)
+    print(f"image tokenizer: {n} training images ({skipped} documents skipped), {len(val.pixels)} validation "
+          f"images ({val.skipped} skipped)")
+    for reason in reasons[:MAX_REASONS] + val.reasons:
         print(f"  skipped {reason}")
-    return StageData(train=uint8_to_float(train.pixels), val=val.pixels, fixed=val.pixels[:8])
+    return StageData(train=train, val=val.pixels, fixed=val.pixels[:8])
 
 
-def build_state(cfg: ImageTokenizerStageConfig) -> TrainState:
-    """A fresh model (and discriminator) with their optimizers, in the loop's memory layout."""
-    model = ImageVQTokenizer(cfg.model).to(memory_format=cfg.memory_format)
+class StepBatches:
+    """The batch sampler of the streaming loader: step ``start``'s batch indices, then the next step's..."""
+
+    def __init__(self, n: int, cfg: ImageTokenizerStageConfig, start: int):
+        self.n, self.cfg, self.start = n, cfg, start
+
+    def __len__(self) -> int:
+        return max(0, self.cfg.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.cfg.steps):
+            yield batch_indices(self.n, self.cfg.batch_size, self.cfg.seed, step).tolist()
+
+
+def training_batches(cfg: ImageTokenizerStageConfig, data: StageData, start: int, device: torch.device,
+                     logger: MetricsLogger) -> Iterator[torch.Tensor]:
+    """Each step's batch from step ``start`` on, on ``device`` in the loop's memory layout. Streamed pictures that
+    cannot be read are left out of their batch, counted (``train_unreadable`` in metrics.jsonl) and the first few
+    named; a batch with none readable stops training with the reasons."""
+    if isinstance(data.train, torch.Tensor):
+        for step in range(start, cfg.steps):
+            x = data.train[batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
+            yield x.to(device).contiguous(memory_format=cfg.memory_format)
+        return
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_sampler=StepBatches(len(data.train), cfg, start), num_workers=cfg.workers,
+        collate_fn=collate_pictures, pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed))  # its own: the global one feeds the VQ's draws
+    unreadable = 0
+    for step, batch in enumerate(loader, start):
+        if batch.unreadable:
+            for reason in batch.unreadable[:max(0, MAX_REASONS - unreadable)]:
+                print(f"  unreadable training picture (left out of step {step}'s batch): {reason}")
+            unreadable += len(batch.unreadable)
+            logger.log(step, train_unreadable=unreadable)
+        if not len(batch.pixels):
+            raise ValueError(f"image tokenizer: no picture of step {step}'s batch could be read: "
+                             f"{'; '.join(batch.unreadable[:3])}")
+        yield batch.pixels.to(device, non_blocking=True).contiguous(memory_format=cfg.memory_format)
+
+
+def build_state(cfg: ImageTokenizerStageConfig, device: torch.device | str = "cpu") -> TrainState:
+    """A fresh model (and discriminator) with their optimizers, on ``device`` in the loop's memory layout."""
+    model = ImageVQTokenizer(cfg.model).to(device, memory_format=cfg.memory_format)
     disc = disc_opt = None
     if cfg.gan.enabled:
-        disc = PatchDiscriminator(cfg.gan).to(memory_format=cfg.memory_format)
+        disc = PatchDiscriminator(cfg.gan).to(device, memory_format=cfg.memory_format)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.9), weight_decay=0.0)
     return TrainState(model=model, optimizer=build_optimizer(model, cfg.optim), disc=disc, disc_optimizer=disc_opt,
                       ema=_ema_init(model) if cfg.ema_decay > 0 else None)
@@ -549,13 +612,15 @@ def train_image_tokenizer(
         return out
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
     logger = MetricsLogger(run)
     data = load_data(cfg, train_manifest, val_manifest, logger)
-    state = build_state(cfg)
+    state = build_state(cfg, device)
     snaps = snapshots(state, run.checkpoints, config_fp)
     state.step = snaps.resume()
     objective = ReconstructionObjective(cfg)
-    autocast = cfg.autocast()  # the forward pass and the losses (the generator's and the discriminator's)
+    autocast = cfg.autocast(device)  # the forward pass and the losses (the generator's and the discriminator's)
+    batches = training_batches(cfg, data, state.step, device, logger)
 
     loop = TrainingLoop("image tokenizer", cfg.steps, start=state.step, max_seconds=cfg.max_seconds)
     for step in loop:  # stops early once the max_seconds budget is spent
@@ -564,8 +629,7 @@ def train_image_tokenizer(
         lr = cfg.optim.lr * lr_factor(position, cfg.steps, cfg.optim)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        x = data.train[batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
-        result = train_step(state, x.contiguous(memory_format=cfg.memory_format), cfg, objective, autocast)
+        result = train_step(state, next(batches), cfg, objective, autocast)
 
         done = state.step
         if loop.due(cfg.log_every, done) or done == cfg.steps:
