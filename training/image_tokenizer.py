@@ -10,8 +10,8 @@ and by a dataset's pixel-weight plug-ins, see ``PixelWeights`` [+ gradient-diffe
 adaptive-weighted hinge GAN after ``gan_start``]; forward and losses under bf16 autocast with ``mixed_precision:
 amx`` on an AMX CPU or ``bf16`` on a GPU, ``device``), backward, clip, step, EMA update. Checkpoints are the
 small-model trainers' format (``training/snapshots.py``); a run with a checkpoint of its config resumes from it and,
-because every batch is drawn from a generator seeded by (seed, step), continues exactly as an uninterrupted run would. The export is skipped when
-``<run>/tokenizer`` already holds a tokenizer trained with the same config fingerprint.
+because every batch is drawn from a generator seeded by (seed, step), continues exactly as an uninterrupted run would.
+The export is skipped when ``<run>/tokenizer`` already holds a tokenizer trained with the same config fingerprint.
 
 Axis legend: B batch, H/W image size, h/w code grid, N images in a split.
 """
