@@ -79,7 +79,7 @@ class DemoSession:
         cfg = self.pipe.config
         return Settings(temperature=cfg.image.temperature, top_p=cfg.image.top_p or 1.0,
                         cfg_scale=cfg.image_cfg_scale, candidates=max(cfg.image_candidates, 1), seed=cfg.seed,
-                        image_decoder=cfg.image_decoder, vocoder=cfg.vocoder)
+                        image_decoder=cfg.image_decoder, vocoder=self.pipe.vocoder_kind(cfg.vocoder))
 
     @property
     def image_decoders(self) -> list[str]:

@@ -528,7 +528,7 @@ def vocoder_scores(pipe: Any, items: list[Any], t2a_codes: dict[str, Any], t2a: 
         out = compare_vocoders(pipe.audio_tokenizer, pipe.vocoder, [it.wave for it in spoken], rate,
                                [it.caption for it in spoken], judges.reconstruction_asr)
     if t2a and t2a_codes:
-        used = pipe.config.vocoder
+        used = pipe.vocoder_kind(pipe.config.vocoder)
         other = "griffin_lim" if used == "neural" else "neural"
         voice = pipe.audio_tokenizer if other == "griffin_lim" else VocodedMelTokenizer(pipe.audio_tokenizer,
                                                                                          pipe.vocoder)

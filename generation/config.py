@@ -20,7 +20,7 @@ from anyloom.generation.engine import COMPILE_MODES, CompileMode
 from anyloom.generation.sampling import ModalitySampling, SamplingConfig
 
 ImageDecoderKind = Literal["vq", "diffusion"]
-VocoderKind = Literal["griffin_lim", "neural"]
+VocoderKind = Literal["auto", "griffin_lim", "neural"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ class GenerationConfig:
     image_decoder: ImageDecoderKind = added_field("vq")
     # how speech codes become a wave: "griffin_lim", the audio tokenizer's own decode (Griffin-Lim for the mel
     # tokenizer, a waveform codec's decoder otherwise); "neural", the vocoder a run trained for its mel tokenizer
-    # (the vocoder stage, decoders/vocoder.py)
-    vocoder: VocoderKind = added_field("griffin_lim")
+    # (the vocoder stage, decoders/vocoder.py); "auto", the neural one where the run has it (it wins on every
+    # measure: docs/BENCHMARKS.md, "Neural vocoder")
+    vocoder: VocoderKind = added_field("auto", neutral="griffin_lim")
     # compile the decode step: "auto" does where it was measured to pay (CUDA; on CPU the one-off compile of tens
     # of seconds outweighs the per-token saving for generation lengths we use; docs/BENCHMARKS.md "Generation")
     compile: CompileMode = "auto"

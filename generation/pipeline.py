@@ -727,9 +727,11 @@ class Pipeline:
 
     def vocoder_kind(self, kind: str) -> str:
         """``kind`` checked against what this run has ("griffin_lim": the audio tokenizer's own decode, always;
-        "neural" when the run trained a vocoder for its mel tokenizer)."""
+        "neural" when the run trained a vocoder for its mel tokenizer; "auto": neural where there is one)."""
+        if kind == "auto":
+            return "neural" if self.vocoder is not None else "griffin_lim"
         if kind not in ("griffin_lim", "neural"):
-            raise PipelineError(f"vocoder={kind!r}: expected 'griffin_lim' or 'neural'")
+            raise PipelineError(f"vocoder={kind!r}: expected 'auto', 'griffin_lim' or 'neural'")
         if kind == "neural" and self.vocoder is None:
             raise PipelineError("vocoder='neural', but this run has no neural vocoder (train one with the vocoder "
                                 "stage: recipes/vocoder.yaml)")

@@ -74,9 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-decoder", choices=["vq", "diffusion"],
                    help="pictures through the image tokenizer's decoder or the run's diffusion decoder (default: the "
                         "recipe's generation.image_decoder)")
-    p.add_argument("--vocoder", choices=["griffin_lim", "neural"],
+    p.add_argument("--vocoder", choices=["auto", "griffin_lim", "neural"],
                    help="speech through the audio tokenizer's own decode (Griffin-Lim for mel codes) or the run's "
-                        "neural vocoder (default: the recipe's generation.vocoder)")
+                        "neural vocoder; auto: neural where the run has one (default: the recipe's generation.vocoder)")
     p.add_argument("--max-text-tokens", type=int)
     p.add_argument("--max-audio-seconds", type=float)
     p.add_argument("--device", default="auto")

@@ -159,14 +159,18 @@ def test_pipeline_vocoder_choice(tmp_path):
     run = build_tiny_run(tmp_path / "tiny")
     with pytest.raises(PipelineError, match="no neural vocoder"):
         load(run, device="cpu").generate("two red circles", to="audio", vocoder="neural")
-    with pytest.raises(PipelineError, match="expected 'griffin_lim' or 'neural'"):
+    with pytest.raises(PipelineError, match="expected 'auto', 'griffin_lim' or 'neural'"):
         load(run, device="cpu").generate("two red circles", to="audio", vocoder="hifigan")
     pipe = load(run, device="cpu")
+    without = pipe.generate("two red circles", to="audio", seed=3, candidates=2)  # auto: Griffin-Lim, the only one
     torch.manual_seed(0)
     MelVocoder(TINY, pipe.audio_tokenizer.cfg.features).save(run / "stages" / "vocoder" / "vocoder")
     pipe = load(run, device="cpu")
-    gl = pipe.generate("two red circles", to="audio", seed=3, candidates=2)
+    gl = pipe.generate("two red circles", to="audio", seed=3, candidates=2, vocoder="griffin_lim")
     neural = pipe.generate("two red circles", to="audio", seed=3, candidates=2, vocoder="neural")
+    assert np.array_equal(gl.wave, without.wave)
+    auto = pipe.generate("two red circles", to="audio", seed=3, candidates=2)  # auto: the run's vocoder
+    assert np.array_equal(auto.wave, neural.wave)
     assert torch.equal(gl.codes, neural.codes) and gl.score == neural.score  # the same candidate kept
     expected = pipe.vocoder.vocode(pipe.audio_tokenizer.decode_mel(neural.codes[None]))[0].numpy()
     assert np.array_equal(neural.wave, expected[: len(neural.wave)])

@@ -256,6 +256,7 @@ def stage_audio_tokenizer(ctx: Context) -> Outcome:
 
 
 def stage_vocoder(ctx: Context) -> Outcome:
+    from anyloom.device import pick_device
     from anyloom.tokenizers.audio_mel import MelTokenizer
     from anyloom.tokenizers.registry import load_tokenizer
     from anyloom.training.vocoder import train_vocoder
@@ -270,7 +271,7 @@ def stage_vocoder(ctx: Context) -> Outcome:
                        "needs mel frames (audio_tokenizer.kind: mel_rvq)", up_to_date=True)
     t0 = time.time()
     out = train_vocoder(ctx.recipe.vocoder, tokenizer, folder, data.train, data.val, ctx.run.stage("vocoder"),
-                        seed=ctx.recipe.run.seed)
+                        seed=ctx.recipe.run.seed, device=pick_device(ctx.recipe.run.device))
     ctx.artifacts["vocoder"] = out
     return Outcome(str(out), up_to_date=_untouched(out, t0))
 
