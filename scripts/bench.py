@@ -84,6 +84,7 @@ def part_tokenizers(quick: bool, threads: int) -> dict:
     import numpy as np
     import torch
 
+    from anyloom.decoders.vocoder import MelVocoder, VocodedMelTokenizer
     from anyloom.recipes import load_recipe
     from anyloom.tokenizers.audio_mel import MelTokenizer
     from anyloom.tokenizers.image_vq import ImageVQTokenizer
@@ -102,14 +103,20 @@ def part_tokenizers(quick: bool, threads: int) -> dict:
         fn()
         return count / (time.perf_counter() - start)
 
+    # the world's neural vocoder (untrained weights: its speed does not depend on them) on the same codes
+    vocoded = VocodedMelTokenizer(audio, MelVocoder(recipe.vocoder.model, recipe.audio_tokenizer.mel.features).eval())
     with torch.no_grad():
         codes = image.encode(images).codes
         acodes = audio.encode(waves, 16000).codes
+        griffin_lim = rate(lambda: audio.decode(acodes), seconds)
+        neural = rate(lambda: vocoded.decode(acodes), seconds)
         return {
             "image_tokenizer_encode_images_per_s": rate(lambda: image.encode(images), n_img),
             "image_tokenizer_decode_images_per_s": rate(lambda: image.decode(codes), n_img),
             "audio_tokenizer_encode_seconds_per_s": rate(lambda: audio.encode(waves, 16000), seconds),
-            "audio_tokenizer_decode_seconds_per_s": rate(lambda: audio.decode(acodes), seconds),
+            "audio_tokenizer_decode_seconds_per_s": griffin_lim,
+            "audio_vocoder_decode_seconds_per_s": neural,
+            "audio_vocoder_vs_griffin_lim": neural / griffin_lim,
         }
 
 
