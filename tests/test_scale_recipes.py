@@ -96,8 +96,8 @@ def test_bench_recipe_measures_a_short_piece_of_a_recipe(tmp_path):
 
 
 def test_bench_tokenizer_recipe_counts_flops_and_activation_memory(tmp_path):
-    """scripts/bench_tokenizer_recipe.py (the GPU check of an image tokenizer recipe) runs on the CPU with tiny
-    widths; its FLOP count is the convolution arithmetic of the step, so a wider model counts more."""
+    """scripts/bench_tokenizer_recipe.py (the GPU check of a tokenizer recipe) runs on the CPU with tiny widths; its
+    FLOP count is the convolution arithmetic of the step, so a wider model counts more."""
     from bench_tokenizer_recipe import main as bench_main
 
     reports = []
@@ -110,6 +110,15 @@ def test_bench_tokenizer_recipe_counts_flops_and_activation_memory(tmp_path):
         reports.append(json.loads(out.read_text()))
     small, wide = reports
     assert small["device"].startswith("CPU") and small["grid"] == [4, 4] and small["codebook_size"] == 16384
-    assert small["gan_on"] and small["disc_params"] > 0 and small["images_per_s"] > 0 and small["mfu"] is None
-    assert 0 < small["gflops_per_image"] < wide["gflops_per_image"]
-    assert 0 < small["activation_gib_per_image"] < wide["activation_gib_per_image"]
+    assert small["gan_on"] and small["disc_params"] > 0 and small["pictures_per_s"] > 0 and small["mfu"] is None
+    assert 0 < small["gflops_per_picture"] < wide["gflops_per_picture"]
+    assert 0 < small["activation_gib_per_picture"] < wide["activation_gib_per_picture"]
+    # a speech tokenizer recipe: seconds of audio a second, per second of audio
+    out = tmp_path / "speech.json"
+    assert bench_main(["--recipe", "scale/speech_tokenizer_24k", "--steps", "3", "--warmup", "1", "--out", str(out),
+                       "audio_tokenizer.mel.channels=32", "audio_tokenizer.mel.res_blocks=1",
+                       "audio_tokenizer.train.batch_size=2", "audio_tokenizer.train.crop_seconds=0.5"]) == 0
+    speech = json.loads(out.read_text())
+    assert speech["sample_rate"] == 24000 and speech["tokens_per_second"] == 200 and speech["audio_seconds_per_step"] == 1
+    assert speech["audio_seconds_per_s"] > 0 and speech["gflops_per_audio_second"] > 0
+    assert speech["activation_gib_per_audio_second"] > 0

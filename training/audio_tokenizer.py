@@ -137,11 +137,11 @@ def load_speech(manifest: str | Path, sample_rate: int, limit: int = 0) -> Speec
 
 def mel_corpus(model: MelTokenizer, waves: list[np.ndarray]) -> torch.Tensor:
     """(M, N): the log-mel frames of all utterances, end to end (each padded to whole code frames)."""
-    spf = model.samples_per_frame
+    spf, device = model.samples_per_frame, model.mel_mean.device
     chunks = []
     with torch.no_grad():
         for w in progress(waves, desc="log-mel"):
-            t = torch.from_numpy(w)[None]
+            t = torch.from_numpy(w)[None].to(device)
             t = F_.pad(t, (0, (-t.shape[-1]) % spf))
             chunks.append(model.features.log_mel(t)[0])
     return torch.cat(chunks, dim=-1)

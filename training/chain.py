@@ -241,6 +241,7 @@ def stage_image_matcher(ctx: Context) -> Outcome:
 
 
 def stage_audio_tokenizer(ctx: Context) -> Outcome:
+    from anyloom.device import pick_device
     from anyloom.training.audio_tokenizer import train_audio_tokenizer
 
     if skip := _lacks(ctx, "audio", "audio_tokenizer"):
@@ -250,7 +251,7 @@ def stage_audio_tokenizer(ctx: Context) -> Outcome:
     data = _need(ctx, "data", "audio_tokenizer")
     t0 = time.time()
     out = train_audio_tokenizer(ctx.recipe.audio_tokenizer, data.train, data.val, ctx.run.stage("audio_tokenizer"),
-                                seed=ctx.recipe.run.seed)
+                                seed=ctx.recipe.run.seed, device=pick_device(ctx.recipe.run.device))
     ctx.artifacts["audio_tokenizer"] = out
     return Outcome(str(out), up_to_date=_untouched(out, t0))
 
