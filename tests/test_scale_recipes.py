@@ -25,7 +25,9 @@ TINY = [  # every stage's size and length shrunk; the recipe's own parallel, pre
     "image_tokenizer.eval_every=2", "image_tokenizer.val_images=8", "image_tokenizer.sample_every=2",
     "image_tokenizer.ckpt_every=0", "audio_tokenizer.train.steps=2", "audio_tokenizer.train.batch_size=4",
     "audio_tokenizer.train.log_every=1", "audio_tokenizer.train.ckpt_every=0", "audio_tokenizer.train.eval_items=0",
-    "audio_tokenizer.train.num_samples=1", "text_tokenizer.vocab_size=300", "model.dim=64", "model.n_layers=2",
+    "audio_tokenizer.train.num_samples=1", "vocoder.train.steps=2", "vocoder.train.batch_size=2",
+    "vocoder.train.log_every=1", "vocoder.train.ckpt_every=0", "vocoder.train.eval_items=0",
+    "vocoder.train.num_samples=1", "text_tokenizer.vocab_size=300", "model.dim=64", "model.n_layers=2",
     "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_dim=128", "model.max_seq_len=512", "train.steps=2",
     "train.seq_len=256", "train.batch_size=4", "train.ckpt_every=0", "train.log_every=1",
     "train.async_checkpoint=false"]
@@ -70,6 +72,8 @@ def test_two_steps_on_two_ranks(name, tmp_path):
     if "lm" not in stages:  # a tokenizer recipe: its stage's output
         for stage in {"image_tokenizer", "audio_tokenizer"} & set(stages):
             assert (run / "stages" / stage / "tokenizer" / "config.json").is_file(), stage
+        if "vocoder" in stages:
+            assert (run / "stages" / "vocoder" / "vocoder" / "config.json").is_file()
         return
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
