@@ -39,6 +39,10 @@ class Document:
     segments: list[Segment]
     id: str = ""  # stable identifier (the world's item id, or "<manifest>:<line>")
     meta: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. the world's count/colour/shape
+    # the LM task templates this document may serve (sequences/mixture.py: "interleaved", "t2i", ...); None: any.
+    # An instruction ("draw two red circles and say it" + picture + speech) is only an interleaved document: as a
+    # caption it would teach image->text to answer with instructions.
+    tasks: tuple[str, ...] | None = None
 
     def first(self, kind: type[S]) -> S | None:
         """The first segment of type ``kind`` (TextSegment, ImageSegment or AudioSegment), or None."""

@@ -3,7 +3,9 @@
 ``path`` is one file or a brace pattern of several (``shards/train-{000..009}.tar``), read in order.
 
 JSONL: one document per line, ``{"id"?: str, "segments": [{"text": str} | {"image": path} | {"audio": path}],
-"meta"?: {...}}``; paths are relative to the manifest (absolute paths work too). Blank lines are ignored.
+"meta"?: {...}, "tasks"?: [str, ...]}``; paths are relative to the manifest (absolute paths work too). Blank lines
+are ignored. ``tasks`` names the LM task templates the document may serve (``["interleaved"]`` for an instruction
+followed by its answer); without it, any template that fits its segments.
 
 Webdataset shards (``.tar``): members are grouped into samples by key, the file name up to its first dot,
 as webdataset does (``000123.json``, ``000123.png``, ``000123.wav``). A sample with a ``json`` member
@@ -41,7 +43,7 @@ from scipy.signal import resample_poly
 from anyloom.data.document import AudioSegment, Document, ImageSegment, Segment, TextSegment
 
 SEGMENT_KEYS = ("text", "image", "audio")
-DOCUMENT_KEYS = ("id", "segments", "meta")
+DOCUMENT_KEYS = ("id", "segments", "meta", "tasks")
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 AUDIO_EXTS = ("wav", "flac")
 
@@ -283,6 +285,10 @@ def _document(obj: Any, files: _FileSource | _MemberSource, dec: Decoding, defau
     doc_id = obj.get("id", default_id)
     if not isinstance(doc_id, str) or not doc_id:
         raise _Bad(f"'id' must be a non-empty string, got {doc_id!r}")
+    tasks = obj.get("tasks")
+    if tasks is not None and (not isinstance(tasks, list) or not tasks
+                              or not all(isinstance(t, str) and t for t in tasks)):
+        raise _Bad(f"'tasks' must be a non-empty list of task names (e.g. [\"interleaved\"]), got {tasks!r}")
     segments: list[Segment] = []
     for j, seg in enumerate(segs):
         where = f"segment {j}"
@@ -304,7 +310,7 @@ def _document(obj: Any, files: _FileSource | _MemberSource, dec: Decoding, defau
             data, name = files.open(value, "audio")
             wave = _decode_audio(data, name, dec.sample_rate)
             segments.append(AudioSegment(wave=wave, sample_rate=dec.sample_rate, path=name))
-    return Document(segments=segments, id=doc_id, meta=meta)
+    return Document(segments=segments, id=doc_id, meta=meta, tasks=tuple(tasks) if tasks is not None else None)
 
 
 # ---- pictures by reference: a corpus too large to decode up front -------------------------------------------------

@@ -181,7 +181,8 @@ class _Writer:
                 sf.write(self.folder / name, seg.wave, seg.sample_rate, subtype="FLOAT")  # lossless
                 segments.append({"audio": name})
                 self.modalities.add("audio")
-        line = {"id": doc.id, "segments": segments, **({"meta": doc.meta} if doc.meta else {})}
+        line = {"id": doc.id, "segments": segments, **({"meta": doc.meta} if doc.meta else {}),
+                **({"tasks": list(doc.tasks)} if doc.tasks is not None else {})}
         self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
         self.count += 1
 

@@ -58,6 +58,9 @@ class EvalConfig:
     # test items whose caption asks for a mixed reply (to="any"; world judges): how often the model answers with a
     # picture and speech, and both right (world/evaluate.eval_mixed_replies); 0: not measured
     mixed_replies: int = added_field(0)
+    # how a mixed-reply prompt is phrased from its caption ({caption}); a recipe that trains instruction documents
+    # (world.replies) asks the way they were phrased: "draw {caption} and say it"
+    reply_prompt: str = added_field("{caption}")
 
     def __post_init__(self) -> None:
         unknown = set(self.directions) - {"t2i", "i2t", "a2t", "t2a"}
@@ -70,6 +73,8 @@ class EvalConfig:
         unknown = set(self.lm_tasks) - set(TEMPLATES)
         if unknown:
             raise ValueError(f"lm_tasks: unknown {sorted(unknown)}; choose from {', '.join(TEMPLATES)}")
+        if "{caption}" not in self.reply_prompt:
+            raise ValueError(f"reply_prompt must contain {{caption}}, got {self.reply_prompt!r}")
         if min(self.lm_items, self.lm_batches) < 0 or min(self.lm_seq_len, self.lm_batch_size) < 1:
             raise ValueError("lm_items and lm_batches must be >= 0, lm_seq_len and lm_batch_size >= 1")
 
@@ -77,8 +82,9 @@ class EvalConfig:
 class PipelineModel:
     """The generation pipeline seen as the four evaluated directions (greedy unless the run's config says otherwise)."""
 
-    def __init__(self, pipe: Any, seed: int = 0, single_sample: bool = False):
+    def __init__(self, pipe: Any, seed: int = 0, single_sample: bool = False, reply_prompt: str = "{caption}"):
         self.pipe = pipe
+        self.reply_prompt = reply_prompt  # how reply() phrases each caption
         self.seed = seed
         # single_sample: also keep each output's first sample, before reranking (``firsts``), for FirstSamples
         self.single_sample = single_sample
@@ -141,13 +147,14 @@ class PipelineModel:
         return [o.text for o in outs]
 
     def reply(self, captions: list[str]) -> list[Any]:
-        """Each caption with ``to="any"``: the model's own mixed reply, one sample each (seeded by its position)."""
+        """Each caption, phrased by ``reply_prompt``, with ``to="any"``: the model's own mixed reply, one sample each
+        (seeded by its position)."""
         from anyloom.generation.pipeline import OutOfDomainWarning
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OutOfDomainWarning)
-            out = [self.pipe.generate(text=c, to="any", seed=self.seed + self._replies + i)
-                   for i, c in enumerate(captions)]
+            out = [self.pipe.generate(text=self.reply_prompt.format(caption=c), to="any",
+                                      seed=self.seed + self._replies + i) for i, c in enumerate(captions)]
         self._replies += len(captions)
         return out
 
@@ -420,7 +427,7 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         dropped = [d for d in cfg.directions if DIRECTION_MODALITY[d] in lacking]
         log(f"eval: the run has no {' or '.join(lacking)} codes; not evaluating {', '.join(dropped) or '-'}")
         cfg = dataclasses.replace(cfg, directions=tuple(d for d in cfg.directions if d not in dropped))
-    model = PipelineModel(pipe, cfg.seed, single_sample=True)
+    model = PipelineModel(pipe, cfg.seed, single_sample=True, reply_prompt=cfg.reply_prompt)
     single: dict[str, Any] = {}  # the same evaluation of each output's first sample, before reranking
     judges = _judges_for(world, pipe, cfg)
     splits: dict[str, list[Any]] = {}

@@ -14,7 +14,8 @@ classifier-free guidance subtracts (the generator's unconditional prompt is ther
 Each document's template and dropout come from the two uniform draws the packing loader hands over
 (``draws_per_document = 2``), so a mixture is deterministic and resumable through the loader's state.
 Items that no enabled template applies to (e.g. no audio while only t2a is enabled) are left out and counted
-in ``skipped_items``.
+in ``skipped_items``. An item whose document names its ``tasks`` (``["interleaved"]`` for an instruction and its
+answer) serves only those templates; the enabled ones' weights are renormalised over what it may serve.
 """
 
 from __future__ import annotations
@@ -112,16 +113,22 @@ class ItemSource(Protocol):
 
 
 class ItemList:
-    """Items held in memory (tests, small evaluation sets)."""
+    """Items held in memory (tests, small evaluation sets); ``tasks[i]``: the templates item i may serve (None: any)."""
 
-    def __init__(self, items: Sequence[Sequence[TokSegment]]):
+    def __init__(self, items: Sequence[Sequence[TokSegment]], tasks: Sequence[Sequence[str] | None] | None = None):
         self.items = [list(segs) for segs in items]
+        self._tasks = [tuple(t) if t is not None else None for t in tasks] if tasks is not None else None
+        if self._tasks is not None and len(self._tasks) != len(self.items):
+            raise ValueError(f"{len(self.items)} items but {len(self._tasks)} task lists")
 
     def __len__(self) -> int:
         return len(self.items)
 
     def item(self, index: int) -> list[TokSegment]:
         return self.items[index]
+
+    def tasks(self) -> list[tuple[str, ...] | None]:
+        return self._tasks if self._tasks is not None else [None] * len(self.items)
 
     def kinds(self) -> np.ndarray:
         out = np.zeros((len(self.items), 3), dtype=np.int64)
@@ -169,6 +176,7 @@ class TaskMixture:
         weights = np.array([self.config.tasks[t.name] for t in self.templates], dtype=np.float64)
         has = items.kinds() > 0  # (items, 3)
         applicable = np.stack([has[:, list(t.needs)].all(axis=1) for t in self.templates], axis=1)  # (items, tasks)
+        applicable &= self._allowed(items)
         # one cumulative-weight row per distinct pattern of applicable templates (at most 2^3 patterns of kinds)
         patterns, pattern_of = np.unique(applicable, axis=0, return_inverse=True)
         pattern_of = pattern_of.reshape(-1)
@@ -186,6 +194,22 @@ class TaskMixture:
         self._pattern: list[int] = pattern_of[index].tolist()
         self._item: list[int] = index.tolist()
         self._encode_spans()
+
+    def _allowed(self, items: ItemSource) -> np.ndarray:
+        """(items, templates) bool: what each item's document allows (its ``tasks``; all where it names none)."""
+        allowed = np.ones((len(items), len(self.templates)), dtype=bool)
+        restricted = items.tasks() if hasattr(items, "tasks") else [None] * len(items)
+        names = [t.name for t in self.templates]
+        for i, tasks in enumerate(restricted):
+            if tasks is None:
+                continue
+            unknown = [t for t in tasks if t not in TEMPLATES]
+            if unknown:
+                where = items.item_id(i) if hasattr(items, "item_id") else f"item {i}"
+                raise ValueError(f"{where}: tasks names {unknown[0]!r}, not a task template (known: "
+                                 f"{', '.join(TEMPLATES)})")
+            allowed[i] = [n in tasks for n in names]
+        return allowed
 
     def _encode_spans(self) -> None:
         spans: list[np.ndarray] = []

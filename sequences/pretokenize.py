@@ -279,7 +279,8 @@ def _write_encoded_shard(encoder: _Encoder, folder: Path, docs: list[Document], 
     """Encode one shard's documents and write the shard; returns (items stored, empty documents skipped)."""
     kept = [d for d in docs if d.segments]
     encoded = encoder.encode(kept)
-    write_shard(folder, encoded, [d.id for d in kept], key, extra={"skipped_empty": len(docs) - len(kept)})
+    write_shard(folder, encoded, [d.id for d in kept], key, extra={"skipped_empty": len(docs) - len(kept)},
+                tasks=[d.tasks for d in kept])
     return len(kept), len(docs) - len(kept)
 
 

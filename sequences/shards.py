@@ -11,6 +11,7 @@ Layout of one shard folder (all ``.npy``, opened with ``mmap_mode="r"``)::
                                     text: (L, 1); image: (h, w); audio: (Q, F); start indexes codes.npy
         items.npy      (I+1,) int64 item i owns segments[items[i]:items[i+1]]
         ids.json       the items' ids (for error messages and evaluation)
+        tasks.json     only when some item is restricted: per item, the task templates it may serve, or null
         done.json      completion marker: written last, with the cache key; a folder without it is incomplete
 
 A shard is written into a temporary folder and renamed into place, so a crash never leaves a half shard under
@@ -53,13 +54,17 @@ def write_shard(
     item_ids: Sequence[str],
     key: str,
     extra: dict[str, Any] | None = None,
+    tasks: Sequence[Sequence[str] | None] | None = None,
 ) -> Path:
     """Write one shard atomically (temporary folder + rename). ``items[i]`` is item i's tokenized segments.
 
-    ``extra`` goes into the completion marker (e.g. how many input documents were skipped)."""
+    ``extra`` goes into the completion marker (e.g. how many input documents were skipped); ``tasks[i]``, the task
+    templates item i may serve (None: any)."""
     folder = Path(folder)
     if len(items) != len(item_ids):
         raise ValueError(f"{len(items)} items but {len(item_ids)} ids")
+    if tasks is not None and len(tasks) != len(items):
+        raise ValueError(f"{len(items)} items but {len(tasks)} task lists")
     rows: list[tuple[int, int, int, int, int]] = []
     chunks: list[np.ndarray] = []
     offsets = [0]
@@ -89,6 +94,8 @@ def write_shard(
     np.save(tmp / "segments.npy", np.array(rows, dtype=np.int64).reshape(-1, 5))
     np.save(tmp / "items.npy", np.array(offsets, dtype=np.int64))
     (tmp / "ids.json").write_text(json.dumps(list(item_ids)))
+    if tasks is not None and any(t is not None for t in tasks):
+        (tmp / "tasks.json").write_text(json.dumps([list(t) if t is not None else None for t in tasks]))
     (tmp / DONE).write_text(json.dumps({**(extra or {}), "key": key, "items": len(items), "codes": start}) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -113,6 +120,7 @@ class _Shard:
     segments: np.ndarray  # (S, 5) int64
     items: np.ndarray  # (I+1,) int64
     ids: list[str]
+    tasks: list[list[str] | None] | None = None  # tasks.json: per item, the templates it may serve (None: any)
     codes_view: np.ndarray | None = None  # plain ndarray over the same mapping (memmap slicing is ~5x slower)
     rows: list[list[int]] | None = None  # segments as Python ints: item() runs per document in the loader
 
@@ -157,6 +165,7 @@ class TokenShards:
                 segments=np.load(folder / "segments.npy"),
                 items=np.load(folder / "items.npy"),
                 ids=json.loads((folder / "ids.json").read_text()),
+                tasks=json.loads((folder / "tasks.json").read_text()) if (folder / "tasks.json").is_file() else None,
             )
             if shard.items.shape[0] - 1 != entry["items"]:
                 raise ShardError(f"{folder}: holds {shard.items.shape[0] - 1} items, {INDEX} says {entry['items']}")
@@ -198,6 +207,16 @@ class TokenShards:
             seg = shard.segments
             if seg.shape[0]:
                 np.add.at(out, (first + seg[:, 4], seg[:, 0]), 1)
+        return out
+
+    def tasks(self) -> list[tuple[str, ...] | None]:
+        """Per item, the task templates it may serve (a document's ``tasks``), or None where it may serve any."""
+        out: list[tuple[str, ...] | None] = []
+        for shard in self._shards:
+            if shard.tasks is None:
+                out += [None] * len(shard.ids)
+            else:
+                out += [tuple(t) if t is not None else None for t in shard.tasks]
         return out
 
     @property

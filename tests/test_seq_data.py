@@ -325,3 +325,51 @@ def test_pretokenize_manifest_reuse_skips_and_invalidation(tmp_path, capsys):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "1.png")  # a changed file changes the key
     changed = pretokenize_manifest(manifest, tmp_path / "tok", strict=False, **kw)
     assert changed.stale_removed and changed.built == 1 and changed.key != res.key
+
+
+def test_documents_restricted_to_tasks_serve_only_those(tmp_path):
+    """A document's "tasks" (manifest key -> Document.tasks -> the shards' tasks.json -> TaskMixture): an instruction
+    document that may serve only the interleaved task never becomes a captioning or text->image document."""
+    from dataclasses import replace
+
+    docs = make_docs(12)
+    docs = [replace(d, tasks=("interleaved",)) if i % 3 == 0 else d for i, d in enumerate(docs)]
+    res = pretokenize(docs, tmp_path / "tok", text=CharText(), image=PatchImage(), audio=FrameAudio(), config=CFG)
+    tasks = res.shards.tasks()
+    assert tasks == [("interleaved",) if i % 3 == 0 else None for i in range(12)]
+    assert (TokenShards(tmp_path / "tok").tasks() == tasks)  # read back from disk
+    mix = TaskMixture(res.shards, VOCAB, MixtureConfig(tasks={"t2i": 2.0, "i2t": 2.0, "interleaved": 0.1}))
+    seen: dict[int, set[str]] = {i: set() for i in range(12)}
+    for k, d in enumerate(np.random.default_rng(0).random((1200, 2))):
+        seen[k % 12].add(mix.choose(k % 12, d)[0].name)
+    for i in range(12):
+        assert seen[i] == ({"interleaved"} if i % 3 == 0 else {"t2i", "i2t", "interleaved"}), i
+    # shards without any restriction write no tasks.json; an unknown task name is refused with the item named
+    plain = pretokenize(make_docs(3), tmp_path / "plain", text=CharText(), image=PatchImage(), audio=FrameAudio(),
+                        config=CFG)
+    assert plain.shards.tasks() == [None] * 3 and not list((tmp_path / "plain").rglob("tasks.json"))
+    with pytest.raises(ValueError, match="doc-1: tasks names 'captioning'"):
+        bad = [replace(d, tasks=("captioning",)) if i == 1 else d for i, d in enumerate(make_docs(3))]
+        TaskMixture(pretokenize(bad, tmp_path / "bad", text=CharText(), image=PatchImage(), audio=FrameAudio(),
+                                config=CFG).shards, VOCAB)
+    with pytest.raises(ValueError, match="2 items but 1 task lists"):
+        ItemList([[TextIds([1])], [TextIds([2])]], tasks=[None])
+
+
+def test_manifest_tasks_key_is_read_checked_and_prepared(tmp_path):
+    from anyloom.data.manifest import ManifestError, read_manifest
+
+    good = {"id": "a", "segments": [{"text": "draw one red circle"}], "tasks": ["interleaved"]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"segments": [{"text": "x"}]}) + "\n")
+    docs = read_manifest(tmp_path / "m.jsonl").documents
+    assert docs[0].tasks == ("interleaved",) and docs[1].tasks is None
+    for bad in ([], "interleaved", [""], [3]):
+        (tmp_path / "b.jsonl").write_text(json.dumps({**good, "tasks": bad}) + "\n")
+        with pytest.raises(ManifestError, match=r"b.jsonl:1: 'tasks' must be a non-empty list"):
+            read_manifest(tmp_path / "b.jsonl")
+    # the data stage keeps the key in the manifests it writes
+    from anyloom.data.prepare import DataConfig, prepare_data
+
+    m = str(tmp_path / "m.jsonl")
+    prepared = prepare_data(DataConfig(source="manifest", train=m, val=m, test=m, root=str(tmp_path / "prepared")))
+    assert read_manifest(prepared.train).documents[0].tasks == ("interleaved",)

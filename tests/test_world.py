@@ -20,7 +20,7 @@ from anyloom.world.captions import (
     caption_vocabulary,
     parse_caption,
 )
-from anyloom.world.dataset import SPLITS, WorldConfig, build_world, generate_block
+from anyloom.world.dataset import SPLITS, WorldConfig, build_world, generate_block, world_fingerprint
 
 
 def _lines(path: Path) -> list[dict]:
@@ -202,3 +202,27 @@ def test_make_world_cli(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"world: {tmp_path}/" in out and "compositional       2 items" in out
+
+
+def test_reply_documents_are_instructions_for_the_interleaved_task_only(tmp_path):
+    """world.replies: the first training items again as "draw <caption> and say it" + their picture and speech,
+    restricted to the interleaved task; a world without them keeps its name (fingerprint)."""
+    from anyloom.data.manifest import read_manifest
+
+    base = dict(seed=3, n_train=6, n_val=0, n_test=0, n_compositional=0, with_speech=False, root=str(tmp_path))
+    plain = WorldConfig(**base)
+    assert world_fingerprint(plain) == world_fingerprint(WorldConfig(**base, reply_prompt="say {caption}"))
+    replied = WorldConfig(**base, replies=2)
+    assert world_fingerprint(replied) != world_fingerprint(plain)
+    paths = build_world(replied, workers=1)
+    docs = read_manifest(paths.train).documents
+    assert len(docs) == 8 and paths.counts["train_replies"] == 2
+    for item, reply in zip(docs[:2], docs[6:]):
+        assert reply.segments[0].text == f"draw {item.segments[0].text} and say it"
+        assert reply.tasks == ("interleaved",) and item.tasks is None
+        assert np.array_equal(reply.segments[1].pixels, item.segments[1].pixels)
+        assert reply.id == f"{item.id}-reply" and reply.meta["reply_to"] == item.segments[0].text
+    with pytest.raises(ValueError, match="replies must be in"):
+        WorldConfig(**base, replies=7)
+    with pytest.raises(ValueError, match="must contain"):
+        WorldConfig(**base, reply_prompt="draw it")

@@ -354,3 +354,24 @@ def test_mixed_replies_are_judged_by_picture_and_speech(tiny_world):
     score = eval_mixed_replies(Replies(), items, Ears())
     assert score == {"with_picture": 0.5, "with_speech": 0.5, "picture_acc": 0.5, "speech_exact": 0.25,
                      "both": 0.25, "n": 4}
+
+
+def test_mixed_reply_prompts_are_phrased_by_reply_prompt():
+    from types import SimpleNamespace
+
+    from anyloom.evaluation.run_eval import EvalConfig, PipelineModel
+
+    asked = []
+
+    class FakePipe:
+        def generate(self, text, to, seed):
+            asked.append((text, to, seed))
+            return SimpleNamespace(segments=[])
+
+    model = PipelineModel(FakePipe(), seed=4, reply_prompt="draw {caption} and say it")
+    model.reply(["two red circles", "one blue star"])
+    assert asked == [("draw two red circles and say it", "any", 4), ("draw one blue star and say it", "any", 5)]
+    PipelineModel(FakePipe()).reply(["two red circles"])
+    assert asked[-1][0] == "two red circles"  # the default asks with the caption alone
+    with pytest.raises(ValueError, match="must contain"):
+        EvalConfig(reply_prompt="draw it")

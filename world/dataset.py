@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anyloom.config import fingerprint, to_dict
+from anyloom.config import added_field, fingerprint, to_dict
 from anyloom.progress import progress
 from anyloom.world.captions import COLORS, NUMBER_WORDS, SHAPES, Caption
 from anyloom.world.render import render_scene
@@ -64,12 +64,21 @@ class WorldConfig:
     rates: tuple[int, ...] = (140, 155, 170)
     pitches: tuple[int, ...] = (40, 48, 56)
     root: str = "data_cache/world"  # not part of the fingerprint: moving the cache does not change the world
+    # Instruction documents in the train split: the first `replies` training items again, as `reply_prompt` (the
+    # caption in place of {caption}) followed by the same picture and speech, each serving only the LM's interleaved
+    # task (the document's "tasks"): what teaches a to="any" reply to open both spans. 0: none (the default world).
+    replies: int = added_field(0)
+    reply_prompt: str = added_field("draw {caption} and say it")
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
             raise ValueError(f"image_size must be 32 or 64, got {self.image_size}")
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
+        if not 0 <= self.replies <= self.n_train:
+            raise ValueError(f"replies must be in [0, n_train={self.n_train}], got {self.replies}")
+        if "{caption}" not in self.reply_prompt:
+            raise ValueError(f"reply_prompt must contain {{caption}}, got {self.reply_prompt!r}")
         for name in ("n_train", "n_val", "n_test", "n_compositional"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -126,10 +135,33 @@ class WorldPaths:
 
 
 def world_fingerprint(cfg: WorldConfig) -> str:
-    d = to_dict(cfg)
-    d.pop("root")
+    d = _identity(cfg)
     d["generator_version"] = GENERATOR_VERSION
     return fingerprint(d)
+
+
+def _identity(cfg: WorldConfig) -> dict:
+    """The config as the world's folder records it: without ``root`` (moving the cache does not change the world), and
+    without the reply documents' settings while there are none (worlds made before they existed keep their name)."""
+    d = to_dict(cfg)
+    d.pop("root")
+    if not cfg.replies:
+        d.pop("replies")
+        d.pop("reply_prompt")
+    return d
+
+
+def reply_lines(cfg: WorldConfig, train_lines: list[str]) -> list[str]:
+    """The instruction documents (``cfg.replies``): the first training items' picture and speech after the reply
+    prompt, serving only the interleaved task."""
+    out = []
+    for line in train_lines[: cfg.replies]:
+        item = json.loads(line)
+        caption = item["segments"][0]["text"]
+        segments = [{"text": cfg.reply_prompt.format(caption=caption)}, *item["segments"][1:]]
+        out.append(json.dumps({"id": f"{item['id']}-reply", "segments": segments,
+                               "meta": {**item["meta"], "reply_to": caption}, "tasks": ["interleaved"]}) + "\n")
+    return out
 
 
 def sample_caption(cfg: WorldConfig, split: str, rng: np.random.Generator) -> Caption:
@@ -161,8 +193,7 @@ def build_world(cfg: WorldConfig, workers: int | None = None) -> WorldPaths:
         (tmp / "audio").mkdir()
     try:
         counts = _generate(cfg, tmp, workers if workers is not None else min(2, os.cpu_count() or 1))
-        config = to_dict(cfg)
-        config.pop("root")  # the folder's bytes must not depend on where the cache lives
+        config = _identity(cfg)  # the folder's bytes must not depend on where the cache lives
         info = {"fingerprint": final.name, "generator_version": GENERATOR_VERSION, "config": config,
                 "counts": counts}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -202,9 +233,10 @@ def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
             lines[split].extend(_block_job(job))
             bar.update(stop - start)
     bar.close()
+    lines["train"] += reply_lines(cfg, lines["train"])
     for split in SPLITS:
         (out / f"{split}.jsonl").write_text("".join(lines[split]), encoding="utf-8")
-    return {s: cfg.split_size(s) for s in SPLITS}
+    return {s: cfg.split_size(s) for s in SPLITS} | ({"train_replies": cfg.replies} if cfg.replies else {})
 
 
 def _block_job(job: tuple[WorldConfig, str, int, int, str]) -> list[str]:
