@@ -3,6 +3,7 @@ matcher) reads its splits through :func:`load_images`.
 
     load_images(manifest, image_size)                     every image segment, documents in order
     load_images(manifest, image_size, captioned=True)     each document's first (text, image) pair, with its meta
+                                                          (not documents whose "tasks" exclude captioning)
     PictureStream(manifest, image_size)                   a torch Dataset that decodes each picture when asked:
                                                           corpora too large to hold decoded in memory
 
@@ -50,7 +51,14 @@ def _checked(px: np.ndarray, image_size: tuple[int, int], manifest: str | Path, 
     return px
 
 
+# a document that names its tasks is a caption pair only where it may serve one of these: an instruction for the
+# interleaved task ("draw two red circles and say it") is not a caption of its picture
+CAPTION_TASKS = ("t2i", "i2t")
+
+
 def _caption_pair(doc: Document) -> tuple[TextSegment, ImageSegment] | None:
+    if doc.tasks is not None and not set(doc.tasks) & set(CAPTION_TASKS):
+        return None
     text, image = doc.first(TextSegment), doc.first(ImageSegment)
     if text is None or image is None or not text.text.strip():
         return None

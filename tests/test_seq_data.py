@@ -373,3 +373,20 @@ def test_manifest_tasks_key_is_read_checked_and_prepared(tmp_path):
     m = str(tmp_path / "m.jsonl")
     prepared = prepare_data(DataConfig(source="manifest", train=m, val=m, test=m, root=str(tmp_path / "prepared")))
     assert read_manifest(prepared.train).documents[0].tasks == ("interleaved",)
+
+
+def test_instruction_documents_are_not_caption_pairs(tmp_path):
+    """The image-text matcher's pairs (load_images(captioned=True)) leave out documents whose tasks allow neither
+    text->image nor image->text: their text is not a caption of their picture."""
+    from PIL import Image
+
+    from anyloom.data.images import load_images
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "p.png")
+    lines = [{"segments": [{"text": "one red square"}, {"image": "p.png"}]},
+             {"segments": [{"text": "draw one red square and say it"}, {"image": "p.png"}], "tasks": ["interleaved"]},
+             {"segments": [{"text": "one red square"}, {"image": "p.png"}], "tasks": ["t2i", "interleaved"]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    pairs = load_images(tmp_path / "m.jsonl", (8, 8), captioned=True)
+    assert pairs.captions == ["one red square", "one red square"] and pairs.skipped == 1
+    assert len(load_images(tmp_path / "m.jsonl", (8, 8)).pixels) == 3  # every picture still trains the tokenizer
