@@ -228,16 +228,14 @@ def _iter_tar(path: Path, dec: Decoding) -> Iterator[tuple[str, Any]]:
             for member in tar:
                 if not member.isfile():
                     continue
-                name = member.name.rsplit("/", 1)
-                folder, base = (name[0] + "/", name[1]) if len(name) == 2 else ("", name[0])
-                if base.startswith(".") or "." not in base:
-                    continue  # webdataset ignores hidden members and members without an extension
-                key, ext = base.split(".", 1)
-                key = folder + key
+                named = _member_key(member.name)
+                if named is None:
+                    continue
+                key, ext = named
                 if key not in samples:
                     samples[key] = {}
                     order.append(key)
-                samples[key][ext.lower()] = tar.extractfile(member).read()
+                samples[key][ext] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ManifestError(f"{path}: corrupt tar shard after {len(order)} samples ({e})") from e
     for key in order:
@@ -254,6 +252,16 @@ def _iter_tar(path: Path, dec: Decoding) -> Iterator[tuple[str, Any]]:
             yield source, _document(obj, _MemberSource(members, f"{path}:{key}"), dec, default_id=key)
         except _Bad as e:
             yield source, str(e)
+
+
+def _member_key(name: str) -> tuple[str, str] | None:
+    """A tar member's sample key (its folder and file name up to the first dot) and lower-case extension, as
+    webdataset groups them; None for hidden members and members without an extension, which webdataset ignores."""
+    folder, _, base = name.rpartition("/")
+    if base.startswith(".") or "." not in base:
+        return None
+    key, ext = base.split(".", 1)
+    return (f"{folder}/{key}" if folder else key), ext.lower()
 
 
 def _implicit_segments(members: dict[str, bytes]) -> list[dict[str, str]]:
@@ -376,11 +384,9 @@ def _index_tar(path: Path, out: PictureIndex) -> None:
             for member in tar:
                 if not member.isfile():
                     continue
-                folder, _, base = member.name.rpartition("/")
-                if base.startswith(".") or "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                members.setdefault(f"{folder}/{key}" if folder else key, {})[ext.lower()] = member
+                named = _member_key(member.name)
+                if named is not None:
+                    members.setdefault(named[0], {})[named[1]] = member
             for key, exts in members.items():
                 source = f"{path}:{key}"
                 if "json" in exts:

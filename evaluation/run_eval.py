@@ -525,7 +525,6 @@ def vocoder_scores(pipe: Any, items: list[Any], t2a_codes: dict[str, Any], t2a: 
     to ``max_utterances`` test recordings (ASR word error rate where the data has an exact judge, mel distance,
     SI-SNR, STOI/PESQ where installed, seconds of audio per second), and the text->speech evaluation's generated codes
     voiced by the vocoder the pipeline did not use, judged like the first (``t2a_asr_wer``)."""
-    from anyloom.decoders.vocoder import VocodedMelTokenizer
     from anyloom.evaluation.decoders import RevocodedSpeech, compare_vocoders
 
     spoken = [it for it in items if it.wave is not None and it.caption is not None][:max_utterances]
@@ -537,9 +536,7 @@ def vocoder_scores(pipe: Any, items: list[Any], t2a_codes: dict[str, Any], t2a: 
     if t2a and t2a_codes:
         used = pipe.vocoder_kind(pipe.config.vocoder)
         other = "griffin_lim" if used == "neural" else "neural"
-        voice = pipe.audio_tokenizer if other == "griffin_lim" else VocodedMelTokenizer(pipe.audio_tokenizer,
-                                                                                         pipe.vocoder)
-        replayed = judges.evaluate(RevocodedSpeech(voice, t2a_codes), {"test": items}, "t2a")
+        replayed = judges.evaluate(RevocodedSpeech(pipe.speech_decoder(other), t2a_codes), {"test": items}, "t2a")
         out[used]["t2a_asr_wer"] = t2a.get("asr_wer")
         out[other]["t2a_asr_wer"] = replayed["t2a"]["asr_wer"]
     return out

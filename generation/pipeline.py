@@ -737,6 +737,15 @@ class Pipeline:
                                 "stage: recipes/vocoder.yaml)")
         return kind
 
+    def speech_decoder(self, kind: str) -> Any:
+        """What turns speech codes into waves for vocoder ``kind``: the audio tokenizer itself, or the tokenizer whose
+        decode goes through the neural vocoder (same codes, same ``AudioTokenizer`` contract)."""
+        if self.vocoder_kind(kind) == "griffin_lim":
+            return self.audio_tokenizer
+        from anyloom.decoders.vocoder import VocodedMelTokenizer
+
+        return VocodedMelTokenizer(self.audio_tokenizer, self.vocoder)
+
     def _refine(self, outputs: list[Any], seed: int) -> list[Any]:
         """Pictures redrawn by the diffusion decoder from their codes (seeded by ``seed``); a reranked output's
         candidates in one batch, the kept one being the first of them."""
@@ -843,11 +852,7 @@ class Pipeline:
             return [GeneratedImage(image, c) for image, c in zip(images, codes)]
         from anyloom.decoders.audio import decode_audio_codes
 
-        speech = self.audio_tokenizer
-        if self.vocoder_kind(vocoder or self.config.vocoder) == "neural":
-            from anyloom.decoders.vocoder import VocodedMelTokenizer
-
-            speech = VocodedMelTokenizer(self.audio_tokenizer, self.vocoder)
+        speech = self.speech_decoder(vocoder or self.config.vocoder)
         out = []
         for c in codes:
             waves, sample_rate = decode_audio_codes(speech, c[None].to(self.device))

@@ -56,6 +56,33 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def bench_arguments(description: str | None, recipe: str, steps: int, warmup: int, warmup_help: str,
+                    out_help: str) -> argparse.ArgumentParser:
+    """The options every recipe benchmark takes: the recipe, steps, untimed warm-up steps, --out, overrides."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=recipe)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    p.add_argument("--out", help=out_help)
+    p.add_argument("overrides", nargs="*", help="section.key=value, after the recipe")
+    return p
+
+
+def warmup_refused(a: argparse.Namespace) -> bool:
+    """Whether --warmup leaves no timed step (and says so)."""
+    if a.warmup >= a.steps:
+        print(f"error: --warmup {a.warmup} must be below --steps {a.steps}", file=sys.stderr)
+        return True
+    return False
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The benchmark's JSON object, written to ``out`` and printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     from anyloom.recipes import load_recipe
     from anyloom.sequences.vocab import SPECIAL_TOKENS, Vocabulary
@@ -65,16 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     from anyloom.training.run import RunDir
     from anyloom.transformer.sizes import param_count
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="scale/lm_150m")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing (compile, allocator)")
+    p = bench_arguments(__doc__, "scale/lm_150m", 30, 5, "steps left out of the timing (compile, allocator)",
+                        "default: runs/bench/recipe_<name>.json")
     p.add_argument("--vocab", type=int, default=32768, help="ids of the synthetic documents (the model's vocabulary)")
-    p.add_argument("--out", help="default: runs/bench/recipe_<name>.json")
-    p.add_argument("overrides", nargs="*", help="section.key=value, after the recipe")
     a = p.parse_args(argv)
-    if a.warmup >= a.steps:
-        print(f"error: --warmup {a.warmup} must be below --steps {a.steps}", file=sys.stderr)
+    if warmup_refused(a):
         return 2
     recipe = load_recipe(a.recipe, ["data.train=synthetic", *a.overrides])
     train = dataclasses.replace(recipe.train, steps=a.steps, log_every=1, ckpt_every=0, sample_every=0,
@@ -112,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "parallel": dataclasses.asdict(recipe.parallel),
         }
         report["tokens_per_s_per_rank"] = round(report["tokens_per_s"] / report["ranks"], 1)
-        out = Path(a.out or f"runs/bench/recipe_{name}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps(report))
+        write_report(report, Path(a.out or f"runs/bench/recipe_{name}.json"))
         mfu_text = f"{report['mfu']:.1%}" if report["mfu"] is not None else "n/a (no peak known for this device)"
         print(f"| {a.recipe} | {report['device']} x {report['ranks']} | {report['params'] / 1e6:.1f}M | "
               f"{report['global_batch']} x {report['seq_len']} | {report['tokens_per_s_per_rank']:,.0f} | {mfu_text} | "

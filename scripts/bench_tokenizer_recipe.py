@@ -18,8 +18,6 @@ slot: ``--steps`` (default 20) bounds it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_recipe import device_name, peak_memory_gib
+from bench_recipe import bench_arguments, device_name, peak_memory_gib, warmup_refused, write_report
 
 
 def synthetic_pictures(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -124,18 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from anyloom.recipes import load_recipe
-    from anyloom.training.lm import PEAK_BF16_FLOPS
+    from anyloom.training.lm import peak_bf16_flops
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="scale/image_tokenizer_256")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing (cudnn autotuning, allocator)")
+    p = bench_arguments(__doc__, "scale/image_tokenizer_256", 20, 3, "steps left out of the timing (cudnn autotuning, "
+                        "allocator)", "default: runs/bench/tokenizer_<name>.json")
     p.add_argument("--gan", action="store_true", help="image tokenizer: time steps with the discriminator on")
-    p.add_argument("--out", help="default: runs/bench/tokenizer_<name>.json")
-    p.add_argument("overrides", nargs="*", help="section.key=value, after the recipe")
     a = p.parse_args(argv)
-    if a.warmup >= a.steps:
-        print(f"error: --warmup {a.warmup} must be below --steps {a.steps}", file=sys.stderr)
+    if warmup_refused(a):
         return 2
     recipe = load_recipe(a.recipe, ["data.train=synthetic", *a.overrides])
     stages = recipe.pipeline.stages
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - t0)
     per_step = statistics.median(times[a.warmup:])
     name = device_name()
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if piece.device.type == "cuda" else None
+    peak = peak_bf16_flops(piece.device)
     unit = piece.unit
     report = {
         "recipe": a.recipe, "overrides": a.overrides, "device": name, "date": time.strftime("%Y-%m-%d"),
@@ -175,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"activation_gib_per_{unit.rstrip('s')}": round(activations / piece.per_step / 2**30, 4),
         "peak_memory_gib": round(peak_memory_gib(), 2),
     }
-    out = Path(a.out or f"runs/bench/tokenizer_{a.recipe.replace('/', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_report(report, Path(a.out or f"runs/bench/tokenizer_{a.recipe.replace('/', '_')}.json"))
     mfu = f"{report['mfu']:.1%}" if report["mfu"] is not None else "n/a"
     print(f"| {a.recipe} | {name} | {piece.params / 1e6:.1f}M | {piece.per_step:g} {unit} a step | "
           f"{report[f'{unit}_per_s']:,.1f} {unit}/s | {mfu} | {report['peak_memory_gib']:.1f} GiB | {report['date']} |")

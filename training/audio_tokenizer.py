@@ -53,7 +53,9 @@ from anyloom.weights import load_weights, read_metadata
 
 
 @dataclass(frozen=True)
-class AudioTokenizerTrainConfig:
+class SpeechTrainConfig:
+    """The loop settings the trainers on speech share (the audio tokenizer's and the vocoder's ``train`` sections)."""
+
     steps: int = 1500
     batch_size: int = 16
     crop_seconds: float = 1.0  # random windows of the concatenated training speech
@@ -62,12 +64,8 @@ class AudioTokenizerTrainConfig:
     log_every: int = 25
     ckpt_every: int = 250  # 0: only at the end
     keep_last: int = 2
-    sample_every: int = 0  # 0: samples only at the end
     num_samples: int = 2  # validation utterances written as WAV
     eval_items: int = 64  # validation utterances scored at the end (ASR judge); 0: skip
-    # the ASR judge of that report: null, pocketsphinx's general English model; or a plug-in (group
-    # anyloom.asr_grammars) giving a JSGF grammar of the data's sentences, e.g. the world's world_captions
-    asr_grammar: str | None = added_field(None, neutral="world_captions")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "keep_last"):
@@ -75,6 +73,14 @@ class AudioTokenizerTrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.crop_seconds <= 0:
             raise ValueError(f"crop_seconds must be > 0, got {self.crop_seconds}")
+
+
+@dataclass(frozen=True)
+class AudioTokenizerTrainConfig(SpeechTrainConfig):
+    sample_every: int = 0  # 0: samples only at the end
+    # the ASR judge of that report: null, pocketsphinx's general English model; or a plug-in (group
+    # anyloom.asr_grammars) giving a JSGF grammar of the data's sentences, e.g. the world's world_captions
+    asr_grammar: str | None = added_field(None, neutral="world_captions")
 
 
 @dataclass(frozen=True)

@@ -155,12 +155,17 @@ def _check_batch(batch: BatchLike, rows: int, seq_len: int, step: int) -> None:
         )
 
 
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of ``device`` when it is a GPU of ``PEAK_BF16_FLOPS``; None otherwise."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def _mfu(tokens_per_s: float, n_params: int, env: DistEnv) -> float | None:
     """Model FLOPs utilisation, 6N FLOPs per token (attention not counted), over all ranks' peak."""
-    if env.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(env.device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = peak_bf16_flops(env.device)
     return None if peak is None else 6 * n_params * tokens_per_s / (peak * env.world_size)
 
 

@@ -42,7 +42,7 @@ from anyloom.tokenizers.audio_discriminator import (
     generator_loss,
 )
 from anyloom.tokenizers.audio_mel import MelTokenizer
-from anyloom.training.audio_tokenizer import SpeechSet, WaveformLoss, load_speech
+from anyloom.training.audio_tokenizer import SpeechSet, SpeechTrainConfig, WaveformLoss, load_speech
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.run import RunDir
@@ -52,26 +52,13 @@ from anyloom.weights import read_metadata
 
 
 @dataclass(frozen=True)
-class VocoderTrainConfig:
-    steps: int = 1500
-    batch_size: int = 16
+class VocoderTrainConfig(SpeechTrainConfig):
+    """The speech trainers' loop settings (samples: original, griffin_lim and neural WAVs; the end-of-training
+    report scores both decoders), and what the vocoder learns from."""
+
     crop_seconds: float = 0.64  # aligned windows of mel frames and samples
     input: Literal["reconstruction", "original"] = "reconstruction"  # what mel frames the vocoder learns from
-    max_seconds: float = 0.0  # wall-clock budget (0: none): training stops early past it, and says so
-    max_train_items: int = 0  # 0: every training utterance
-    log_every: int = 25
-    ckpt_every: int = 250  # 0: only at the end
-    keep_last: int = 2
-    num_samples: int = 2  # validation utterances written as WAV (original, griffin_lim, neural)
-    eval_items: int = 64  # validation utterances scored by both decoders at the end; 0: skip
     asr_grammar: str | None = None  # the ASR judge's plug-in grammar (see audio_tokenizer.train.asr_grammar)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "keep_last"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.crop_seconds <= 0:
-            raise ValueError(f"crop_seconds must be > 0, got {self.crop_seconds}")
 
 
 @dataclass(frozen=True)
