@@ -88,7 +88,7 @@ class PipelineModel:
         self.seed = seed
         # single_sample: also keep each output's first sample, before reranking (``firsts``), for FirstSamples
         self.single_sample = single_sample
-        self.firsts: dict[str, list[list[Any]]] = {"t2i": [], "i2t": [], "a2t": []}  # per call, in call order
+        self.firsts: dict[str, list[list[Any]]] = {"t2i": [], "i2t": [], "a2t": [], "any": []}  # per call, in order
         self.speech_firsts: dict[str, tuple[np.ndarray, int]] = {}
         self._replies = 0  # mixed replies asked so far (their seeds)
         # Text->image draws one image per item, not per distinct caption: the world's test split has 108 distinct
@@ -147,15 +147,18 @@ class PipelineModel:
         return [o.text for o in outs]
 
     def reply(self, captions: list[str]) -> list[Any]:
-        """Each caption, phrased by ``reply_prompt``, with ``to="any"``: the model's own mixed reply, one sample each
-        (seeded by its position)."""
+        """Each caption, phrased by ``reply_prompt``, with ``to="any"``: the model's own mixed reply (the kept one of
+        the config's ``reply_candidates``), seeded by its position."""
         from anyloom.generation.pipeline import OutOfDomainWarning
 
+        options = {"keep_first": True} if self.single_sample else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OutOfDomainWarning)
             out = [self.pipe.generate(text=self.reply_prompt.format(caption=c), to="any",
-                                      seed=self.seed + self._replies + i) for i, c in enumerate(captions)]
+                                      seed=self.seed + self._replies + i, **options) for i, c in enumerate(captions)]
         self._replies += len(captions)
+        if self.single_sample:
+            self.firsts["any"].append([_first(o) for o in out])
         return out
 
     def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
@@ -203,6 +206,9 @@ class FirstSamples:
 
     def speech_to_text(self, waves: list[np.ndarray], sample_rate: int) -> list[str]:
         return self._pop("a2t", len(waves)) if waves else []
+
+    def reply(self, captions: list[str]) -> list[Any]:
+        return self._pop("any", len(captions)) if captions else []
 
     def text_to_speech(self, captions: list[str]) -> tuple[list[np.ndarray], int]:
         got = [self.model.speech_firsts[c] for c in captions]
@@ -457,7 +463,10 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         from anyloom.world.evaluate import eval_mixed_replies
 
         log(f"eval: test split, mixed replies ({len(mixed)} captions, to='any') ...")
-        scores["any"] = eval_mixed_replies(model, mixed, judges.speech_judge or SpeechJudge())
+        since = {d: len(calls) for d, calls in model.firsts.items()}
+        speech_judge = judges.speech_judge or SpeechJudge()
+        scores["any"] = eval_mixed_replies(model, mixed, speech_judge)
+        single["any"] = eval_mixed_replies(FirstSamples(model, since), mixed, speech_judge)
     scores["single_sample"] = single  # one sample per prompt, no reranking (greedy text), beside the reranked
     if cfg.tokenizers and "test" in splits:
         log("eval: tokenizer reconstructions ...")

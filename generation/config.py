@@ -60,6 +60,10 @@ class GenerationConfig:
     text_candidates: int = 1
     text_candidate_temperature: float = 1.5
     text_scorers: tuple[ScorerSpec, ...] = (ScorerSpec("lm_forward"), ScorerSpec("lm_reverse", 0.3))
+    # a mixed reply (to="any"): sample this many replies and keep one of the form most of them take (the kinds of
+    # their picture and speech spans, in order), the one whose spans score highest under the image and audio
+    # scorers above (each span's scores standardised over the candidates); 1 = the first sample, no reranking
+    reply_candidates: int = added_field(1)
     max_text_tokens: int = 48  # a generated text ends at eos or after this many tokens
     max_audio_seconds: float = 4.0  # a generated audio span is closed after this long
     seed: int = 0
@@ -83,7 +87,7 @@ class GenerationConfig:
         for name in ("image_scorers", "audio_scorers", "text_scorers"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: list at least one scorer (e.g. [{{name: lm_reverse}}])")
-        for name in ("image_candidates", "audio_candidates", "text_candidates"):
+        for name in ("image_candidates", "audio_candidates", "text_candidates", "reply_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_audio_seconds <= 0:

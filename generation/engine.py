@@ -11,9 +11,10 @@ and real tokens doc id 0 with positions from 0, so no real token ever attends to
 token lands in the same cache slot. Rows stop independently (eos, or the end of the span with
 ``stop_after_span``); finished rows write ``pad`` until every row is done or the budget runs out.
 
-``prefill`` and ``decode_one_token`` are small functions with no state of their own. The decode loop passes the
-slot as a 0-d int64 tensor (``cache_pos``), so a step's shapes depend only on (rows, cache length): keys span
-the whole static cache with unwritten slots masked (``transformer/kv_cache.py``), and one graph compiled by
+``prefill`` and ``decode_one_token`` are small functions with no state of their own. In eager mode the decode
+loop passes the slot (``cache_pos``) as an int and attention reads only the slots written so far. A compiled step
+gets it as a 0-d int64 tensor, so its shapes depend only on (rows, cache length): keys span the whole static
+cache with unwritten slots masked (``transformer/kv_cache.py``), and one graph compiled by
 :func:`compiled_decode_step` serves every position. ``compile`` (``generate``'s argument, the recipe's
 ``generation.compile``) picks it; compiling costs a one-off graph build per (rows, cache length), and the cache
 length is rounded up to a multiple of ``CACHE_BUCKET`` so calls with nearby prompt lengths share a graph.
@@ -155,12 +156,14 @@ def decode_n_tokens(
     guidance: GuidanceConfig | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     step_fn: StepFn = decode_one_token,
+    static: bool = False,
 ) -> Decoded:
     """Sample up to ``n`` tokens per row starting from ``logits`` (B, V) (or (2B, V) with guidance).
 
     The grammar gets the remaining budget, so every row's stream is complete (spans closed) within ``n``.
     ``step_fn`` replaces :func:`decode_one_token` (same signature), e.g. the compiled step or an instrumented
-    one; it gets ``cache_pos`` as a 0-d int64 tensor.
+    one. It gets the slot as a Python int, so attention reads only the slots written so far; with ``static`` it
+    gets a 0-d int64 tensor and attention reads the whole cache (fixed shapes: what a compiled step needs).
     """
     device = logits.device
     table = sampling.as_tensors(device)
@@ -169,7 +172,8 @@ def decode_n_tokens(
     B = state.mode.shape[0]
     pad, vocab_size = grammar.vocab.pad, grammar.vocab.size
     out = torch.full((B, n), pad, dtype=torch.long, device=device)
-    pos = torch.tensor(cache_pos, dtype=torch.long, device=device)  # 0-d: one compiled graph for every slot
+    # 0-d with ``static``: one compiled graph for every slot; an int: attention over the filled prefix only
+    pos: int | torch.Tensor = torch.tensor(cache_pos, dtype=torch.long, device=device) if static else cache_pos
     written = 0
     for i in range(n):
         modality = state.modality()
@@ -190,7 +194,7 @@ def decode_n_tokens(
             break
         feed = torch.cat([token, token]) if guided else token  # both twins follow the same stream
         logits = step_fn(model, feed[:, None], kv_cache, pos)
-        pos = pos + 1  # a new tensor: the step may hold on to its input
+        pos = pos + 1  # (a new tensor when static: the step may hold on to its input)
     return Decoded(out[:, :written], state.done.clone(), state)
 
 
@@ -269,7 +273,7 @@ def generate(
         state = state.repeat_rows(samples)
     decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
                               guidance if guided else None, on_step,
-                              compiled_decode_step() if compiled else decode_one_token)
+                              compiled_decode_step() if compiled else decode_one_token, static=compiled)
     sequences = []
     for r in range(B * samples):
         ids = decoded.tokens[r].tolist()

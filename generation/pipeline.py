@@ -74,7 +74,8 @@ RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff")
 # what a mixed reply (to="any") can be asked for
-REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_audio_seconds", "vocoder", "on_step"}
+REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_audio_seconds", "vocoder", "on_step",
+                 "candidates", "keep_first"}
 SIZE_FACTOR = 2.0  # a picture more than this much larger or smaller than the training pictures gets a warning
 ASPECT_TOLERANCE = 0.1  # ... and one whose aspect ratio differs by more than this share
 
@@ -137,6 +138,10 @@ class GeneratedReply:
     ids: list[int]  # the generated stream (unified ids)
     finished: bool  # the model ended it (False: it reached the token budget, where eos is forced)
     warnings: list[str] = field(default_factory=list)
+    # with reranking (reply_candidates > 1): the kept reply's summed standardised span scores (None: not reranked)
+    score: float | None = None
+    # keep_first=True: the first sampled reply, before reranking (the reply itself when nothing was reranked)
+    first: Any = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -525,22 +530,26 @@ class Pipeline:
             given = {k: v for k, v in options.items() if v is not None}
             other = sorted(set(given) - REPLY_OPTIONS)
             if other:
-                raise PipelineError(f"to='any' takes {', '.join(sorted(REPLY_OPTIONS))}; not {', '.join(other)} (a "
-                                    f"mixed reply is sampled once, without reranking)")
+                raise PipelineError(f"to='any' takes {', '.join(sorted(REPLY_OPTIONS))}; not {', '.join(other)}")
             return self.reply(prompt, **given)
         return self.generate_batch([prompt], to, **options)[0]
 
     def reply(self, prompt: SegmentLike | Sequence[SegmentLike], *, seed: int | None = None,
               temperature: float | None = None, cfg_scale: float | None = None, max_text_tokens: int | None = None,
               max_audio_seconds: float | None = None, vocoder: str | None = None,
-              on_step: Callable[[StepEvent], None] | None = None) -> GeneratedReply:
+              on_step: Callable[[StepEvent], None] | None = None, candidates: int | None = None,
+              keep_first: bool = False) -> GeneratedReply:
         """``to="any"``: the model continues the prompt with text and opens picture or speech spans itself (as many
         as fit the budget: ``max_text_tokens`` of text plus room for one picture and one utterance), constrained by
         the grammar so every reply parses; each span is decoded. ``temperature`` sets the text's; pictures and
         speech sample with the config's, guided by ``cfg_scale`` (default: the config's per modality) against the
-        reply without the prompt; ``vocoder`` turns its speech into a wave. No reranking: a mixed reply has no
-        scorer yet."""
+        reply without the prompt; ``vocoder`` turns its speech into a wave. ``candidates`` (default: the config's
+        ``reply_candidates``) samples that many replies from one prefill and keeps one (:meth:`_best_reply`);
+        ``keep_first=True`` also returns the first sampled reply in ``first``."""
         cfg = replace(self.config, vocoder=self.vocoder_kind(vocoder or self.config.vocoder))
+        n = cfg.reply_candidates if candidates is None else candidates
+        if n < 1:
+            raise PipelineError(f"candidates must be >= 1, got {n}")
         if max_text_tokens is not None:
             cfg = replace(cfg, max_text_tokens=max_text_tokens)
         if max_audio_seconds is not None:
@@ -566,16 +575,54 @@ class Pipeline:
         uncond = [[self.vocab.bos]] if guidance.active else None
         seed = cfg.seed if seed is None else seed
         out = generate(self.model, [ids], grammar, budget, cfg.sampling,
-                       torch.Generator(device=self.device).manual_seed(seed), guidance, uncond, on_step, cfg.compile)
-        stream = out.sequences[0]
-        parts: list[GeneratedText | GeneratedImage | GeneratedAudio] = []
-        for seg in parse_stream(stream, self.vocab, strict=True).segments:
-            if isinstance(seg, TextIds):
-                parts.append(GeneratedText(self.text_tokenizer.decode(seg.ids.tolist()), seg.ids.tolist(), True))
-            else:
-                to = "image" if isinstance(seg, ImageIds) else "audio"
-                parts += self._render_many([torch.as_tensor(seg.codes, dtype=torch.long)], to, cfg.vocoder)
-        return GeneratedReply(parts, stream, bool(out.finished[0]) and len(stream) < budget, notes)
+                       torch.Generator(device=self.device).manual_seed(seed), guidance, uncond, on_step, cfg.compile,
+                       samples=n)
+        parsed = [parse_stream(stream, self.vocab, strict=True).segments for stream in out.sequences]
+        kept, score = self._best_reply(parsed, toks, cfg.vocoder) if n > 1 else (0, None)
+
+        def render(j: int) -> GeneratedReply:
+            parts: list[GeneratedText | GeneratedImage | GeneratedAudio] = []
+            for seg in parsed[j]:
+                if isinstance(seg, TextIds):
+                    parts.append(GeneratedText(self.text_tokenizer.decode(seg.ids.tolist()), seg.ids.tolist(), True))
+                else:
+                    to = "image" if isinstance(seg, ImageIds) else "audio"
+                    parts += self._render_many([torch.as_tensor(seg.codes, dtype=torch.long)], to, cfg.vocoder)
+            stream = out.sequences[j]
+            return GeneratedReply(parts, stream, bool(out.finished[j]) and len(stream) < budget, notes)
+
+        reply = replace(render(kept), score=score)
+        if keep_first:
+            reply = replace(reply, first=reply if kept == 0 else render(0))
+        return reply
+
+    def _best_reply(self, parsed: list[list[TokSegment]], toks: list[TokSegment], vocoder: str
+                    ) -> tuple[int, float | None]:
+        """Of several sampled replies to one prompt, the index of the one to keep and its score.
+
+        The replies vote on their form (the kinds of their picture and speech spans, in order; ties go to the form
+        sampled first), since which spans to open is the model's own decision. Among the replies of that form each
+        span is scored by the config's scorers for its modality against the prompt (:meth:`score`), standardised
+        over those replies so that pictures and speech weigh alike, and the reply with the highest sum is kept.
+        Text segments are not scored. A form without spans, or held by one reply, keeps its first reply."""
+        spans = [[s for s in segs if not isinstance(s, TextIds)] for segs in parsed]
+        forms = [tuple("image" if isinstance(s, ImageIds) else "audio" for s in sp) for sp in spans]
+        votes = {f: forms.count(f) for f in forms}
+        form = max(votes, key=lambda f: (votes[f], -forms.index(f)))
+        group = [j for j, f in enumerate(forms) if f == form]
+        if len(group) == 1 or not form:
+            return group[0], None
+        total = np.zeros(len(group))
+        for p, kind in enumerate(form):
+            segs = [spans[j][p] for j in group]
+            pool = Candidates(kind, [toks], [0] * len(group), segs, decode=lambda indices, segs=segs, kind=kind:
+                              self._render_many([torch.as_tensor(segs[i].codes, dtype=torch.long) for i in indices],
+                                                kind, vocoder))
+            scores = self.score(pool).numpy()
+            spread = scores.std()
+            total += (scores - scores.mean()) / spread if spread > 0 else 0.0
+        best = int(total.argmax())
+        return group[best], float(total[best])
 
     def generate_batch(
         self,

@@ -527,8 +527,54 @@ def test_make_generate_to_any_writes_the_reply_in_order(tmp_path):
     record = json.loads((out / "summary.json").read_text())["outputs"][0]
     assert record["to"] == "any" and record["files"][0] == "000_any.txt"
     assert all((out / f).is_file() for f in record["files"]) and any(f.endswith(".png") for f in record["files"])
-    with pytest.raises(PipelineError, match="to='any' takes .*not candidates"):
-        pipe.generate(text="x", to="any", candidates=4)
+    with pytest.raises(PipelineError, match="to='any' takes .*not top_k"):
+        pipe.generate(text="x", to="any", top_k=4)
+
+
+def test_mixed_reply_reranking_votes_on_the_form_then_scores_the_spans(pipe, monkeypatch):
+    """Of several replies, the form most of them take wins (ties: the first sampled), and within it the reply whose
+    spans score highest, each modality's scores standardised over that form's replies."""
+    from anyloom.sequences.interleave import AudioIds, ImageIds, TextIds
+
+    def picture(k):
+        return ImageIds(np.full((4, 4), k, dtype=np.int64))
+
+    def speech(k):
+        return AudioIds(np.full((2, 3), k, dtype=np.int64))
+
+    words = TextIds(np.asarray([5], dtype=np.int64))
+    parsed = [[picture(0), speech(0)], [picture(1)], [words, picture(2), words, speech(2)], [picture(3), speech(3)],
+              [words]]
+    seen = {}
+
+    def score(candidates):
+        seen[candidates.to] = [int(s.codes.flat[0]) for s in candidates.segments]
+        # pictures: 1, 2, 0 -> standardised 0, +1.22, -1.22; speech: 0, 10, 5 -> -1.22, +1.22, 0
+        return torch.tensor({"image": [1.0, 2.0, 0.0], "audio": [0.0, 10.0, 5.0]}[candidates.to], dtype=torch.float64)
+
+    monkeypatch.setattr(pipe, "score", score)
+    kept, total = pipe._best_reply(parsed, [], "griffin_lim")
+    assert seen == {"image": [0, 2, 3], "audio": [0, 2, 3]}  # the text segments neither vote nor score
+    assert kept == 2 and total == pytest.approx(2 * 1.5 ** 0.5)
+    assert pipe._best_reply([[speech(0)], [picture(1)], [picture(2), speech(2)]], [], "griffin_lim") == (0, None)
+    assert pipe._best_reply([[words], [picture(1)], [words]], [], "griffin_lim") == (0, None)  # no spans: the first
+
+
+def test_mixed_reply_candidates_come_from_one_call(tmp_path):
+    from anyloom.generation.pipeline import GeneratedReply
+
+    pipe = load(build_tiny_run(tmp_path / "tiny"), device="cpu",
+                config=GenerationConfig(max_audio_seconds=0.2, max_text_tokens=4, reply_candidates=3))
+    v = pipe.vocab
+    with torch.no_grad():
+        pipe.model.output.weight[v.boi].copy_(pipe.model.norm.weight * 0.6)
+    reply = pipe.generate(text="two red circles", to="any", seed=2, keep_first=True)
+    assert isinstance(reply, GeneratedReply) and isinstance(reply.first, GeneratedReply)
+    assert reply.of(GeneratedImage) and (reply.score is None or np.isfinite(reply.score))
+    single = pipe.generate(text="two red circles", to="any", seed=2, candidates=1, keep_first=True)
+    assert single.first.ids == single.ids and single.score is None
+    with pytest.raises(PipelineError, match="candidates must be >= 1"):
+        pipe.generate(text="x", to="any", candidates=0)
 
 
 def test_keep_first_returns_the_sample_before_reranking(pipe):

@@ -375,3 +375,20 @@ def test_mixed_reply_prompts_are_phrased_by_reply_prompt():
     assert asked[-1][0] == "two red circles"  # the default asks with the caption alone
     with pytest.raises(ValueError, match="must contain"):
         EvalConfig(reply_prompt="draw it")
+
+
+def test_mixed_replies_single_sample_replays_the_first_replies():
+    """With reply reranking, eval.json's single_sample.any judges each prompt's first sampled reply."""
+    from types import SimpleNamespace
+
+    from anyloom.evaluation.run_eval import FirstSamples, PipelineModel
+
+    class RerankingPipe:
+        def generate(self, text, to, seed, keep_first=False):
+            assert keep_first
+            return SimpleNamespace(segments=["kept", seed], first=SimpleNamespace(segments=["first", seed]))
+
+    model = PipelineModel(RerankingPipe(), seed=2, single_sample=True)
+    since = {d: len(c) for d, c in model.firsts.items()}
+    assert [r.segments for r in model.reply(["a", "b"])] == [["kept", 2], ["kept", 3]]
+    assert [r.segments for r in FirstSamples(model, since).reply(["a", "b"])] == [["first", 2], ["first", 3]]
