@@ -7,7 +7,8 @@ A random ``LlamaForCausalLM`` (world-sized by default) is saved as safetensors, 
 ``anyloom.transformer.importers.import_llama`` and both models decode greedily from the same prompts:
 
 - ``hf``: ``model.generate(do_sample=False)`` with its default dynamic cache;
-- ``engine``: ``prefill`` + ``decode_one_token`` steps on the static cache, greedy argmax (same work as HF);
+- ``engine``: ``prefill`` + ``decode_one_token`` steps on the static cache (attending to the filled prefix, as
+  eager ``generate`` does), greedy argmax (same work as HF);
 - ``constrained``: the full ``anyloom.generation.engine.generate`` path (grammar mask, per-modality sampling
   tables, stop conditions) on the same model, with a vocabulary laid over its ids.
 
@@ -15,6 +16,11 @@ With ``--compile`` both of ours also run with the decode step compiled (``compil
 ``engine+c`` and ``constrained+c``). The first call of each batch size builds the graph: its extra time over the
 best timed call is reported as ``compile_s``, and ``break_even_steps`` = compile_s / (per-step time saved), the
 number of decode steps after which compiling has paid for itself.
+
+With ``--run runs/<name>`` it times a trained run's pipeline instead: ``--batch`` copies of ``--prompt`` to a
+picture and to speech (``generate_batch``, the run's own sampling, guidance and reranking), with the decode step
+reading the whole static cache (``static``, as a compiled step does) and the filled prefix (eager ``generate``),
+and checks that both give the same codes.
 
 Tokens/s counts generated tokens (batch x new tokens) over the wall time of the whole call (prefill included),
 best of ``--repeats``. The first greedy tokens of ``engine`` and ``hf`` are compared as a parity check.
@@ -52,15 +58,17 @@ def hf_llama(folder: Path, vocab_size: int, dim: int, layers: int, heads: int, s
 
 
 @torch.no_grad()
-def run_engine(model, prompts: torch.Tensor, new: int, step=decode_one_token, slots: int = 0) -> torch.Tensor:
+def run_engine(model, prompts: torch.Tensor, new: int, step=decode_one_token, slots: int = 0,
+               static: bool = False) -> torch.Tensor:
     """Greedy decode on the static cache (``slots`` long, at least prompt + new): the same work as HF greedy
-    generate. The slot goes in as a 0-d tensor, as in ``generate``, so ``step`` may be the compiled one."""
+    generate. The slot goes in as ``generate`` passes it: an int in eager mode (attention over the filled prefix),
+    a 0-d tensor with ``static`` (the whole cache: what the compiled ``step`` needs)."""
     b, t = prompts.shape
     kv = new_cache(model, b, max(slots, t + new))
     positions = torch.arange(t).expand(b, t)
     logits = prefill(model, prompts, torch.zeros_like(prompts), positions, kv)
     out = torch.empty(b, new, dtype=torch.long)
-    pos = torch.tensor(t)
+    pos: int | torch.Tensor = torch.tensor(t) if static else t
     for i in range(new):
         token = logits.argmax(-1)
         out[:, i] = token
@@ -79,6 +87,31 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def pipeline_rows(run: str, prompt: str, batch: int, repeats: int) -> list[dict]:
+    """A run's text->image and text->speech calls with the decode step on the whole cache vs the filled prefix."""
+    from anyloom.generation import engine
+    from anyloom.generation.pipeline import load
+
+    pipe = load(run, device="cpu")
+    decode = engine.decode_n_tokens
+    rows = []
+    for to in ("image", "audio"):
+        times, codes = {}, {}
+        for static in (True, False):
+            engine.decode_n_tokens = partial(decode, static=static)
+            try:
+                times[static], outs = best_time(partial(pipe.generate_batch, [prompt] * batch, to=to, seed=0), repeats)
+            finally:
+                engine.decode_n_tokens = decode
+            codes[static] = [o.codes for o in outs]
+        same = all(torch.equal(x, y) for x, y in zip(codes[True], codes[False]))
+        rows.append({"to": to, "batch": batch, "whole_cache_s": times[True], "prefix_s": times[False],
+                     "prefix_speedup": times[True] / times[False], "same_codes": same})
+        print(f"{to:>6} x {batch}: whole cache {times[True]:.2f} s, filled prefix {times[False]:.2f} s "
+              f"({times[True] / times[False]:.2f}x), same codes: {same}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -91,8 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     p.add_argument("--out", default="runs/bench/generation.json")
+    p.add_argument("--run", help="time this trained run's pipeline instead (module docstring)")
+    p.add_argument("--prompt", default="two red circles", help="with --run: the text prompt")
+    p.add_argument("--batch", type=int, default=32, help="with --run: prompts per call")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.run:
+        rows = pipeline_rows(a.run, a.prompt, a.batch, a.repeats)
+        out = Path(a.out if a.out != p.get_default("out") else "runs/bench/generation_pipeline.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     # a world-like id space: 512 text ids, 1024 image codes, 4 x 1024 audio codes, specials
     vocab = Vocabulary.build(512, 1024, 1024, 4, (8, 8))
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{t_hf / t_con:>6.2f}  {agree:.0f}/{a.new} tokens agree")
         if a.compile:
             slots = -(-(a.prompt_len + a.new) // CACHE_BUCKET) * CACHE_BUCKET  # the cache generate() makes
-            run_c = partial(run_engine, ours, prompts, a.new, compiled_decode_step(), slots)
+            run_c = partial(run_engine, ours, prompts, a.new, compiled_decode_step(), slots, static=True)
             start = time.perf_counter()
             first_out = run_c()  # builds the graph for this batch size
             t_first = time.perf_counter() - start

@@ -586,3 +586,15 @@ def test_keep_first_returns_the_sample_before_reranking(pipe):
     text = pipe.generate([out.image], to="text", candidates=3, keep_first=True, max_text_tokens=6)
     greedy = pipe.generate([out.image], to="text", max_text_tokens=6)
     assert text.first.ids == greedy.ids  # a text's single sample is its greedy one
+
+
+def test_bench_generation_times_a_runs_pipeline_on_the_whole_cache_and_the_prefix(tiny_run, tmp_path):
+    """scripts/bench_generation.py --run: both ways of reading the cache give the same codes (fixed seed)."""
+    from bench_generation import main as bench_main
+
+    out = tmp_path / "pipeline.json"
+    assert bench_main(["--run", str(tiny_run), "--batch", "2", "--repeats", "1", "--threads", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["to"] for r in rows] == ["image", "audio"] and all(r["same_codes"] for r in rows)
+    assert all(r["whole_cache_s"] > 0 and r["prefix_s"] > 0 for r in rows)
