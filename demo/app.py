@@ -2,9 +2,10 @@
 
     python scripts/demo.py --run runs/world --port 7860
 
-A prompt box, the target (text / picture / speech), a picture upload and a recording (upload or microphone); the
-sampling settings; the answer as a picture, a sound or a text, with the reranked candidates and their scores;
-progress while it works; readable messages for bad uploads. What a request means is ``demo/session.py``.
+A prompt box, the target (text / picture / speech, or a reply mixing them as the model chooses), a picture upload
+and a recording (upload or microphone); the sampling settings; the answer as a picture, a sound or a text (a reply:
+all three), with the reranked candidates and their scores; progress while it works; readable messages for bad uploads.
+What a request means is ``demo/session.py``.
 
 The same app answers programmatic calls through gradio's client (``api_name="generate"``)::
 
@@ -100,8 +101,9 @@ def build_app(session: DemoSession) -> Any:
         picture.change(session.preview, [picture], [preview, picture_note])
 
         def outputs_for(make: str) -> tuple:
-            return (gr.update(visible=make == "picture"), gr.update(visible=make == "speech"),
-                    gr.update(visible=make == "text"), gr.update(visible=make == "picture"))
+            reply = make == "reply"  # a mixed reply shows its text, its picture and its speech
+            return (gr.update(visible=make == "picture" or reply), gr.update(visible=make == "speech" or reply),
+                    gr.update(visible=make == "text" or reply), gr.update(visible=make == "picture"))
 
         target.change(outputs_for, [target], [picture_out, sound_out, text_out, gallery])
         inputs = [prompt, target, picture, sound, temperature, top_p, cfg_scale, candidates, seed, decoder, vocoder]
@@ -113,11 +115,17 @@ def build_app(session: DemoSession) -> Any:
 def _steps(session: DemoSession, make: str, settings: Settings) -> int:
     """About how many decoding steps a request takes (for the progress bar): one pass per batch of candidates."""
     pipe, vocab = session.pipe, session.pipe.vocab
-    if make == "picture":
-        return vocab.image_span_length + 1
-    if make == "speech" and pipe.audio_tokenizer is not None:
+    picture = vocab.image_span_length + 1 if pipe.image_tokenizer is not None else 0
+    speech = 0
+    if pipe.audio_tokenizer is not None:
         frames = pipe.config.max_audio_seconds * float(pipe.audio_tokenizer.frame_rate)
-        return int(frames * max(vocab.audio_num_codebooks, 1)) + 2
+        speech = int(frames * max(vocab.audio_num_codebooks, 1)) + 2
+    if make == "picture":
+        return picture
+    if make == "speech" and speech:
+        return speech
+    if make == "reply":  # at most: its text, one picture and one utterance
+        return pipe.config.max_text_tokens + picture + speech
     return pipe.config.max_text_tokens * (2 if settings.candidates > 1 else 1)
 
 

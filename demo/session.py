@@ -20,6 +20,7 @@ from anyloom.generation.constraints import GrammarError
 from anyloom.generation.pipeline import (
     GeneratedAudio,
     GeneratedImage,
+    GeneratedReply,
     GeneratedText,
     OutOfDomainWarning,
     Pipeline,
@@ -28,8 +29,8 @@ from anyloom.generation.pipeline import (
     as_image_segment,
 )
 
-# the page's words for the targets -> the pipeline's
-TARGETS = {"text": "text", "picture": "image", "speech": "audio"}
+# the page's words for the targets -> the pipeline's ("reply": the model's own mix of text, picture and speech)
+TARGETS = {"text": "text", "picture": "image", "speech": "audio", "reply": "any"}
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Settings:
 
 @dataclass
 class Answer:
-    """One request's result: exactly one of picture / sound / text, or only ``message`` when it was refused."""
+    """One request's result: one of picture / sound / text (a mixed reply: its text and its first picture and sound),
+    or only ``message`` when it was refused."""
 
     picture: Image.Image | None = None
     sound: tuple[int, np.ndarray] | None = None  # (sample_rate, wave)
@@ -68,9 +70,10 @@ class DemoSession:
 
     @property
     def targets(self) -> list[str]:
-        """The targets this run can produce (a run without an audio tokenizer cannot speak)."""
-        have = {"text": True, "picture": self.pipe.image_tokenizer is not None,
-                "speech": self.pipe.audio_tokenizer is not None}
+        """The targets this run can produce (a run without an audio tokenizer cannot speak; a mixed reply needs a
+        picture or speech to mix in)."""
+        picture, speech = self.pipe.image_tokenizer is not None, self.pipe.audio_tokenizer is not None
+        have = {"text": True, "picture": picture, "speech": speech, "reply": picture or speech}
         return [t for t, ok in have.items() if ok]
 
     @property
@@ -113,7 +116,9 @@ class DemoSession:
 
     def answer(self, text: str | None, target: str, picture: str | None = None, sound: str | None = None,
                settings: Settings | None = None, on_step: Callable[[Any], None] | None = None) -> Answer:
-        """Generate ``target`` ("text" / "picture" / "speech") from the inputs; refusals become ``message``."""
+        """Generate ``target`` ("text" / "picture" / "speech" / "reply") from the inputs; refusals become
+        ``message``. A reply samples ``settings.candidates`` replies and keeps one (``Pipeline.reply``); its pictures
+        and speech sample with the run's settings."""
         import warnings
 
         settings = settings or self.defaults
@@ -127,7 +132,10 @@ class DemoSession:
             options = dict(seed=int(settings.seed), candidates=max(1, int(settings.candidates)),
                            cfg_scale=float(settings.cfg_scale) if to != "text" else None, keep_candidates=True,
                            on_step=on_step)
-            if to != "text":  # text is greedy by the run's settings: captions and transcripts are judged exactly
+            if to == "any":
+                del options["keep_candidates"]  # one reply is kept; the others are not decoded
+                options.update(vocoder=settings.vocoder)
+            elif to != "text":  # text is greedy by the run's settings: captions and transcripts are judged exactly
                 options.update(temperature=float(settings.temperature), top_p=float(settings.top_p))
             if to == "image":
                 options.update(image_decoder=settings.image_decoder)
@@ -152,6 +160,12 @@ def _shown(error: Exception, *uploads: str | None) -> str:
 
 def _answer_of(out: Any) -> Answer:
     notes = " ".join(f"⚠️ {w}" for w in out.warnings)
+    if isinstance(out, GeneratedReply):
+        pictures, sounds = out.of(GeneratedImage), out.of(GeneratedAudio)
+        scores = [("kept reply", out.score)] if out.score is not None else []
+        return Answer(picture=pictures[0].image if pictures else None,
+                      sound=(sounds[0].sample_rate, sounds[0].wave) if sounds else None, text=out.text,
+                      scores=scores, message=notes)
     candidates = out.candidates or [out]
     scores = [(_label(c, i), c.score) for i, c in enumerate(candidates) if c.score is not None]
     if isinstance(out, GeneratedImage):

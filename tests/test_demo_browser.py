@@ -134,6 +134,17 @@ def test_session_answers_and_refusals_without_a_browser(served):
     assert "choose what to make" in session.answer("x", "video").message
     speech = session.answer("one blue star", "speech")
     assert speech.sound is not None and speech.sound[0] == 16000
+    assert session.targets == ["text", "picture", "speech", "reply"]
+    reply = session.answer("two red circles", "reply", settings=type(session.defaults)(candidates=2, seed=3))
+    again = session.pipe.generate(text="two red circles", to="any", seed=3, candidates=2, cfg_scale=2.0,
+                                  vocoder="griffin_lim")
+    assert not reply.refused and reply.text == again.text
+    from anyloom.generation.pipeline import GeneratedImage
+
+    pictures = again.of(GeneratedImage)
+    assert (reply.picture is None) == (not pictures)
+    if pictures:
+        assert np.array_equal(np.asarray(reply.picture), np.asarray(pictures[0].image))
 
 
 def test_programmatic_calls_through_gradio_client(served, tmp_path):
@@ -151,3 +162,7 @@ def test_programmatic_calls_through_gradio_client(served, tmp_path):
     _spoken_caption(wav)
     text = client.predict("", "text", None, handle_file(str(wav)), 1.0, 0.9, 2.0, 1, 0, api_name="/generate")[2]
     assert text == session.answer(None, "text", sound=str(wav)).text
+    reply = client.predict("two red circles", "reply", None, None, 1.0, 0.9, 2.0, 2, 3, api_name="/generate")
+    expected = session.answer("two red circles", "reply", settings=type(session.defaults)(1.0, 0.9, 2.0, 2, 3))
+    assert reply[2] == expected.text and reply[5].startswith("done")
+    assert (reply[0] is None) == (expected.picture is None)
