@@ -379,6 +379,22 @@ def test_code_factors_cached_decode_equals_full_forward():
     assert torch.allclose(torch.cat(got, 1), full, atol=1e-5)
 
 
+def test_code_factor_sums_are_reused_without_gradients_until_a_parameter_changes():
+    model = _model(FACTORS)
+    with torch.no_grad():
+        first = model.embedding_weight
+        assert model.embedding_weight is first and model.output_weight is model.output_weight  # formed once
+        assert torch.equal(first, model._factor(model.tok_embeddings.weight, model.code_factor_in))
+        model.code_factor_in.weight[0].add_(1.0)  # an optimizer step or a load writes in place: a new version
+        moved = model.embedding_weight
+        assert moved is not first and torch.equal(moved, model._factor(model.tok_embeddings.weight,
+                                                                        model.code_factor_in))
+        model.load_state_dict(_model(FACTORS).state_dict())
+        assert torch.equal(model.embedding_weight, model._factor(model.tok_embeddings.weight, model.code_factor_in))
+    trained = model.embedding_weight  # with gradients: formed anew, so they flow to the tables
+    assert trained.requires_grad and trained is not model.embedding_weight
+
+
 def test_code_factors_are_checked_and_filled_by_the_lm_stage():
     from anyloom.sequences.vocab import Vocabulary
     from anyloom.training.chain import lm_model_config

@@ -24,7 +24,8 @@ its levels, the way vector-quantize-pytorch numbers its codes). Each digit value
 per digit for the input, one for the output), and a code's input embedding and its output row add the vectors of
 its digits to their own per-code vector, so codes that share FSQ levels share what is learned about them instead
 of each of the K codes being learned from its own occurrences alone. The (V, D) sums are formed per call (a gather
-and an add), so the parameters, not the effective matrices, are what checkpoints hold.
+and an add), so the parameters, not the effective matrices, are what checkpoints hold; without gradients (decoding)
+they are kept and reused until one of their parameters changes (its version counter or storage).
 
 KV-cache decoding: ``model(tokens, positions=..., kv_cache=kv, cache_pos=p)`` writes the new keys/values at
 slots [p, p + t) of the static cache and attends to every earlier slot of the same document. ``p`` is an int, or
@@ -344,6 +345,8 @@ class Transformer(nn.Module):
             self.register_buffer("code_digits", code_digit_rows(cfg.code_factors), persistent=False)
             self.code_factor_in = nn.Embedding(sum(cfg.code_factors), cfg.dim)
             self.code_factor_out = None if cfg.tie_embeddings else nn.Embedding(sum(cfg.code_factors), cfg.dim)
+        # per digit table: (what the sums were formed from, the sums), reused without gradients (module docstring)
+        self._factored: dict[int, tuple[tuple, Tensor]] = {}
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_rmsnorm)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -356,6 +359,18 @@ class Transformer(nn.Module):
         """(V, D) ``weight`` with each code row plus the sum of its digits' vectors in ``table`` (None: as is)."""
         if table is None:
             return weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._factor(weight, table)
+        # decoding calls this twice per token: reuse the sums while neither parameter has changed
+        made_from = (weight.data_ptr(), weight._version, table.weight.data_ptr(), table.weight._version,
+                     weight.dtype, weight.device)
+        kept = self._factored.get(id(table))
+        if kept is None or kept[0] != made_from:
+            kept = (made_from, self._factor(weight, table))
+            self._factored[id(table)] = kept
+        return kept[1]
+
+    def _factor(self, weight: Tensor, table: nn.Embedding) -> Tensor:
         lo, hi = self.cfg.grid_token_range
         factored = weight[lo:hi] + F.embedding(self.code_digits, table.weight).sum(1)  # (K, D)
         return torch.cat([weight[:lo], factored.to(weight.dtype), weight[hi:]])
