@@ -147,15 +147,15 @@ class PipelineModel:
         return [o.text for o in outs]
 
     def reply(self, captions: list[str]) -> list[Any]:
-        """Each caption, phrased by ``reply_prompt``, with ``to="any"``: the model's own mixed reply (the kept one of
-        the config's ``reply_candidates``), seeded by its position."""
+        """The captions, each phrased by ``reply_prompt``, with ``to="any"`` as one batch: the model's own mixed replies
+        (each the kept one of the config's ``reply_candidates``), seeded by the number of replies asked before."""
         from anyloom.generation.pipeline import OutOfDomainWarning
 
         options = {"keep_first": True} if self.single_sample else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OutOfDomainWarning)
-            out = [self.pipe.generate(text=self.reply_prompt.format(caption=c), to="any",
-                                      seed=self.seed + self._replies + i, **options) for i, c in enumerate(captions)]
+            out = self.pipe.generate_batch([self.reply_prompt.format(caption=c) for c in captions], to="any",
+                                           seed=self.seed + self._replies, **options) if captions else []
         self._replies += len(captions)
         if self.single_sample:
             self.firsts["any"].append([_first(o) for o in out])

@@ -74,8 +74,8 @@ RENDER_BATCH = 256  # pictures decoded per call of the image tokenizer's decoder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff")
 # what a mixed reply (to="any") can be asked for
-REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_audio_seconds", "vocoder", "on_step",
-                 "candidates", "keep_first"}
+REPLY_OPTIONS = {"seed", "temperature", "cfg_scale", "max_text_tokens", "max_new_tokens", "max_audio_seconds",
+                 "vocoder", "on_step", "candidates", "keep_first"}
 SIZE_FACTOR = 2.0  # a picture more than this much larger or smaller than the training pictures gets a warning
 ASPECT_TOLERANCE = 0.1  # ... and one whose aspect ratio differs by more than this share
 
@@ -526,26 +526,25 @@ class Pipeline:
             raise PipelineError("nothing to generate from: pass text=, image= or audio=")
         if to is None:
             to = "image" if all(isinstance(as_segment(s), TextSegment) for s in _listed(prompt)) else "text"
-        if to == "any":
-            given = {k: v for k, v in options.items() if v is not None}
-            other = sorted(set(given) - REPLY_OPTIONS)
-            if other:
-                raise PipelineError(f"to='any' takes {', '.join(sorted(REPLY_OPTIONS))}; not {', '.join(other)}")
-            return self.reply(prompt, **given)
         return self.generate_batch([prompt], to, **options)[0]
 
-    def reply(self, prompt: SegmentLike | Sequence[SegmentLike], *, seed: int | None = None,
-              temperature: float | None = None, cfg_scale: float | None = None, max_text_tokens: int | None = None,
-              max_audio_seconds: float | None = None, vocoder: str | None = None,
-              on_step: Callable[[StepEvent], None] | None = None, candidates: int | None = None,
-              keep_first: bool = False) -> GeneratedReply:
-        """``to="any"``: the model continues the prompt with text and opens picture or speech spans itself (as many
+    def reply(self, prompt: SegmentLike | Sequence[SegmentLike], **options: Any) -> GeneratedReply:
+        """``to="any"`` for one prompt (:meth:`reply_batch`)."""
+        return self.reply_batch([prompt], **options)[0]
+
+    def reply_batch(self, prompts: Sequence[SegmentLike | Sequence[SegmentLike]], *, seed: int | None = None,
+                    temperature: float | None = None, cfg_scale: float | None = None,
+                    max_text_tokens: int | None = None, max_audio_seconds: float | None = None,
+                    vocoder: str | None = None, on_step: Callable[[StepEvent], None] | None = None,
+                    candidates: int | None = None, keep_first: bool = False) -> list[GeneratedReply]:
+        """``to="any"``: the model continues each prompt with text and opens picture or speech spans itself (as many
         as fit the budget: ``max_text_tokens`` of text plus room for one picture and one utterance), constrained by
-        the grammar so every reply parses; each span is decoded. ``temperature`` sets the text's; pictures and
-        speech sample with the config's, guided by ``cfg_scale`` (default: the config's per modality) against the
-        reply without the prompt; ``vocoder`` turns its speech into a wave. ``candidates`` (default: the config's
-        ``reply_candidates``) samples that many replies from one prefill and keeps one (:meth:`_best_reply`);
-        ``keep_first=True`` also returns the first sampled reply in ``first``."""
+        the grammar so every reply parses; each span is decoded. The prompts decode as one left-padded batch.
+        ``temperature`` sets the text's; pictures and speech sample with the config's, guided by ``cfg_scale``
+        (default: the config's per modality) against the reply without the prompt; ``vocoder`` turns speech into
+        waves. ``candidates`` (default: the config's ``reply_candidates``) samples that many replies per prompt from
+        one prefill and keeps one (:meth:`_best_reply`); ``keep_first=True`` also returns each prompt's first sampled
+        reply in ``first``."""
         cfg = replace(self.config, vocoder=self.vocoder_kind(vocoder or self.config.vocoder))
         n = cfg.reply_candidates if candidates is None else candidates
         if n < 1:
@@ -556,31 +555,27 @@ class Pipeline:
             cfg = replace(cfg, max_audio_seconds=max_audio_seconds)
         if temperature is not None:
             cfg = replace(cfg, text=replace(cfg.text, temperature=temperature))
-        segments = [as_segment(s) for s in _listed(prompt)]
-        notes = self.out_of_domain(segments)
-        for note in notes:
-            warnings.warn(note, OutOfDomainWarning, stacklevel=2)
-        toks = self.prompt_segments(segments)
-        ids = self._ids_of(toks, "text")
+        toks, notes = self._read_prompts(prompts)
+        ids = [self._ids_of(t, "text") for t in toks]
         has_image, has_audio = self.image_tokenizer is not None, self.audio_tokenizer is not None
         frames = max(1, int(round(cfg.max_audio_seconds * float(self.audio_tokenizer.frame_rate)))) if has_audio else 1
         grammar = StreamGrammar(self.vocab, GrammarConfig(allow_image=has_image, allow_audio=has_audio,
                                                           max_audio_frames=frames), device=self.device)
         budget = cfg.max_text_tokens + (grammar.image_span_cost if has_image else 0) + (
             grammar.audio_span_cost(frames) if has_audio else 0)
-        if len(ids) + budget > self.model.cfg.max_seq_len:
-            raise PipelineError(self._too_long(toks, len(ids), budget, "any"))
+        for prompt, prompt_ids in zip(toks, ids):
+            if len(prompt_ids) + budget > self.model.cfg.max_seq_len:
+                raise PipelineError(self._too_long(prompt, len(prompt_ids), budget, "any"))
         guidance = GuidanceConfig(image_scale=cfg.image_cfg_scale if cfg_scale is None else cfg_scale,
                                   audio_scale=cfg.audio_cfg_scale if cfg_scale is None else cfg_scale)
-        uncond = [[self.vocab.bos]] if guidance.active else None
+        uncond = [[self.vocab.bos] for _ in ids] if guidance.active else None
         seed = cfg.seed if seed is None else seed
-        out = generate(self.model, [ids], grammar, budget, cfg.sampling,
+        out = generate(self.model, ids, grammar, budget, cfg.sampling,
                        torch.Generator(device=self.device).manual_seed(seed), guidance, uncond, on_step, cfg.compile,
                        samples=n)
         parsed = [parse_stream(stream, self.vocab, strict=True).segments for stream in out.sequences]
-        kept, score = self._best_reply(parsed, toks, cfg.vocoder) if n > 1 else (0, None)
 
-        def render(j: int) -> GeneratedReply:
+        def render(j: int, note: list[str]) -> GeneratedReply:
             parts: list[GeneratedText | GeneratedImage | GeneratedAudio] = []
             for seg in parsed[j]:
                 if isinstance(seg, TextIds):
@@ -589,12 +584,29 @@ class Pipeline:
                     to = "image" if isinstance(seg, ImageIds) else "audio"
                     parts += self._render_many([torch.as_tensor(seg.codes, dtype=torch.long)], to, cfg.vocoder)
             stream = out.sequences[j]
-            return GeneratedReply(parts, stream, bool(out.finished[j]) and len(stream) < budget, notes)
+            return GeneratedReply(parts, stream, bool(out.finished[j]) and len(stream) < budget, note)
 
-        reply = replace(render(kept), score=score)
-        if keep_first:
-            reply = replace(reply, first=reply if kept == 0 else render(0))
-        return reply
+        replies = []
+        for i, (prompt_toks, note) in enumerate(zip(toks, notes)):  # prompt i's replies are rows i*n .. i*n + n-1
+            kept, score = self._best_reply(parsed[i * n:(i + 1) * n], prompt_toks, cfg.vocoder) if n > 1 else (0, None)
+            reply = replace(render(i * n + kept, note), score=score)
+            if keep_first:
+                reply = replace(reply, first=reply if kept == 0 else render(i * n, note))
+            replies.append(reply)
+        return replies
+
+    def _read_prompts(self, prompts: Sequence[SegmentLike | Sequence[SegmentLike]]
+                      ) -> tuple[list[list[TokSegment]], list[list[str]]]:
+        """Each prompt's tokenized segments and its out-of-domain notes (each also warned, numbered in a batch). Files
+        are read once; a path given as text is refused."""
+        if not prompts:
+            raise PipelineError("no prompts given")
+        segments = [[as_segment(s) for s in _listed(p)] for p in prompts]
+        notes = [self.out_of_domain(p) for p in segments]
+        for i, prompt_notes in enumerate(notes):
+            for note in prompt_notes:
+                warnings.warn(f"prompt {i}: {note}" if len(segments) > 1 else note, OutOfDomainWarning, stacklevel=3)
+        return [self.prompt_segments(p) for p in segments], notes
 
     def _best_reply(self, parsed: list[list[TokSegment]], toks: list[TokSegment], vocoder: str
                     ) -> tuple[int, float | None]:
@@ -645,7 +657,8 @@ class Pipeline:
         vocoder: str | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[Generated]:
-        """Generate the ``to`` modality for every prompt, as one left-padded batch.
+        """Generate the ``to`` modality for every prompt, as one left-padded batch (``to="any"``: the model's own mixed
+        replies, :meth:`reply_batch`).
 
         ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``cfg_scale`` override the config for the target modality;
         ``seed`` (default: the config's) seeds the one torch.Generator the batch samples with. ``candidates``
@@ -665,17 +678,21 @@ class Pipeline:
             if max_text_tokens is not None and max_text_tokens != max_new_tokens + 1:
                 raise PipelineError("give max_new_tokens or max_text_tokens, not both")
             max_text_tokens = max_new_tokens + 1
+        if to == "any":  # the model's own mix: each span samples as configured, pictures draw with the VQ
+            refused = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "image_decoder": image_decoder,
+                       "keep_candidates": keep_candidates or None}
+            other = sorted(k for k, v in refused.items() if v is not None)
+            if other:
+                raise PipelineError(f"to='any' takes {', '.join(sorted(REPLY_OPTIONS))}; not {', '.join(other)}")
+            return self.reply_batch(prompts, seed=seed, temperature=temperature, cfg_scale=cfg_scale,
+                                    max_text_tokens=max_text_tokens, max_audio_seconds=max_audio_seconds,
+                                    vocoder=vocoder, on_step=on_step, candidates=candidates, keep_first=keep_first)
         self._opener(to)  # an unknown target or a missing tokenizer: refused before anything runs
         cfg = self.config
         n = candidates if candidates is not None else cfg.candidates(to)
         if n < 1:
             raise PipelineError(f"candidates must be >= 1, got {n}")
-        prompts = [[as_segment(s) for s in _listed(p)] for p in prompts]  # files read once, paths as text refused
-        notes = [self.out_of_domain(p) for p in prompts]
-        for i, prompt_notes in enumerate(notes):
-            for note in prompt_notes:
-                warnings.warn(f"prompt {i}: {note}" if len(prompts) > 1 else note, OutOfDomainWarning, stacklevel=2)
-        toks = [self.prompt_segments(p) for p in prompts]
+        toks, notes = self._read_prompts(prompts)
         target_cfg: SamplingConfig = getattr(cfg, to)
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
         overrides = {k: v for k, v in given.items() if v is not None}

@@ -598,3 +598,24 @@ def test_bench_generation_times_a_runs_pipeline_on_the_whole_cache_and_the_prefi
     rows = json.loads(out.read_text())["rows"]
     assert [r["to"] for r in rows] == ["image", "audio"] and all(r["same_codes"] for r in rows)
     assert all(r["whole_cache_s"] > 0 and r["prefix_s"] > 0 for r in rows)
+
+
+def test_mixed_replies_in_a_batch_are_each_prompts_own(tmp_path):
+    """generate_batch(to="any") decodes the prompts as one left-padded batch: greedy, each reply is the one its prompt
+    gets alone."""
+    from anyloom.generation.pipeline import GeneratedReply
+    from anyloom.generation.sampling import SamplingConfig
+
+    greedy = SamplingConfig(temperature=0.0)
+    pipe = load(build_tiny_run(tmp_path / "tiny"), device="cpu",
+                config=GenerationConfig(text=greedy, image=greedy, audio=greedy, max_audio_seconds=0.2,
+                                        max_text_tokens=4))
+    with torch.no_grad():
+        pipe.model.output.weight[pipe.vocab.boi].copy_(pipe.model.norm.weight * 0.6)
+    prompts = ["two red circles", "one blue star and two more"]
+    batch = pipe.generate_batch(prompts, to="any", seed=0)
+    alone = [pipe.generate(text=p, to="any", seed=0) for p in prompts]
+    assert all(isinstance(r, GeneratedReply) for r in batch)
+    assert [r.ids for r in batch] == [r.ids for r in alone] and any(r.of(GeneratedImage) for r in batch)
+    with pytest.raises(PipelineError, match="not image_decoder"):
+        pipe.generate_batch(prompts, to="any", image_decoder="vq")

@@ -364,15 +364,17 @@ def test_mixed_reply_prompts_are_phrased_by_reply_prompt():
     asked = []
 
     class FakePipe:
-        def generate(self, text, to, seed):
-            asked.append((text, to, seed))
-            return SimpleNamespace(segments=[])
+        def generate_batch(self, prompts, to, seed):
+            asked.append((prompts, to, seed))
+            return [SimpleNamespace(segments=[]) for _ in prompts]
 
     model = PipelineModel(FakePipe(), seed=4, reply_prompt="draw {caption} and say it")
     model.reply(["two red circles", "one blue star"])
-    assert asked == [("draw two red circles and say it", "any", 4), ("draw one blue star and say it", "any", 5)]
+    model.reply(["one green square"])
+    assert asked == [(["draw two red circles and say it", "draw one blue star and say it"], "any", 4),
+                     (["draw one green square and say it"], "any", 6)]  # a batch's seed: the replies asked before
     PipelineModel(FakePipe()).reply(["two red circles"])
-    assert asked[-1][0] == "two red circles"  # the default asks with the caption alone
+    assert asked[-1][0] == ["two red circles"]  # the default asks with the caption alone
     with pytest.raises(ValueError, match="must contain"):
         EvalConfig(reply_prompt="draw it")
 
@@ -384,11 +386,12 @@ def test_mixed_replies_single_sample_replays_the_first_replies():
     from anyloom.evaluation.run_eval import FirstSamples, PipelineModel
 
     class RerankingPipe:
-        def generate(self, text, to, seed, keep_first=False):
+        def generate_batch(self, prompts, to, seed, keep_first=False):
             assert keep_first
-            return SimpleNamespace(segments=["kept", seed], first=SimpleNamespace(segments=["first", seed]))
+            return [SimpleNamespace(segments=["kept", p], first=SimpleNamespace(segments=["first", p]))
+                    for p in prompts]
 
     model = PipelineModel(RerankingPipe(), seed=2, single_sample=True)
     since = {d: len(c) for d, c in model.firsts.items()}
-    assert [r.segments for r in model.reply(["a", "b"])] == [["kept", 2], ["kept", 3]]
-    assert [r.segments for r in FirstSamples(model, since).reply(["a", "b"])] == [["first", 2], ["first", 3]]
+    assert [r.segments for r in model.reply(["a", "b"])] == [["kept", "a"], ["kept", "b"]]
+    assert [r.segments for r in FirstSamples(model, since).reply(["a", "b"])] == [["first", "a"], ["first", "b"]]
