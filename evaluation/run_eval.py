@@ -91,6 +91,7 @@ class PipelineModel:
         self.firsts: dict[str, list[list[Any]]] = {"t2i": [], "i2t": [], "a2t": [], "any": []}  # per call, in order
         self.speech_firsts: dict[str, tuple[np.ndarray, int]] = {}
         self._replies = 0  # mixed replies asked so far (their seeds)
+        self.replies: list[tuple[str, Any]] = []  # (prompt, kept reply) in order, for the sample files
         # Text->image draws one image per item, not per distinct caption: the world's test split has 108 distinct
         # captions among 500 items and the compositional split 16, so one draw per caption made the score hinge on
         # ~100 (or 16) samples (text->image accuracy 13-28% across seeds on the same run; docs/BENCHMARKS.md). Each
@@ -157,6 +158,7 @@ class PipelineModel:
             out = self.pipe.generate_batch([self.reply_prompt.format(caption=c) for c in captions], to="any",
                                            seed=self.seed + self._replies, **options) if captions else []
         self._replies += len(captions)
+        self.replies += zip((self.reply_prompt.format(caption=c) for c in captions), out)
         if self.single_sample:
             self.firsts["any"].append([_first(o) for o in out])
         return out
@@ -493,6 +495,7 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
     for split, pairs in shown.items():
         if "t2i" in cfg.directions and pairs:
             sample_sheet([c for c, _ in pairs], [img for _, img in pairs], out_dir / f"t2i_{split}.png")
+    write_replies(model.replies[:4], out_dir)
     spoken = [it.caption for it in splits.get("test", []) if it.caption is not None][:4]
     if "t2a" in cfg.directions and spoken:
         waves, sr = model.text_to_speech(spoken)
@@ -501,6 +504,21 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
             sf.write(out_dir / f"t2a_{i}_{re.sub(r'[^A-Za-z0-9_-]', '_', caption)[:40]}.wav", w, sr)
     (folder / "eval.md").write_text(eval_markdown(scores))
     return scores
+
+
+def write_replies(replies: list[tuple[str, Any]], out_dir: Path) -> None:
+    """Mixed replies to look at and listen to: ``any_<i>.txt`` (the prompt and the reply's text) and
+    ``any_<i>_<k>.png|wav`` per picture or speech span, in the reply's order."""
+    import soundfile as sf
+
+    for i, (prompt, reply) in enumerate(replies):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"any_{i}.txt").write_text(f"prompt: {prompt}\nreply: {reply.text}\n")
+        for k, part in enumerate(s for s in reply.segments if hasattr(s, "image") or hasattr(s, "wave")):
+            if hasattr(part, "image"):
+                part.image.save(out_dir / f"any_{i}_{k}.png")
+            else:
+                sf.write(out_dir / f"any_{i}_{k}.wav", part.wave, part.sample_rate)
 
 
 def decoder_scores(pipe: Any, items: list[Any], t2i_codes: list[Any], world: bool, seed: int,

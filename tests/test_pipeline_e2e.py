@@ -43,6 +43,8 @@ def test_every_stage_ran_and_wrote_its_outputs(tiny_run):
     assert matcher["steps"] == recipe.image_matcher.steps and 0.0 <= matcher["val_top1"] <= 1.0
     assert "| lm |" in (run.path / "summary.md").read_text()
     assert any((run.samples / "eval").glob("t2i_test.png"))
+    reply_text = (run.samples / "eval" / "any_0.txt").read_text()  # mixed replies to look at and listen to
+    assert reply_text.startswith("prompt: ") and "\nreply: " in reply_text
 
 
 def test_lm_learned(tiny_run):

@@ -395,3 +395,20 @@ def test_mixed_replies_single_sample_replays_the_first_replies():
     since = {d: len(c) for d, c in model.firsts.items()}
     assert [r.segments for r in model.reply(["a", "b"])] == [["kept", "a"], ["kept", "b"]]
     assert [r.segments for r in FirstSamples(model, since).reply(["a", "b"])] == [["first", "a"], ["first", "b"]]
+
+
+def test_mixed_reply_samples_are_written_in_the_replys_order(tmp_path):
+    from types import SimpleNamespace
+
+    import soundfile as sf
+    from PIL import Image
+
+    from anyloom.evaluation.run_eval import write_replies
+
+    picture = SimpleNamespace(image=Image.new("RGB", (8, 8), (255, 0, 0)))
+    speech = SimpleNamespace(wave=np.zeros(1600, dtype=np.float32), sample_rate=16000)
+    reply = SimpleNamespace(text="here", segments=[SimpleNamespace(text="here"), picture, speech])
+    write_replies([("draw one red circle and say it", reply)], tmp_path)
+    assert (tmp_path / "any_0.txt").read_text() == "prompt: draw one red circle and say it\nreply: here\n"
+    assert Image.open(tmp_path / "any_0_0.png").size == (8, 8)
+    assert sf.info(str(tmp_path / "any_0_1.wav")).frames == 1600
