@@ -153,12 +153,13 @@ class PipelineModel:
         from anyloom.generation.pipeline import OutOfDomainWarning
 
         options = {"keep_first": True} if self.single_sample else {}
+        prompts = [self.reply_prompt.format(caption=c) for c in captions]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OutOfDomainWarning)
-            out = self.pipe.generate_batch([self.reply_prompt.format(caption=c) for c in captions], to="any",
-                                           seed=self.seed + self._replies, **options) if captions else []
+            out = self.pipe.generate_batch(prompts, to="any", seed=self.seed + self._replies,
+                                           **options) if prompts else []
         self._replies += len(captions)
-        self.replies += zip((self.reply_prompt.format(caption=c) for c in captions), out)
+        self.replies += zip(prompts, out)
         if self.single_sample:
             self.firsts["any"].append([_first(o) for o in out])
         return out
@@ -511,8 +512,9 @@ def write_replies(replies: list[tuple[str, Any]], out_dir: Path) -> None:
     ``any_<i>_<k>.png|wav`` per picture or speech span, in the reply's order."""
     import soundfile as sf
 
-    for i, (prompt, reply) in enumerate(replies):
+    if replies:
         out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, reply) in enumerate(replies):
         (out_dir / f"any_{i}.txt").write_text(f"prompt: {prompt}\nreply: {reply.text}\n")
         for k, part in enumerate(s for s in reply.segments if hasattr(s, "image") or hasattr(s, "wave")):
             if hasattr(part, "image"):
