@@ -1,11 +1,16 @@
 """Pictures from a manifest: every trainer that learns from images (image tokenizer, diffusion decoder, image-text
 matcher) reads its splits through :func:`load_images`.
 
-    load_images(manifest, image_size)                     every image segment, documents in order
+    load_images(manifest, image_size)                     every distinct image segment, documents in order
     load_images(manifest, image_size, captioned=True)     each document's first (text, image) pair, with its meta
                                                           (not documents whose "tasks" exclude captioning)
     PictureStream(manifest, image_size)                   a torch Dataset that decodes each picture when asked:
                                                           corpora too large to hold decoded in memory
+
+A picture file that several documents name (a corpus repeating its pictures under other texts, e.g. instruction
+documents) is read once by :func:`load_images` and :class:`PictureStream`: a trainer of pictures learns each picture
+once, whatever the documents around it. The repeats are counted (``repeated``); the captioned pairs keep every
+document, since their texts differ.
 
 Two ways to meet a bad document. ``strict=True`` (the default): the manifest reader raises at the first
 unreadable document, and a picture of another size than ``image_size`` is an error naming its file.
@@ -25,7 +30,14 @@ import numpy as np
 import torch
 
 from anyloom.data.document import Document, ImageSegment, TextSegment
-from anyloom.data.manifest import Decoding, ManifestError, index_pictures, read_manifest, read_picture
+from anyloom.data.manifest import (
+    Decoding,
+    ManifestError,
+    PictureRef,
+    index_pictures,
+    read_manifest,
+    read_picture,
+)
 
 MAX_REASONS = 20  # skip messages kept per set (the count covers them all)
 
@@ -38,6 +50,7 @@ class ImageSet:
     captions: list[str] = field(default_factory=list)  # captioned=True: each picture's text
     meta: list[dict] = field(default_factory=list)  # captioned=True: each picture's document meta
     ids: list[str] = field(default_factory=list)  # captioned=True: each picture's document id
+    repeated: int = 0  # image segments naming a picture file an earlier document named (read once)
 
 
 def _checked(px: np.ndarray, image_size: tuple[int, int], manifest: str | Path, name: str) -> np.ndarray:
@@ -73,6 +86,7 @@ def load_images(manifest: str | Path, image_size: tuple[int, int], *, limit: int
     out = ImageSet(pixels=np.zeros((0, *size, 3), np.uint8), skipped=len(result.skipped),
                    reasons=[f"{s.source}: {s.reason}" for s in result.skipped[:MAX_REASONS]])
     pixels: list[np.ndarray] = []
+    seen: set[str] = set()  # picture files already read
     for doc in result.documents:
         if captioned:
             pair = _caption_pair(doc)
@@ -88,6 +102,11 @@ def load_images(manifest: str | Path, image_size: tuple[int, int], *, limit: int
             segments = [s for s in doc.segments if isinstance(s, ImageSegment)]
             out.skipped += not segments
             for seg in segments:
+                if seg.path is not None:
+                    if seg.path in seen:
+                        out.repeated += 1
+                        continue
+                    seen.add(seg.path)
                 pixels.append(_checked(seg.pixels, size, manifest, seg.path or doc.id))
                 if limit and len(pixels) >= limit:
                     break
@@ -110,7 +129,12 @@ class PictureStream:
         index = index_pictures(manifest)
         if not index.refs:
             raise ValueError(f"{manifest}: no image segments ({len(index.skipped)} documents skipped)")
-        self.refs, self.skipped = index.refs, index.skipped
+        first: dict[tuple[str, int], PictureRef] = {}
+        for ref in index.refs:  # each picture once, where it is first named
+            first.setdefault((ref.file, ref.offset), ref)
+        refs = list(first.values())
+        self.refs, self.skipped = refs, index.skipped
+        self.repeated = len(index.refs) - len(refs)  # references to a picture an earlier one named
         self.decoding = Decoding(image_size=tuple(image_size), image_fit=fit)
 
     def __len__(self) -> int:

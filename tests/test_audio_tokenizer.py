@@ -244,6 +244,20 @@ def test_load_speech_reports_documents_without_audio(tmp_path):
     assert abs(len(speech.waves[0]) - 0.6 * 16000) <= 1  # resampled from 22.05 kHz
 
 
+def test_load_speech_reads_each_recording_once(tmp_path):
+    """A recording that later documents name again (instruction documents) is read once, with its first text."""
+    import json
+
+    from anyloom.training.audio_tokenizer import load_speech
+
+    manifest = _speech_manifest(tmp_path / "data", 2)
+    again = {"segments": [{"text": "say utterance 1"}, {"audio": "a1.wav"}], "tasks": ["interleaved"]}
+    manifest.write_text(manifest.read_text() + json.dumps(again) + "\n")
+    speech = load_speech(manifest, 16000)
+    assert speech.texts == ["utterance 0", "utterance 1"] and speech.repeated == 1 and speech.skipped == 1
+    assert "1 repeated recording read once" in speech.counts()
+
+
 # -- metrics -------------------------------------------------------------------------------------------------
 def test_si_snr_matches_the_definition():
     from anyloom.evaluation.audio_metrics import si_snr

@@ -389,4 +389,29 @@ def test_instruction_documents_are_not_caption_pairs(tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     pairs = load_images(tmp_path / "m.jsonl", (8, 8), captioned=True)
     assert pairs.captions == ["one red square", "one red square"] and pairs.skipped == 1
-    assert len(load_images(tmp_path / "m.jsonl", (8, 8)).pixels) == 3  # every picture still trains the tokenizer
+    # a trainer of pictures reads the one picture once; the repeats are counted
+    pictures = load_images(tmp_path / "m.jsonl", (8, 8))
+    assert len(pictures.pixels) == 1 and pictures.repeated == 2 and pictures.skipped == 0
+
+
+def test_trainers_of_pictures_read_each_picture_once(tmp_path):
+    """Documents that name a picture file again (instruction documents) add nothing to a picture trainer's data, in
+    memory or streamed: first occurrences in document order, the repeats counted."""
+    from PIL import Image
+
+    from anyloom.data.images import PictureStream, load_images
+
+    colours = {"a.png": (200, 30, 30), "b.png": (30, 200, 30), "c.png": (30, 30, 200)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / name)
+    named = ["b.png", "a.png", "b.png", "c.png", "a.png"]
+    lines = [{"segments": [{"text": f"doc {i}"}, {"image": n}]} for i, n in enumerate(named)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    pictures = load_images(tmp_path / "m.jsonl", (8, 8))
+    assert [tuple(p[0, 0]) for p in pictures.pixels] == [colours["b.png"], colours["a.png"], colours["c.png"]]
+    assert pictures.repeated == 2
+    stream = PictureStream(tmp_path / "m.jsonl", (8, 8))
+    assert len(stream) == 3 and stream.repeated == 2
+    assert [tuple(stream[i][0, 0]) for i in range(3)] == [tuple(p[0, 0]) for p in pictures.pixels]
+    # the captioned pairs keep every document: their texts differ
+    assert load_images(tmp_path / "m.jsonl", (8, 8), captioned=True).captions == [f"doc {i}" for i in range(5)]

@@ -114,19 +114,32 @@ class SpeechSet:
     texts: list[str]  # the document's text (the caption, for the world); "" if none
     sample_rate: int
     skipped: int  # documents without an audio segment
+    repeated: int = 0  # documents whose recording an earlier document named (read once)
+
+    def counts(self) -> str:
+        """The read's counts for a log line: "(2 documents without audio skipped, 5 repeated recordings read once)"."""
+        again = f", {self.repeated} repeated recording{'s' * (self.repeated != 1)} read once" if self.repeated else ""
+        return f"({self.skipped} documents without audio skipped{again})"
 
 
 def load_speech(manifest: str | Path, sample_rate: int, limit: int = 0) -> SpeechSet:
-    """Every document's first audio segment (and its text), resampled to ``sample_rate``."""
+    """Every document's first audio segment (and its text), resampled to ``sample_rate``. A recording file that
+    several documents name (instruction documents repeating it) is read once, with the first document's text: a
+    trainer of sounds learns each recording once; the repeats are counted."""
     from anyloom.data.document import AudioSegment, TextSegment
     from anyloom.data.manifest import read_manifest
 
-    waves, texts, skipped = [], [], 0
+    waves, texts, skipped, seen, repeated = [], [], 0, set(), 0
     for doc in read_manifest(manifest).documents:
         audio = doc.first(AudioSegment)
         if audio is None:
             skipped += 1
             continue
+        if audio.path is not None:
+            if audio.path in seen:
+                repeated += 1
+                continue
+            seen.add(audio.path)
         where = audio.path or f"{manifest} document {doc.id!r}"
         try:
             wave = prepare_wave(np.asarray(audio.wave), audio.sample_rate, sample_rate).wave[0]
@@ -138,7 +151,7 @@ def load_speech(manifest: str | Path, sample_rate: int, limit: int = 0) -> Speec
             break
     if not waves:
         raise ValueError(f"{manifest}: no document has an audio segment ({skipped} documents without one)")
-    return SpeechSet(waves, texts, sample_rate, skipped)
+    return SpeechSet(waves, texts, sample_rate, skipped, repeated)
 
 
 def mel_corpus(model: MelTokenizer, waves: list[np.ndarray]) -> torch.Tensor:
@@ -379,8 +392,7 @@ def train_audio_tokenizer(
     model = (WaveCodec(cfg.codec) if cfg.kind == "seanet_codec" else MelTokenizer(cfg.mel)).to(device)
     train = load_speech(train_manifest, model.sample_rate, tc.max_train_items)
     val = load_speech(val_manifest, model.sample_rate, max(tc.eval_items, tc.num_samples))
-    print(f"audio tokenizer: {len(train.waves)} training utterances ({train.skipped} documents without audio "
-          f"skipped), {len(val.waves)} validation")
+    print(f"audio tokenizer: {len(train.waves)} training utterances {train.counts()}, {len(val.waves)} validation")
     t = build_trainer(cfg, train, model, seed, device)
     snapshots = Snapshots(run.checkpoints, fp, keep_last=tc.keep_last, name="audio tokenizer",
                           models={"model": model, **({"disc": t.adversary.disc} if t.adversary else {})},

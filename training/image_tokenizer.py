@@ -450,12 +450,15 @@ def load_data(cfg: ImageTokenizerStageConfig, train_manifest: str | Path, val_ma
     if cfg.loader == "stream":
         stream = PictureStream(train_manifest, image_size)
         n, skipped, reasons, train = len(stream), len(stream.skipped), [str(s) for s in stream.skipped], stream
+        repeated = stream.repeated
     else:
         pictures = load_images(train_manifest, image_size, strict=False)
         n, skipped, reasons = len(pictures.pixels), pictures.skipped, pictures.reasons
-        train = uint8_to_float(pictures.pixels)
-    logger.log(0, train_images=n, train_skipped=skipped, val_images=len(val.pixels), val_skipped=val.skipped)
-    print(f"image tokenizer: {n} training images ({skipped} documents skipped), {len(val.pixels)} validation "
+        train, repeated = uint8_to_float(pictures.pixels), pictures.repeated
+    logger.log(0, train_images=n, train_skipped=skipped, val_images=len(val.pixels), val_skipped=val.skipped,
+               **({"train_repeated": repeated} if repeated else {}))
+    again = f", {repeated} repeated picture{'s' * (repeated != 1)} read once" if repeated else ""
+    print(f"image tokenizer: {n} training images ({skipped} documents skipped{again}), {len(val.pixels)} validation "
           f"images ({val.skipped} skipped)")
     for reason in reasons[:MAX_REASONS] + val.reasons:
         print(f"  skipped {reason}")

@@ -235,8 +235,8 @@ def train_matcher(
                                                      (str(train_manifest), str(val_manifest)))
         spec = HeadSpec(spec.name, head_trainer.config)
     if train.skipped or val.skipped:
-        print(f"image matcher: skipped {train.skipped} train / {val.skipped} val documents without a text and an "
-              "image segment")
+        print(f"image matcher: skipped {train.skipped} train / {val.skipped} val documents that are no caption "
+              "pair (no text and image segment, or tasks that exclude text->image and image->text)")
     seed_everything(cfg.seed)
 
     def as_trained(pixels: np.ndarray, desc: str) -> torch.Tensor:  # what the matcher trains on and is scored on

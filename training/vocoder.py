@@ -162,7 +162,7 @@ def train_vocoder(cfg: VocoderStageConfig, tokenizer: MelTokenizer, tokenizer_fo
     train = load_speech(train_manifest, sr, tc.max_train_items)
     val = load_speech(val_manifest, sr, max(tc.eval_items, tc.num_samples))
     print(f"vocoder: {sum(p.numel() for p in vocoder.parameters()):,} parameters; {len(train.waves)} training "
-          f"utterances ({train.skipped} documents without audio skipped), {len(val.waves)} validation")
+          f"utterances {train.counts()}, {len(val.waves)} validation")
     data = vocoder_inputs(tokenizer, train.waves, tc.input)
     frames = max(1, int(round(tc.crop_seconds * sr / data.hop)))
     loss_fn = WaveformLoss(sr).to(device)
