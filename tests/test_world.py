@@ -199,7 +199,9 @@ def test_make_world_cli(tmp_path, capsys):
     assert "openmoji.image_size" in capsys.readouterr().err
     args = ["world.n_train=4", "world.n_val=1", "world.n_test=1", "world.n_compositional=2",
             "world.with_speech=false", f"world.root={tmp_path}", "--workers", "1"]
-    assert main(args) == 0
+    assert main(args) == 2  # the recipe's 200 instruction documents need 200 training items
+    assert "replies must be in [0, n_train=4], got 200" in capsys.readouterr().err
+    assert main(args + ["world.replies=0"]) == 0
     out = capsys.readouterr().out
     assert f"world: {tmp_path}/" in out and "compositional       2 items" in out
 

@@ -76,7 +76,8 @@ class WorldConfig:
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
         if not 0 <= self.replies <= self.n_train:
-            raise ValueError(f"replies must be in [0, n_train={self.n_train}], got {self.replies}")
+            raise ValueError(f"replies must be in [0, n_train={self.n_train}], got {self.replies}: instruction "
+                             "documents repeat training items, so a smaller world needs fewer (replies=0 for none)")
         if "{caption}" not in self.reply_prompt:
             raise ValueError(f"reply_prompt must contain {{caption}}, got {self.reply_prompt!r}")
         for name in ("n_train", "n_val", "n_test", "n_compositional"):
