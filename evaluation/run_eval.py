@@ -20,13 +20,14 @@ weights match the ``eval_settings.json`` already in its folder is up to date and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -465,31 +466,31 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         from anyloom.world.asr import SpeechJudge
         from anyloom.world.evaluate import eval_mixed_replies
 
-        log(f"eval: test split, mixed replies ({len(mixed)} captions, to='any') ...")
-        since = {d: len(calls) for d, calls in model.firsts.items()}
-        speech_judge = judges.speech_judge or SpeechJudge()
-        scores["any"] = eval_mixed_replies(model, mixed, speech_judge)
-        single["any"] = eval_mixed_replies(FirstSamples(model, since), mixed, speech_judge)
+        with _part(log, f"test split, mixed replies ({len(mixed)} captions, to='any')"):
+            since = {d: len(calls) for d, calls in model.firsts.items()}
+            speech_judge = judges.speech_judge or SpeechJudge()
+            scores["any"] = eval_mixed_replies(model, mixed, speech_judge)
+            single["any"] = eval_mixed_replies(FirstSamples(model, since), mixed, speech_judge)
     scores["single_sample"] = single  # one sample per prompt, no reranking (greedy text), beside the reranked
     if cfg.tokenizers and "test" in splits:
-        log("eval: tokenizer reconstructions ...")
-        scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judges.reconstruction_asr,
-                                              image_judge=judges.world)))
+        with _part(log, "tokenizer reconstructions"):
+            scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judges.reconstruction_asr,
+                                                  image_judge=judges.world)))
     if getattr(pipe, "diffusion", None) is not None and "test" in splits:
-        log("eval: the image decoders side by side ...")
-        scores["decoders"] = decoder_scores(pipe, splits["test"], model.codes[slice(*test_calls)], judges.world,
-                                            cfg.seed)
+        with _part(log, "the image decoders side by side"):
+            scores["decoders"] = decoder_scores(pipe, splits["test"], model.codes[slice(*test_calls)], judges.world,
+                                                cfg.seed)
         if "attr_acc" in scores.get("t2i", {}) and "diffusion" in scores["decoders"]:  # the VQ's, side by side
             scores["decoders"].setdefault("vq", {})["t2i_attr_acc"] = scores["t2i"]["attr_acc"]
     if getattr(pipe, "vocoder", None) is not None and "test" in splits:
-        log("eval: the vocoders side by side ...")
-        scores.setdefault("decoders", {})["vocoder"] = vocoder_scores(pipe, splits["test"], model.speech_codes,
-                                                                      scores.get("t2a"), judges)
+        with _part(log, "the vocoders side by side"):
+            scores.setdefault("decoders", {})["vocoder"] = vocoder_scores(pipe, splits["test"], model.speech_codes,
+                                                                          scores.get("t2a"), judges)
     if cfg.perplexity:
         from anyloom.evaluation.lm_perplexity import run_lm_perplexity
 
-        log("eval: held-out perplexity ...")
-        scores.update(_nest(run_lm_perplexity(pipe, run.path / "tokens" / "test", cfg).as_eval()))
+        with _part(log, "held-out perplexity"):
+            scores.update(_nest(run_lm_perplexity(pipe, run.path / "tokens" / "test", cfg).as_eval()))
     write_json(folder / "eval.json", scores)
 
     out_dir = folder / "samples" / "eval"
@@ -505,6 +506,15 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
             sf.write(out_dir / f"t2a_{i}_{re.sub(r'[^A-Za-z0-9_-]', '_', caption)[:40]}.wav", w, sr)
     (folder / "eval.md").write_text(eval_markdown(scores))
     return scores
+
+
+@contextlib.contextmanager
+def _part(log: Callable[[str], None], what: str) -> Iterator[None]:
+    """Announce one part of the evaluation and report its seconds when it is done."""
+    log(f"eval: {what} ...")
+    t0 = time.perf_counter()
+    yield
+    log(f"eval: {what} done ({time.perf_counter() - t0:.0f} s)")
 
 
 def write_replies(replies: list[tuple[str, Any]], out_dir: Path) -> None:
