@@ -18,7 +18,7 @@ import time
 from anyloom.config import ConfigError, build, parse_override, set_dotted
 from anyloom.data.openmoji import OpenMojiConfig, build_openmoji
 from anyloom.recipes import load_recipe
-from anyloom.world.dataset import SPLITS, build_world
+from anyloom.world.dataset import build_world
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     paths = build_world(cfg, workers=args.workers)
     print(f"world: {paths.dir} ({time.perf_counter() - t0:.1f} s)")
-    for split in SPLITS:
+    for split in paths.splits:
         print(f"  {split:<14} {paths.counts[split]:>6} items  {paths.split(split)}")
     if args.openmoji:
         t0 = time.perf_counter()

@@ -149,6 +149,15 @@ def test_base_cycle_and_unknown_recipe(tmp_recipes):
     assert "world" in available()
 
 
+def test_every_shipped_recipe_loads():
+    """Each recipe in recipes/ (scale/ included) builds its typed sections: a misspelt key or a value of the wrong
+    kind in a shipped recipe fails here, not minutes into someone's run."""
+    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        load_recipe(path)
+
+
 def test_run_dir_layout_and_metrics(tmp_path):
     recipe = load_recipe("world", [f"run.out_dir={tmp_path}", "run.name=t"])
     run = RunDir.from_config(recipe.run)

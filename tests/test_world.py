@@ -57,11 +57,12 @@ def test_other_seed_other_world(tmp_path):
 def test_compositional_pairs_never_in_train_or_val(tiny_world):
     cfg = WorldConfig()
     held = {tuple(p) for p in cfg.holdout}
-    pairs = {s: {(d["meta"]["color"], d["meta"]["shape"]) for d in _lines(tiny_world.split(s))} for s in SPLITS}
+    pairs = {s: {(d["meta"]["color"], d["meta"]["shape"]) for d in _lines(tiny_world.split(s))}
+             for s in tiny_world.splits}
     for split in ("train", "val", "test"):
         assert not pairs[split] & held, split
     assert pairs["compositional"] and pairs["compositional"] <= held
-    ids = [d["id"] for s in SPLITS for d in _lines(tiny_world.split(s))]
+    ids = [d["id"] for s in tiny_world.splits for d in _lines(tiny_world.split(s))]
     assert len(ids) == len(set(ids)) == sum(tiny_world.counts.values())
 
 
@@ -228,3 +229,28 @@ def test_reply_documents_are_instructions_for_the_interleaved_task_only(tmp_path
         WorldConfig(**base, replies=7)
     with pytest.raises(ValueError, match="must contain"):
         WorldConfig(**base, reply_prompt="draw it")
+
+
+def test_validation_holdout_has_pairs_of_its_own(tmp_path):
+    """holdout_val: pairs absent from every other split, only in compositional_val; a world without them keeps its
+    name and its items, and has no such split."""
+    base = dict(seed=5, n_train=24, n_val=4, n_test=4, n_compositional=6, with_speech=False, root=str(tmp_path))
+    plain = WorldConfig(**base)
+    assert world_fingerprint(plain) == world_fingerprint(WorldConfig(**base, holdout_val=(), n_compositional_val=0))
+    val_pairs = (("cyan", "star"), ("pink", "circle"))
+    cfg = WorldConfig(**base, holdout_val=val_pairs, n_compositional_val=6)
+    assert world_fingerprint(cfg) != world_fingerprint(plain)
+    w, p = build_world(cfg, workers=1), build_world(plain, workers=1)
+    assert w.splits == SPLITS and p.splits == SPLITS[:-1] and not (p.dir / "compositional_val.jsonl").exists()
+    with pytest.raises(ValueError, match="no compositional_val split"):
+        p.split("compositional_val")
+    pairs = {s: {(d["meta"]["color"], d["meta"]["shape"]) for d in _lines(w.split(s))} for s in w.splits}
+    assert pairs["compositional_val"] and pairs["compositional_val"] <= set(val_pairs)
+    for split in ("train", "val", "test", "compositional"):
+        assert not pairs[split] & set(val_pairs), split
+    assert _lines(w.compositional) == _lines(p.compositional)  # its own hold-out: the same items as without
+    assert w.counts["compositional_val"] == 6
+    with pytest.raises(ValueError, match="must not share pairs with holdout"):
+        WorldConfig(**base, holdout_val=(("red", "star"),), n_compositional_val=2)
+    with pytest.raises(ValueError, match="needs at least one holdout_val pair"):
+        WorldConfig(**base, n_compositional_val=2)

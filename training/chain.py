@@ -41,8 +41,6 @@ from anyloom.recipes.schema import STAGES, Recipe
 from anyloom.training.distributed import is_main, world_size
 from anyloom.training.run import RunDir
 
-SPLITS = ("train", "val", "test", "compositional")
-
 
 @dataclass
 class Outcome:

@@ -2,8 +2,10 @@
 
 Each item is a scene of 1-4 shapes of one colour and one shape (``render.py``), its caption
 ("three yellow triangles", ``captions.py``) and, optionally, the caption spoken by espeak-ng (``speech.py``).
-Splits: train / val / test sample colour x shape pairs outside the compositional hold-out; the
-``compositional`` split uses only the held-out pairs, which therefore never appear in train or val.
+Splits: train / val / test sample colour x shape pairs outside the compositional hold-outs; the
+``compositional`` split uses only the held-out pairs, which therefore never appear in train or val. An optional
+``compositional_val`` split has hold-out pairs of its own (``holdout_val``, disjoint from ``holdout``), to choose
+settings on composition without looking at the compositional test split.
 
 Output (``build_world``) goes to ``<root>/<fingerprint>/``: PNG and WAV files and one JSONL manifest per
 split in the user-data format (``{"id", "segments": [{"text"}, {"image"}, {"audio"}], "meta"}``, paths
@@ -30,7 +32,8 @@ from anyloom.world.render import render_scene
 
 # Bump when rendering, speech or the manifest layout change: it is part of the output folder's name.
 GENERATOR_VERSION = 2
-SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
+# Every split a world can have, in the order that seeds their items (a new split goes last: the others keep their items)
+SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional", "compositional_val")
 # espeak-ng carries hidden state between utterances; it is reloaded at the start of every block of this
 # many items, so the audio bytes depend only on (seed, split, index). Changing it changes the bytes.
 SPEECH_BLOCK = 64
@@ -69,6 +72,10 @@ class WorldConfig:
     # task (the document's "tasks"): what teaches a to="any" reply to open both spans. 0: none (the default world).
     replies: int = added_field(0)
     reply_prompt: str = added_field("draw {caption} and say it")
+    # Colour x shape pairs held out for validation: absent from train/val/test and from the compositional split, only
+    # in `compositional_val` (n_compositional_val items). Empty and 0: no such split (the default world).
+    holdout_val: tuple[tuple[str, str], ...] = added_field(())
+    n_compositional_val: int = added_field(0)
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
@@ -80,7 +87,7 @@ class WorldConfig:
                              "documents repeat training items, so a smaller world needs fewer (replies=0 for none)")
         if "{caption}" not in self.reply_prompt:
             raise ValueError(f"reply_prompt must contain {{caption}}, got {self.reply_prompt!r}")
-        for name in ("n_train", "n_val", "n_test", "n_compositional"):
+        for name in ("n_train", "n_val", "n_test", "n_compositional", "n_compositional_val"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         bad = [c for c in self.colors if c not in COLORS]
@@ -91,24 +98,31 @@ class WorldConfig:
             raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got unknown {bad}")
         if not 1 <= self.max_count <= len(NUMBER_WORDS):
             raise ValueError(f"max_count must be 1..{len(NUMBER_WORDS)}, got {self.max_count}")
-        for pair in self.holdout:
-            if len(pair) != 2 or pair[0] not in self.colors or pair[1] not in self.shapes:
-                raise ValueError(f"holdout pair {pair!r} is not a (colour, shape) of this world")
+        for key in ("holdout", "holdout_val"):
+            for pair in getattr(self, key):
+                if len(pair) != 2 or pair[0] not in self.colors or pair[1] not in self.shapes:
+                    raise ValueError(f"{key} pair {pair!r} is not a (colour, shape) of this world")
+        both = {tuple(p) for p in self.holdout} & {tuple(p) for p in self.holdout_val}
+        if both:
+            raise ValueError(f"holdout_val must not share pairs with holdout (the compositional test split's), got "
+                             f"{sorted(both)} in both")
         if not self.seen_pairs():
             raise ValueError("the holdout covers every colour x shape pair: nothing is left for training")
         if self.n_compositional and not self.holdout:
             raise ValueError("n_compositional > 0 needs at least one holdout pair")
+        if self.n_compositional_val and not self.holdout_val:
+            raise ValueError("n_compositional_val > 0 needs at least one holdout_val pair")
         if self.with_speech and not (self.voices and self.rates and self.pitches):
             raise ValueError("with_speech needs at least one voice, rate and pitch")
 
     def seen_pairs(self) -> list[tuple[str, str]]:
-        """Colour x shape pairs of train/val/test (everything but the hold-out), in a fixed order."""
-        held = {tuple(p) for p in self.holdout}
+        """Colour x shape pairs of train/val/test (everything but the hold-outs), in a fixed order."""
+        held = {tuple(p) for p in (*self.holdout, *self.holdout_val)}
         return [(c, s) for c in self.colors for s in self.shapes if (c, s) not in held]
 
     def split_size(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test,
-                "compositional": self.n_compositional}[split]
+                "compositional": self.n_compositional, "compositional_val": self.n_compositional_val}[split]
 
 
 @dataclass(frozen=True)
@@ -118,12 +132,14 @@ class WorldPaths:
     val: Path
     test: Path
     compositional: Path
+    compositional_val: Path
     counts: dict[str, int] = field(default_factory=dict)  # items per split
     judges = "world"  # evaluation reads the world's pictures and speech with its exact judges (world/evaluate.py)
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return SPLITS
+        """The splits this world has: ``compositional_val`` only where it holds items."""
+        return tuple(s for s in SPLITS if s != "compositional_val" or self.counts.get(s, 0))
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -132,6 +148,9 @@ class WorldPaths:
     def split(self, name: str) -> Path:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        if name not in self.splits:
+            raise ValueError(f"this world has no {name} split: it holds items only with world.n_compositional_val > 0 "
+                             "and world.holdout_val pairs")
         return getattr(self, name)
 
 
@@ -143,12 +162,16 @@ def world_fingerprint(cfg: WorldConfig) -> str:
 
 def _identity(cfg: WorldConfig) -> dict:
     """The config as the world's folder records it: without ``root`` (moving the cache does not change the world), and
-    without the reply documents' settings while there are none (worlds made before they existed keep their name)."""
+    without the reply documents' and the validation hold-out's settings while there are none (worlds made before they
+    existed keep their name)."""
     d = to_dict(cfg)
     d.pop("root")
     if not cfg.replies:
         d.pop("replies")
         d.pop("reply_prompt")
+    if not cfg.holdout_val and not cfg.n_compositional_val:
+        d.pop("holdout_val")
+        d.pop("n_compositional_val")
     return d
 
 
@@ -166,7 +189,8 @@ def reply_lines(cfg: WorldConfig, train_lines: list[str]) -> list[str]:
 
 
 def sample_caption(cfg: WorldConfig, split: str, rng: np.random.Generator) -> Caption:
-    pairs = [tuple(p) for p in cfg.holdout] if split == "compositional" else cfg.seen_pairs()
+    held = {"compositional": cfg.holdout, "compositional_val": cfg.holdout_val}
+    pairs = [tuple(p) for p in held[split]] if split in held else cfg.seen_pairs()
     color, shape = pairs[int(rng.integers(len(pairs)))]
     return Caption(count=int(rng.integers(1, cfg.max_count + 1)), color=color, shape=shape)
 
@@ -213,10 +237,11 @@ def build_world(cfg: WorldConfig, workers: int | None = None) -> WorldPaths:
 
 
 def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
+    splits = [s for s in SPLITS if s != "compositional_val" or cfg.n_compositional_val]  # the folder's manifests
     blocks = [(split, start, min(start + SPEECH_BLOCK, cfg.split_size(split)))
-              for split in SPLITS for start in range(0, cfg.split_size(split), SPEECH_BLOCK)]
-    lines: dict[str, list[str]] = {s: [] for s in SPLITS}
-    bar = progress(total=sum(cfg.split_size(s) for s in SPLITS), desc="world", unit="item")
+              for split in splits for start in range(0, cfg.split_size(split), SPEECH_BLOCK)]
+    lines: dict[str, list[str]] = {s: [] for s in splits}
+    bar = progress(total=sum(cfg.split_size(s) for s in splits), desc="world", unit="item")
     jobs = [(cfg, split, start, stop, str(out)) for split, start, stop in blocks]
     if cfg.with_speech:
         import anyloom.world.speech  # noqa: F401  (imported once here, inherited by forked workers: scipy.signal is slow)
@@ -235,9 +260,9 @@ def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
             bar.update(stop - start)
     bar.close()
     lines["train"] += reply_lines(cfg, lines["train"])
-    for split in SPLITS:
+    for split in splits:
         (out / f"{split}.jsonl").write_text("".join(lines[split]), encoding="utf-8")
-    return {s: cfg.split_size(s) for s in SPLITS} | ({"train_replies": cfg.replies} if cfg.replies else {})
+    return {s: cfg.split_size(s) for s in splits} | ({"train_replies": cfg.replies} if cfg.replies else {})
 
 
 def _block_job(job: tuple[WorldConfig, str, int, int, str]) -> list[str]:
