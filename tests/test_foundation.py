@@ -152,7 +152,7 @@ def test_base_cycle_and_unknown_recipe(tmp_recipes):
 def test_every_shipped_recipe_loads():
     """Each recipe in recipes/ (scale/ included) builds its typed sections: a misspelt key or a value of the wrong
     kind in a shipped recipe fails here, not minutes into someone's run."""
-    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+    shipped = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
     assert len(shipped) >= 10
     for path in shipped:
         load_recipe(path)
