@@ -254,3 +254,29 @@ def test_validation_holdout_has_pairs_of_its_own(tmp_path):
         WorldConfig(**base, holdout_val=(("red", "star"),), n_compositional_val=2)
     with pytest.raises(ValueError, match="needs at least one holdout_val pair"):
         WorldConfig(**base, n_compositional_val=2)
+
+
+def test_partial_captions_name_one_attribute_for_text_to_image_only(tmp_path):
+    """world.partial_captions: the first training items' pictures again under their shape alone or their colour alone,
+    serving only text->image; a world without them keeps its name."""
+    from anyloom.data.manifest import read_manifest
+
+    base = dict(seed=3, n_train=6, n_val=0, n_test=0, n_compositional=0, with_speech=True, root=str(tmp_path))
+    assert world_fingerprint(WorldConfig(**base)) == world_fingerprint(WorldConfig(**base, partial_captions=0))
+    w = build_world(WorldConfig(**base, partial_captions=4), workers=1)
+    lines = _lines(w.train)
+    items, partial = lines[:6], lines[6:]
+    assert len(partial) == 4 and w.counts["train_partial_captions"] == 4
+    for i, (doc, item) in enumerate(zip(partial, items)):
+        meta = item["meta"]
+        noun = meta["shape"] if meta["count"] == 1 else meta["shape"] + "s"
+        words = doc["segments"][0]["text"].split()
+        if i % 2 == 0:
+            assert words[1:] == [noun] and doc["meta"]["names"] == "shape"
+        else:
+            assert words[1:] == [meta["color"], "shape" if meta["count"] == 1 else "shapes"]
+        assert doc["segments"][1] == item["segments"][1] and len(doc["segments"]) == 2  # its picture, no speech
+        assert doc["tasks"] == ["t2i"]
+    assert [d.tasks for d in read_manifest(w.train).documents][6:] == [("t2i",)] * 4
+    with pytest.raises(ValueError, match="partial_captions must be in"):
+        WorldConfig(**base, partial_captions=7)

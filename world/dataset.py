@@ -27,7 +27,7 @@ from PIL import Image
 
 from anyloom.config import added_field, fingerprint, to_dict
 from anyloom.progress import progress
-from anyloom.world.captions import COLORS, NUMBER_WORDS, SHAPES, Caption
+from anyloom.world.captions import COLORS, NUMBER_WORDS, PLURALS, SHAPES, Caption
 from anyloom.world.render import render_scene
 
 # Bump when rendering, speech or the manifest layout change: it is part of the output folder's name.
@@ -76,6 +76,10 @@ class WorldConfig:
     # in `compositional_val` (n_compositional_val items). Empty and 0: no such split (the default world).
     holdout_val: tuple[tuple[str, str], ...] = added_field(())
     n_compositional_val: int = added_field(0)
+    # Partial captions in the train split: the first `partial_captions` training items again with their picture under a
+    # caption that names the shape or the colour alone, alternately ("two stars", "two red shapes"), each serving only
+    # the LM's text->image task: each word then has to draw its part of the picture on its own. 0: none.
+    partial_captions: int = added_field(0)
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
@@ -85,6 +89,8 @@ class WorldConfig:
         if not 0 <= self.replies <= self.n_train:
             raise ValueError(f"replies must be in [0, n_train={self.n_train}], got {self.replies}: instruction "
                              "documents repeat training items, so a smaller world needs fewer (replies=0 for none)")
+        if not 0 <= self.partial_captions <= self.n_train:
+            raise ValueError(f"partial_captions must be in [0, n_train={self.n_train}], got {self.partial_captions}")
         if "{caption}" not in self.reply_prompt:
             raise ValueError(f"reply_prompt must contain {{caption}}, got {self.reply_prompt!r}")
         for name in ("n_train", "n_val", "n_test", "n_compositional", "n_compositional_val"):
@@ -172,6 +178,8 @@ def _identity(cfg: WorldConfig) -> dict:
     if not cfg.holdout_val and not cfg.n_compositional_val:
         d.pop("holdout_val")
         d.pop("n_compositional_val")
+    if not cfg.partial_captions:
+        d.pop("partial_captions")
     return d
 
 
@@ -185,6 +193,25 @@ def reply_lines(cfg: WorldConfig, train_lines: list[str]) -> list[str]:
         segments = [{"text": cfg.reply_prompt.format(caption=caption)}, *item["segments"][1:]]
         out.append(json.dumps({"id": f"{item['id']}-reply", "segments": segments,
                                "meta": {**item["meta"], "reply_to": caption}, "tasks": ["interleaved"]}) + "\n")
+    return out
+
+
+def partial_caption_lines(cfg: WorldConfig, train_lines: list[str]) -> list[str]:
+    """The partial-caption documents (``cfg.partial_captions``): the first training items' pictures under their
+    shape alone (even items) or their colour alone (odd items), serving only text->image."""
+    out = []
+    for i, line in enumerate(train_lines[: cfg.partial_captions]):
+        item = json.loads(line)
+        meta = item["meta"]
+        count = int(meta["count"])
+        number = NUMBER_WORDS[count - 1]
+        if i % 2 == 0:
+            kept, text = "shape", f"{number} {meta['shape'] if count == 1 else PLURALS[meta['shape']]}"
+        else:
+            kept, text = "color", f"{number} {meta['color']} {'shape' if count == 1 else 'shapes'}"
+        segments = [{"text": text}, item["segments"][1]]  # the picture; no speech says this caption
+        out.append(json.dumps({"id": f"{item['id']}-{kept}", "segments": segments, "meta": {**meta, "names": kept},
+                               "tasks": ["t2i"]}) + "\n")
     return out
 
 
@@ -259,10 +286,11 @@ def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
             lines[split].extend(_block_job(job))
             bar.update(stop - start)
     bar.close()
-    lines["train"] += reply_lines(cfg, lines["train"])
+    lines["train"] += reply_lines(cfg, lines["train"]) + partial_caption_lines(cfg, lines["train"])
     for split in splits:
         (out / f"{split}.jsonl").write_text("".join(lines[split]), encoding="utf-8")
-    return {s: cfg.split_size(s) for s in splits} | ({"train_replies": cfg.replies} if cfg.replies else {})
+    extra = {"train_replies": cfg.replies, "train_partial_captions": cfg.partial_captions}
+    return {s: cfg.split_size(s) for s in splits} | {k: v for k, v in extra.items() if v}
 
 
 def _block_job(job: tuple[WorldConfig, str, int, int, str]) -> list[str]:
