@@ -198,19 +198,20 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _is_neutral(f: dataclasses.Field, view: Any) -> bool:
-    """Whether ``f`` is an ``added_field`` whose value (as ``_fingerprint_view`` writes it) is its neutral one."""
+    """Whether ``f`` is an ``added_field`` whose value (as ``significant`` writes it) is its neutral one."""
     return _NEUTRAL in f.metadata and view == f.metadata[_NEUTRAL]
 
 
-def _fingerprint_view(obj: Any) -> Any:
-    """``to_dict(obj)`` without the added fields that hold their neutral value."""
+def significant(obj: Any) -> Any:
+    """``to_dict(obj)`` without the added fields that hold their neutral value: what identifies a config (its
+    fingerprint, or a folder named after it) without changing when a new option appears."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        views = {f: _fingerprint_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        views = {f: significant(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         return {_key(f): view for f, view in views.items() if not _is_neutral(f, view)}
     if isinstance(obj, (list, tuple)):
-        return [_fingerprint_view(v) for v in obj]
+        return [significant(v) for v in obj]
     if isinstance(obj, dict):
-        return {k: _fingerprint_view(v) for k, v in obj.items()}
+        return {k: significant(v) for k, v in obj.items()}
     return obj
 
 
@@ -222,7 +223,7 @@ def config_diff(saved: dict[str, Any], current: Any) -> list[str]:
     for key in sorted(set(saved) | set(here)):
         f = here.get(key)
         if f is None or key not in saved:
-            if f is None or not _is_neutral(f, _fingerprint_view(getattr(current, f.name))):
+            if f is None or not _is_neutral(f, significant(getattr(current, f.name))):
                 out.append(key)
             continue
         value = getattr(current, f.name)
@@ -239,9 +240,9 @@ def fingerprint(obj: Any) -> str:
     import hashlib
     import json
 
-    blob = json.dumps(_fingerprint_view(obj), sort_keys=True, default=str).encode()
+    blob = json.dumps(significant(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 __all__ = ["ConfigError", "build", "to_dict", "parse_override", "set_dotted", "deep_merge", "added_field",
-           "config_diff", "fingerprint"]
+           "config_diff", "fingerprint", "significant"]

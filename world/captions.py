@@ -45,8 +45,12 @@ class Caption:
     @property
     def text(self) -> str:
         """The canonical caption: "one red circle", "three yellow triangles"."""
-        noun = self.shape if self.count == 1 else PLURALS[self.shape]
-        return f"{NUMBER_WORDS[self.count - 1]} {self.color} {noun}"
+        return f"{NUMBER_WORDS[self.count - 1]} {self.color} {noun(self.shape, self.count)}"
+
+
+def noun(word: str, count: int) -> str:
+    """``word`` (a shape, or "shape") in the number ``count`` asks for: "circle", "circles"."""
+    return word if count == 1 else PLURALS.get(word, word + "s")
 
 
 def parse_caption(text: str) -> Caption:
@@ -110,6 +114,7 @@ __all__ = [
     "SHAPES",
     "PLURALS",
     "Caption",
+    "noun",
     "parse_caption",
     "caption_vocabulary",
     "caption_jsgf",

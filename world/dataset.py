@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anyloom.config import added_field, fingerprint, to_dict
+from anyloom.config import added_field, fingerprint, significant
 from anyloom.progress import progress
-from anyloom.world.captions import COLORS, NUMBER_WORDS, PLURALS, SHAPES, Caption
+from anyloom.world.captions import COLORS, NUMBER_WORDS, SHAPES, Caption, noun
 from anyloom.world.render import render_scene
 
 # Bump when rendering, speech or the manifest layout change: it is part of the output folder's name.
@@ -144,8 +144,7 @@ class WorldPaths:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        """The splits this world has: ``compositional_val`` only where it holds items."""
-        return tuple(s for s in SPLITS if s != "compositional_val" or self.counts.get(s, 0))
+        return splits_holding(self.counts)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -166,20 +165,21 @@ def world_fingerprint(cfg: WorldConfig) -> str:
     return fingerprint(d)
 
 
+def splits_holding(sizes: dict[str, int]) -> tuple[str, ...]:
+    """The splits a world of these per-split sizes has: every one but ``compositional_val``, which exists only where
+    it holds items (worlds made before it existed have none)."""
+    return tuple(s for s in SPLITS if s != "compositional_val" or sizes.get(s, 0))
+
+
 def _identity(cfg: WorldConfig) -> dict:
     """The config as the world's folder records it: without ``root`` (moving the cache does not change the world), and
-    without the reply documents' and the validation hold-out's settings while there are none (worlds made before they
-    existed keep their name)."""
-    d = to_dict(cfg)
+    without the options added later while they hold their neutral value (worlds made before they existed keep their
+    name). The reply prompt counts exactly while there are replies."""
+    d = significant(cfg)
     d.pop("root")
-    if not cfg.replies:
-        d.pop("replies")
-        d.pop("reply_prompt")
-    if not cfg.holdout_val and not cfg.n_compositional_val:
-        d.pop("holdout_val")
-        d.pop("n_compositional_val")
-    if not cfg.partial_captions:
-        d.pop("partial_captions")
+    d.pop("reply_prompt", None)
+    if cfg.replies:
+        d["reply_prompt"] = cfg.reply_prompt
     return d
 
 
@@ -206,9 +206,9 @@ def partial_caption_lines(cfg: WorldConfig, train_lines: list[str]) -> list[str]
         count = int(meta["count"])
         number = NUMBER_WORDS[count - 1]
         if i % 2 == 0:
-            kept, text = "shape", f"{number} {meta['shape'] if count == 1 else PLURALS[meta['shape']]}"
+            kept, text = "shape", f"{number} {noun(meta['shape'], count)}"
         else:
-            kept, text = "color", f"{number} {meta['color']} {'shape' if count == 1 else 'shapes'}"
+            kept, text = "color", f"{number} {meta['color']} {noun('shape', count)}"
         segments = [{"text": text}, item["segments"][1]]  # the picture; no speech says this caption
         out.append(json.dumps({"id": f"{item['id']}-{kept}", "segments": segments, "meta": {**meta, "names": kept},
                                "tasks": ["t2i"]}) + "\n")
@@ -264,7 +264,7 @@ def build_world(cfg: WorldConfig, workers: int | None = None) -> WorldPaths:
 
 
 def _generate(cfg: WorldConfig, out: Path, workers: int) -> dict[str, int]:
-    splits = [s for s in SPLITS if s != "compositional_val" or cfg.n_compositional_val]  # the folder's manifests
+    splits = splits_holding({s: cfg.split_size(s) for s in SPLITS})  # the folder's manifests
     blocks = [(split, start, min(start + SPEECH_BLOCK, cfg.split_size(split)))
               for split in splits for start in range(0, cfg.split_size(split), SPEECH_BLOCK)]
     lines: dict[str, list[str]] = {s: [] for s in splits}
