@@ -53,8 +53,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total, split over local ranks")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--precision", default="auto", choices=["auto", "amx", "bf16", "fp32"],
-                   help="parallel.mixed_precision (amx: bf16 autocast on a CPU with AMX tiles)")
+    p.add_argument("--precision", default="auto", choices=["auto", "amx", "native_bf16", "bf16", "fp32"],
+                   help="parallel.mixed_precision (amx: bf16 autocast on a CPU with AMX tiles; native_bf16: with "
+                        "AMX tiles or AVX-512 BF16)")
     p.add_argument("--json", help="append the result as one JSON line to this file (rank 0)")
     a = p.parse_args()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -473,13 +473,18 @@ def test_step_benchmark_times_recipe_variants(capsys, monkeypatch):
         bench.main()
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch, amx):
+@pytest.mark.parametrize(("mode", "amx", "avx512_bf16", "bf16"), [
+    ("amx", True, False, True), ("amx", False, True, False), ("native_bf16", False, True, True)])
+def test_cpu_bf16_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch, mode, amx, avx512_bf16, bf16):
+    # amx: bf16 only with AMX tiles; native_bf16: with AMX tiles or AVX-512 BF16; fp32 on any other CPU. The CPU's
+    # features are forced, so the test does not depend on the CPU it runs on
     import anyloom.training.image_tokenizer as it
+    from anyloom.training import parallel as par
     from anyloom.training.metrics import read_metrics
     from anyloom.training.run import RunDir
 
-    monkeypatch.setattr(it, "cpu_has_amx", lambda: amx)  # the fallback on a CPU without AMX tiles is fp32
+    monkeypatch.setattr(par, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(par, "cpu_has_avx512_bf16", lambda: avx512_bf16)
     seen: set[torch.dtype] = set()
 
     def record(module, args, out):
@@ -489,11 +494,11 @@ def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch
     train, val = _manifest(tmp_path / "train", 24, 0), _manifest(tmp_path / "val", 8, 1)
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
-        cfg = _stage(mixed_precision="amx", model=tiny("fsq", patch=2))
+        cfg = _stage(mixed_precision=mode, model=tiny("fsq", patch=2))
         out = it.train_image_tokenizer(cfg, train, val, RunDir(tmp_path / "run"))
     finally:
         handle.remove()
-    assert seen == ({torch.bfloat16} if amx else {torch.float32})
+    assert seen == ({torch.bfloat16} if bf16 else {torch.float32})
     exported = ImageVQTokenizer.load(out)
     assert all(p.dtype == torch.float32 for p in exported.state_dict().values())
     records = read_metrics(tmp_path / "run")
@@ -502,6 +507,9 @@ def test_amx_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="mixed_precision"):
         _stage(mixed_precision="fp16")
     assert _stage(mixed_precision="bf16").bf16_autocast  # bf16 on whatever device the loop runs on
+    monkeypatch.setattr(par, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(par, "cpu_has_avx512_bf16", lambda: False)
+    assert not _stage(mixed_precision="native_bf16").bf16_autocast  # fp32 on a CPU without native bf16
 
 
 def test_gap_focus_weights_narrow_background_gaps_golden():

@@ -180,11 +180,20 @@ def test_amx_precision_trains_in_bf16_autocast_with_fp32_master_weights(tmp_path
     from anyloom.training import parallel as par
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(par, "cpu_has_amx", lambda: False)
-    assert par.param_dtype(par.ParallelConfig(mixed_precision="amx"), cpu) == torch.float32
+
+    def dtype(mode: str, amx: bool, avx512_bf16: bool) -> torch.dtype:
+        monkeypatch.setattr(par, "cpu_has_amx", lambda: amx)
+        monkeypatch.setattr(par, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+        return par.param_dtype(par.ParallelConfig(mixed_precision=mode), cpu)
+
+    assert dtype("amx", False, True) == torch.float32  # amx: AMX tiles only
+    assert dtype("amx", True, False) == torch.bfloat16
+    assert dtype("native_bf16", False, True) == torch.bfloat16  # native_bf16: AMX tiles or AVX-512 BF16
+    assert dtype("native_bf16", True, False) == torch.bfloat16
+    assert dtype("native_bf16", False, False) == torch.float32
+    assert dtype("auto", True, True) == torch.float32
+    assert par.param_dtype(par.ParallelConfig(mixed_precision="native_bf16"), torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(par, "cpu_has_amx", lambda: True)
-    assert par.param_dtype(par.ParallelConfig(mixed_precision="amx"), cpu) == torch.bfloat16
-    assert par.param_dtype(par.ParallelConfig(mixed_precision="auto"), cpu) == torch.float32
     seen = []
 
     def snapshot(model, step, run):

@@ -44,7 +44,7 @@ from anyloom.tokenizers.base import reconstruct
 from anyloom.tokenizers.image_vq import ImageVQConfig, ImageVQTokenizer, float_to_uint8, uint8_to_float
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, budget_position, build_optimizer, lr_factor
-from anyloom.training.parallel import cpu_has_amx
+from anyloom.training.parallel import cpu_runs_bf16
 from anyloom.training.run import RunDir
 from anyloom.training.seed import seed_everything
 from anyloom.training.snapshots import Snapshots, TrainingLoop
@@ -151,8 +151,9 @@ class ImageTokenizerStageConfig:
     # "amx": the forward pass and the losses under CPU bf16 autocast when the CPU has AMX tiles (oneDNN runs the
     # convs on them; fp32 master weights and AdamW state, FSQ rounds in fp32, the export is fp32); "fp32"
     # everywhere else and on a CPU without AMX (docs/experiments/2026-11-27-image-tokenizer-bf16-and-gap-focus.md).
+    # "native_bf16": as amx, and also on a CPU with AVX-512 BF16 (a step ~1.35x faster there: docs/BENCHMARKS.md).
     # "bf16": bf16 autocast on whatever device the loop runs on (a GPU; fp32 master weights, fp32 losses).
-    mixed_precision: Literal["fp32", "amx", "bf16"] = "fp32"
+    mixed_precision: Literal["fp32", "amx", "native_bf16", "bf16"] = "fp32"
     threads: int = 2  # torch.set_num_threads for the loop
     # where the loop runs: "cpu", "cuda" (this rank's GPU), "cuda:1", or "auto" (a GPU when there is one)
     device: str = added_field("cpu")
@@ -180,8 +181,9 @@ class ImageTokenizerStageConfig:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.mixed_precision not in ("fp32", "amx", "bf16"):
-            raise ValueError(f"mixed_precision must be 'fp32', 'amx' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("fp32", "amx", "native_bf16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'fp32', 'amx', 'native_bf16' or 'bf16', "
+                             f"got {self.mixed_precision!r}")
         if self.loader not in ("memory", "stream"):
             raise ValueError(f"loader must be 'memory' or 'stream', got {self.loader!r}")
         if self.workers < 0:
@@ -204,8 +206,9 @@ class ImageTokenizerStageConfig:
 
     @property
     def bf16_autocast(self) -> bool:
-        """Whether the loop runs under bf16 autocast (``bf16``, or ``amx`` on a CPU with AMX tiles)."""
-        return self.mixed_precision == "bf16" or (self.mixed_precision == "amx" and cpu_has_amx())
+        """Whether the loop runs under bf16 autocast (``bf16``; ``amx`` on a CPU with AMX tiles; ``native_bf16`` on a
+        CPU with AMX tiles or AVX-512 BF16)."""
+        return self.mixed_precision != "fp32" and cpu_runs_bf16(self.mixed_precision)
 
     def autocast(self, device: torch.device | str = "cpu") -> Callable[[], contextlib.AbstractContextManager]:
         """A factory of the loop's autocast context on ``device``: bf16 when ``bf16_autocast``, else a no-op. Whether

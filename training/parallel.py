@@ -36,9 +36,10 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     compile: bool = False  # torch.compile each block (after AC, before sharding)
     # auto: bf16 params + fp32 gradient reduction on GPU, fp32 everywhere on CPU. amx: as auto, and bf16 also on a
-    # CPU with AMX tiles (Sapphire Rapids and later), whose bf16 matmuls run ~4-5x faster than fp32 ones there
-    # (attention stays fp32 on the CPU: transformer.attention)
-    mixed_precision: Literal["auto", "amx", "bf16", "fp32"] = "auto"
+    # CPU with AMX tiles (Sapphire Rapids and later), whose bf16 matmuls run ~4-5x faster than fp32 ones there.
+    # native_bf16: as amx, and bf16 also on a CPU with AVX-512 BF16 (Zen 4, Cooper Lake), whose bf16 matmuls run
+    # ~2-3x faster than fp32 ones (docs/BENCHMARKS.md). Attention stays fp32 on the CPU (transformer.attention)
+    mixed_precision: Literal["auto", "amx", "native_bf16", "bf16", "fp32"] = "auto"
     # cpu: build the full model on the host, initialise it, then shard: the initial weights do not depend on
     # the number of ranks (1-vs-N parity). meta: each rank allocates and initialises only its own shard, for
     # models too large for host memory; the initial weights then depend on the sharding.
@@ -96,13 +97,31 @@ def cpu_has_amx() -> bool:
     return bool(torch.cpu._is_amx_tile_supported())
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX-512 BF16 instructions (oneDNN's bf16 matmuls and convs then outrun fp32 ones)."""
+    return bool(torch.cpu._is_avx512_bf16_supported())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: AMX tiles or AVX-512 BF16."""
+    return cpu_has_amx() or cpu_has_avx512_bf16()
+
+
+MIXED_PRECISION_MODES = ("auto", "amx", "native_bf16", "bf16", "fp32")
+
+
+def cpu_runs_bf16(mode: str) -> bool:
+    """Whether ``mode`` (a ``mixed_precision`` setting) trains in bf16 on this machine's CPU."""
+    return mode == "bf16" or (mode == "amx" and cpu_has_amx()) or (mode == "native_bf16" and cpu_has_native_bf16())
+
+
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
     mode = cfg.mixed_precision
-    if mode == "bf16" or (mode in ("auto", "amx") and device.type == "cuda"):
+    if mode not in MIXED_PRECISION_MODES:
+        raise ValueError(f"parallel.mixed_precision={mode!r}: expected one of {', '.join(MIXED_PRECISION_MODES)}")
+    if mode == "bf16" or (mode != "fp32" and device.type == "cuda"):
         return torch.bfloat16
-    if mode == "amx" and device.type == "cpu" and cpu_has_amx():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_runs_bf16(mode) else torch.float32
 
 
 # Ops whose outputs selective checkpointing keeps: the expensive ones (matmuls, attention). Everything else
