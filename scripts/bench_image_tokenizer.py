@@ -5,11 +5,10 @@
 Each ``--variant`` is a space-separated list of recipe overrides on ``--recipe`` (default: world); "" is the
 recipe as it is. A step is what the stage's loop does for one batch: forward, the stage's reconstruction
 objective (edge focus and pixel-weight plug-ins included; under bf16 autocast with
-``image_tokenizer.mixed_precision=native_bf16`` on a CPU with AMX or AVX-512 BF16), backward, gradient clipping, AdamW; no data loading, metrics
-or checkpoints,
-and random pixels (the time does not depend on them). The variants take turns (``--rounds`` rounds of
-``--steps`` steps each) so that a machine slowing down affects them alike; the report is the best and the
-median round per variant, and each variant's best relative to the first one's.
+``image_tokenizer.mixed_precision=native_bf16`` on a CPU with AMX or AVX-512 BF16), backward, gradient clipping,
+AdamW; no data loading, metrics or checkpoints, and random pixels (the time does not depend on them). The variants
+take turns (``--rounds`` rounds of ``--steps`` steps each) so that a machine slowing down affects them alike; the
+report is the best and the median round per variant, and each variant's best relative to the first one's.
 """
 
 from __future__ import annotations
