@@ -27,7 +27,7 @@ from anyloom.sequences.packing import ListSource, PackedLoader
 from anyloom.training.lm import micro_batch_size, train_lm
 from anyloom.training.metrics import read_metrics
 from anyloom.training.optim import OptimConfig
-from anyloom.training.parallel import ParallelConfig
+from anyloom.training.parallel import MIXED_PRECISION_MODES, ParallelConfig
 from anyloom.training.run import RunDir
 from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.sizes import model_config
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total, split over local ranks")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--precision", default="auto", choices=["auto", "amx", "native_bf16", "bf16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=MIXED_PRECISION_MODES,
                    help="parallel.mixed_precision (amx: bf16 autocast on a CPU with AMX tiles; native_bf16: with "
                         "AMX tiles or AVX-512 BF16)")
     p.add_argument("--json", help="append the result as one JSON line to this file (rank 0)")

@@ -50,7 +50,8 @@ def mutual_information(pairs: list[tuple]) -> float:
 
 
 def object_cells(boxes: list[list[float]], grid: tuple[int, int], size: tuple[int, int]) -> list[int]:
-    """Flat indices of the grid cells that overlap any (x0, y0, x1, y1) box in pixels."""
+    """Flat indices of the grid cells that overlap any (x0, y0, x1, y1) box in pixels. Overlap, not the region
+    head's cell-centre rule (``world.regions.box_cells``): a sliver of an object already changes a cell's code."""
     ch, cw = size[0] / grid[0], size[1] / grid[1]
     cells = set()
     for x0, y0, x1, y1 in boxes:

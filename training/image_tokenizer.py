@@ -208,7 +208,7 @@ class ImageTokenizerStageConfig:
     def bf16_autocast(self) -> bool:
         """Whether the loop runs under bf16 autocast (``bf16``; ``amx`` on a CPU with AMX tiles; ``native_bf16`` on a
         CPU with AMX tiles or AVX-512 BF16)."""
-        return self.mixed_precision != "fp32" and cpu_runs_bf16(self.mixed_precision)
+        return cpu_runs_bf16(self.mixed_precision)
 
     def autocast(self, device: torch.device | str = "cpu") -> Callable[[], contextlib.AbstractContextManager]:
         """A factory of the loop's autocast context on ``device``: bf16 when ``bf16_autocast``, else a no-op. Whether

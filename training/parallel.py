@@ -17,13 +17,17 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from anyloom.device import pick_device
+
+# how an LM trains in bf16 (ParallelConfig.mixed_precision)
+MixedPrecision = Literal["auto", "amx", "native_bf16", "bf16", "fp32"]
+MIXED_PRECISION_MODES: tuple[str, ...] = get_args(MixedPrecision)
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class ParallelConfig:
     # CPU with AMX tiles (Sapphire Rapids and later), whose bf16 matmuls run ~4-5x faster than fp32 ones there.
     # native_bf16: as amx, and bf16 also on a CPU with AVX-512 BF16 (Zen 4, Cooper Lake), whose bf16 matmuls run
     # ~2-3x faster than fp32 ones (docs/BENCHMARKS.md). Attention stays fp32 on the CPU (transformer.attention)
-    mixed_precision: Literal["auto", "amx", "native_bf16", "bf16", "fp32"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     # cpu: build the full model on the host, initialise it, then shard: the initial weights do not depend on
     # the number of ranks (1-vs-N parity). meta: each rank allocates and initialises only its own shard, for
     # models too large for host memory; the initial weights then depend on the sharding.
@@ -105,9 +109,6 @@ def cpu_has_avx512_bf16() -> bool:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively: AMX tiles or AVX-512 BF16."""
     return cpu_has_amx() or cpu_has_avx512_bf16()
-
-
-MIXED_PRECISION_MODES = ("auto", "amx", "native_bf16", "bf16", "fp32")
 
 
 def cpu_runs_bf16(mode: str) -> bool:
