@@ -62,6 +62,10 @@ class EvalConfig:
     # how a mixed-reply prompt is phrased from its caption ({caption}); a recipe that trains instruction documents
     # (world.replies) asks the way they were phrased: "draw {caption} and say it"
     reply_prompt: str = added_field("{caption}")
+    # where a run has a diffusion decoder or a vocoder: decode the test split's pictures / speech and the generated
+    # codes with both decoders of each kind, side by side (eval.json ``decoders``; docs/DECODERS.md). It decodes
+    # everything twice more, so a recipe that has made its choice can leave it off
+    compare_decoders: bool = added_field(True)
 
     def __post_init__(self) -> None:
         unknown = set(self.directions) - {"t2i", "i2t", "a2t", "t2a"}
@@ -476,13 +480,13 @@ def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Pa
         with _part(log, "tokenizer reconstructions"):
             scores.update(_nest(tokenizer_metrics(pipe, splits["test"], judges.reconstruction_asr,
                                                   image_judge=judges.world)))
-    if getattr(pipe, "diffusion", None) is not None and "test" in splits:
+    if cfg.compare_decoders and getattr(pipe, "diffusion", None) is not None and "test" in splits:
         with _part(log, "the image decoders side by side"):
             scores["decoders"] = decoder_scores(pipe, splits["test"], model.codes[slice(*test_calls)], judges.world,
                                                 cfg.seed)
         if "attr_acc" in scores.get("t2i", {}) and "diffusion" in scores["decoders"]:  # the VQ's, side by side
             scores["decoders"].setdefault("vq", {})["t2i_attr_acc"] = scores["t2i"]["attr_acc"]
-    if getattr(pipe, "vocoder", None) is not None and "test" in splits:
+    if cfg.compare_decoders and getattr(pipe, "vocoder", None) is not None and "test" in splits:
         with _part(log, "the vocoders side by side"):
             scores.setdefault("decoders", {})["vocoder"] = vocoder_scores(pipe, splits["test"], model.speech_codes,
                                                                           scores.get("t2a"), judges)

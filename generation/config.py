@@ -12,7 +12,9 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+import torch
 
 from anyloom.config import added_field
 from anyloom.generation.cfg import GuidanceConfig
@@ -20,6 +22,11 @@ from anyloom.generation.engine import COMPILE_MODES, CompileMode
 from anyloom.generation.sampling import ModalitySampling, SamplingConfig
 
 ImageDecoderKind = Literal["vq", "diffusion"]
+# the LM's weights and KV cache at generation: fp32; bf16; native_bf16, bf16 where the device multiplies it natively
+# (a CUDA GPU with bf16, a CPU with AMX tiles or AVX-512 BF16) and fp32 elsewhere. An export saved in bf16 runs in
+# bf16 whatever this says (it never existed in fp32)
+Precision = Literal["fp32", "bf16", "native_bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 VocoderKind = Literal["auto", "griffin_lim", "neural"]
 
 
@@ -78,6 +85,9 @@ class GenerationConfig:
     # compile the decode step: "auto" does where it was measured to pay (CUDA; on CPU the one-off compile of tens
     # of seconds outweighs the per-token saving for generation lengths we use; docs/BENCHMARKS.md "Generation")
     compile: CompileMode = "auto"
+    # the LM's precision (Precision above; load() applies it). On a 2-core CPU with AVX-512 BF16, bf16 sampled the
+    # world's pictures 1.2x faster than fp32, with other samples and scores (docs/BENCHMARKS.md, "Generation")
+    precision: Precision = added_field("fp32")
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 1:
@@ -95,6 +105,8 @@ class GenerationConfig:
         GuidanceConfig(self.image_cfg_scale, self.audio_cfg_scale)  # validates the scales
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
     def scorers(self, to: str) -> tuple[ScorerSpec, ...]:
         """The reranking terms of target modality ``to``."""
@@ -102,6 +114,13 @@ class GenerationConfig:
 
     def candidates(self, to: str) -> int:
         return {"text": self.text_candidates, "image": self.image_candidates, "audio": self.audio_candidates}[to]
+
+    def lm_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the LM generates in on ``device`` (``precision``)."""
+        from anyloom.device import native_bf16
+
+        bf16 = self.precision == "bf16" or (self.precision == "native_bf16" and native_bf16(device))
+        return torch.bfloat16 if bf16 else torch.float32
 
     @property
     def sampling(self) -> ModalitySampling:

@@ -75,10 +75,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 
 
 def new_cache(model: Transformer, batch: int, max_len: int) -> KVCache:
-    """A static cache sized for ``batch`` rows of ``max_len`` slots, on the model's device and dtype."""
+    """A static cache sized for ``batch`` rows of ``max_len`` slots, on the model's device and in its dtype, except
+    fp32 on the CPU: attention runs in fp32 there whatever the weights (``anyloom.transformer.attention``), and an
+    fp32 cache is read as it is instead of being cast whole at every step."""
     cfg = model.cfg
     p = model.tok_embeddings.weight
-    return KVCache(batch, max_len, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype=p.dtype, device=p.device)
+    dtype = torch.float32 if p.device.type == "cpu" else p.dtype
+    return KVCache(batch, max_len, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=p.device)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor,

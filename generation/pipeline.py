@@ -328,6 +328,8 @@ def load(
         tokenizers[modality] = tok
     if config is None:
         config = _recipe_generation_config(export)
+    if config.lm_dtype(dev) == torch.bfloat16:  # generation.precision (a bf16 export is bf16 already)
+        model.to(torch.bfloat16)
     matcher = None
     folder = Path(image_matcher) if image_matcher is not None else _find_matcher(export)
     if folder is not None:

@@ -380,3 +380,24 @@ def test_image_layout_with_fixed_prefix_and_suffix():
             parse_stream(bad, v, strict=True)
     with pytest.raises(VocabularyError, match="image_prefix must list text ids"):
         Vocabulary.build(base.text_size, 4, 0, 0, (2, 2), image_prefix=(base.text_size,))
+
+
+def test_a_bf16_model_decodes_from_an_fp32_cache_on_the_cpu():
+    # generation.precision bf16: bf16 weights, but the CPU attends in fp32, so the cache stays fp32 (read as it is,
+    # not cast whole every step); the int and the tensor (static) slot paths both cast the new keys into it
+    v = vocab()
+    model = tiny_model(v.size).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    seq = torch.randint(0, v.size, (12,), generator=g)
+    full = model.logits(model(seq[None])).squeeze(0).float()  # (12, V)
+    for static in (False, True):
+        kv = new_cache(model, 1, 16)
+        assert kv.layers[0].k.dtype == torch.float32
+        logits = [prefill(model, seq[None, :6], torch.zeros(1, 6, dtype=torch.long), torch.arange(6)[None], kv)]
+        for i in range(6, 11):
+            pos = torch.tensor(i) if static else i
+            logits.append(decode_one_token(model, seq[None, i:i + 1], kv, pos))
+        got = torch.cat(logits)  # (6, V): after tokens 5..10
+        # bf16 matmuls either way; the cache and attention in fp32 differ from the full forward by bf16 rounding
+        torch.testing.assert_close(got, full[5:11], atol=0.15, rtol=0.05)
+        assert got.argmax(-1).tolist() == full[5:11].argmax(-1).tolist()

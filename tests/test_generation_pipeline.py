@@ -619,3 +619,29 @@ def test_mixed_replies_in_a_batch_are_each_prompts_own(tmp_path):
     assert [r.ids for r in batch] == [r.ids for r in alone] and any(r.of(GeneratedImage) for r in batch)
     with pytest.raises(PipelineError, match="not image_decoder"):
         pipe.generate_batch(prompts, to="any", image_decoder="vq")
+
+
+def test_generation_precision_puts_the_lm_in_bf16_where_asked(tiny_run, monkeypatch):
+    from anyloom import device as devices
+
+    with pytest.raises(ValueError, match="precision='fp16': expected one of fp32, bf16, native_bf16"):
+        GenerationConfig(precision="fp16")
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, want in ((False, False, torch.float32), (False, True, torch.bfloat16),
+                                   (True, False, torch.bfloat16)):
+        monkeypatch.setattr(devices, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda on=avx512_bf16: on)
+        assert GenerationConfig(precision="native_bf16").lm_dtype(cpu) == want
+    assert GenerationConfig(precision="bf16").lm_dtype(cpu) == torch.bfloat16  # asked for: whatever the CPU has
+    assert GenerationConfig().lm_dtype(cpu) == torch.float32  # the default
+    fp32 = load(tiny_run, device="cpu", config=GenerationConfig(max_audio_seconds=0.3))
+    bf16 = load(tiny_run, device="cpu", config=GenerationConfig(max_audio_seconds=0.3, precision="bf16"))
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    # the same greedy picture and caption (the tiny model's top tokens are far enough apart for bf16 rounding)
+    a = fp32.generate("two red circles", to="image", temperature=0.0)
+    b = bf16.generate("two red circles", to="image", temperature=0.0)
+    agree = float((a.codes == b.codes).float().mean())
+    assert agree >= 0.75, agree
+    assert isinstance(bf16.generate([b.image], to="text", max_text_tokens=6), GeneratedText)
+    assert isinstance(bf16.generate("one blue star", to="audio", seed=1), GeneratedAudio)

@@ -298,3 +298,33 @@ def test_make_eval_on_a_users_manifest(spoken, tmp_path, monkeypatch):
     assert (samples / "t2i_test.png").is_file()
     wavs = sorted(p.name for p in samples.glob("t2a_*.wav"))  # file names from the captions, made safe
     assert wavs == ["t2a_0_Good_morning__everyone_.wav", "t2a_1_Open_the_door_.wav", "t2a_2_A_caption_alone.wav"]
+
+
+def test_decoders_are_compared_only_when_asked(tmp_path, monkeypatch):
+    """eval.compare_decoders: a run with a vocoder or a diffusion decoder gets eval.json ``decoders`` (both decoders
+    of each kind side by side) only with it on; off, neither comparison runs."""
+    import anyloom.generation.pipeline as pipeline_module
+    from anyloom.evaluation import run_eval
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "0.png")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"segments": [{"text": "one"}, {"image": "0.png"}]}) + "\n")
+    data = SimpleNamespace(dir=tmp_path, split=lambda name: tmp_path / f"{name}.jsonl")
+
+    class FakePipe:
+        image_tokenizer = audio_tokenizer = matcher = text_tokenizer = None
+        vocoder = diffusion = "trained"
+
+        def generate_batch(self, prompts, to, seed, keep_first=False):
+            return [SimpleNamespace(text="one") for _ in prompts]
+
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline_module, "load", lambda path, config=None: FakePipe())
+    monkeypatch.setattr(run_eval, "decoder_scores", lambda *a: calls.append("diffusion") or {"vq": {}})
+    monkeypatch.setattr(run_eval, "vocoder_scores", lambda *a: calls.append("vocoder") or {"neural": {}})
+    for compare in (False, True):
+        cfg = run_eval.EvalConfig(splits=("test",), directions=("i2t",), perplexity=False, tokenizers=False,
+                                  compare_decoders=compare)
+        scores = run_eval._evaluate(SimpleNamespace(path=tmp_path / "run"), cfg, data, None, tmp_path / str(compare),
+                                    lambda line: None)
+        assert ("decoders" in scores) == compare and scores["i2t"]["exact"] == 1.0
+    assert calls == ["diffusion", "vocoder"]  # once each, from the run that asked

@@ -479,12 +479,12 @@ def test_cpu_bf16_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkey
     # amx: bf16 only with AMX tiles; native_bf16: with AMX tiles or AVX-512 BF16; fp32 on any other CPU. The CPU's
     # features are forced, so the test does not depend on the CPU it runs on
     import anyloom.training.image_tokenizer as it
-    from anyloom.training import parallel as par
+    from anyloom import device as devices
     from anyloom.training.metrics import read_metrics
     from anyloom.training.run import RunDir
 
-    monkeypatch.setattr(par, "cpu_has_amx", lambda: amx)
-    monkeypatch.setattr(par, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: avx512_bf16)
     seen: set[torch.dtype] = set()
 
     def record(module, args, out):
@@ -507,8 +507,8 @@ def test_cpu_bf16_precision_runs_convs_in_bf16_and_exports_fp32(tmp_path, monkey
     with pytest.raises(ValueError, match="mixed_precision"):
         _stage(mixed_precision="fp16")
     assert _stage(mixed_precision="bf16").bf16_autocast  # bf16 on whatever device the loop runs on
-    monkeypatch.setattr(par, "cpu_has_amx", lambda: False)
-    monkeypatch.setattr(par, "cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: False)
     assert not _stage(mixed_precision="native_bf16").bf16_autocast  # fp32 on a CPU without native bf16
 
 

@@ -177,13 +177,14 @@ def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path, capsys):
 def test_amx_precision_trains_in_bf16_autocast_with_fp32_master_weights(tmp_path, monkeypatch):
     # `mixed_precision: amx` means bf16 autocast on a CPU with AMX tiles and fp32 elsewhere; both branches are
     # forced here, so the test does not depend on the CPU it runs on
+    from anyloom import device as devices
     from anyloom.training import parallel as par
 
     cpu = torch.device("cpu")
 
     def dtype(mode: str, amx: bool, avx512_bf16: bool) -> torch.dtype:
-        monkeypatch.setattr(par, "cpu_has_amx", lambda: amx)
-        monkeypatch.setattr(par, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+        monkeypatch.setattr(devices, "cpu_has_amx", lambda: amx)
+        monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: avx512_bf16)
         return par.param_dtype(par.ParallelConfig(mixed_precision=mode), cpu)
 
     assert dtype("amx", False, True) == torch.float32  # amx: AMX tiles only
@@ -193,7 +194,7 @@ def test_amx_precision_trains_in_bf16_autocast_with_fp32_master_weights(tmp_path
     assert dtype("native_bf16", False, False) == torch.float32
     assert dtype("auto", True, True) == torch.float32
     assert par.param_dtype(par.ParallelConfig(mixed_precision="native_bf16"), torch.device("cuda")) == torch.bfloat16
-    monkeypatch.setattr(par, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
     seen = []
 
     def snapshot(model, step, run):

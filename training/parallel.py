@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from anyloom import device as devices
 from anyloom.device import pick_device
 
 # how an LM trains in bf16 (ParallelConfig.mixed_precision)
@@ -96,24 +97,10 @@ def close_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (oneDNN then runs bf16 matmuls on them)."""
-    return bool(torch.cpu._is_amx_tile_supported())
-
-
-def cpu_has_avx512_bf16() -> bool:
-    """Whether this CPU has AVX-512 BF16 instructions (oneDNN's bf16 matmuls and convs then outrun fp32 ones)."""
-    return bool(torch.cpu._is_avx512_bf16_supported())
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively: AMX tiles or AVX-512 BF16."""
-    return cpu_has_amx() or cpu_has_avx512_bf16()
-
-
 def cpu_runs_bf16(mode: str) -> bool:
     """Whether ``mode`` (a ``mixed_precision`` setting) trains in bf16 on this machine's CPU."""
-    return mode == "bf16" or (mode == "amx" and cpu_has_amx()) or (mode == "native_bf16" and cpu_has_native_bf16())
+    return mode == "bf16" or (mode == "amx" and devices.cpu_has_amx()) or (
+        mode == "native_bf16" and devices.cpu_has_native_bf16())
 
 
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:

@@ -138,14 +138,15 @@ class KVCache(nn.Module):
         return self.grid_next if cache_pos > 0 else torch.full_like(self.grid_next, -1)
 
     def update(self, layer: int, k: Tensor, v: Tensor, cache_pos: int | Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, K, t, E) at slots [cache_pos, cache_pos + t); return the filled prefix (B, K, S', E)
-        for an int ``cache_pos``, every slot (B, K, max_len, E) for a tensor one (module docstring)."""
+        """Write k, v (B, K, t, E) at slots [cache_pos, cache_pos + t) (cast to the cache's dtype); return the filled
+        prefix (B, K, S', E) for an int ``cache_pos``, every slot (B, K, max_len, E) for a tensor one (module
+        docstring)."""
         t = k.shape[2]
         cache = self.layers[layer]
         if isinstance(cache_pos, Tensor):
             slots = _slots(cache_pos, t)  # (t,)
-            cache.k.index_copy_(2, slots, k)
-            cache.v.index_copy_(2, slots, v)
+            cache.k.index_copy_(2, slots, k.to(cache.k.dtype))
+            cache.v.index_copy_(2, slots, v.to(cache.v.dtype))
             return cache.k, cache.v
         cache.k[:, :, cache_pos : cache_pos + t] = k
         cache.v[:, :, cache_pos : cache_pos + t] = v
