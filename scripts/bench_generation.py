@@ -20,7 +20,9 @@ number of decode steps after which compiling has paid for itself.
 With ``--run runs/<name>`` it times a trained run's pipeline instead: ``--batch`` copies of ``--prompt`` to a
 picture and to speech (``generate_batch``, the run's own sampling, guidance and reranking), with the decode step
 reading the whole static cache (``static``, as a compiled step does) and the filled prefix (eager ``generate``),
-and checks that both give the same codes.
+and checks that both give the same codes. ``--run ... --precision fp32 native_bf16`` times the same calls with the
+LM loaded at each ``generation.precision`` instead (the calls interleaved, each precision's pipeline loaded once;
+the samples differ, so only the time is compared).
 
 Tokens/s counts generated tokens (batch x new tokens) over the wall time of the whole call (prefill included),
 best of ``--repeats``. The first greedy tokens of ``engine`` and ``hf`` are compared as a parity check.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from anyloom.generation.config import PRECISIONS
 from anyloom.generation.constraints import GrammarConfig, StreamGrammar
 from anyloom.generation.engine import CACHE_BUCKET, compiled_decode_step, decode_one_token, generate, new_cache, prefill
 from anyloom.generation.sampling import GREEDY, ModalitySampling
@@ -112,6 +115,31 @@ def pipeline_rows(run: str, prompt: str, batch: int, repeats: int) -> list[dict]
     return rows
 
 
+def precision_rows(run: str, prompt: str, batch: int, repeats: int, precisions: list[str]) -> list[dict]:
+    """A run's text->image and text->speech calls with the LM at each ``generation.precision``, interleaved."""
+    from dataclasses import replace
+
+    from anyloom.generation.pipeline import load
+
+    base = load(run, device="cpu").config
+    pipes = {p: load(run, device="cpu", config=replace(base, precision=p)) for p in precisions}
+    rows = []
+    for to in ("image", "audio"):
+        times = {p: float("inf") for p in precisions}
+        for pipe in pipes.values():
+            pipe.generate_batch([prompt] * 2, to=to, seed=1)  # warm-up
+        for _ in range(repeats):
+            for p, pipe in pipes.items():
+                t, _ = best_time(partial(pipe.generate_batch, [prompt] * batch, to=to, seed=0), 1)
+                times[p] = min(times[p], t)
+        first = precisions[0]
+        row = {"to": to, "batch": batch, **{f"{p}_s": t for p, t in times.items()},
+               **{f"{p}_speedup_vs_{first}": times[first] / t for p, t in times.items() if p != first}}
+        rows.append(row)
+        print(f"{to:>6} x {batch}: " + ", ".join(f"{p} {t:.2f} s ({times[first] / t:.2f}x)" for p, t in times.items()))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -127,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="time this trained run's pipeline instead (module docstring)")
     p.add_argument("--prompt", default="two red circles", help="with --run: the text prompt")
     p.add_argument("--batch", type=int, default=32, help="with --run: prompts per call")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS,
+                   help="with --run: time these generation.precision settings against each other instead")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.precision and not a.run:
+        p.error("--precision compares a trained run's pipeline: give --run runs/<name>")
     if a.run:
-        rows = pipeline_rows(a.run, a.prompt, a.batch, a.repeats)
+        rows = (precision_rows(a.run, a.prompt, a.batch, a.repeats, a.precision) if a.precision
+                else pipeline_rows(a.run, a.prompt, a.batch, a.repeats))
         out = Path(a.out if a.out != p.get_default("out") else "runs/bench/generation_pipeline.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"config": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")

@@ -598,6 +598,12 @@ def test_bench_generation_times_a_runs_pipeline_on_the_whole_cache_and_the_prefi
     rows = json.loads(out.read_text())["rows"]
     assert [r["to"] for r in rows] == ["image", "audio"] and all(r["same_codes"] for r in rows)
     assert all(r["whole_cache_s"] > 0 and r["prefix_s"] > 0 for r in rows)
+    assert bench_main(["--run", str(tiny_run), "--batch", "2", "--repeats", "1", "--threads", "1",
+                       "--precision", "fp32", "bf16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["to"] for r in rows] == ["image", "audio"] and all(r["bf16_speedup_vs_fp32"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bench_main(["--precision", "bf16"])  # compares a run's pipeline: --run is needed
 
 
 def test_mixed_replies_in_a_batch_are_each_prompts_own(tmp_path):
