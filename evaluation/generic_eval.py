@@ -222,11 +222,14 @@ def eval_text_to_speech(model: AnyToAny, items: list[Item], judge: Any, batch_si
 
 
 def evaluate_generic(model: AnyToAny, splits: dict[str, list[Item]], directions: Sequence[str] = DIRECTIONS,
-                     ranker: CaptionRanker | None = None, speech_judge: Any = None) -> dict[str, dict]:
+                     ranker: CaptionRanker | None = None, speech_judge: Any = None,
+                     batch_size: int | None = None) -> dict[str, dict]:
     """Scores per direction for the ``test`` split at the top level and every other split under its name.
 
     ``ranker``: scores pictures against captions for ``t2i.matcher`` (:class:`MatcherRanker`; None: pixels only).
-    ``speech_judge``: the t2a transcriber (default: a :class:`GeneralSpeechJudge`, made when t2a is asked for)."""
+    ``speech_judge``: the t2a transcriber (default: a :class:`GeneralSpeechJudge`, made when t2a is asked for).
+    ``batch_size``: prompts per generation call (None: each direction's default)."""
+    sized = {} if batch_size is None else {"batch_size": batch_size}
     unknown = set(directions) - set(DIRECTIONS)
     if unknown:
         raise ValueError(f"directions: unknown {sorted(unknown)}; choose from {', '.join(DIRECTIONS)}")
@@ -236,13 +239,13 @@ def evaluate_generic(model: AnyToAny, splits: dict[str, list[Item]], directions:
     def score(items: list[Item]) -> dict[str, dict]:
         scores: dict[str, dict] = {}
         if "t2i" in directions:
-            scores["t2i"] = eval_text_to_image(model, items, ranker)
+            scores["t2i"] = eval_text_to_image(model, items, ranker, **sized)
         if "i2t" in directions:
-            scores["i2t"] = eval_image_to_text(model, items)
+            scores["i2t"] = eval_image_to_text(model, items, **sized)
         if "a2t" in directions:
-            scores["a2t"] = eval_speech_to_text(model, items)
+            scores["a2t"] = eval_speech_to_text(model, items, **sized)
         if "t2a" in directions:
-            scores["t2a"] = eval_text_to_speech(model, items, speech_judge)
+            scores["t2a"] = eval_text_to_speech(model, items, speech_judge, **sized)
         return scores
 
     return per_split(splits, score)

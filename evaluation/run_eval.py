@@ -45,7 +45,9 @@ class EvalConfig:
     limit: int = 0  # items per split (0: the whole split)
     splits: tuple[str, ...] = ("test", "compositional")  # "test" is reported at the top level of eval.json
     directions: tuple[str, ...] = ("t2i", "i2t", "a2t", "t2a")
-    batch_size: int = 32  # prompts generated together
+    # prompts generated together; 0: each direction's own (32 to pictures and speech, whose candidates multiply the
+    # rows, 64 to text)
+    batch_size: int = 0
     tokenizers: bool = True  # image/audio tokenizer reconstruction metrics on the test split
     sample_sheet: int = 24  # prompt -> image pairs drawn into samples/eval/t2i_<split>.png
     seed: int = 0  # the sampling seed of every generation call here (generation.seed is make generate's, unused)
@@ -71,8 +73,8 @@ class EvalConfig:
         unknown = set(self.directions) - {"t2i", "i2t", "a2t", "t2a"}
         if unknown:
             raise ValueError(f"directions: unknown {sorted(unknown)}; choose from t2i, i2t, a2t, t2a")
-        if self.limit < 0 or self.batch_size < 1:
-            raise ValueError("limit must be >= 0 and batch_size >= 1")
+        if self.limit < 0 or self.batch_size < 0:
+            raise ValueError("limit and batch_size must be >= 0")
         from anyloom.sequences.mixture import TEMPLATES
 
         unknown = set(self.lm_tasks) - set(TEMPLATES)
@@ -395,6 +397,7 @@ class _Judges:
     to_items: Callable[[list], list]  # manifest Documents -> the judges' items
     speech_judge: Any  # the ASR of t2a (and a2t for the world); None when not asked for
     ranker: Any = None  # generic t2i: the run's matcher ranking pictures against captions
+    batch_size: int | None = None  # prompts per generation call (None: each direction's own)
 
     @property
     def reconstruction_asr(self) -> Any:
@@ -406,24 +409,27 @@ class _Judges:
 
     def evaluate(self, model: Any, split: dict[str, list], direction: str) -> dict[str, Any]:
         if self.world:
-            return evaluate_world(model, split, speech_judge=self.speech_judge, directions=[direction])
+            return evaluate_world(model, split, speech_judge=self.speech_judge, directions=[direction],
+                                  batch_size=self.batch_size)
         return generic_eval.evaluate_generic(model, split, directions=[direction], ranker=self.ranker,
-                                             speech_judge=self.speech_judge)
+                                             speech_judge=self.speech_judge, batch_size=self.batch_size)
 
 
 def _judges_for(data: Any, pipe: Any, cfg: EvalConfig) -> _Judges:
+    batch = cfg.batch_size or None
     if world_judges(data):
         from anyloom.world.asr import SpeechJudge
 
         asks_asr = bool({"t2a", "a2t"} & set(cfg.directions)) or cfg.tokenizers
-        return _Judges(True, None, items_from_documents, SpeechJudge() if asks_asr else None)  # caption grammar
+        return _Judges(True, None, items_from_documents, SpeechJudge() if asks_asr else None,  # caption grammar
+                       batch_size=batch)
     # other data: pictures at the decoder's resolution, so that generated ones compare pixel by pixel
     image_size = None if pipe.image_tokenizer is None else tuple(pipe.image_tokenizer.image_size)
     ranker = None
     if "t2i" in cfg.directions and pipe.matcher is not None and pipe.text_tokenizer is not None:
         ranker = generic_eval.MatcherRanker(pipe.matcher, pipe.text_tokenizer)
     judge = generic_eval.GeneralSpeechJudge() if "t2a" in cfg.directions else None
-    return _Judges(False, image_size, generic_eval.items_from_documents, judge, ranker)
+    return _Judges(False, image_size, generic_eval.items_from_documents, judge, ranker, batch)
 
 
 def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Path,

@@ -67,6 +67,33 @@ def test_perfect_model_scores_perfectly(items):
     assert scores["i2t"]["exact"] == 1.0 and scores["a2t"]["wer"] == 0.0
 
 
+def test_eval_batch_size_sets_the_prompts_per_call(items):
+    """eval.batch_size reaches every direction (0 in EvalConfig: each direction's own, 32 or 64)."""
+    from anyloom.evaluation.run_eval import EvalConfig
+
+    sizes: dict[str, list[int]] = {}
+
+    class Counting(PerfectModel):
+        def text_to_image(self, captions):
+            sizes.setdefault("t2i", []).append(len(captions))
+            return super().text_to_image(captions)
+
+        def image_to_text(self, images):
+            sizes.setdefault("i2t", []).append(len(images))
+            return super().image_to_text(images)
+
+    n = len(items)
+    assert n > 3
+    plain = evaluate_world(Counting(items), {"test": items}, directions=("t2i", "i2t"))
+    assert max(sizes["t2i"]) == min(n, 32) and max(sizes["i2t"]) == min(n, 64)  # each direction's default
+    sizes.clear()
+    small = evaluate_world(Counting(items), {"test": items}, directions=("t2i", "i2t"), batch_size=3)
+    assert max(sizes["t2i"]) == max(sizes["i2t"]) == 3 and sum(sizes["i2t"]) == n
+    assert small["i2t"] == plain["i2t"]  # the same answers however they are batched
+    with pytest.raises(ValueError, match="batch_size must be >= 0"):
+        EvalConfig(batch_size=-1)
+
+
 def test_random_model_scores_about_chance(items):
     scores = evaluate_world(RandomModel(), {"test": items, "compositional": items}, directions=("t2i", "i2t", "a2t"))
     assert scores["t2i"]["attr_acc"] == 0.0  # noise is never read as a scene

@@ -167,8 +167,11 @@ def evaluate_world(
     splits: dict[str, list[WorldItem]],
     speech_judge=None,
     directions: Sequence[str] = ("t2i", "i2t", "a2t", "t2a"),
+    batch_size: int | None = None,
 ) -> dict[str, dict]:
-    """Scores per direction for the ``test`` split at the top level and every other split under its name."""
+    """Scores per direction for the ``test`` split at the top level and every other split under its name;
+    ``batch_size`` prompts per generation call (None: each direction's default)."""
+    sized = {} if batch_size is None else {"batch_size": batch_size}
     if "t2a" in directions and speech_judge is None:
         from anyloom.world.asr import SpeechJudge
 
@@ -177,13 +180,13 @@ def evaluate_world(
     def score(items: list[WorldItem]) -> dict[str, dict]:
         scores: dict[str, dict] = {}
         if "t2i" in directions:
-            scores["t2i"] = eval_text_to_image(model, items)
+            scores["t2i"] = eval_text_to_image(model, items, **sized)
         if "i2t" in directions:
-            scores["i2t"] = eval_image_to_text(model, items)
+            scores["i2t"] = eval_image_to_text(model, items, **sized)
         if "a2t" in directions:
-            scores["a2t"] = eval_speech_to_text(model, items)
+            scores["a2t"] = eval_speech_to_text(model, items, **sized)
         if "t2a" in directions:
-            scores["t2a"] = eval_text_to_speech(model, items, speech_judge)
+            scores["t2a"] = eval_text_to_speech(model, items, speech_judge, **sized)
         return scores
 
     return per_split(splits, score)
