@@ -209,3 +209,18 @@ def test_amx_precision_trains_in_bf16_autocast_with_fp32_master_weights(tmp_path
     assert amx.losses[1] == pytest.approx(fp32.losses[1], rel=1e-2)
     assert amx.losses[30] == pytest.approx(fp32.losses[30], rel=0.1)
     assert amx.losses[30] < 0.6 * amx.losses[1]
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    # parallel.compile (the world recipe's): each block under torch.compile trains the same losses as eager blocks,
+    # up to the rounding of fused elementwise kernels, and the run still checkpoints and exports its weights
+    from anyloom.training.parallel import ParallelConfig
+
+    eager = run_training(str(tmp_path / "eager"), steps=4, batch=4, code_factors=True)
+    compiled = run_training(str(tmp_path / "compiled"), steps=4, batch=4, code_factors=True,
+                            parallel=ParallelConfig(compile=True))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("eager", "compiled")]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert compiled.checkpoint is not None and is_complete(compiled.checkpoint)
+    assert eager.step == compiled.step == 4
