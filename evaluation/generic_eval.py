@@ -223,13 +223,13 @@ def eval_text_to_speech(model: AnyToAny, items: list[Item], judge: Any, batch_si
 
 def evaluate_generic(model: AnyToAny, splits: dict[str, list[Item]], directions: Sequence[str] = DIRECTIONS,
                      ranker: CaptionRanker | None = None, speech_judge: Any = None,
-                     batch_size: int | None = None) -> dict[str, dict]:
+                     batch_size: int = 0) -> dict[str, dict]:
     """Scores per direction for the ``test`` split at the top level and every other split under its name.
 
     ``ranker``: scores pictures against captions for ``t2i.matcher`` (:class:`MatcherRanker`; None: pixels only).
     ``speech_judge``: the t2a transcriber (default: a :class:`GeneralSpeechJudge`, made when t2a is asked for).
-    ``batch_size``: prompts per generation call (None: each direction's default)."""
-    sized = {} if batch_size is None else {"batch_size": batch_size}
+    ``batch_size``: prompts per generation call (0: each direction's default)."""
+    sized = {"batch_size": batch_size} if batch_size else {}
     unknown = set(directions) - set(DIRECTIONS)
     if unknown:
         raise ValueError(f"directions: unknown {sorted(unknown)}; choose from {', '.join(DIRECTIONS)}")

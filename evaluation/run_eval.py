@@ -397,7 +397,7 @@ class _Judges:
     to_items: Callable[[list], list]  # manifest Documents -> the judges' items
     speech_judge: Any  # the ASR of t2a (and a2t for the world); None when not asked for
     ranker: Any = None  # generic t2i: the run's matcher ranking pictures against captions
-    batch_size: int | None = None  # prompts per generation call (None: each direction's own)
+    batch_size: int = 0  # prompts per generation call (EvalConfig.batch_size; 0: each direction's own)
 
     @property
     def reconstruction_asr(self) -> Any:
@@ -416,20 +416,19 @@ class _Judges:
 
 
 def _judges_for(data: Any, pipe: Any, cfg: EvalConfig) -> _Judges:
-    batch = cfg.batch_size or None
     if world_judges(data):
         from anyloom.world.asr import SpeechJudge
 
         asks_asr = bool({"t2a", "a2t"} & set(cfg.directions)) or cfg.tokenizers
         return _Judges(True, None, items_from_documents, SpeechJudge() if asks_asr else None,  # caption grammar
-                       batch_size=batch)
+                       batch_size=cfg.batch_size)
     # other data: pictures at the decoder's resolution, so that generated ones compare pixel by pixel
     image_size = None if pipe.image_tokenizer is None else tuple(pipe.image_tokenizer.image_size)
     ranker = None
     if "t2i" in cfg.directions and pipe.matcher is not None and pipe.text_tokenizer is not None:
         ranker = generic_eval.MatcherRanker(pipe.matcher, pipe.text_tokenizer)
     judge = generic_eval.GeneralSpeechJudge() if "t2a" in cfg.directions else None
-    return _Judges(False, image_size, generic_eval.items_from_documents, judge, ranker, batch)
+    return _Judges(False, image_size, generic_eval.items_from_documents, judge, ranker, batch_size=cfg.batch_size)
 
 
 def _evaluate(run: Any, cfg: EvalConfig, world: Any, generation: Any, folder: Path,

@@ -34,6 +34,7 @@ from anyloom.generation.cfg import GuidanceConfig, guide
 from anyloom.generation.constraints import GrammarState, StreamGrammar
 from anyloom.generation.sampling import ModalitySampling, params_for_modality, sample
 from anyloom.sequences.interleave import bidirectional_span_ids
+from anyloom.transformer.attention import attends_in
 from anyloom.transformer.kv_cache import KVCache
 from anyloom.transformer.model import Transformer
 
@@ -75,13 +76,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 
 
 def new_cache(model: Transformer, batch: int, max_len: int) -> KVCache:
-    """A static cache sized for ``batch`` rows of ``max_len`` slots, on the model's device and in its dtype, except
-    fp32 on the CPU: attention runs in fp32 there whatever the weights (``anyloom.transformer.attention``), and an
-    fp32 cache is read as it is instead of being cast whole at every step."""
+    """A static cache sized for ``batch`` rows of ``max_len`` slots, on the model's device, in the dtype attention
+    computes in for its weights (``attends_in``: fp32 on the CPU whatever the weights, their dtype elsewhere)."""
     cfg = model.cfg
     p = model.tok_embeddings.weight
-    dtype = torch.float32 if p.device.type == "cpu" else p.dtype
-    return KVCache(batch, max_len, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=p.device)
+    return KVCache(batch, max_len, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype=attends_in(p.dtype, p.device),
+                   device=p.device)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor,

@@ -121,8 +121,9 @@ def precision_rows(run: str, prompt: str, batch: int, repeats: int, precisions: 
 
     from anyloom.generation.pipeline import load
 
-    base = load(run, device="cpu").config
-    pipes = {p: load(run, device="cpu", config=replace(base, precision=p)) for p in precisions}
+    base = load(run, device="cpu")  # the run's own generation settings; its pipeline serves its own precision
+    pipes = {p: base if p == base.config.precision
+             else load(run, device="cpu", config=replace(base.config, precision=p)) for p in precisions}
     rows = []
     for to in ("image", "audio"):
         times = {p: float("inf") for p in precisions}

@@ -107,6 +107,12 @@ def build_mask(
 LOW_PRECISION = {torch.bfloat16, torch.float16}
 
 
+def attends_in(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in for keys and values of ``dtype`` on ``device`` (``_sdpa``): fp32 for low
+    precision on the CPU, ``dtype`` elsewhere. A KV cache kept in it is read as it is, not cast at every step."""
+    return torch.float32 if device.type == "cpu" and dtype in LOW_PRECISION else dtype
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -169,7 +175,7 @@ def attention(
 def _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
     if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or LOW_PRECISION & {q.dtype, k.dtype, v.dtype}):
         # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 (its backward ~2.4x, measured with
-        # bf16 autocast on an AMX CPU: docs/BENCHMARKS.md), so low precision attends in fp32 there
+        # bf16 autocast on an AMX CPU: docs/BENCHMARKS.md), so low precision attends in fp32 there (``attends_in``)
         with torch.autocast("cpu", enabled=False):
             return _sdpa(q.float(), k.float(), v.float(), q_doc, k_doc, q_start, q_span, k_span).to(q.dtype)
     gqa = q.shape[1] != k.shape[1]

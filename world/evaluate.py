@@ -167,11 +167,11 @@ def evaluate_world(
     splits: dict[str, list[WorldItem]],
     speech_judge=None,
     directions: Sequence[str] = ("t2i", "i2t", "a2t", "t2a"),
-    batch_size: int | None = None,
+    batch_size: int = 0,
 ) -> dict[str, dict]:
     """Scores per direction for the ``test`` split at the top level and every other split under its name;
-    ``batch_size`` prompts per generation call (None: each direction's default)."""
-    sized = {} if batch_size is None else {"batch_size": batch_size}
+    ``batch_size`` prompts per generation call (0: each direction's default)."""
+    sized = {"batch_size": batch_size} if batch_size else {}
     if "t2a" in directions and speech_judge is None:
         from anyloom.world.asr import SpeechJudge
 
