@@ -32,6 +32,9 @@ from anyloom.training.run import RunDir
 from anyloom.training.train_config import TrainConfig
 from anyloom.transformer.sizes import model_config
 
+# --compile: (parallel.compile, parallel.compile_loss)
+COMPILE = {"none": (False, False), "blocks": (True, False), "blocks+loss": (True, True)}
+
 
 def random_documents(vocab: int, n: int = 256, seed: int = 0) -> ListSource:
     rng = np.random.default_rng(seed)
@@ -56,6 +59,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=MIXED_PRECISION_MODES,
                    help="parallel.mixed_precision (amx: bf16 autocast on a CPU with AMX tiles; native_bf16: with "
                         "AMX tiles or AVX-512 BF16)")
+    p.add_argument("--compile", default="none", choices=list(COMPILE),
+                   help="parallel.compile / compile_loss: none, each block, or each block and model.loss")
     p.add_argument("--json", help="append the result as one JSON line to this file (rank 0)")
     a = p.parse_args()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -70,13 +75,14 @@ def main() -> None:
     run = RunDir(Path(tempfile.gettempdir()) / f"anyloom_bench_lm_{os.getppid()}")
     try:
         train_lm(model_config(a.size, vocab_size=a.vocab), OptimConfig(warmup_steps=2), train,
-                 ParallelConfig(activation_checkpointing=a.ac, mixed_precision=a.precision),
+                 ParallelConfig(activation_checkpointing=a.ac, mixed_precision=a.precision,
+                                compile=COMPILE[a.compile][0], compile_loss=COMPILE[a.compile][1]),
                  run, make_loader, None, seed=0, device="cpu")
         if int(os.environ.get("RANK", "0")) == 0:
             records = [r for r in read_metrics(run.path) if "tokens_per_s" in r and r["step"] > a.warmup]
             tps = statistics.median(r["tokens_per_s"] for r in records)
             result = {"size": a.size, "ranks": int(os.environ.get("WORLD_SIZE", "1")), "batch": a.batch,
-                      "seq_len": a.seq_len, "ac": a.ac, "precision": a.precision,
+                      "seq_len": a.seq_len, "ac": a.ac, "precision": a.precision, "compile": a.compile,
                       "tokens_per_s": round(tps, 1), "steps_timed": len(records)}
             print(json.dumps(result))
             if a.json:

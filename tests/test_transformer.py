@@ -69,6 +69,33 @@ def test_loss_rejects_out_of_vocab_targets():
         model.loss(model(tokens), targets, torch.ones(1, 5, dtype=torch.bool))
 
 
+def test_compiled_loss_matches_eager_and_still_checks_targets():
+    # parallel.compile_loss: model.loss under torch.compile(dynamic=True) gives the eager loss, gradients and
+    # per-token outputs, for masks of different sizes, and still names a target outside the vocabulary
+    from anyloom.training.parallel import apply_compile_loss
+
+    cfg = replace(DEBUG, z_loss_weight=0.05)
+    eager, compiled = _model(cfg), _model(cfg)
+    apply_compile_loss(compiled)
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    for keep in (0.3, 0.6, 0.9):
+        tokens = torch.randint(0, 97, (2, 13), generator=gen)
+        targets = torch.randint(0, 97, (2, 13), generator=gen)
+        mask = torch.rand(2, 13, generator=gen) < keep
+        targets[~mask] = -100
+        want, g_want = _loss_and_grads(eager, tokens, targets, mask)
+        got, g_got = _loss_and_grads(compiled, tokens, targets, mask)
+        assert torch.allclose(got.loss, want.loss, atol=1e-5)
+        assert torch.allclose(got.token_loss, want.token_loss, atol=1e-5)
+        assert torch.equal(got.correct, want.correct)
+        for name in g_want:
+            assert torch.allclose(g_got[name], g_want[name], atol=1e-5), name
+    targets[0, 3], mask[0, 3] = 97, True
+    with pytest.raises(ValueError, match=r"target 97 at \(row 0, col 3\)"):
+        compiled.loss(compiled(tokens), targets, mask)
+
+
 def test_packed_documents_equal_separate_sequences():
     model = _model().eval()
     tokens = torch.randint(0, 97, (1, 17))

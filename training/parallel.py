@@ -1,6 +1,6 @@
 """Distribution applied from outside the model (torchtitan's ``parallelize.py`` order).
 
-    activation checkpointing (none / selective / full)  ->  optional per-block torch.compile
+    activation checkpointing (none / selective / full)  ->  optional per-block torch.compile (and of ``model.loss``)
     ->  FSDP2 ``fully_shard`` per block  ->  ``fully_shard`` of the root
 
 The model file knows nothing about any of this: it only exposes ``model.layers`` (an ``nn.ModuleList`` of
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from anyloom import device as devices
+from anyloom.config import added_field
 from anyloom.device import pick_device
 
 # how an LM trains in bf16 (ParallelConfig.mixed_precision)
@@ -40,6 +41,10 @@ class ParallelConfig:
     # none; selective: recompute cheap ops, keep matmul/attention outputs; full: recompute whole blocks
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     compile: bool = False  # torch.compile each block (after AC, before sharding)
+    # torch.compile model.loss too: the output head and its chunked cross-entropy, with dynamic shapes (the rows
+    # under the loss mask vary from batch to batch), its target check left eager. Same losses as eager in fp32;
+    # whether it pays depends on the machine (docs/experiments/2026-12-07-compiled-loss.md)
+    compile_loss: bool = added_field(False)
     # auto: bf16 params + fp32 gradient reduction on GPU, fp32 everywhere on CPU. amx: as auto, and bf16 also on a
     # CPU with AMX tiles (Sapphire Rapids and later), whose bf16 matmuls run ~4-5x faster than fp32 ones there.
     # native_bf16: as amx, and bf16 also on a CPU with AVX-512 BF16 (Zen 4, Cooper Lake), whose bf16 matmuls run
@@ -157,6 +162,12 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
+def apply_compile_loss(model: nn.Module) -> None:
+    """Compile ``model.loss`` in place: the instance attribute shadows the method, parameters and state dict are
+    untouched. ``dynamic=True``: one graph whatever the count of rows under the loss mask."""
+    model.loss = torch.compile(model.loss, dynamic=True)
+
+
 def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, ...]:
     """(ranks,) for FSDP; (replicas, ranks per replica) for HSDP, the shard groups being consecutive ranks (one
     node each by default, so the all-gathers stay inside a node and only gradient all-reduces cross nodes)."""
@@ -213,6 +224,8 @@ def build_parallel_model(model_factory, cfg: ParallelConfig, env: DistEnv,  # no
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)
+    if cfg.compile_loss:
+        apply_compile_loss(model)
     if use_fsdp:
         apply_fsdp(model, cfg, env.device)
     if cfg.init_device == "meta":

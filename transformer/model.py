@@ -64,6 +64,17 @@ if TYPE_CHECKING:
     from anyloom.transformer.kv_cache import KVCache
 
 
+@torch.compiler.disable
+def _check_targets(flat_targets: Tensor, mask: Tensor, t: int, vocab_size: int) -> None:
+    """Refuse a target under the loss mask outside [0, vocab_size), naming its place. A host check: under
+    ``torch.compile`` (``parallel.compile_loss``) it runs eagerly between the compiled parts of the loss."""
+    bad = mask & ((flat_targets < 0) | (flat_targets >= vocab_size))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"target {int(flat_targets[i])} at (row {i // t}, col {i % t}) is outside the "
+                         f"vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 4096
@@ -469,11 +480,7 @@ class Transformer(nn.Module):
                              f"(B, T) = {(b, t)}")
         mask = loss_mask.bool().reshape(-1)  # (N,)
         flat_targets = targets.reshape(-1)
-        bad = mask & ((flat_targets < 0) | (flat_targets >= self.cfg.vocab_size))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"target {int(flat_targets[i])} at (row {i // t}, col {i % t}) is outside the "
-                             f"vocabulary [0, {self.cfg.vocab_size})")
+        _check_targets(flat_targets, mask, t, self.cfg.vocab_size)
         # The output layer runs only on the masked-in rows: conditions (a prompt's audio, an image to caption)
         # are about half of a task mixture's tokens, and the head over the vocabulary costs as much as the blocks.
         rows = mask.nonzero().squeeze(1)  # (M,)
