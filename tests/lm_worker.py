@@ -52,8 +52,8 @@ def documents(n: int = 64, seed: int = 7) -> ListSource:
 def run_training(run_dir: str, steps: int, batch: int, grad_accum: int = 1, ckpt_every: int = 0,
                  parallel: ParallelConfig | None = None, lr: float = 3e-3, keep_last: int = 2,
                  max_bad_steps: int = 5, sample_fn: SampleFn | None = None,
-                 async_checkpoint: bool = False, max_seconds: float = 0.0, code_factors: bool = False
-                 ) -> LMTrainResult:
+                 async_checkpoint: bool = False, max_seconds: float = 0.0, code_factors: bool = False,
+                 data_key: str | None = None) -> LMTrainResult:
     train = TrainConfig(steps=steps, batch_size=batch, seq_len=32, grad_accum=grad_accum, log_every=1,
                         ckpt_every=ckpt_every, keep_last=keep_last, max_bad_steps=max_bad_steps,
                         sample_every=1 if sample_fn else 0, async_checkpoint=async_checkpoint,
@@ -65,7 +65,7 @@ def run_training(run_dir: str, steps: int, batch: int, grad_accum: int = 1, ckpt
                             world_size=world, seed=3)
 
     return train_lm(tiny_model(code_factors), optim, train, parallel or ParallelConfig(), RunDir(run_dir), make_loader,
-                    {"size": VOCAB}, seed=0, device="cpu", sample_fn=sample_fn)
+                    {"size": VOCAB}, seed=0, device="cpu", sample_fn=sample_fn, data_key=data_key)
 
 
 def main() -> None:

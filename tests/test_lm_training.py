@@ -109,6 +109,22 @@ def test_consecutive_nan_steps_abort(tmp_path, monkeypatch):
         run_training(str(tmp_path / "run"), steps=5, batch=2, max_bad_steps=2)
 
 
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    # the same run directory with another lr (or batch) must not silently carry on the old weights, or pass a
+    # finished run off as up to date; more steps (extending the run) still continue it, and nothing is deleted
+    run = str(tmp_path / "run")
+    first = run_training(run, steps=3, batch=4, data_key="tokens-a")
+    with pytest.raises(RuntimeError, match=r"at \['optim.lr'\].*run.name=.*move .*checkpoints away"):
+        run_training(run, steps=3, batch=4, lr=1e-3, data_key="tokens-a")
+    with pytest.raises(RuntimeError, match=r"at \['train.batch_size'\]"):
+        run_training(run, steps=3, batch=8, data_key="tokens-a")
+    with pytest.raises(RuntimeError, match=r"at \['data'\]"):  # e.g. re-tokenized by a retrained tokenizer
+        run_training(run, steps=3, batch=4, data_key="tokens-b")
+    assert is_complete(first.checkpoint)
+    longer = run_training(run, steps=5, batch=4, data_key="tokens-a")
+    assert longer.resumed_from == 3 and longer.step == 5
+
+
 def test_stability_guard_spikes_and_resets():
     guard = StabilityGuard(max_bad_steps=2, spike_factor=2.0, spike_window=3)
     assert [guard.check(s, 1.0, 1.0).spike for s in range(3)] == [False] * 3
@@ -211,14 +227,15 @@ def test_amx_precision_trains_in_bf16_autocast_with_fp32_master_weights(tmp_path
     assert amx.losses[30] < 0.6 * amx.losses[1]
 
 
-def test_compiled_blocks_train_like_eager_ones(tmp_path):
-    # parallel.compile (the world recipe's): each block under torch.compile trains the same losses as eager blocks,
-    # up to the rounding of fused elementwise kernels, and the run still checkpoints and exports its weights
+def test_compiled_blocks_and_loss_train_like_eager_ones(tmp_path):
+    # parallel.compile and compile_loss (the world recipe's): each block and model.loss under torch.compile train
+    # the same losses as eager ones, up to the rounding of fused elementwise kernels, and the run still
+    # checkpoints and exports its weights
     from anyloom.training.parallel import ParallelConfig
 
     eager = run_training(str(tmp_path / "eager"), steps=4, batch=4, code_factors=True)
     compiled = run_training(str(tmp_path / "compiled"), steps=4, batch=4, code_factors=True,
-                            parallel=ParallelConfig(compile=True))
+                            parallel=ParallelConfig(compile=True, compile_loss=True))
     losses = [[r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("eager", "compiled")]
     assert len(losses[0]) == len(losses[1]) == 4
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)

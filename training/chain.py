@@ -362,7 +362,8 @@ def stage_lm(ctx: Context) -> Outcome:
                          f"(image_tokenizer.model.quantizer.fsq_levels {list(quantizer.fsq_levels)}), in that order")
     seed = r.run.seed if r.train.seed is None else r.train.seed
     vocab = ctx.artifacts.get("vocab") or Vocabulary.load(ctx.run.path / "vocab.json")
-    mixture = TaskMixture(TokenShards(ctx.run.path / "tokens" / "train"), vocab, r.sequences.mixture)
+    shards = TokenShards(ctx.run.path / "tokens" / "train")
+    mixture = TaskMixture(shards, vocab, r.sequences.mixture)
 
     def make_loader(rank: int, ranks: int) -> PackedLoader:
         return PackedLoader(mixture, r.train.seq_len, micro_batch_size(r.train, ranks), rank=rank, world_size=ranks,
@@ -376,7 +377,8 @@ def stage_lm(ctx: Context) -> Outcome:
     model_cfg = start.config if start is not None else lm_model_config(r.model, vocab)
     result = train_lm(model_cfg, r.optim, r.train, r.parallel, ctx.run, make_loader, vocab.to_dict(), seed,
                       device=r.run.device, init=r.init if start is not None else None,
-                      initial_state=start.state if start is not None else None)
+                      initial_state=start.state if start is not None else None,
+                      data_key=fingerprint({"tokens": shards.key, "mixture": r.sequences.mixture}))
     ctx.artifacts["lm"] = result
     if getattr(result, "interrupted", False):
         raise KeyboardInterrupt(f"LM training stopped at step {result.step} with its checkpoint saved")

@@ -21,6 +21,7 @@ The checkpoint directory must be visible to every rank (a shared file system on 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import re
@@ -49,6 +50,21 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # DCP warns that it "assumes a single process" whenever no process group exists: in a single-process run that
 # is exactly our intent (and async saves warn from a background thread, out of reach of catch_warnings)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _settings_diff(saved: dict[str, Any], expect: dict[str, Any]) -> list[str]:
+    """Dotted keys where the saved ``config.json`` and ``expect`` (see ``Checkpointer.resume``) differ."""
+    out = []
+    for section, value in expect.items():
+        got = saved.get(section)
+        if dataclasses.is_dataclass(value):
+            out += [f"{section}.{k}" for k in config_diff(got if isinstance(got, dict) else {}, value)]
+        elif isinstance(value, dict):
+            got = got if isinstance(got, dict) else {}
+            out += [f"{section}.{k}" for k, v in value.items() if got.get(k) != v]
+        elif section in saved and got != value:
+            out.append(section)
+    return out
 
 
 class Stateful(Protocol):
@@ -270,12 +286,14 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Stateful,
         loader: Stateful,
-        expect_model_config: Any = None,
+        expect: dict[str, Any] | None = None,
     ) -> CheckpointRef | None:
         """Restore the latest complete checkpoint into the given objects; None when there is none.
 
-        ``expect_model_config`` (a config dataclass): refuse a checkpoint whose saved model config differs from it
-        (``anyloom.config.config_diff``: options added since, at their neutral value, do not count)."""
+        ``expect`` maps sections of the saved ``config.json`` to what this run would save there, and a checkpoint
+        that differs is refused, naming the keys: a config dataclass is compared whole (``anyloom.config.config_diff``:
+        options added since, at their neutral value, do not count), a dict only at its own keys, anything else as
+        a value, and only when the checkpoint records it (one written before it was recorded is not checked)."""
         ref = latest_checkpoint(self.folder) if _rank() == 0 else None
         if _distributed():  # every rank must load the same one, whatever its view of the file system
             box = [ref]
@@ -289,10 +307,13 @@ class Checkpointer:
             print(f"warning: {ref.path} was written by {saved_world} ranks, this run has {_world()}: model and "
                   "optimizer are resharded; every rank gets rank 0's data-loader state (exact for loaders whose "
                   "state is global, like PackedLoader, which also checks that the global batch is unchanged)")
-        if expect_model_config is not None:
-            diff = config_diff(_read_json(ref.path / CONFIG).get("model") or {}, expect_model_config)
+        if expect:
+            diff = _settings_diff(_read_json(ref.path / CONFIG), expect)
             if diff:
-                raise RuntimeError(f"{ref.path}: the checkpoint's model config differs from this recipe at {diff}")
+                raise RuntimeError(
+                    f"{ref.path} was trained with other settings than this run's, at {diff}: resuming would carry "
+                    f"its weights on under the new ones. Train under another run name (run.name=...), or move "
+                    f"{self.folder} away to train this run afresh")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ref.path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)

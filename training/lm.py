@@ -54,6 +54,10 @@ from anyloom.transformer.model import ModelConfig, Transformer
 
 MODALITIES = ("text", "image", "audio")  # Batch.modality codes 0, 1, 2 (3 = special tokens, not reported)
 _SUMS_DTYPE = torch.float64  # loss sums and token counts, summed over micro-batches, steps and ranks
+# the train keys a checkpoint's weights depend on besides the model, optimizer and seed: resuming under other values
+# is refused. Those left out may change between invocations: steps and max_seconds (a run extended or given a larger
+# budget continues), grad_accum (the same global batch), logging, checkpointing and stability settings
+_TRAJECTORY_KEYS = ("batch_size", "seq_len", "whole_documents")
 
 # Dense bf16 peak FLOP/s for MFU, by a substring of torch.cuda.get_device_name(); unknown GPUs get no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -191,14 +195,17 @@ def train_lm(
     sample_fn: SampleFn | None = None,
     init: InitConfig | None = None,
     initial_state: dict[str, torch.Tensor] | None = None,
+    data_key: str | None = None,
 ) -> LMTrainResult:
     """Train (or resume training) the LM; see the module docstring. Every rank calls this. ``initial_state``: full
-    weights to start from (``training/init.py``), ``init`` what of them trains."""
+    weights to start from (``training/init.py``), ``init`` what of them trains. ``data_key`` names the training data
+    (e.g. a hash of the token shards and the task mixture): checkpoints record it, and resuming on other data is
+    refused like resuming under other settings."""
     env = init_distributed(device)
     try:
         with _StopFlag() as stop:
             return _train(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed,
-                          env, sample_fn, stop, init, initial_state)
+                          env, sample_fn, stop, init, initial_state, data_key)
     finally:
         close_distributed(env)
 
@@ -217,10 +224,11 @@ def _train(
     stop: _StopFlag,
     init: InitConfig | None = None,
     initial_state: dict[str, torch.Tensor] | None = None,
+    data_key: str | None = None,
 ) -> LMTrainResult:
     """Build (or resume), then each step: train, account and log, sample, checkpoint; save at the end."""
     tr = _build(model_cfg, optim_cfg, train_cfg, parallel_cfg, run, make_loader, vocab_json, seed, env, init,
-                initial_state)
+                initial_state, data_key)
     start = tr.result.resumed_from
     batches = _batches(tr.loader)
     meter = _Meter(torch.zeros(3 + 3 * len(MODALITIES), dtype=_SUMS_DTYPE, device=env.device))
@@ -320,6 +328,7 @@ def _build(
     env: DistEnv,
     init: InitConfig | None = None,
     initial_state: dict[str, torch.Tensor] | None = None,
+    data_key: str | None = None,
 ) -> _Trainer:
     """Seed, build model, optimizer, scheduler and loader, and restore the latest checkpoint into them."""
     rows = micro_batch_size(train_cfg, env.world_size)
@@ -343,9 +352,11 @@ def _build(
     loader = make_loader(env.rank, env.world_size)
     ckpt = Checkpointer(run.checkpoints, train_cfg.keep_last, train_cfg.async_checkpoint)
     config = {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg), "train": to_dict(train_cfg),
-              "parallel": to_dict(parallel_cfg), "seed": seed}
+              "parallel": to_dict(parallel_cfg), "seed": seed, **({"data": data_key} if data_key else {})}
+    expect = {"model": model_cfg, "optim": optim_cfg, "seed": seed,
+              "train": {k: config["train"][k] for k in _TRAJECTORY_KEYS}}
     resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                          expect_model_config=model_cfg)
+                          expect={**expect, **({"data": data_key} if data_key else {})})
     start = resumed.step if resumed else 0
     budget_start = scheduler.elapsed
     result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)
