@@ -112,6 +112,27 @@ def test_train_seed_seeds_the_lm_alone(tiny_run, monkeypatch):
         stage_lm(Context(swapped, run))
 
 
+def test_export_is_up_to_date_only_for_the_very_checkpoint(tiny_run, tmp_path):
+    # another training that reached the same step (the checkpoints moved away and the run trained afresh, or older
+    # ones moved back, file times and all) must be exported again, not passed off by its path and step
+    import os
+    import shutil
+
+    from anyloom.training.chain import Context, stage_export
+
+    recipe, run, _, _ = tiny_run
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.checkpoints, copy.checkpoints, dirs_exist_ok=True)
+    ctx = Context(recipe, copy)
+    assert not stage_export(ctx).up_to_date
+    assert stage_export(ctx).up_to_date
+    state = max(copy.checkpoints.glob("step_*")) / "train_state.json"
+    stat = state.stat()
+    state.write_text(state.read_text().replace('"elapsed": ', '"elapsed": 1'))
+    os.utime(state, (stat.st_atime, stat.st_mtime))  # older than the export
+    assert not stage_export(ctx).up_to_date
+
+
 def test_a_second_run_is_a_no_op_that_keeps_the_summary(tiny_run):
     from anyloom.training.chain import run_pipeline
 

@@ -391,17 +391,17 @@ def stage_lm(ctx: Context) -> Outcome:
 
 def stage_export(ctx: Context) -> Outcome:
     from anyloom.training.checkpoint import latest_checkpoint
-    from anyloom.training.export import export
-    from anyloom.weights import WEIGHTS, read_metadata
+    from anyloom.training.export import checkpoint_digest, export
+    from anyloom.weights import read_metadata
 
     ckpt = latest_checkpoint(ctx.run.checkpoints)
     if ckpt is None:
         raise RuntimeError(f"{ctx.run.checkpoints}: no complete checkpoint to export; run the 'lm' stage first")
     out = ctx.run.path / "export"
-    weights = out / WEIGHTS
-    ckpt_written = max((f.stat().st_mtime for f in Path(ckpt.path).rglob("*") if f.is_file()), default=0.0)
-    if weights.is_file() and read_metadata(out).get("source") == str(ckpt.path) and \
-            weights.stat().st_mtime >= ckpt_written:
+    # up to date only when exported from this very checkpoint: its path and step alone would pass off the export
+    # of an earlier training that reached the same step (checkpoints moved away and the run trained afresh)
+    meta = read_metadata(out)
+    if meta.get("source") == str(ckpt.path) and meta.get("source_digest") == checkpoint_digest(ckpt.path):
         ctx.artifacts["export"] = out
         return Outcome(f"{out} (from {ckpt.name}, up to date)", up_to_date=True)
     out = export(ckpt.path, out)

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from anyloom.training.checkpoint import CONFIG, VOCAB, is_complete, latest_checkpoint
+from anyloom.training.checkpoint import CONFIG, TRAIN_STATE, VOCAB, is_complete, latest_checkpoint
 from anyloom.weights import save_weights
 
 PREFIX = "model."
@@ -45,6 +45,20 @@ def load_model_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return {key[len(PREFIX):]: t for key, t in state.items()}
 
 
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """A cheap identity of a checkpoint's contents (its settings and training state, which records the training
+    time spent): two trainings that reach the same step under the same path get different digests, without
+    reading the weights. The export records it (``source_digest``) so the chain knows whether its export is
+    of this very checkpoint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in (CONFIG, TRAIN_STATE):
+        f = Path(checkpoint) / name
+        digest.update(f.read_bytes() if f.is_file() else b"-")
+    return digest.hexdigest()[:16]
+
+
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     config_path = checkpoint / CONFIG
@@ -55,7 +69,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{config_path}: no 'model' section")
     vocab = json.loads((checkpoint / VOCAB).read_text()) if (checkpoint / VOCAB).exists() else None
     tensors = load_model_tensors(checkpoint)
-    return save_weights(out, tensors, config["model"], vocab, metadata={"source": str(checkpoint)})
+    return save_weights(out, tensors, config["model"], vocab,
+                        metadata={"source": str(checkpoint), "source_digest": checkpoint_digest(checkpoint)})
 
 
 def main(argv: list[str] | None = None) -> int:
