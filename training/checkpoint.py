@@ -61,7 +61,7 @@ def _settings_diff(saved: dict[str, Any], expect: dict[str, Any]) -> list[str]:
             out += [f"{section}.{k}" for k in config_diff(got if isinstance(got, dict) else {}, value)]
         elif isinstance(value, dict):
             got = got if isinstance(got, dict) else {}
-            out += [f"{section}.{k}" for k, v in value.items() if got.get(k) != v]
+            out += [f"{section}.{k}" for k, v in value.items() if k in got and got[k] != v]
         elif section in saved and got != value:
             out.append(section)
     return out
@@ -293,7 +293,7 @@ class Checkpointer:
         ``expect`` maps sections of the saved ``config.json`` to what this run would save there, and a checkpoint
         that differs is refused, naming the keys: a config dataclass is compared whole (``anyloom.config.config_diff``:
         options added since, at their neutral value, do not count), a dict only at its own keys, anything else as
-        a value, and only when the checkpoint records it (one written before it was recorded is not checked)."""
+        a value; a key or value the checkpoint does not record (written before it was) is not checked."""
         ref = latest_checkpoint(self.folder) if _rank() == 0 else None
         if _distributed():  # every rank must load the same one, whatever its view of the file system
             box = [ref]
