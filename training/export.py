@@ -12,6 +12,7 @@ checkpoint written by ``anyloom.training.checkpoint`` exports.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -50,8 +51,6 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
     time spent): two trainings that reach the same step under the same path get different digests, without
     reading the weights. The export records it (``source_digest``) so the chain knows whether its export is
     of this very checkpoint."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name in (CONFIG, TRAIN_STATE):
         f = Path(checkpoint) / name

@@ -351,12 +351,12 @@ def _build(
     scheduler = TimeBudgetLR(optimizer, train_cfg.steps, optim_cfg, train_cfg.max_seconds)
     loader = make_loader(env.rank, env.world_size)
     ckpt = Checkpointer(run.checkpoints, train_cfg.keep_last, train_cfg.async_checkpoint)
+    data = {"data": data_key} if data_key else {}
     config = {"model": to_dict(model_cfg), "optim": to_dict(optim_cfg), "train": to_dict(train_cfg),
-              "parallel": to_dict(parallel_cfg), "seed": seed, **({"data": data_key} if data_key else {})}
+              "parallel": to_dict(parallel_cfg), "seed": seed, **data}
     expect = {"model": model_cfg, "optim": optim_cfg, "seed": seed,
-              "train": {k: config["train"][k] for k in _TRAJECTORY_KEYS}}
-    resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                          expect={**expect, **({"data": data_key} if data_key else {})})
+              "train": {k: config["train"][k] for k in _TRAJECTORY_KEYS}, **data}
+    resumed = ckpt.resume(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, expect=expect)
     start = resumed.step if resumed else 0
     budget_start = scheduler.elapsed
     result = LMTrainResult(step=start, resumed_from=start, checkpoint=resumed.path if resumed else None)
