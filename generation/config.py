@@ -82,8 +82,9 @@ class GenerationConfig:
     # (the vocoder stage, decoders/vocoder.py); "auto", the neural one where the run has it (it wins on every
     # measure: docs/BENCHMARKS.md, "Neural vocoder")
     vocoder: VocoderKind = added_field("auto", neutral="griffin_lim")
-    # compile the decode step: "auto" does where it was measured to pay (CUDA; on CPU the one-off compile of tens
-    # of seconds outweighs the per-token saving for generation lengths we use; docs/BENCHMARKS.md "Generation")
+    # compile the decode step: "auto" does on CUDA only. On the CPU a compiled step decodes at ~2.3x HF generate,
+    # but each (rows, cache length) costs ~10 s to build, more than an evaluation's calls of many shapes save;
+    # "always" pays for long runs of one shape (docs/BENCHMARKS.md "Generation")
     compile: CompileMode = "auto"
     # the LM's precision (Precision above; load() applies it). On a 2-core CPU with AVX-512 BF16, bf16 sampled the
     # world's pictures 1.2x faster than fp32, with other samples and scores (docs/BENCHMARKS.md, "Generation")

@@ -24,11 +24,14 @@ Axis legend: B rows (2B with classifier-free guidance: conditional rows first), 
 
 from __future__ import annotations
 
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch._inductor.config as inductor_config
 
 from anyloom.generation.cfg import GuidanceConfig, guide
 from anyloom.generation.constraints import GrammarState, StreamGrammar
@@ -107,18 +110,58 @@ StepFn = Callable[[Transformer, torch.Tensor, KVCache, "int | torch.Tensor"], to
 
 CACHE_BUCKET = 64  # compiled decoding rounds the cache length up to this, so nearby lengths share one graph
 _compiled_step: StepFn | None = None
+# CPU: per model, (the weights version its step froze, the step)
+_frozen_steps: weakref.WeakKeyDictionary[Transformer, tuple[tuple[tuple[int, int], ...], StepFn]] = (
+    weakref.WeakKeyDictionary())
 
 
-def compiled_decode_step() -> StepFn:
-    """``decode_one_token`` under ``torch.compile`` (whole graph, static shapes), built once per process.
+def compiled_decode_step(model: Transformer | None = None) -> StepFn:
+    """``decode_one_token`` under ``torch.compile`` (whole graph, static shapes).
 
     Dynamo keeps one graph per (model, rows, cache length) and guards on shapes only, never on the value of the
     tensor ``cache_pos``; a graph break or a per-position recompile would be a bug (tests count compiles).
+
+    Given a ``model`` on the CPU, the step is built for that model's weights as they are now, frozen into the
+    graph (inductor's ``freezing``): inductor folds them as constants and repacks each linear layer's weight for
+    the CPU's GEMM library (MKL's packed format for fp32; the same bits, and 1.4-1.8x faster on the few-row
+    matmuls of a decode step, docs/BENCHMARKS.md). A frozen graph would keep serving the weights it saw, so a
+    step is kept per model and weights version (every parameter's storage and in-place version counter): after
+    an optimizer step or a ``load_state_dict`` the next call builds a new graph, never one with stale weights.
+    Elsewhere (CUDA, or no model given) one step built once per process reads the weights at every call.
     """
     global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
-    return _compiled_step
+    if model is None or model.tok_embeddings.weight.device.type != "cpu":
+        if _compiled_step is None:
+            _compiled_step = torch.compile(decode_one_token, dynamic=False, fullgraph=True)
+        return _compiled_step
+    version = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    kept = _frozen_steps.get(model)
+    if kept is None or kept[0] != version:
+        kept = (version, _frozen_step())
+        _frozen_steps[model] = kept
+    return kept[1]
+
+
+def _frozen_step() -> StepFn:
+    """A compiled ``decode_one_token`` that freezes the weights it is traced with, one graph per (rows, cache
+    length). Each graph comes from its own copy of the function's code: dynamo keeps graphs, and counts
+    recompiles against its limit, per code object, so any number of shapes compile (a batch job meets many) and
+    each frozen step has graphs and weights of its own. Freezing is read when dynamo traces (parameters become
+    constants) as well as when inductor compiles, so the flag is set around every call, not passed as a compile
+    option; ``cpp_wrapper`` makes the graph's launcher C++ (a decode step is mostly launch overhead)."""
+    graphs: dict[tuple[int, int], Callable] = {}
+
+    def step(model: Transformer, token: torch.Tensor, kv_cache: KVCache, cache_pos: int | torch.Tensor):
+        shape = (token.shape[0], kv_cache.max_len)
+        compiled = graphs.get(shape)
+        if compiled is None:
+            code = decode_one_token.__code__.replace()
+            fn = types.FunctionType(code, decode_one_token.__globals__, decode_one_token.__name__)
+            compiled = graphs[shape] = torch.compile(fn, dynamic=False, fullgraph=True)
+        with torch.no_grad(), inductor_config.patch(freezing=True, cpp_wrapper=True):
+            return compiled(model, token, kv_cache, cache_pos)
+
+    return step
 
 
 def use_compile(compile: CompileMode, device: torch.device) -> bool:
@@ -276,7 +319,7 @@ def generate(
         state = state.repeat_rows(samples)
     decoded = decode_n_tokens(model, kv, logits, T, state, grammar, max_new_tokens, sampling, generator,
                               guidance if guided else None, on_step,
-                              compiled_decode_step() if compiled else decode_one_token, static=compiled)
+                              compiled_decode_step(model) if compiled else decode_one_token, static=compiled)
     sequences = []
     for r in range(B * samples):
         ids = decoded.tokens[r].tolist()

@@ -86,11 +86,12 @@ def test_tensor_cache_pos_matches_int_path_and_full_forward():
 
 def test_compiled_decode_compiles_once_and_matches_eager():
     """One compile for this whole module (compiling is slow on a busy CPU): logits, greedy tokens, seeded
-    sampling and the grammar, all through the same (rows=3, slots=CACHE_BUCKET) graph."""
+    sampling and the grammar, all through the same (rows=3, slots=CACHE_BUCKET) graph; then one more after the
+    weights change."""
     model, v = tiny()
     torch._dynamo.reset()
     counters.clear()
-    step = compiled_decode_step()
+    step = compiled_decode_step(model)
 
     cached, seqs, lengths = teacher_forced(model, v, step, tensor_pos=True, slots=CACHE_BUCKET)
     assert_matches_full_forward(model, cached, seqs, lengths)
@@ -113,8 +114,26 @@ def test_compiled_decode_compiles_once_and_matches_eager():
         parse_stream(prompt + seq, v, strict=True)  # constrained output parses
 
     # every call above ran ~30 steps at different slots: one graph, no recompile per position
+    # ... and on the CPU the weights are frozen into it, while every call's cache is new: caches are inputs
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0  # the frozen linears were repacked
+
+    # the same weights keep their step; weights changed in place (an optimizer step) get a new graph, not stale ones
+    assert compiled_decode_step(model) is step
+    with torch.no_grad():
+        model.output.weight.copy_(torch.randn(model.output.weight.shape, generator=torch.Generator().manual_seed(3))
+                                  * 20)
+    assert compiled_decode_step(model) is not step
+    changed = generate(model, prompts, grammar, 30, greedy, compile="never")
+    assert changed.sequences != eager.sequences  # the change shows in the output
+    assert generate(model, prompts, grammar, 30, greedy, compile="always").sequences == changed.sequences
+
+    # each (rows, cache length) gets a graph of its own, never a recompile: a batch job's many shapes do not run
+    # into dynamo's recompile limit (a hard error under fullgraph)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        two_rows = generate(model, prompts[:2], grammar, 30, greedy, compile="always")
+    assert two_rows.sequences == changed.sequences[:2]
 
 
 def test_compile_modes():

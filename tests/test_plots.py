@@ -104,9 +104,12 @@ def test_bench_aggregator_writes_the_contract_keys(tmp_path, monkeypatch):
                           "train_tokens_per_s_vs_hf_llama_eager": 0.8, "compile_seconds": {}}}))
             return ""
         if script == "bench_generation.py":
+            assert "--compile" in cmd  # the headline decode ratio is the compiled step's
+            row = lambda b, c, e, tok: {"batch": b, "engine_compiled_vs_hf": c, "engine_vs_hf": e,
+                                        "engine_compiled_tokens_per_s": tok, "compile_s": 9.0}
             Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({
                 "decode_tokens_per_s_vs_hf_generate": {"1": 1.3, "16": 1.0},
-                "rows": [{"batch": 1, "engine_tokens_per_s": 60.0}, {"batch": 16, "engine_tokens_per_s": 370.0}]}))
+                "rows": [row(1, 2.2, 1.3, 60.0), row(16, 2.1, 1.0, 370.0)]}))
             return ""
         if script == "bench_sequences.py":
             return "progress line\n" + json.dumps({"mixture_from_shards_tokens_per_s": {"wall": 2500, "cpu": 5000}})
@@ -120,7 +123,9 @@ def test_bench_aggregator_writes_the_contract_keys(tmp_path, monkeypatch):
     assert data["train_tokens_per_s_vs_hf_llama"] == 0.8 and data["train_ours_variant"] == "eager"
     assert "train_tokens_per_s_vs_hf_llama_eager" not in data  # the same number: no second bar
     assert data["fused_ce_peak_memory_ratio"] == 6.5 and data["fused_ce_tokens"] == 1024
-    assert data["decode_tokens_per_s_vs_hf_generate"] == {"1": 1.3, "16": 1.0}
+    assert data["decode_tokens_per_s_vs_hf_generate"] == {"1": 2.2, "16": 2.1}
+    assert data["decode_tokens_per_s_vs_hf_generate_eager"] == {"1": 1.3, "16": 1.0}
+    assert data["decode_tokens_per_s_vs_hf_generate_b16"] == 2.1 and data["decode_compile_s_b1"] == 9.0
     assert data["decode_tokens_per_s_b16"] == 370.0
     assert data["packing_loader_tokens_per_s"] == 2500 and data["packing_loader_tokens_per_cpu_s"] == 5000
     _png(tmp_path / "throughput.png")

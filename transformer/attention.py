@@ -186,7 +186,20 @@ def _sdpa(q, k, v, q_doc, k_doc, q_start, q_span, k_span) -> Tensor:
         q_doc = torch.zeros(b, tq, dtype=torch.long, device=q.device)
         k_doc = torch.zeros(b, tk, dtype=torch.long, device=q.device)
     mask = build_mask(q_doc, k_doc, q_start, q_span, k_span)[:, None]  # (B, 1, Tq, Tk)
+    if tq == 1 and isinstance(q_start, Tensor) and q.device.type == "cpu":
+        return _one_query(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One query per row over a whole static cache (a compiled CPU decode step) as products and a masked softmax,
+    which inductor fuses: the CPU flash kernel's per-call setup cost more than its work here (0.2 ms a call at 16
+    rows and 128 slots, docs/BENCHMARKS.md). GQA groups the query heads of one key head, without copying keys."""
+    b, hq, _, d = q.shape
+    hk = k.shape[1]
+    scores = q.reshape(b, hk, hq // hk, d) @ k.transpose(-1, -2) * d**-0.5  # (B, Hk, G, Tk)
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, Tk)
+    return (scores.softmax(-1) @ v).reshape(b, hq, 1, d)
 
 
 # FlexAttention is only fast compiled; tests switch this off to check the mask logic in eager mode, since a

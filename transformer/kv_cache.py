@@ -1,4 +1,4 @@
-"""A static KV cache as registered buffers (gpt-fast style): fixed shapes, so decoding steps can be compiled.
+"""A static KV cache of preallocated tensors (gpt-fast style): fixed shapes, so decoding steps can be compiled.
 
 Axis legend: B batch, K key/value heads, S cache slots (``max_len``), E head dim, t new tokens.
 
@@ -17,27 +17,30 @@ lets decoding continue without the caller tracking positions.
   written by later tokens of the same call). Every shape is then fixed by (B, t, max_len), so one compiled
   decode graph serves every step. Nothing branches on the tensor's value: an out-of-range slot is refused by
   ``index_copy_`` itself (eager), not by a Python check.
+
+The cache is a plain object holding tensors, not an ``nn.Module`` with buffers: ``torch.compile`` then sees its
+tensors as ordinary inputs, guarded by shape and dtype, not by identity. A new cache of the same shape reuses the
+compiled graph, also where the weights are frozen into it (``anyloom.generation.engine.compiled_decode_step``),
+which guards module tensors by identity.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 NO_DOC = -2  # doc id of slots never written (matches no real or pad document)
 
 
-class LayerKV(nn.Module):
-    """One layer's keys and values, (B, K, S, E) each: a buffer of its own, so a compiled step writes a few slots
-    in place (slices of one (L, ...) buffer made inductor copy the whole cache back every step: 10x slower)."""
+class LayerKV:
+    """One layer's keys and values, (B, K, S, E) each: a tensor of its own, so a compiled step writes a few slots
+    in place (slices of one (L, ...) tensor made inductor copy the whole cache back every step: 10x slower)."""
 
-    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str | None):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
 
 
-class KVCache(nn.Module):
+class KVCache:
     def __init__(
         self,
         batch: int,
@@ -48,17 +51,13 @@ class KVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.layers = nn.ModuleList(LayerKV(shape, dtype, device) for _ in range(n_layers))
-        self.register_buffer("doc_ids", torch.full((batch, max_len), NO_DOC, dtype=torch.long, device=device),
-                             persistent=False)  # (B, S)
-        self.register_buffer("span_ids", torch.zeros(batch, max_len, dtype=torch.long, device=device),
-                             persistent=False)  # (B, S)
-        self.register_buffer("next_pos", torch.zeros(batch, dtype=torch.long, device=device),
-                             persistent=False)  # (B,) RoPE position the next token gets by default
-        self.register_buffer("grid_next", torch.full((batch,), -1, dtype=torch.long, device=device),
-                             persistent=False)  # (B,) grid cell index of the next token (model.grid_index)
+        self.layers = [LayerKV(torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+        self.doc_ids = torch.full((batch, max_len), NO_DOC, dtype=torch.long, device=device)  # (B, S)
+        self.span_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # (B, S)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of the next token
+        self.grid_next = torch.full((batch,), -1, dtype=torch.long, device=device)  # (B,) its grid cell (grid_index)
 
     @property
     def max_len(self) -> int:
@@ -79,9 +78,9 @@ class KVCache(nn.Module):
         positions, grid state): a prompt prefilled once serves several samples of it."""
         k = self.layers[0].k
         out = KVCache(0, self.max_len, len(self.layers), k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
-        for name, buf in self.named_buffers():  # every buffer is batch-first; a 0-row one is replaced, not filled
-            owner, _, attr = name.rpartition(".")
-            setattr(out.get_submodule(owner), attr, buf.index_select(0, index))
+        out.layers = [LayerKV(layer.k.index_select(0, index), layer.v.index_select(0, index)) for layer in self.layers]
+        for name in ("doc_ids", "span_ids", "next_pos", "grid_next"):  # batch-first, like the keys and values
+            setattr(out, name, getattr(self, name).index_select(0, index))
         return out
 
     @torch.no_grad()
