@@ -380,6 +380,60 @@ def test_code_smoothness_trains_and_is_logged(tmp_path):
         _stage(model=tiny("fsq"), code_smoothness=-1.0)
 
 
+def test_rotate_hue_keeps_luma_and_turns_chroma():
+    import math
+
+    from anyloom.training.image_tokenizer import rotate_hue
+
+    x = images(3)
+    assert torch.allclose(rotate_hue(x, torch.zeros(3)), x, atol=1e-6)  # no turn: the same pictures
+    gray = torch.full((1, 3, 4, 4), 0.2)
+    assert torch.allclose(rotate_hue(gray, torch.tensor([2.0])), gray, atol=1e-6)  # no chroma: nothing turns
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    mid = torch.zeros(1, 3, 1, 1)
+    mid[0, 0] = 0.3  # a reddish mid-tone stays inside the RGB cube when turned: luma is exactly kept
+    turned = rotate_hue(mid, torch.tensor([math.pi / 3]))
+    y_before, y_after = (torch.dot(luma, (t + 1).flatten() / 2).item() for t in (mid, turned))
+    assert y_after == pytest.approx(y_before, abs=1e-5)
+    assert (turned - mid).abs().max() > 0.05  # the hue did turn
+    back = rotate_hue(turned, torch.tensor([-math.pi / 3]))
+    assert torch.allclose(back, mid, atol=1e-5)
+
+
+def test_hue_swap_reads_the_turned_first_digit_with_the_other_digits(tmp_path):
+    from anyloom.training.image_tokenizer import (
+        ReconstructionObjective,
+        hue_swap_reconstruction,
+        train_image_tokenizer,
+    )
+    from anyloom.training.metrics import read_metrics
+    from anyloom.training.run import RunDir
+
+    torch.manual_seed(0)
+    model = ImageVQTokenizer(tiny("fsq"))
+    x = images(2)
+    out = model(x)
+    # from_levels inverts nothing new: a forward's own levels give the latent its decoder read
+    q = model.quantizer.from_levels(out.levels)
+    assert torch.allclose(model.decoder(q), out.recon, atol=1e-6)
+    objective = ReconstructionObjective(_stage(model=tiny("fsq"), hue_swap=1.0))
+    zero = hue_swap_reconstruction(model, x, out.levels, torch.zeros(2), objective)
+    assert zero.item() == pytest.approx(objective(out.recon, x).total.item(), rel=1e-5)  # no turn: the plain term
+    swap = hue_swap_reconstruction(model, x, out.levels, torch.tensor([1.0, 2.5]), objective)
+    swap.backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # straight through both encodings
+
+    train, val = _manifest(tmp_path / "train", 16, 0), _manifest(tmp_path / "val", 8, 1)
+    run = RunDir(tmp_path / "run")
+    train_image_tokenizer(_stage(model=tiny("fsq", patch=2), steps=3, eval_every=100, sample_every=0, ckpt_every=0,
+                                 log_every=1, batch_size=4, hue_swap=0.5), train, val, run)
+    assert [r["hue_swap"] > 0 for r in read_metrics(run.path) if "loss" in r] == [True] * 3
+    with pytest.raises(ValueError, match="hue_swap acts on FSQ"):
+        _stage(hue_swap=1.0)  # the default test model quantizes with VQ
+    with pytest.raises(ValueError, match="hue_swap must be >= 0"):
+        _stage(model=tiny("fsq"), hue_swap=-1.0)
+
+
 def test_edge_focus_weights_outlines_golden(tmp_path):
     from anyloom.training.image_tokenizer import edge_map, reconstruction_losses, train_image_tokenizer
     from anyloom.training.run import RunDir

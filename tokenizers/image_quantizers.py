@@ -121,6 +121,13 @@ class ImageQuantizer(nn.Module):
         codes = rearrange(idx.long(), "b (h w) -> b h w", h=h, w=w)
         return QuantizerOutput(quantized=q, codes=codes, loss=loss.sum() if loss.ndim else loss, levels=levels)
 
+    def from_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """fsq: (B, C, h, w) levels (``QuantizerOutput.levels``) -> the latent (B, D, h, w) the decoder reads."""
+        _, _, h, w = levels.shape
+        q = self.impl.project_out(rearrange(levels, "b c h w -> b (h w) c"))
+        self._levels = None  # the pre-hook fired for this call: not a forward's levels
+        return rearrange(q, "b (h w) d -> b d h w", h=h, w=w)
+
     def _keep_levels(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._levels = args[0]
 

@@ -145,6 +145,11 @@ class ImageTokenizerStageConfig:
     # code changes for the LM to predict). Measured on the world at 0.03: the LM's image loss fell, its
     # text->image accuracy fell too (docs/experiments/2026-11-26-image-tokenizer-fixed-steps.md). 0: off.
     code_smoothness: float = 0.0
+    # Hue swap (FSQ only): weight of a second reconstruction that asks the codes to carry hue apart from layout.
+    # Each picture is also encoded hue-rotated (a random angle in YIQ space: luma kept); the decoder then reads the
+    # rotated picture's first FSQ digit with the original's other digits and must draw the rotated picture. So the
+    # first digit has to carry the hue, and the others what stays when the hue turns (layout, luma). 0: off.
+    hue_swap: float = added_field(0.0)
     gan: GANConfig = field(default_factory=GANConfig)
     ema_decay: float = 0.0  # > 0: keep an EMA of the parameters and export it instead of the raw ones
     channels_last: bool = True  # faster convs on CPU
@@ -196,6 +201,10 @@ class ImageTokenizerStageConfig:
             raise ValueError(f"edge_focus must be >= 0 and edge_scale > 0, got {self.edge_focus}, {self.edge_scale}")
         if self.code_smoothness < 0:
             raise ValueError(f"code_smoothness must be >= 0, got {self.code_smoothness}")
+        if self.hue_swap < 0:
+            raise ValueError(f"hue_swap must be >= 0, got {self.hue_swap}")
+        if self.hue_swap and self.model.quantizer.kind != "fsq":
+            raise ValueError(f"hue_swap acts on FSQ digits; model.quantizer.kind is {self.model.quantizer.kind!r}")
         if self.code_smoothness and self.model.quantizer.kind != "fsq":
             raise ValueError(f"code_smoothness acts on FSQ levels; model.quantizer.kind is "
                              f"{self.model.quantizer.kind!r} (set it to fsq or code_smoothness to 0)")
@@ -277,6 +286,33 @@ def code_smoothness_loss(levels: torch.Tensor) -> torch.Tensor:
     zero where neighbours share a code, so it only acts on code changes (an L1 on where the code map jumps)."""
     dx, dy = neighbour_differences(levels)
     return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
+# RGB -> YIQ (Y luma, I/Q the chroma plane a hue rotation turns)
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def rotate_hue(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Pictures (B, 3, H, W) in [-1, 1] with each one's hue turned by ``angles`` (B,) radians in YIQ space (luma
+    kept), clipped to the RGB cube."""
+    b = x.shape[0]
+    rot = torch.zeros(b, 3, 3)
+    c, s = angles.cos(), angles.sin()
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    m = (torch.linalg.inv(_YIQ) @ rot @ _YIQ).to(x.device, x.dtype)  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m, (x + 1) / 2).clamp(0, 1) * 2 - 1
+
+
+def hue_swap_reconstruction(model: ImageVQTokenizer, x: torch.Tensor, levels: torch.Tensor, angles: torch.Tensor,
+                            objective: ReconstructionObjective) -> torch.Tensor:
+    """The hue-swap term (``ImageTokenizerStageConfig.hue_swap``): the rotated pictures drawn from their own first
+    FSQ digit and the originals' other digits (``levels``, (B, C, h, w) with straight-through gradients)."""
+    turned = rotate_hue(x, angles)
+    own = model.quantizer(model.encoder(turned)).levels
+    mixed = torch.cat([own[:, :1], levels[:, 1:]], dim=1)
+    recon = model.decoder(model.quantizer.from_levels(mixed)).float()
+    return objective(recon, turned).total
 
 
 @dataclass
@@ -529,13 +565,14 @@ class StepOutput:
     quant_loss: torch.Tensor
     code_smoothness: torch.Tensor
     grad_norm: torch.Tensor  # before clipping
+    hue_swap: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     gan: dict[str, float] | None = None  # g_loss, d_loss, gan_weight once the discriminator has joined
 
     def record(self, lr: float, elapsed_s: float) -> dict[str, float]:
         out = dict(loss=self.loss.item(), l1=self.terms.l1.item(), l2=self.terms.l2.item(),
                    edge=self.terms.edge.item(), quant_loss=self.quant_loss.item(),
-                   code_smoothness=self.code_smoothness.item(), lr=lr, grad_norm=float(self.grad_norm),
-                   elapsed_s=round(elapsed_s, 2))
+                   code_smoothness=self.code_smoothness.item(), hue_swap=self.hue_swap.item(), lr=lr,
+                   grad_norm=float(self.grad_norm), elapsed_s=round(elapsed_s, 2))
         return {**out, **(self.gan or {})}
 
 
@@ -554,6 +591,12 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: ImageTokenizerStageConfi
         if cfg.code_smoothness:
             smooth = code_smoothness_loss(fwd.levels)
             loss = loss + cfg.code_smoothness * smooth
+        swap = torch.zeros(())
+        if cfg.hue_swap:  # angles drawn from (seed, step): a resumed run draws the same ones
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
+            angles = torch.rand(x.shape[0], generator=g) * (2 * math.pi)
+            swap = hue_swap_reconstruction(model, x, fwd.levels, angles, objective)
+            loss = loss + cfg.hue_swap * swap
         gan_on = disc is not None and state.step >= cfg.gan.start_step
         if gan_on:
             g_loss = -disc(recon).float().mean()
@@ -576,7 +619,7 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: ImageTokenizerStageConfi
         _ema_update(state.ema, model, cfg.ema_decay)
     state.step += 1
     return StepOutput(loss=loss, terms=terms, quant_loss=fwd.quant_loss, code_smoothness=smooth, grad_norm=grad_norm,
-                      gan=gan)
+                      gan=gan, hue_swap=swap.detach())
 
 
 def log_scores(logger: MetricsLogger, step: int, model: ImageVQTokenizer, pixels: np.ndarray, prefix: str) -> None:
