@@ -96,12 +96,9 @@ def interleaved_best_times(calls: dict, repeats: int) -> tuple[dict[str, float],
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+    """One call's best wall time over ``repeats`` runs, and its last output."""
+    times, outs = interleaved_best_times({"call": fn}, repeats)
+    return times["call"], outs["call"]
 
 
 def pipeline_rows(run: str, prompt: str, batch: int, repeats: int) -> list[dict]:

@@ -47,7 +47,7 @@ from anyloom.tokenizers.audio_mel import MelFeatureConfig, MelFeatures, MelToken
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.run import RunDir
-from anyloom.training.seed import seed_everything
+from anyloom.training.seed import seed_everything, step_generator, step_seed
 from anyloom.training.snapshots import Snapshots, TrainingLoop
 from anyloom.weights import load_weights, read_metadata
 
@@ -295,8 +295,8 @@ def build_trainer(cfg: AudioTokenizerStageConfig, train: SpeechSet, model: MelTo
 def train_step(t: AudioTrainer, step: int) -> StepOutput:
     """Draw the step's windows, forward, loss, backward, clip, step; then the discriminator's step."""
     cfg, tc, model = t.cfg, t.cfg.train, t.model
-    torch.manual_seed(t.seed * 1_000_003 + step)  # vector-quantize's k-means / dead-code draws
-    g = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+    torch.manual_seed(step_seed(t.seed, step))  # vector-quantize's k-means / dead-code draws
+    g = step_generator(t.seed, step)
     for group in t.opt.param_groups:
         group["lr"] = cfg.optim.lr * lr_factor(step, tc.steps, cfg.optim)
     adversary = t.adversary if t.adversary is not None and step >= cfg.discriminator.start_step else None

@@ -46,7 +46,7 @@ from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, budget_position, build_optimizer, lr_factor
 from anyloom.training.parallel import cpu_runs_bf16
 from anyloom.training.run import RunDir
-from anyloom.training.seed import seed_everything
+from anyloom.training.seed import seed_everything, step_generator
 from anyloom.training.snapshots import Snapshots, TrainingLoop
 from anyloom.weights import read_metadata
 
@@ -199,15 +199,13 @@ class ImageTokenizerStageConfig:
             raise ValueError(f"edge_weight must be >= 0, got {self.edge_weight}")
         if self.edge_focus < 0 or self.edge_scale <= 0:
             raise ValueError(f"edge_focus must be >= 0 and edge_scale > 0, got {self.edge_focus}, {self.edge_scale}")
-        if self.code_smoothness < 0:
-            raise ValueError(f"code_smoothness must be >= 0, got {self.code_smoothness}")
-        if self.hue_swap < 0:
-            raise ValueError(f"hue_swap must be >= 0, got {self.hue_swap}")
-        if self.hue_swap and self.model.quantizer.kind != "fsq":
-            raise ValueError(f"hue_swap acts on FSQ digits; model.quantizer.kind is {self.model.quantizer.kind!r}")
-        if self.code_smoothness and self.model.quantizer.kind != "fsq":
-            raise ValueError(f"code_smoothness acts on FSQ levels; model.quantizer.kind is "
-                             f"{self.model.quantizer.kind!r} (set it to fsq or code_smoothness to 0)")
+        for name in ("code_smoothness", "hue_swap"):  # weights of terms on the FSQ levels
+            weight = getattr(self, name)
+            if weight < 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
+            if weight and self.model.quantizer.kind != "fsq":
+                raise ValueError(f"{name} acts on FSQ levels; model.quantizer.kind is "
+                                 f"{self.model.quantizer.kind!r} (set it to fsq or {name} to 0)")
         # each entry typed and complete (the plug-in's options typed, defaults filled in): typos fail here, and
         # two spellings of one setting have one fingerprint
         object.__setattr__(self, "pixel_weights",
@@ -236,8 +234,7 @@ class ImageTokenizerStageConfig:
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """The batch of ``step``: a pure function of (seed, step), so resumed runs see the same batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(0, n, (batch_size,), generator=g)
+    return torch.randint(0, n, (batch_size,), generator=step_generator(seed, step))
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -592,9 +589,8 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: ImageTokenizerStageConfi
             smooth = code_smoothness_loss(fwd.levels)
             loss = loss + cfg.code_smoothness * smooth
         swap = torch.zeros(())
-        if cfg.hue_swap:  # angles drawn from (seed, step): a resumed run draws the same ones
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
-            angles = torch.rand(x.shape[0], generator=g) * (2 * math.pi)
+        if cfg.hue_swap:
+            angles = torch.rand(x.shape[0], generator=step_generator(cfg.seed, state.step)) * (2 * math.pi)
             swap = hue_swap_reconstruction(model, x, fwd.levels, angles, objective)
             loss = loss + cfg.hue_swap * swap
         gan_on = disc is not None and state.step >= cfg.gan.start_step

@@ -46,7 +46,7 @@ from anyloom.training.audio_tokenizer import SpeechSet, SpeechTrainConfig, Wavef
 from anyloom.training.metrics import MetricsLogger
 from anyloom.training.optim import OptimConfig, build_optimizer, lr_factor
 from anyloom.training.run import RunDir
-from anyloom.training.seed import seed_everything
+from anyloom.training.seed import seed_everything, step_generator
 from anyloom.training.snapshots import Snapshots, TrainingLoop
 from anyloom.weights import read_metadata
 
@@ -183,7 +183,7 @@ def train_vocoder(cfg: VocoderStageConfig, tokenizer: MelTokenizer, tokenizer_fo
     vocoder.train()
     loop = TrainingLoop("vocoder", tc.steps, start=start, max_seconds=tc.max_seconds)
     for step in loop:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = step_generator(seed, step)
         for group in opt.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, tc.steps, cfg.optim)
         mel, target = aligned_crops(data, tc.batch_size, frames, g)
